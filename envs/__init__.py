@@ -1,0 +1,1 @@
+"""Built-in environments, each a Python class a user could have written."""

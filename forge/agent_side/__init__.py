@@ -1,0 +1,1 @@
+"""Tool-using Gymnasium environments, the turn protocol, and rollout workers."""

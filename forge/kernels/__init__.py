@@ -1,0 +1,1 @@
+"""Triton kernels, one folder per op, each beside a plain-PyTorch `naive.py` reference."""

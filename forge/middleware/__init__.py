@@ -1,0 +1,1 @@
+"""The boundary between rollouts and training: trajectory schema, data pool, weights."""

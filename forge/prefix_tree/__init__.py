@@ -1,0 +1,1 @@
+"""Prefix-tree merging of token sequences: one forward pass per shared prefix."""

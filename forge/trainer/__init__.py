@@ -1,0 +1,1 @@
+"""Advantages, losses, the DeepSpeed engine and the train loop."""
