@@ -1,0 +1,87 @@
+"""The `forge` command. Every subcommand is one row of `COMMANDS`, the one place to add one.
+
+A subcommand arrives with the capability behind it. User errors (a bad recipe, a bad class
+reference, a W&B set-up to fix) print one line naming the fix and exit with status 2; a bug
+still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from forge import __version__
+from forge.config import ConfigError
+from forge.monitoring import MonitorError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, MonitorError)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: `path` is its words ('env check'), `target` the 'module:function' it runs."""
+
+    path: str
+    help: str
+    arguments: str
+    """'module:function' that adds the subcommand's arguments to its parser."""
+    target: str
+    """'module:function' that runs it and returns the exit status."""
+
+
+def _load(ref: str) -> Callable:
+    module_name, func_name = ref.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+COMMANDS: list[Command] = [
+    Command("config", "print a recipe as it resolves (defaults, file, overrides), checked strictly",
+            "forge.commands:config_arguments", "forge.commands:config_show"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forge",
+        description="Forge: reinforcement learning for tool-using language-model agents.",
+    )
+    parser.add_argument("--version", action="version", version=f"forge {__version__}")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups[""] = top
+    for cmd in COMMANDS:
+        words = cmd.path.split()
+        parent_key = ""
+        for depth, word in enumerate(words[:-1]):
+            key = " ".join(words[: depth + 1])
+            if key not in groups:
+                sub = groups[parent_key].add_parser(word, help=f"{word} commands")
+                groups[key] = sub.add_subparsers(dest=f"command_{depth + 1}", metavar="COMMAND", required=True)
+            parent_key = key
+        leaf = groups[parent_key].add_parser(words[-1], help=cmd.help, description=cmd.help)
+        _load(cmd.arguments)(leaf)
+        leaf.set_defaults(target=cmd.target)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "target", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(_load(args.target)(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"forge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("forge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
