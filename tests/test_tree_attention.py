@@ -1,0 +1,133 @@
+"""The Triton tree-attention kernels and the FlexAttention path against `naive.py`.
+
+On the CPU the kernels run under Triton's interpreter at tiny sizes; the GPU-marked tests
+repeat the comparison at full size. Errors are measured against an fp64 reference and must stay
+within a small multiple of what the reference itself loses at the tested dtype.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from forge.kernels.tree_attention import tree_attention, tree_attention_naive
+from forge.kernels.tree_attention import triton_tree
+from forge.kernels.tree_attention.triton_tree import tree_attention_triton
+from forge.prefix_tree import build_tree, concat_trees
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tree_subtree_end(t: int, seed: int, *, prompt: int, branch: int) -> torch.Tensor:
+    """`subtree_end [t]` of a group (a shared prompt, branches at two levels, a duplicate, a
+    sequence ending at a branch point) followed by an independent chain filling up to t."""
+    rng = random.Random(seed)
+    p = [1] * prompt
+    seqs = [p, p + [2] * branch, p + [2] * branch]
+    for i in range(3, 6):
+        mid = [3] * rng.randrange(1, branch + 1)
+        seqs += [p + mid + [i] * rng.randrange(1, branch + 1), p + mid + [i + 10] * rng.randrange(1, branch + 1)]
+    tree = build_tree(seqs)
+    if tree.num_tokens > t:
+        raise ValueError(f"test tree has {tree.num_tokens} tokens, more than t={t}")
+    if tree.num_tokens < t:
+        tree = concat_trees([tree, build_tree([[9] * (t - tree.num_tokens)])])
+    return tree.subtree_end
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def run_case(b, t, hq, hkv, d, dtype, *, prompt, branch, seed=0):
+    torch.manual_seed(seed)
+    se = torch.stack([tree_subtree_end(t, seed + i, prompt=prompt, branch=branch) for i in range(b)]).to(DEVICE)
+    q = torch.randn(b, t, hq, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, t, hkv, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, t, hkv, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    do = torch.randn(b, t, hq, d, device=DEVICE, dtype=dtype)
+    o = tree_attention_triton(q, k, v, se)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    # fp64 reference, and the reference run at the tested dtype to scale the tolerance.
+    x64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    o64 = tree_attention_naive(*x64, se)
+    g64 = torch.autograd.grad(o64, x64, do.double())
+    xlo = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    olo = tree_attention_naive(*xlo, se)
+    glo = torch.autograd.grad(olo, xlo, do)
+    for name, got, low, ref in zip(["out", "dq", "dk", "dv"], (o, *grads), (olo, *glo), (o64, *g64)):
+        assert not torch.isnan(got).any(), f"{name} has NaN: an element was not written"
+        ref_err = rel(low, ref)
+        assert rel(got, ref) <= 3 * ref_err + 1e-6, f"{name}: kernel {rel(got, ref):.2e} vs reference {ref_err:.2e}"
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Every output the kernels allocate starts as NaN, so an unwritten element fails."""
+    monkeypatch.setattr(triton_tree, "_empty_like", lambda x: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(triton_tree, "_empty", lambda *s, **kw: torch.full(s, float("nan"), **kw))
+
+
+CASES = {
+    # id: (b, t, hq, hkv, d, prompt, branch)
+    "gqa-odd-t": (1, 61, 4, 2, 16, 20, 5),
+    "two-rows-mha-d24": (2, 53, 2, 2, 24, 17, 4),
+    "long-prompt-full-blocks": (1, 77, 2, 1, 16, 40, 3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_triton_matches_naive(case, dtype, nan_outputs):
+    b, t, hq, hkv, d, prompt, branch = CASES[case]
+    run_case(b, t, hq, hkv, d, dtype, prompt=prompt, branch=branch)
+
+
+def test_causal_is_a_special_case(nan_outputs):
+    # subtree_end = T everywhere is plain causal attention.
+    torch.manual_seed(1)
+    t = 37
+    q, k, v = (torch.randn(1, t, 2, 16, device=DEVICE) for _ in range(3))
+    se = torch.full((1, t), t, device=DEVICE)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(tree_attention_triton(q, k, v, se), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_name_the_fix():
+    q = torch.randn(1, 8, 3, 16)
+    k = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        tree_attention_triton(q, k, k, torch.full((1, 8), 8))
+    with pytest.raises(ValueError, match="use tree_attention_naive"):
+        tree_attention_triton(q.double(), q.double(), q.double(), torch.full((1, 8), 8))
+
+
+def test_flex_matches_naive():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from forge.kernels.tree_attention.flex import tree_attention_flex
+
+    torch.manual_seed(0)
+    se = tree_subtree_end(70, 0, prompt=20, branch=5)[None].to(DEVICE)
+    q = torch.randn(1, 70, 4, 16, device=DEVICE)
+    k, v = (torch.randn(1, 70, 2, 16, device=DEVICE) for _ in range(2))
+    got = tree_attention_flex(q, k, v, se, compile=DEVICE == "cuda")
+    torch.testing.assert_close(got, tree_attention_naive(q, k, v, se), rtol=1e-4, atol=1e-4)
+
+
+def test_entry_point_dispatch():
+    torch.manual_seed(0)
+    se = tree_subtree_end(40, 0, prompt=10, branch=4)[None].to(DEVICE)
+    q, k, v = (torch.randn(1, 40, 2, 16, device=DEVICE) for _ in range(3))
+    got = tree_attention(q, k, v, se)
+    want = tree_attention_triton(q, k, v, se) if DEVICE == "cuda" else tree_attention_naive(q, k, v, se)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_triton_full_size(d, dtype, nan_outputs):
+    run_case(2, 3001, 8, 2, d, dtype, prompt=1500, branch=300)
