@@ -1,0 +1,104 @@
+"""The KV-cached generator: its logprobs are the training forward's, rows do not depend on
+their neighbours, groups share one prefill, and temperature / top-p / stop tokens behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forge.policy.config import ModelConfig
+from forge.policy.generation import ModelGenerator, sample_next
+from forge.policy.model import Transformer
+from forge.policy.sampling import SamplingParams
+from forge.policy.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.tiny()).eval()
+
+
+def _forward_logprobs(model: Transformer, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])
+    logprobs = torch.log_softmax(model(ids)[0], dim=-1)  # [T, V]
+    targets = torch.tensor(completion)
+    return logprobs[len(prompt) - 1 : -1].gather(-1, targets[:, None]).squeeze(-1)
+
+
+def test_generator_logprobs_equal_training_forward_logprobs(model):
+    """Prompts of lengths 3, 7 and 5 with a group of three samples of one prompt, sampled with
+    temperature and top-p, batched: every reported logprob equals the plain forward's."""
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 7, 5))
+    prompts = [a, b, b, c, b]
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12)
+    completions = ModelGenerator(model, ByteTokenizer(), seed=0).generate(prompts, params)
+    for prompt, done in zip(prompts, completions):
+        assert len(done.token_ids) == 12 and done.finish_reason == "length"
+        expected = _forward_logprobs(model, prompt, done.token_ids)
+        torch.testing.assert_close(torch.tensor(done.logprobs), expected, rtol=0, atol=1e-5)
+    # The three samples of prompt b share a prefill but are sampled independently.
+    assert len({tuple(completions[i].token_ids) for i in (1, 2, 4)}) > 1
+
+
+def test_group_prompt_is_prefilled_once(model, monkeypatch):
+    calls = []
+    original = model.forward_cached
+
+    def counting(ids, *args):
+        calls.append(tuple(ids.shape))
+        return original(ids, *args)
+
+    monkeypatch.setattr(model, "forward_cached", counting)
+    ModelGenerator(model, seed=0).generate([[1, 2, 3]] * 4 + [[4, 5]], SamplingParams(max_new_tokens=3))
+    # One prefill of the two unique prompts, then one single-token step per new token for all 5 rows.
+    assert calls == [(2, 3), (5, 1), (5, 1)]
+
+
+def test_greedy_rows_do_not_depend_on_their_batch(model):
+    prompts = [[7, 8, 9, 10, 11, 12], [40], [100, 3, 3]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=5)
+    together = ModelGenerator(model).generate(prompts, params)
+    for prompt, row in zip(prompts, together):
+        alone = ModelGenerator(model).generate([prompt], params)[0]
+        assert alone.token_ids == row.token_ids
+        torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(row.logprobs), rtol=0, atol=1e-5)
+        logits = model(torch.tensor([prompt]))[0, -1]
+        assert row.token_ids[0] == int(logits.argmax())
+
+
+def test_stop_tokens_end_a_row_and_are_kept(model):
+    # Greedy continuation of this prompt, then stop on its third token.
+    prompt = [1, 2, 3]
+    free = ModelGenerator(model).generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=6))[0]
+    stop = free.token_ids[2]
+    first = free.token_ids.index(stop)
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, stop_token_ids=(stop,))
+    stopped, other = ModelGenerator(model).generate([prompt, [9, 9]], params)
+    assert stopped.token_ids == free.token_ids[: first + 1] and stopped.finish_reason == "stop"
+    assert stopped.logprobs == pytest.approx(free.logprobs[: first + 1], abs=1e-6)
+    assert other.finish_reason in ("stop", "length")
+
+
+def test_top_p_keeps_the_nucleus_and_logprobs_stay_the_models():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_next(logits, SamplingParams(top_p=0.7), g) for _ in range(300)]
+    seen = {int(t) for t, _ in draws}
+    assert seen == {0, 1}
+    for token, logprob in draws:
+        assert float(logprob) == pytest.approx(float(torch.log_softmax(logits, -1)[0, token]))
+    hot = [int(sample_next(logits, SamplingParams(temperature=5.0), g)[0]) for _ in range(300)]
+    assert 3 in hot
+
+
+def test_errors_name_the_fix(model):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        ModelGenerator(model).generate([[1], []], SamplingParams())
+
+    class Big:
+        vocab_size = 10_000
+
+    with pytest.raises(ValueError, match="vocab_size"):
+        ModelGenerator(model, Big())
