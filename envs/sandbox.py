@@ -1,0 +1,218 @@
+"""Run untrusted Python in a separate process with no network and hard limits.
+
+Layers, each holding where the one before may not:
+
+1. A new network namespace (`unshare -rn`) when the host allows unprivileged user namespaces:
+   the child has no interfaces but a downed loopback, so nothing it does reaches a network.
+2. Resource limits set in the child before the code runs: CPU seconds (RLIMIT_CPU), address
+   space (RLIMIT_AS), bytes per written file (RLIMIT_FSIZE, which also caps stdout and stderr,
+   since they are files) and processes (RLIMIT_NPROC).
+3. An audit hook (PEP 578) installed before the code runs that refuses socket creation,
+   process creation (fork, exec, spawn, subprocess), ctypes and writes outside the temporary
+   working directory; it holds without any privilege, so a host without user namespaces still
+   has no network from Python.
+4. The parent kills the child's whole process group at a wall-clock timeout.
+
+The audit hook guards against code that tries the ordinary ways (a model's code, not a
+determined attacker with native code); the namespace and the limits are the hard boundary.
+Hooks cannot be removed once added, and imports of the modules that bypass them
+(`_ctypes`, `_posixsubprocess`) are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+BLOCK_MARK = "forge-sandbox: blocked"
+
+# Runs in the child before the user's code: limits, then the audit hook, then the code.
+_BOOT = r'''
+import os, resource, sys
+_LIM = {lim!r}
+for _name, (_soft, _hard) in _LIM.items():
+    resource.setrlimit(getattr(resource, _name), (_soft, _hard))
+_ROOT = os.path.realpath(os.getcwd())
+_MARK = {mark!r}
+_DENY_PREFIX = ("socket.", "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn",
+                "os.spawn", "subprocess.", "ctypes.", "os.kill", "os.killpg", "pty.")
+_DENY_IMPORT = {{"_ctypes", "ctypes", "_posixsubprocess", "_socket", "socket", "multiprocessing"}}
+_PATH_EVENTS = {{"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
+                "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.rename": (0, 1),
+                "os.replace": (0, 1), "os.link": (0, 1), "os.symlink": (1,), "shutil.rmtree": (0,)}}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+def _inside(path):
+    if isinstance(path, int):
+        return True
+    try:
+        real = os.path.realpath(os.fsdecode(path))
+    except Exception:
+        return False
+    return real == _ROOT or real.startswith(_ROOT + os.sep)
+
+def _deny(what):
+    raise PermissionError(f"{{_MARK}} {{what}}")
+
+def _hook(event, args):
+    if event.startswith(_DENY_PREFIX):
+        _deny(event)
+    if event == "import" and args[0].split(".")[0] in _DENY_IMPORT:
+        _deny("import " + args[0])
+    if event == "open" and len(args) >= 3:
+        path, mode, flags = args[0], args[1], args[2]
+        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & _WRITE_FLAGS)
+        if writes and not _inside(path):
+            _deny(f"write outside the working directory: {{path}}")
+    elif event in _PATH_EVENTS:
+        for i in _PATH_EVENTS[event]:
+            if i < len(args) and not _inside(args[i]):
+                _deny(f"{{event}} outside the working directory: {{args[i]}}")
+
+sys.addaudithook(_hook)
+del _hook
+sys.argv = ["main.py"]
+_src = open("main.py").read()
+exec(compile(_src, "main.py", "exec"), {{"__name__": "__main__"}})
+'''
+
+
+@dataclass
+class SandboxLimits:
+    """Limits of one sandboxed run."""
+
+    wall_s: float = 10.0
+    """Wall-clock seconds before the process group is killed."""
+    cpu_s: int = 5
+    """CPU seconds (RLIMIT_CPU)."""
+    memory_mb: int = 512
+    """Address space in MiB (RLIMIT_AS)."""
+    output_bytes: int = 1 << 20
+    """Largest file the code may write, stdout and stderr included (RLIMIT_FSIZE)."""
+    nproc: int = 64
+    """Processes of the user (RLIMIT_NPROC), a backstop behind the audit hook."""
+    shown_chars: int = 4000
+    """Characters of stdout and of stderr kept in the result."""
+
+
+@dataclass
+class SandboxResult:
+    """What a run did: its output, exit status, and which limit or rule stopped it, if any."""
+
+    stdout: str
+    stderr: str
+    returncode: int
+    limit: str | None = None
+    """'wall', 'cpu', 'memory' or 'output' when a limit ended the run."""
+    blocked: list[str] = field(default_factory=list)
+    """Actions the sandbox refused, e.g. ['socket.__new__']."""
+    isolated_network: bool = False
+    """Whether the run had its own empty network namespace."""
+
+    def report(self) -> str:
+        """Text for the policy: output, then what the sandbox stopped."""
+        parts = []
+        if self.stdout:
+            parts.append(self.stdout)
+        if self.stderr:
+            parts.append("stderr:\n" + self.stderr)
+        if self.limit:
+            parts.append(f"[stopped: {self.limit} limit]")
+        if self.blocked:
+            parts.append("[blocked by the sandbox: " + "; ".join(self.blocked) + "]")
+        parts.append(f"[exit code {self.returncode}]")
+        return "\n".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def network_namespace_available() -> bool:
+    """Whether `unshare -rn` works here (it needs unprivileged user namespaces)."""
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        return subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
+    """Run `code` as a script in a fresh temporary directory under `limits`; never raises on its behaviour."""
+    work = tempfile.mkdtemp(prefix="forge-sandbox-")
+    logs = tempfile.mkdtemp(prefix="forge-sandbox-logs-")
+    try:
+        with open(os.path.join(work, "main.py"), "w") as f:
+            f.write(code)
+        # The CPU soft limit sends SIGXCPU, which names the cause; the hard one a second
+        # later is SIGKILL for code that catches SIGXCPU.
+        rl = {
+            "RLIMIT_CPU": (int(limits.cpu_s), int(limits.cpu_s) + 1),
+            "RLIMIT_AS": (int(limits.memory_mb) << 20,) * 2,
+            "RLIMIT_FSIZE": (int(limits.output_bytes),) * 2,
+            "RLIMIT_NPROC": (int(limits.nproc),) * 2,
+        }
+        boot = _BOOT.format(lim=rl, mark=BLOCK_MARK)
+        isolated = network_namespace_available()
+        cmd = (["unshare", "-rn"] if isolated else []) + [sys.executable, "-I", "-B", "-c", boot]
+        with open(os.path.join(logs, "out"), "wb") as out, open(os.path.join(logs, "err"), "wb") as err:
+            proc = subprocess.Popen(cmd, cwd=work, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+            timed_out = False
+            try:
+                proc.wait(timeout=limits.wall_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            # Kill the whole group: anything the code started dies with it.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        stdout = _read(os.path.join(logs, "out"), limits.shown_chars)
+        stderr = _read(os.path.join(logs, "err"), limits.shown_chars)
+        return SandboxResult(
+            stdout=stdout, stderr=stderr, returncode=proc.returncode,
+            limit=_which_limit(proc.returncode, stderr, timed_out), blocked=_blocked(stderr),
+            isolated_network=isolated,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def _read(path: str, chars: int) -> str:
+    with open(path, "rb") as f:
+        data = f.read(chars * 4)
+    text = data.decode("utf-8", errors="replace")
+    return text if len(text) <= chars else text[:chars] + "\n[... output cut]"
+
+
+def _which_limit(returncode: int, stderr: str, timed_out: bool) -> str | None:
+    if timed_out:
+        return "wall"
+    # SIGKILL that we did not send comes from the CPU hard limit.
+    if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        return "cpu"
+    # Python ignores SIGXFSZ, so passing RLIMIT_FSIZE shows as EFBIG on a write.
+    if returncode == -signal.SIGXFSZ or "File too large" in stderr:
+        return "output"
+    if "MemoryError" in stderr:
+        return "memory"
+    return None
+
+
+def _blocked(stderr: str) -> list[str]:
+    found = []
+    for line in stderr.splitlines():
+        at = line.find(BLOCK_MARK)
+        if at >= 0:
+            what = line[at + len(BLOCK_MARK):].strip()
+            if what not in found:
+                found.append(what)
+    return found
