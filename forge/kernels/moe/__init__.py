@@ -1,6 +1,7 @@
 """Mixture-of-Experts kernels: the router (sigmoid, bias, top-k, renormalise, load) and the
 SwiGLU experts over tokens routed to them. `route` and `moe_experts` are the entry points the
-policy calls; `*_naive` are the plain-PyTorch references."""
+policy calls: the Triton path for CUDA tensors, the plain-PyTorch reference elsewhere (Triton
+runs on the CPU only through its slow interpreter, which the tests call directly)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route tokens to experts. Shapes as in `route_naive`: logits [N, E], bias [E],
     token_weight [N] or None -> weights [N, k] float32, experts [N, k] int64, load [E] float32."""
+    if logits.is_cuda:
+        from forge.kernels.moe.triton_router import route_triton
+
+        return route_triton(
+            logits, bias, top_k, score_func=score_func, renormalize=renormalize, token_weight=token_weight
+        )
     return route_naive(
         logits, bias, top_k, score_func=score_func, renormalize=renormalize, token_weight=token_weight
     )
@@ -35,6 +42,11 @@ def moe_experts(
 ) -> torch.Tensor:
     """SwiGLU experts weighted by the routing. x [N, H], weights [N, k], experts [N, k],
     w_gate/w_up [E, H, F], w_down [E, F, H] -> [N, H] in x's dtype."""
+    if x.is_cuda:
+        # Imported here so that the policy imports on machines without triton.
+        from forge.kernels.moe.triton_experts import moe_experts_triton
+
+        return moe_experts_triton(x, weights, experts, w_gate, w_up, w_down)
     return moe_experts_naive(x, weights, experts, w_gate, w_up, w_down)
 
 

@@ -1,0 +1,213 @@
+"""MoE kernels against naive.py: the router, the permutation, the expert layer and every gradient.
+
+On the CPU these run through Triton's interpreter at tiny, odd sizes; the tests marked gpu run
+at the MiniMax-M2 layer size. Fresh outputs are NaN-filled (`nan_empty`) so that an element a
+kernel forgets to write fails the comparison instead of passing by luck.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forge.kernels.moe import moe_experts, route
+from forge.kernels.moe.naive import moe_experts_naive, route_naive
+from forge.kernels.moe.triton_experts import moe_experts_triton
+from forge.kernels.moe.triton_grouped_gemm import BLOCK_M
+from forge.kernels.moe.triton_permute import plan_routes
+from forge.kernels.moe.triton_router import route_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty / empty_like return NaN (floats) or a huge sentinel (integers)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+ROUTE_CASES = [
+    pytest.param(37, 13, 3, "sigmoid", True, torch.float32, id="N37-E13-k3-sigmoid-renorm-fp32"),
+    pytest.param(37, 13, 3, "sigmoid", False, torch.float32, id="N37-E13-k3-sigmoid-raw-fp32"),
+    pytest.param(21, 20, 8, "softmax", True, torch.float32, id="N21-E20-k8-softmax-renorm-fp32"),
+    pytest.param(21, 20, 8, "softmax", False, torch.float32, id="N21-E20-k8-softmax-raw-fp32"),
+    pytest.param(70, 64, 6, "sigmoid", True, torch.bfloat16, id="N70-E64-k6-sigmoid-renorm-bf16"),
+    pytest.param(5, 7, 1, "sigmoid", True, torch.bfloat16, id="N5-E7-k1-sigmoid-renorm-bf16"),
+]
+
+
+@pytest.mark.parametrize("n,e,k,score_func,renorm,dtype", ROUTE_CASES)
+def test_route_matches_naive(nan_empty, n, e, k, score_func, renorm, dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(n, e, device=DEVICE).to(dtype)
+    bias = 0.3 * torch.randn(e, device=DEVICE)
+    token_weight = torch.randint(1, 5, (n,), device=DEVICE).float()
+    dw = torch.randn(n, k, device=DEVICE)
+    ref_in = logits.clone().requires_grad_()
+    tri_in = logits.clone().requires_grad_()
+    w_ref, e_ref, load_ref = route_naive(ref_in, bias, k, score_func=score_func, renormalize=renorm,
+                                         token_weight=token_weight)
+    w_tri, e_tri, load_tri = route_triton(tri_in, bias, k, score_func=score_func, renormalize=renorm,
+                                          token_weight=token_weight)
+    (w_ref * dw).sum().backward()
+    (w_tri * dw).sum().backward()
+    assert torch.equal(e_tri, e_ref)
+    torch.testing.assert_close(w_tri, w_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(load_tri, load_ref, atol=0, rtol=0)
+    # The logits' gradient is computed in fp32 and rounded once to the logits' dtype.
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(tri_in.grad, ref_in.grad, **tol)
+
+
+def test_route_bias_steers_choice_not_weights():
+    torch.manual_seed(0)
+    logits = torch.randn(9, 6, device=DEVICE)
+    bias = torch.zeros(6, device=DEVICE)
+    bias[4] = 10.0
+    weights, experts, load = route_triton(logits, bias, 2, renormalize=False)
+    assert (experts == 4).any(dim=1).all() and load[4] == 9
+    # The weight of the boosted expert is its plain sigmoid score: the bias never reaches it.
+    w4 = (weights * (experts == 4)).sum(dim=1)
+    torch.testing.assert_close(w4, torch.sigmoid(logits[:, 4]))
+
+
+@pytest.mark.parametrize("n,k,e", [(29, 2, 3), (13, 3, 40), (1, 1, 4)], ids=["many-rows", "many-experts", "one-token"])
+def test_plan_routes_sorts_stably_and_pads(nan_empty, n, k, e):
+    torch.manual_seed(0)
+    experts = torch.stack([torch.randperm(e, device=DEVICE)[:k] for _ in range(n)])  # [N, k]
+    plan = plan_routes(experts, e, BLOCK_M)
+    flat = experts.reshape(-1).cpu()
+    pos = plan.position.long().cpu()
+    sorted_token = plan.sorted_token.long().cpu()
+    # Every pair lands in its expert's segment, in token order, and the row names its token.
+    assert torch.equal(sorted_token[pos], torch.arange(n * k) // k)
+    for ex in range(e):
+        rows = pos[flat == ex]
+        start, tiles = int(plan.seg_start[ex]), int(plan.seg_tiles[ex])
+        assert start % BLOCK_M == 0 and tiles == -(-rows.numel() // BLOCK_M)
+        assert torch.equal(rows, torch.arange(start, start + rows.numel()))
+        assert (sorted_token[start + rows.numel():start + tiles * BLOCK_M] == -1).all()
+        assert (plan.tile_expert[start // BLOCK_M:start // BLOCK_M + tiles].cpu() == ex).all()
+    used = int(plan.seg_tiles.sum())
+    assert (plan.tile_expert[used:].cpu() == e).all()
+
+
+def _expert_inputs(n, h, f, e, k, dtype, *, skip_expert=None, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(n, h, generator=g)
+    logits = torch.randn(n, e, generator=g)
+    if skip_expert is not None:
+        logits[:, skip_expert] = -1e4
+    weights, experts, _ = route_naive(logits, torch.zeros(e), k)
+    w_gate = torch.randn(e, h, f, generator=g) / h**0.5
+    w_up = torch.randn(e, h, f, generator=g) / h**0.5
+    w_down = torch.randn(e, f, h, generator=g) / f**0.5
+    dout = torch.randn(n, h, generator=g)
+    to = lambda t: t.to(DEVICE, dtype)  # noqa: E731
+    return (to(x), weights.to(DEVICE), experts.to(DEVICE), to(w_gate), to(w_up), to(w_down)), to(dout)
+
+
+def _run(fn, inputs, dout):
+    """Output and the gradients of x, weights, w_gate, w_up, w_down."""
+    x, weights, experts, w_gate, w_up, w_down = [
+        t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs
+    ]
+    out = fn(x, weights, experts, w_gate, w_up, w_down)
+    out.backward(dout)
+    return [out.detach()] + [t.grad for t in (x, weights, w_gate, w_up, w_down)]
+
+
+NAMES = ["out", "dx", "dweights", "dw_gate", "dw_up", "dw_down"]
+
+
+def _compare(inputs, dout, dtype):
+    tri = _run(moe_experts_triton, inputs, dout)
+    ref = _run(moe_experts_naive, inputs, dout)
+    if dtype == torch.float32:
+        for name, a, b in zip(NAMES, tri, ref):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        return
+    # bf16: the kernel must be no further from the fp32 truth than twice the bf16 reference is.
+    up = [t.float() if t.is_floating_point() else t for t in inputs]
+    truth = _run(moe_experts_naive, up, dout.float())
+    for name, a, b, t in zip(NAMES, tri, ref, truth):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, t) <= 2 * rel_err(b, t) + 1e-3, (name, rel_err(a, t), rel_err(b, t))
+
+
+EXPERT_CASES = [
+    pytest.param(13, 32, 48, 6, 2, None, id="N13-H32-F48-E6-k2"),
+    pytest.param(29, 40, 24, 3, 2, None, id="N29-H40-F24-E3-k2-multitile-oddK"),
+    pytest.param(11, 32, 16, 8, 3, 5, id="N11-H32-F16-E8-k3-idle-expert"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,h,f,e,k,skip", EXPERT_CASES)
+def test_moe_experts_matches_naive(nan_empty, n, h, f, e, k, skip, dtype):
+    inputs, dout = _expert_inputs(n, h, f, e, k, dtype, skip_expert=skip)
+    if skip is not None:
+        assert not (inputs[2] == skip).any()
+    _compare(inputs, dout, dtype)
+
+
+def test_entry_points_take_the_reference_on_cpu():
+    inputs, _ = _expert_inputs(5, 16, 16, 4, 2, torch.float32)
+    torch.testing.assert_close(moe_experts(*inputs).cpu(), moe_experts_naive(*inputs).cpu())
+    logits = torch.randn(5, 4)
+    assert torch.equal(route(logits, torch.zeros(4), 2)[1], route_naive(logits, torch.zeros(4), 2)[1])
+
+
+def test_moe_experts_names_the_fix_for_mixed_dtypes():
+    inputs, _ = _expert_inputs(5, 16, 16, 4, 2, torch.float32)
+    x, weights, experts, w_gate, w_up, w_down = inputs
+    with pytest.raises(ValueError, match="share a dtype"):
+        moe_experts_triton(x.bfloat16(), weights, experts, w_gate, w_up, w_down)
+
+
+@pytest.mark.gpu
+def test_route_full_size_gpu():
+    torch.manual_seed(0)
+    logits = torch.randn(16384, 256, device="cuda", dtype=torch.bfloat16)
+    bias = 0.01 * torch.randn(256, device="cuda")
+    w_ref, e_ref, load_ref = route_naive(logits, bias, 8)
+    w_tri, e_tri, load_tri = route_triton(logits, bias, 8)
+    # sigmoid may differ by an ulp between torch and Triton, which can swap a near-tie at the
+    # k-th place; such rows must be rare, and every other row must agree exactly.
+    same = (e_tri == e_ref).all(dim=1)
+    assert same.float().mean() > 0.999
+    torch.testing.assert_close(w_tri[same], w_ref[same], atol=1e-6, rtol=1e-5)
+    assert (load_tri - load_ref).abs().sum() <= 2 * (~same).sum() * 8
+
+
+@pytest.mark.gpu
+def test_moe_experts_full_size_gpu():
+    # The MiniMax-M2 layer (hidden 3072, 256 experts of width 1536, top-8) on 4096 tokens.
+    inputs, dout = _expert_inputs(4096, 3072, 1536, 256, 8, torch.bfloat16)
+    _compare(inputs, dout, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_moe_layer_never_synchronises_with_the_host():
+    inputs, dout = _expert_inputs(2048, 256, 128, 64, 8, torch.bfloat16)
+    logits = torch.randn(2048, 64, device="cuda", requires_grad=True)
+    bias = torch.zeros(64, device="cuda")
+    for sync_mode in (0, "error"):
+        # The first pass autotunes (which synchronises); the second must not synchronise at all.
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            weights, experts, _ = route(logits, bias, 8)
+            x, _, _, w_gate, w_up, w_down = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+            moe_experts(x, weights, experts, w_gate, w_up, w_down).backward(dout)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
