@@ -94,11 +94,13 @@ def _check_index_inputs(iq: torch.Tensor, ik: torch.Tensor, block_size: int) -> 
 
 
 def select_blocks_triton(
-    iq: torch.Tensor, ik: torch.Tensor, *, block_size: int = 128, top_k: int = 16
+    iq: torch.Tensor, ik: torch.Tensor, *, block_size: int = 128, top_k: int = 16,
+    block_q: int | None = None,
 ) -> torch.Tensor:
     """Kept blocks `[B, T, Hkv, top_k]` int32 (unsorted, own block last, -1 in empty slots).
 
-    iq: [B, T, Hkv, Di], ik: [B, T, Di], fp32/bf16/fp16, last dimension contiguous.
+    iq: [B, T, Hkv, Di], ik: [B, T, Di], fp32/bf16/fp16. `block_q` (queries per program, a
+    power of two dividing block_size) is a tuning knob for the benchmark.
     """
     _check_index_inputs(iq, ik, block_size)
     if top_k < 1:
@@ -107,7 +109,9 @@ def select_blocks_triton(
     ik = ik if ik.stride(-1) == 1 else ik.contiguous()
     b, t, hkv, di = iq.shape
     sel = torch.empty(b, t, hkv, top_k, dtype=torch.int32, device=iq.device)
-    block_q = min(block_size, 64 if di > 64 else 128)
+    block_q = min(block_size, 128) if block_q is None else block_q
+    if block_size % block_q or block_q < 16:
+        raise ValueError(f"block_q {block_q} must be >= 16 and divide block_size {block_size}")
     grid = (triton.cdiv(t, block_q), b * hkv)
     msa_index_fwd_kernel[grid](
         iq, ik, sel, t,
