@@ -1,0 +1,97 @@
+"""Config of the agent side: which environment (`EnvConfig`), how rollouts run (`RolloutConfig`).
+
+The lead's recipe loader composes these into the recipe; `load_env_class` resolves
+`env.cls: my_pkg.my_env:MyEnv` with a one-line error that names the fix. It lives here rather
+than in `forge/config.py` because the agent side must not import the layer above it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from forge.agent_side.env import ToolEnv
+from forge.policy.sampling import SamplingParams
+
+
+class EnvLoadError(ValueError):
+    """An `env.cls` reference that does not name a `ToolEnv` subclass; the message says why."""
+
+
+@dataclass
+class EnvConfig:
+    """The environment rollouts run in."""
+
+    cls: str = "envs.calculator:CalculatorEnv"
+    """The env class as 'module.path:ClassName'; it must subclass forge.agent_side.ToolEnv."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the env's constructor."""
+    difficulty: int = 0
+    """Task difficulty level passed to the env (0 is the easiest)."""
+    seed: int = 0
+    """First task seed; task i of the run uses seed + i."""
+
+    def make(self) -> ToolEnv:
+        """A fresh env instance."""
+        return load_env_class(self.cls)(difficulty=self.difficulty, **self.kwargs)
+
+
+@dataclass
+class RolloutConfig:
+    """How rollout workers run episodes."""
+
+    group_size: int = 8
+    """Samples per task (G); group-relative advantages compare them."""
+    num_workers: int = 1
+    """Rollout worker actors."""
+    actor_num_cpus: float = 1.0
+    """CPUs Ray reserves for each rollout actor."""
+    concurrency: int = 32
+    """Episodes a worker runs at once; their turns go to the generator in one batch."""
+    max_retries: int = 2
+    """Times a group with a failed member is rerun with fresh envs before it is dropped."""
+    turn_timeout_s: float = 60.0
+    """Wall-clock limit of one env call (reset or step); past it the trajectory fails."""
+    episode_timeout_s: float = 600.0
+    """Wall-clock limit of one episode; past it the trajectory fails."""
+    temperature: float = 1.0
+    """Sampling temperature of the policy; 0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    max_new_tokens: int = 512
+    """Most tokens the policy samples in one turn."""
+    max_context_tokens: int = 32768
+    """An episode whose context would pass this ends truncated (status ok, no more turns)."""
+
+    def sampling_params(self, stop_token_ids: tuple[int, ...]) -> SamplingParams:
+        """The generator's settings for one turn, stopping at the given ids."""
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens, stop_token_ids=stop_token_ids,
+        )
+
+
+def load_env_class(ref: str) -> type[ToolEnv]:
+    """The `ToolEnv` subclass named by 'module.path:ClassName'; EnvLoadError (one line) if not."""
+    if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
+        raise EnvLoadError(f"env class '{ref}' is not a reference; write it as module.path:ClassName, e.g. envs.calculator:CalculatorEnv")
+    module_name, name = ref.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise EnvLoadError(
+            f"env class '{ref}': no module named '{exc.name or module_name}'; "
+            "check the spelling and that the package is installed or on PYTHONPATH"
+        ) from None
+    except Exception as exc:
+        raise EnvLoadError(f"env class '{ref}': importing '{module_name}' raised {type(exc).__name__}: {exc}") from None
+    obj = getattr(module, name, None)
+    if obj is None:
+        close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
+        hint = f"; did you mean '{module_name}:{close[0]}'?" if close else ""
+        raise EnvLoadError(f"env class '{ref}': module '{module_name}' has no '{name}'{hint}")
+    if not (isinstance(obj, type) and issubclass(obj, ToolEnv)):
+        raise EnvLoadError(f"env class '{ref}' is {type(obj).__name__} {obj!r}, not a ToolEnv; subclass forge.agent_side.ToolEnv")
+    return obj

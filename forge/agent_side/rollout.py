@@ -1,0 +1,190 @@
+"""The rollout worker's logic, plain Python: many episodes at once, in groups, with retries.
+
+`RolloutWorker.run(seeds)` runs one group of `group_size` episodes per seed (one task, G
+samples), keeping up to `concurrency` episodes in flight. Each round sends every waiting
+episode's context to the generator in one batch, then steps their envs in parallel threads.
+A trajectory that fails (env raised, hung, returned garbage, passed the episode time limit)
+fails its group; the group is rerun with fresh envs up to `max_retries` times, then dropped and
+counted. A group that leaves the worker has exactly G trajectories, all ok: groups are never
+silently shrunk, because group-relative advantages over fewer members would change meaning.
+
+The Ray actor around this is `rollout_actor.py`; tests call this module without a cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from forge.agent_side.config import RolloutConfig
+from forge.agent_side.episode import Episode, apply_turn, finish, start_episode
+from forge.middleware.types import Group
+from forge.policy.sampling import Generator
+from forge.policy.tokenizer import Tokenizer
+
+
+@dataclass
+class RolloutStats:
+    """Counters of one or more `run` calls, for the metrics sink."""
+
+    groups_done: int = 0
+    groups_retried: int = 0
+    groups_dropped: int = 0
+    trajectories_ok: int = 0
+    trajectories_failed: int = 0
+    turns: int = 0
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    """Failed trajectories by cause: 'raised', 'timeout', 'garbage', 'episode_timeout'."""
+    protocol_errors: dict[str, int] = field(default_factory=dict)
+    """Protocol and tool errors of the policy by kind, over ok and failed trajectories."""
+    generate_s: float = 0.0
+    env_s: float = 0.0
+
+    def merge(self, other: "RolloutStats") -> None:
+        for name in ("groups_done", "groups_retried", "groups_dropped", "trajectories_ok",
+                     "trajectories_failed", "turns", "generate_s", "env_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.failure_reasons, other.failure_reasons), (self.protocol_errors, other.protocol_errors)):
+            for key, n in theirs.items():
+                mine[key] = mine.get(key, 0) + n
+
+    def as_metrics(self, prefix: str = "rollout/") -> dict[str, float]:
+        """Flat numbers for `forge.monitoring`."""
+        out: dict[str, float] = {
+            f"{prefix}{k}": float(getattr(self, k))
+            for k in ("groups_done", "groups_retried", "groups_dropped", "trajectories_ok",
+                      "trajectories_failed", "turns", "generate_s", "env_s")
+        }
+        out.update({f"{prefix}failed/{k}": float(v) for k, v in self.failure_reasons.items()})
+        out.update({f"{prefix}errors/{k}": float(v) for k, v in self.protocol_errors.items()})
+        return out
+
+
+@dataclass
+class RolloutResult:
+    """What one `run` call returns: complete groups in the order they finished, and counters."""
+
+    groups: list[Group]
+    stats: RolloutStats
+
+
+@dataclass
+class _GroupJob:
+    seed: int
+    attempt: int
+    episodes: list[Episode] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return all(ep.done for ep in self.episodes)
+
+
+class RolloutWorker:
+    """Runs groups of episodes of one env class against one generator."""
+
+    def __init__(
+        self, make_env: Callable[[], Any], generator: Generator, tokenizer: Tokenizer,
+        cfg: RolloutConfig, env_name: str = "env",
+    ) -> None:
+        if cfg.group_size < 1 or cfg.concurrency < 1:
+            raise ValueError(f"rollout.group_size ({cfg.group_size}) and rollout.concurrency ({cfg.concurrency}) must be >= 1")
+        self.make_env = make_env
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.env_name = env_name
+        stops = (tokenizer.eos_id, tokenizer.token_id("</answer>"))
+        self.params = cfg.sampling_params(stop_token_ids=stops)
+        self._pool = ThreadPoolExecutor(max_workers=min(cfg.concurrency, 64), thread_name_prefix="forge-env")
+
+    def run(self, seeds: Sequence[int]) -> RolloutResult:
+        """One complete group per seed that succeeds within its retries; dropped ones are counted."""
+        stats = RolloutStats()
+        queue: deque[_GroupJob] = deque(_GroupJob(int(s), 0) for s in seeds)
+        active: list[_GroupJob] = []
+        groups: list[Group] = []
+        while queue or active:
+            # A group starts only when all of it fits, so every group advances together.
+            while queue and (not active or self._in_flight(active) + self.cfg.group_size <= self.cfg.concurrency):
+                job = queue.popleft()
+                self._start(job)
+                active.append(job)
+            self._advance(active, stats)
+            for job in [j for j in active if j.done]:
+                active.remove(job)
+                retry = self._close(job, groups, stats)
+                if retry is not None:
+                    queue.appendleft(retry)
+        return RolloutResult(groups, stats)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _in_flight(self, active: list[_GroupJob]) -> int:
+        return sum(1 for j in active for ep in j.episodes if not ep.done)
+
+    def _start(self, job: _GroupJob) -> None:
+        task_id = f"{self.env_name}:{job.seed}"
+        group_id = f"{task_id}#{job.attempt}"
+
+        def start(_: int) -> Episode:
+            return start_episode(self.make_env, job.seed, self.tokenizer, task_id=task_id,
+                                 group_id=group_id, timeout_s=self.cfg.turn_timeout_s)
+
+        job.episodes = list(self._pool.map(start, range(self.cfg.group_size)))
+
+    def _advance(self, active: list[_GroupJob], stats: RolloutStats) -> None:
+        """One round: a batched generate for every waiting episode, then their env steps."""
+        waiting: list[Episode] = []
+        for ep in (ep for j in active for ep in j.episodes if not ep.done):
+            if time.monotonic() - ep.started > self.cfg.episode_timeout_s:
+                ep.fail(f"episode_timeout: the episode ran past {self.cfg.episode_timeout_s} s")
+            elif len(ep.context) + self.params.max_new_tokens > self.cfg.max_context_tokens:
+                # Out of room: the episode ends truncated, like at its turn limit.
+                ep.done = True
+            else:
+                waiting.append(ep)
+        if not waiting:
+            return
+        t0 = time.monotonic()
+        completions = self.generator.generate([ep.context for ep in waiting], self.params)
+        gen_s = time.monotonic() - t0
+        stats.generate_s += gen_s
+        if len(completions) != len(waiting):
+            raise RuntimeError(
+                f"the generator returned {len(completions)} completions for {len(waiting)} prompts; "
+                "it must return one per prompt, in order"
+            )
+        t0 = time.monotonic()
+        share = gen_s / len(waiting)
+        list(self._pool.map(
+            lambda pair: apply_turn(pair[0], pair[1], self.tokenizer, timeout_s=self.cfg.turn_timeout_s, gen_s=share),
+            zip(waiting, completions),
+        ))
+        stats.env_s += time.monotonic() - t0
+        stats.turns += len(waiting)
+
+    def _close(self, job: _GroupJob, groups: list[Group], stats: RolloutStats) -> _GroupJob | None:
+        """Emit a finished group, or return the job to retry, or drop it; counts every case."""
+        trajs = [finish(ep) for ep in job.episodes]
+        for t in trajs:
+            for kind, n in t.error_counts.items():
+                stats.protocol_errors[kind] = stats.protocol_errors.get(kind, 0) + n
+            if t.ok:
+                stats.trajectories_ok += 1
+            else:
+                stats.trajectories_failed += 1
+                cause = t.failure_reason.split(":", 1)[0]
+                stats.failure_reasons[cause] = stats.failure_reasons.get(cause, 0) + 1
+        if all(t.ok for t in trajs):
+            stats.groups_done += 1
+            groups.append(Group(trajs[0].task_id, trajs[0].group_id, trajs, attempts=job.attempt + 1))
+            return None
+        if job.attempt < self.cfg.max_retries:
+            stats.groups_retried += 1
+            return _GroupJob(job.seed, job.attempt + 1)
+        stats.groups_dropped += 1
+        return None

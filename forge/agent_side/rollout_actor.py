@@ -1,0 +1,63 @@
+"""Rollout workers as Ray actors: a thin wrapper around `RolloutWorker`, and the fan-out to them.
+
+Ray is imported here only. Each actor builds its own env factory and generator from picklable
+pieces (the env config and a generator factory), so nothing unpicklable crosses the boundary;
+only `Group`s and `RolloutStats` come back.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import ray
+
+from forge.agent_side.config import EnvConfig, RolloutConfig, load_env_class
+from forge.agent_side.rollout import RolloutResult, RolloutStats, RolloutWorker
+from forge.middleware.types import Group
+from forge.policy.sampling import Generator
+from forge.policy.tokenizer import ByteTokenizer, Tokenizer
+
+
+class RolloutActor:
+    """One rollout worker in its own process; start them with `start_rollout_actors`."""
+
+    def __init__(
+        self, env_cfg: EnvConfig, rollout_cfg: RolloutConfig,
+        make_generator: Callable[[], Generator], make_tokenizer: Callable[[], Tokenizer] = ByteTokenizer,
+    ) -> None:
+        # Resolve the class once here so a bad reference fails the actor's start, not every episode.
+        load_env_class(env_cfg.cls)
+        name = env_cfg.cls.split(":")[1]
+        self.worker = RolloutWorker(env_cfg.make, make_generator(), make_tokenizer(), rollout_cfg, env_name=name)
+        self.stats = RolloutStats()
+
+    def run(self, seeds: Sequence[int]) -> RolloutResult:
+        result = self.worker.run(seeds)
+        self.stats.merge(result.stats)
+        return result
+
+    def total_stats(self) -> RolloutStats:
+        return self.stats
+
+
+def start_rollout_actors(
+    env_cfg: EnvConfig, rollout_cfg: RolloutConfig, make_generator: Callable[[], Generator],
+    make_tokenizer: Callable[[], Tokenizer] = ByteTokenizer,
+) -> list:
+    """`rollout_cfg.num_workers` actor handles; Ray must be initialised by the caller."""
+    remote_cls = ray.remote(num_cpus=rollout_cfg.actor_num_cpus)(RolloutActor)
+    return [remote_cls.remote(env_cfg, rollout_cfg, make_generator, make_tokenizer) for _ in range(rollout_cfg.num_workers)]
+
+
+def run_groups(actors: list, seeds: Sequence[int]) -> RolloutResult:
+    """Deal the seeds round-robin to the actors, run them all, and gather groups and counters."""
+    if not actors:
+        raise ValueError("run_groups got no actors; start them with start_rollout_actors")
+    shares = [list(seeds[i :: len(actors)]) for i in range(len(actors))]
+    refs = [actor.run.remote(share) for actor, share in zip(actors, shares) if share]
+    groups: list[Group] = []
+    stats = RolloutStats()
+    for result in ray.get(refs):
+        groups.extend(result.groups)
+        stats.merge(result.stats)
+    return RolloutResult(groups, stats)

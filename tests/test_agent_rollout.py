@@ -1,0 +1,275 @@
+"""The agent loop and rollout workers: token-exact trajectories, complete groups, failing envs.
+
+A scripted generator stands in for the policy: it answers each prompt with the text a policy
+function gives, sampled as ids that re-tokenizing would not reproduce, and logs every id and
+logprob it produced, so the tests can compare the trajectories with what was really sampled.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import re
+import sys
+import time
+from typing import Callable, Sequence
+
+import pytest
+
+from forge.agent_side import ToolEnv, tool
+from forge.agent_side.config import EnvConfig, EnvLoadError, RolloutConfig, load_env_class
+from forge.agent_side.rollout import RolloutWorker
+from forge.policy.sampling import Completion, SamplingParams
+from forge.policy.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+class ScriptedGenerator:
+    """A `Generator` whose turns come from `policy(context_text)`, with logged ids and logprobs."""
+
+    def __init__(self, policy: Callable[[str], str], policy_version: int = 7, seed: int = 0) -> None:
+        self.policy = policy
+        self.version = policy_version
+        self.rng = random.Random(seed)
+        self.log: list[tuple[list[int], list[int], list[float]]] = []
+        self.batch_sizes: list[int] = []
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        self.batch_sizes.append(len(prompts))
+        out = []
+        for prompt in prompts:
+            text = self.policy(TOK.decode(prompt))
+            # "<think>" as seven byte ids, not its special id: encode(decode(ids)) != ids, so a
+            # loop that re-tokenized text would store different ids than were sampled.
+            ids: list[int] = []
+            for piece in re.split("(<think>)", text):
+                ids.extend(list(piece.encode()) if piece == "<think>" else TOK.encode(piece))
+            if not ids or ids[-1] not in params.stop_token_ids:
+                ids.append(TOK.eos_id)
+            ids = ids[: params.max_new_tokens]
+            logprobs = [-self.rng.random() * 3 for _ in ids]
+            self.log.append((list(prompt), ids, logprobs))
+            out.append(Completion(ids, logprobs, "stop", policy_version=self.version))
+        return out
+
+
+def call(name: str, **arguments) -> str:
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+class ReverseEnv(ToolEnv):
+    max_turns = 4
+
+    def make_task(self, rng):
+        word = "".join(rng.choice(list("abcdef")) for _ in range(5))
+        return f"Reverse the word {word}.", word[::-1]
+
+    @tool
+    def reverse(self, text: str) -> str:
+        """Reverse a string."""
+        return text[::-1]
+
+    def score(self, answer: str, expected) -> float:
+        return float(answer.strip() == expected)
+
+
+def reverse_policy(context: str) -> str:
+    """Think, call the tool, check it once more, then answer: three turns with tool results between."""
+    word = re.search(r"Reverse the word (\w+)\.", context).group(1)
+    got = re.findall(r'<tool_result name="reverse">(.*?)</tool_result>', context)
+    if len(got) == 0:
+        return f"<think>I should reverse {word}; é</think>" + call("reverse", text=word)
+    if len(got) == 1:
+        return "<think>check it</think>" + call("reverse", text=got[0][::-1])
+    return f"<think>done</think><answer>{got[0]}</answer>"
+
+
+# Faults by seed. Class-level counters make "fails on the first attempt only" possible in-process.
+ATTEMPTS: dict[tuple[str, int], int] = {}
+
+
+class FaultyEnv(ReverseEnv):
+    """seed 1 raises always; 2 hangs on the first attempt; 3 returns garbage on the first; 4 raises in reset first."""
+
+    def reset(self, *, seed=None, options=None):
+        key = ("reset", seed)
+        ATTEMPTS[key] = ATTEMPTS.get(key, 0) + 1
+        if seed == 4 and ATTEMPTS[key] <= 2:
+            raise OSError("reset could not reach its data")
+        self.seed_ = seed
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        key = ("step", self.seed_)
+        ATTEMPTS[key] = ATTEMPTS.get(key, 0) + 1
+        first = ATTEMPTS[key] == 1
+        if self.seed_ == 1:
+            raise RuntimeError("the tool server is down")
+        if self.seed_ == 2 and first:
+            time.sleep(30)
+        if self.seed_ == 3 and first:
+            return None
+        return super().step(action)
+
+
+def make_worker(env_cls=ReverseEnv, policy=reverse_policy, **cfg) -> tuple[RolloutWorker, ScriptedGenerator]:
+    gen = ScriptedGenerator(policy)
+    defaults = dict(group_size=2, concurrency=4, max_retries=1, turn_timeout_s=0.5, episode_timeout_s=20.0, max_new_tokens=200)
+    defaults.update(cfg)
+    return RolloutWorker(env_cls, gen, TOK, RolloutConfig(**defaults), env_name=env_cls.__name__), gen
+
+
+def test_trajectory_is_exactly_what_was_sampled():
+    worker, gen = make_worker(group_size=2, concurrency=4)
+    result = worker.run([10, 11])
+    trajs = [t for g in result.groups for t in g.trajectories]
+    assert len(trajs) == 4 and all(t.ok and t.reward == 1.0 and len(t.turns) == 3 for t in trajs)
+    # Every sampled turn is stored exactly once, with its ids and logprobs unchanged, and the
+    # context the generator saw for it is the trajectory's own prefix (nothing re-tokenized).
+    unclaimed = list(gen.log)
+    for t in trajs:
+        for k, turn in enumerate(t.turns):
+            entry = (t.token_ids[: t.turn_boundaries[k][0]], turn.sampled_ids, turn.logprobs)
+            assert entry in unclaimed
+            unclaimed.remove(entry)
+            assert turn.policy_version == 7
+    assert unclaimed == []
+    for t in trajs:
+        assert TOK.encode(TOK.decode(t.turns[0].sampled_ids)) != t.turns[0].sampled_ids
+        # Observations sit between turns; the last turn (the answer) has none.
+        assert [bool(turn.observation_ids) for turn in t.turns] == [True, True, False]
+        assert TOK.decode(t.turns[0].observation_ids).startswith('<tool_result name="reverse">')
+
+
+def test_loss_mask_marks_the_sampled_tokens_only():
+    worker, _ = make_worker()
+    t = worker.run([3]).groups[0].trajectories[0]
+    ids, mask, lps = t.token_ids, t.loss_mask, t.sampling_logprobs
+    assert len(ids) == len(mask) == len(lps)
+    sampled = [i for turn in t.turns for i in turn.sampled_ids]
+    assert [i for i, m in zip(ids, mask) if m] == sampled
+    assert [lp for lp, m in zip(lps, mask) if m] == [lp for turn in t.turns for lp in turn.logprobs]
+    assert mask[: len(t.prompt_ids)] == [0] * len(t.prompt_ids) and t.prompt_ids[0] == TOK.bos_id
+    for (a, b), turn in zip(t.turn_boundaries, t.turns):
+        assert ids[a:b] == turn.sampled_ids and all(mask[a:b])
+
+
+def test_groups_are_complete_and_batched():
+    worker, gen = make_worker(group_size=3, concurrency=6)
+    result = worker.run(list(range(5)))
+    assert [len(g.trajectories) for g in result.groups] == [3] * 5
+    assert sorted(g.task_id for g in result.groups) == sorted(f"ReverseEnv:{s}" for s in range(5))
+    for g in result.groups:
+        assert len({t.prompt_ids[1:40].__repr__() for t in g.trajectories}) == 1  # one task per group
+        assert {t.group_id for t in g.trajectories} == {g.group_id}
+    assert max(gen.batch_sizes) == 6 and result.stats.groups_done == 5 and result.stats.turns == 45
+
+
+def test_faulty_envs_fail_their_trajectory_and_the_worker_goes_on():
+    ATTEMPTS.clear()
+    worker, _ = make_worker(FaultyEnv, group_size=2, concurrency=4, max_retries=2)
+    t0 = time.monotonic()
+    result = worker.run([0, 1, 2, 3, 4, 5])
+    assert time.monotonic() - t0 < 15
+    done = {g.task_id.split(":")[1]: g for g in result.groups}
+    # Seed 1 always raises: dropped after 1 + 2 attempts; the others come back complete.
+    assert sorted(done) == ["0", "2", "3", "4", "5"]
+    assert all(len(g.trajectories) == 2 and all(t.ok for t in g.trajectories) for g in result.groups)
+    assert done["0"].attempts == 1 and done["2"].attempts == 2 and done["3"].attempts == 2
+    s = result.stats
+    assert s.groups_dropped == 1 and s.groups_done == 5
+    assert s.failure_reasons["raised"] >= 3 * 2 and s.failure_reasons["timeout"] >= 1 and s.failure_reasons["garbage"] >= 1
+
+
+def test_failure_reasons_name_the_cause():
+    from forge.agent_side.episode import apply_turn, start_episode
+
+    ATTEMPTS.clear()
+    ep = start_episode(FaultyEnv, 1, TOK, task_id="t", group_id="g", timeout_s=1.0)
+    ids = TOK.encode("<answer>x</answer>")
+    apply_turn(ep, Completion(ids, [0.0] * len(ids)), TOK, timeout_s=1.0)
+    assert ep.traj.status == "failed" and ep.traj.failure_reason == "raised: env.step raised RuntimeError: the tool server is down"
+    ep = start_episode(FaultyEnv, 3, TOK, task_id="t", group_id="g", timeout_s=1.0)
+    apply_turn(ep, Completion(TOK.encode("hi"), [0.0, 0.0]), TOK, timeout_s=1.0)
+    assert ep.traj.failure_reason.startswith("garbage: env.step returned None; it must return (obs, reward")
+
+
+def test_episode_time_limit_fails_the_trajectory():
+    def slow_policy(context: str) -> str:
+        time.sleep(0.3)
+        return "<think>hmm</think>"
+
+    worker, _ = make_worker(policy=slow_policy, group_size=1, max_retries=0, episode_timeout_s=0.5)
+    result = worker.run([0])
+    assert result.groups == [] and result.stats.groups_dropped == 1
+    assert result.stats.failure_reasons == {"episode_timeout": 1}
+
+
+def test_protocol_errors_are_counted_not_fatal():
+    worker, _ = make_worker(policy=lambda ctx: "no protocol here", group_size=2, max_retries=0)
+    result = worker.run([0])
+    t = result.groups[0].trajectories[0]
+    assert t.ok and not t.terminated and len(t.turns) == ReverseEnv.max_turns and t.reward == 0.0
+    assert t.error_counts == {"no_action": ReverseEnv.max_turns}
+    assert result.stats.protocol_errors == {"no_action": 2 * ReverseEnv.max_turns}
+
+
+def test_load_env_class_errors_name_the_fix():
+    assert load_env_class("envs.calculator:CalculatorEnv").__name__ == "CalculatorEnv"
+    for ref, fragment in [
+        ("envs.calculator", "write it as module.path:ClassName"),
+        ("no_such_pkg.env:X", "no module named 'no_such_pkg'"),
+        ("envs.calculator:CalculatorEnvv", "did you mean 'envs.calculator:CalculatorEnv'"),
+        ("envs.calculator:safe_eval", "not a ToolEnv; subclass forge.agent_side.ToolEnv"),
+    ]:
+        with pytest.raises(EnvLoadError, match=re.escape(fragment)):
+            load_env_class(ref)
+
+
+def test_env_config_makes_the_env_with_its_settings():
+    env = EnvConfig(cls="envs.needle:NeedleEnv", difficulty=1).make()
+    assert type(env).__name__ == "NeedleEnv" and env.difficulty == 1
+
+
+def calculator_policy(context: str) -> str:
+    got = re.findall(r'<tool_result name="calculate">(.*?)</tool_result>', context)
+    if got:
+        return f"<answer>{got[-1]}</answer>"
+    task = context.split("\n\nTools:")[0]
+    expr = re.search(r"has (\d+) coins\.", task).group(1)
+    ops = {"earns": "+", "spends": "-", "times as many": "*", "equally among": "//"}
+    for sentence in re.findall(r"Then [^.]*\.", task):
+        op = next(o for k, o in ops.items() if k in sentence)
+        expr = f"({expr}) {op} {re.findall(r'[0-9]+', sentence)[0]}"
+    return call("calculate", expression=expr)
+
+
+def test_rollout_actors_on_ray_produce_complete_groups(ray_session):
+    from forge.agent_side.rollout_actor import run_groups, start_rollout_actors
+
+    # The test module is not importable in Ray's workers: ship its functions by value.
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = RolloutConfig(group_size=3, num_workers=2, actor_num_cpus=0.5, concurrency=6, max_new_tokens=200)
+    actors = start_rollout_actors(EnvConfig(cls="envs.calculator:CalculatorEnv"), cfg,
+                                  functools.partial(ScriptedGenerator, calculator_policy))
+    result = run_groups(actors, list(range(6)))
+    assert len(result.groups) == 6 and all(len(g.trajectories) == 3 for g in result.groups)
+    assert all(t.ok and t.reward == 1.0 for g in result.groups for t in g.trajectories)
+    assert result.stats.groups_done == 6 and result.stats.groups_dropped == 0
+
+
+def test_a_raising_env_does_not_stop_its_ray_worker(ray_session):
+    from forge.agent_side.rollout_actor import run_groups, start_rollout_actors
+
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = RolloutConfig(group_size=2, num_workers=1, actor_num_cpus=0.5, max_retries=1, turn_timeout_s=0.5, max_new_tokens=200)
+    # Ray's workers import the env by reference; the repository root is on their path.
+    actors = start_rollout_actors(EnvConfig(cls="tests.test_agent_rollout:FaultyEnv"), cfg,
+                                  functools.partial(ScriptedGenerator, reverse_policy))
+    result = run_groups(actors, [0, 1, 2, 5])
+    assert sorted(g.task_id for g in result.groups) == ["FaultyEnv:0", "FaultyEnv:2", "FaultyEnv:5"]
+    assert result.stats.groups_dropped == 1 and result.stats.failure_reasons["raised"] == 4
+    # The same actor keeps serving after the failures.
+    assert len(run_groups(actors, [6]).groups) == 1
