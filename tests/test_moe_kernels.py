@@ -33,7 +33,9 @@ def nan_empty(monkeypatch):
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    """Relative error in the 2-norm; inf when `a` holds a NaN (an unwritten element)."""
+    err = ((a.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    return err if err == err else float("inf")
 
 
 ROUTE_CASES = [
@@ -131,18 +133,19 @@ NAMES = ["out", "dx", "dweights", "dw_gate", "dw_up", "dw_down"]
 
 
 def _compare(inputs, dout, dtype):
-    tri = _run(moe_experts_triton, inputs, dout)
-    ref = _run(moe_experts_naive, inputs, dout)
     if dtype == torch.float32:
+        tri = _run(moe_experts_triton, inputs, dout)
+        ref = _run(moe_experts_naive, inputs, dout)
         for name, a, b in zip(NAMES, tri, ref):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
         return
     # bf16: the kernel must be no further from the fp32 truth than twice the bf16 reference is.
-    up = [t.float() if t.is_floating_point() else t for t in inputs]
-    truth = _run(moe_experts_naive, up, dout.float())
-    for name, a, b, t in zip(NAMES, tri, ref, truth):
-        assert torch.isfinite(a).all(), name
-        assert rel_err(a, t) <= 2 * rel_err(b, t) + 1e-3, (name, rel_err(a, t), rel_err(b, t))
+    # One run's results are alive at a time, so the full-size GPU test fits in memory.
+    truth = _run(moe_experts_naive, [t.float() if t.is_floating_point() else t for t in inputs], dout.float())
+    err_tri = [rel_err(a, t) for a, t in zip(_run(moe_experts_triton, inputs, dout), truth)]
+    err_ref = [rel_err(b, t) for b, t in zip(_run(moe_experts_naive, inputs, dout), truth)]
+    for name, a, b in zip(NAMES, err_tri, err_ref):
+        assert a <= 2 * b + 1e-3, (name, a, b)
 
 
 EXPERT_CASES = [

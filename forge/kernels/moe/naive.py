@@ -90,5 +90,5 @@ def moe_experts_naive(
         xe = x[tok]  # [n_e, H]
         act = F.silu(xe @ w_gate[e]) * (xe @ w_up[e])  # [n_e, F]
         ye = act @ w_down[e]  # [n_e, H]
-        out = out.index_add(0, tok, ye.float() * flat_weights[sel].float()[:, None])
+        out.index_add_(0, tok, ye.float() * flat_weights[sel].float()[:, None])
     return out.to(x.dtype)
