@@ -1,1 +1,3 @@
 """Advantages, losses, the DeepSpeed engine and the train loop."""
+
+from forge.trainer.logprobs import sequence_logprobs
