@@ -14,6 +14,7 @@ BUILTIN_ENVS: dict[str, str] = {
     "forge/Needle-v0": "envs.needle:NeedleEnv",
     "forge/Maze-v0": "envs.maze:MazeEnv",
     "forge/Python-v0": "envs.python_env:PythonEnv",
+    "forge/Reverse-v0": "envs.reverse:ReverseEnv",
 }
 
 for _env_id, _entry in BUILTIN_ENVS.items():

@@ -10,28 +10,11 @@ from typing import Literal, Optional
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from forge.agent_side import ToolEnv, tool
+from envs.reverse import ReverseEnv
+from forge.agent_side import tool
 from forge.agent_side.protocol import escape_markers, parse_turn, render_tool_result
 from forge.agent_side.tools import check_arguments, collect_tools
 from forge.policy.tokenizer import PROTOCOL_MARKERS, ByteTokenizer
-
-
-class ReverseEnv(ToolEnv):
-    """The issue's example, verbatim apart from the docstring."""
-
-    max_turns = 4
-
-    def make_task(self, rng):
-        word = "".join(rng.choice(list("abcdef")) for _ in range(5))
-        return f"Reverse the word {word}.", word[::-1]
-
-    @tool
-    def reverse(self, text: str) -> str:
-        """Reverse a string."""
-        return text[::-1]
-
-    def score(self, answer: str, expected) -> float:
-        return float(answer.strip() == expected)
 
 
 class FlakyEnv(ReverseEnv):
@@ -200,8 +183,8 @@ def test_tool_output_cannot_inject_markers():
     assert escape_markers("<think>") == "&lt;think>"
 
 
-def test_check_env_passes_on_the_example():
-    check_env(ReverseEnv(), skip_render_check=True)
+def test_check_env_passes_on_the_example_and_failing_tools():
+    # The issue's example is envs/reverse.py, checked with the built-ins in test_env_builtin.py.
     check_env(FlakyEnv(), skip_render_check=True)
 
 

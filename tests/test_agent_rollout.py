@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import pytest
 
-from forge.agent_side import ToolEnv, tool
+from envs.reverse import ReverseEnv
 from forge.agent_side.config import EnvConfig, EnvLoadError, RolloutConfig, load_env_class
 from forge.agent_side.rollout import RolloutWorker
 from forge.policy.sampling import Completion, SamplingParams
@@ -57,22 +57,6 @@ class ScriptedGenerator:
 
 def call(name: str, **arguments) -> str:
     return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
-
-
-class ReverseEnv(ToolEnv):
-    max_turns = 4
-
-    def make_task(self, rng):
-        word = "".join(rng.choice(list("abcdef")) for _ in range(5))
-        return f"Reverse the word {word}.", word[::-1]
-
-    @tool
-    def reverse(self, text: str) -> str:
-        """Reverse a string."""
-        return text[::-1]
-
-    def score(self, answer: str, expected) -> float:
-        return float(answer.strip() == expected)
 
 
 def reverse_policy(context: str) -> str:

@@ -96,7 +96,13 @@ def python_oracle(prompt: str):
     yield "<answer>" + out.splitlines()[0] + "</answer>"
 
 
+def reverse_oracle(prompt: str):
+    word = re.search(r"Reverse the word (\w+)\.", prompt).group(1)
+    yield "<answer>" + results((yield call("reverse", text=word)))[0] + "</answer>"
+
+
 ORACLES = {
+    "forge/Reverse-v0": reverse_oracle,
     "forge/Calculator-v0": calculator_oracle,
     "forge/Needle-v0": needle_oracle,
     "forge/Maze-v0": maze_oracle,
@@ -136,6 +142,7 @@ def test_check_env_passes(env_id):
     ("forge/Maze-v0", 0, range(3)),
     ("forge/Maze-v0", 2, range(2)),
     ("forge/Python-v0", 0, range(4)),
+    ("forge/Reverse-v0", 0, range(3)),
 ])
 def test_oracle_reaches_reward_one(env_id, difficulty, seeds):
     env = gymnasium.make(env_id, difficulty=difficulty)

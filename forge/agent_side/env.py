@@ -169,7 +169,7 @@ class ToolEnv(gym.Env[str, str]):
             errors.append(ProtocolError("bad_arguments", problem))
             return render_tool_result(name, "error: " + problem)
         timeout = spec.timeout_s if spec.timeout_s is not None else self.tool_timeout_s
-        outcome, value = call_with_timeout(getattr(self, name), timeout, **arguments)
+        outcome, value = call_with_timeout(getattr(self, spec.method), timeout, **arguments)
         if outcome == "timeout":
             errors.append(ProtocolError("tool_timeout", f"tool '{name}' ran past {timeout} s"))
             return render_tool_result(name, f"error: tool '{name}' ran past its time limit of {timeout} s")

@@ -28,6 +28,8 @@ class ToolSpec:
     description: str
     parameters: dict[str, Any]
     """JSON schema of the arguments object."""
+    method: str
+    """Name of the env method that implements the tool (may differ from `name`)."""
     hints: dict[str, Any] = field(repr=False)
     """Resolved type hints of the parameters, used to check arguments."""
     required: tuple[str, ...] = ()
@@ -57,12 +59,12 @@ def collect_tools(cls: type) -> dict[str, ToolSpec]:
         opts = getattr(fn, _TOOL_ATTR, None)
         if opts is None:
             continue
-        spec = build_spec(fn, opts["name"], opts["timeout_s"])
+        spec = build_spec(fn, opts["name"], opts["timeout_s"], method=attr)
         specs[spec.name] = spec
     return specs
 
 
-def build_spec(fn: Callable, name: str, timeout_s: float | None) -> ToolSpec:
+def build_spec(fn: Callable, name: str, timeout_s: float | None, method: str | None = None) -> ToolSpec:
     """The `ToolSpec` of one tool method; raises TypeError naming what to fix."""
     qual = getattr(fn, "__qualname__", name)
     try:
@@ -90,7 +92,7 @@ def build_spec(fn: Callable, name: str, timeout_s: float | None) -> ToolSpec:
         if p.default is inspect.Parameter.empty:
             required.append(p.name)
     parameters = {"type": "object", "properties": properties, "required": list(required)}
-    return ToolSpec(name, description, parameters, arg_hints, tuple(required), timeout_s)
+    return ToolSpec(name, description, parameters, method or fn.__name__, arg_hints, tuple(required), timeout_s)
 
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
