@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import gymnasium
 import pytest
@@ -118,3 +119,12 @@ def test_tool_decorator_options():
     env.reset(seed=0)
     obs = env.step('<tool_call>{"name": "shout", "arguments": {"text": "hi"}}</tool_call>')[0]
     assert obs == '<tool_result name="shout">HI</tool_result>\n'
+
+
+def test_the_example_in_docs_envs_md_passes_every_check(tmp_path, monkeypatch):
+    docs = (Path(__file__).parent.parent / "docs" / "envs.md").read_text()
+    code = docs.split("```python\n")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 40
+    (tmp_path / "docs_example_env.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert env_check("docs_example_env:UnitsEnv") == 0
