@@ -16,7 +16,10 @@ Layers, each holding where the one before may not:
 The audit hook guards against code that tries the ordinary ways (a model's code, not a
 determined attacker with native code); the namespace and the limits are the hard boundary.
 Hooks cannot be removed once added, and imports of the modules that bypass them
-(`_ctypes`, `_posixsubprocess`) are refused.
+(`_ctypes`, `_posixsubprocess`) are refused. Where the sandbox runs as root (as in many
+containers), the kernel does not enforce RLIMIT_NPROC and root may write anywhere: there the
+hook is what stops a fork bomb or a write outside the folder, and the group kill ends any
+process that slipped past it. Running the workers as an unprivileged user restores both limits.
 """
 
 from __future__ import annotations
@@ -96,8 +99,8 @@ class SandboxLimits:
     """Address space in MiB (RLIMIT_AS)."""
     output_bytes: int = 1 << 20
     """Largest file the code may write, stdout and stderr included (RLIMIT_FSIZE)."""
-    nproc: int = 64
-    """Processes of the user (RLIMIT_NPROC), a backstop behind the audit hook."""
+    nproc: int = 256
+    """Processes of the user (RLIMIT_NPROC, shared by all its sandboxes), a backstop behind the hook; not enforced for root."""
     shown_chars: int = 4000
     """Characters of stdout and of stderr kept in the result."""
 
