@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from forge.kernels.moe import moe_experts_naive, route_naive
@@ -39,7 +40,7 @@ def test_layer_is_routed_experts_plus_shared_expert_and_bias_only_steers():
     assert "expert_bias" not in dict(layer.named_parameters())
 
 
-def test_load_counts_tokens_with_multiplicity_only_in_training():
+def test_load_counts_tokens_with_multiplicity_only_in_training_with_grad():
     layer = _layer()
     x = torch.randn(1, 6, CONFIG.hidden_size)
     weight = torch.tensor([[3.0, 1.0, 1.0, 2.0, 0.0, 0.0]])
@@ -47,6 +48,9 @@ def test_load_counts_tokens_with_multiplicity_only_in_training():
     layer(x, weight)
     assert layer.load.sum() == 0
     layer.train()
+    with torch.no_grad():
+        layer(x, weight)
+    assert layer.load.sum() == 0
     layer(x, weight)
     layer(x, weight)
     assert layer.load.sum().item() == 2 * CONFIG.top_k * weight.sum().item()
@@ -107,3 +111,14 @@ def test_router_stats_report_every_moe_layer():
         assert s.imbalance == max(s.tokens_per_expert) / (sum(s.tokens_per_expert) / 4)
         assert len(s.bias) == 4
     assert f"router/layer{stats[0].layer}/imbalance" in stats[0].metrics()
+
+
+def test_model_config_loads_through_the_strict_recipe_loader():
+    from forge.config import ConfigError, from_dict
+
+    config = from_dict(ModelConfig, {"num_experts": 16, "score_func": "softmax", "rope_theta": 1e6, "qk_norm": True})
+    assert (config.num_experts, config.score_func, config.rope_theta) == (16, "softmax", 1e6)
+    with pytest.raises(ConfigError, match="qk_norm_scope"):
+        from_dict(ModelConfig, {"qk_norm_scope": "global"})
+    with pytest.raises(ConfigError, match="num_expert"):
+        from_dict(ModelConfig, {"num_expert": 4})

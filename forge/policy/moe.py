@@ -10,6 +10,7 @@ uses the loads accumulated over all micro-batches since the last update, summed 
 data-parallel ranks through a caller-supplied all-reduce (so this module needs no
 torch.distributed set-up). If activation checkpointing re-runs a forward in training mode, its
 tokens are counted twice; the sign update is unchanged when every layer is recomputed alike.
+Forwards under torch.no_grad() are not counted, even in training mode.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class MoE(nn.Module):
 
     Parameters: `router` [E, H], `w_gate`/`w_up` [E, H, F], `w_down` [E, F, H], `shared`
     (a SwiGLU or None). Buffers: `expert_bias` [E] (saved with the weights), `load` [E]
-    (token-weighted count of routed tokens since the last bias update; not saved).
+    (token-weighted count of routed tokens since the last bias update, counted in training
+    mode with gradients enabled; not saved).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -78,7 +80,9 @@ class MoE(nn.Module):
             logits, self.expert_bias, self.top_k, score_func=self.score_func,
             renormalize=self.renormalize, token_weight=tw,
         )
-        if self.training:
+        # Count only the tokens a step trains on: no-grad forwards in training mode (the
+        # trainer's old-policy logprobs, a reference pass) would otherwise count them again.
+        if self.training and torch.is_grad_enabled():
             self.load += load
         out = moe_experts(flat, weights, experts, self.w_gate, self.w_up, self.w_down)  # [N, H]
         if self.shared is not None:
