@@ -164,6 +164,13 @@ def test_moe_experts_matches_naive(nan_empty, n, h, f, e, k, skip, dtype):
     _compare(inputs, dout, dtype)
 
 
+def test_moe_experts_with_a_larger_row_tile(nan_empty):
+    inputs, dout = _expert_inputs(29, 32, 16, 3, 2, torch.float32)
+    tri = _run(lambda *t: moe_experts_triton(*t, block_m=2 * BLOCK_M), inputs, dout)
+    for name, a, b in zip(NAMES, tri, _run(moe_experts_naive, inputs, dout)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_entry_points_take_the_reference_on_cpu():
     inputs, _ = _expert_inputs(5, 16, 16, 4, 2, torch.float32)
     torch.testing.assert_close(moe_experts(*inputs).cpu(), moe_experts_naive(*inputs).cpu())

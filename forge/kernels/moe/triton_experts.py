@@ -21,8 +21,8 @@ from forge.kernels.moe.triton_permute import RoutePlan, combine, combine_bwd, ga
 
 class MoEExpertsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, experts, w_gate, w_up, w_down):
-        plan = plan_routes(experts, w_gate.shape[0], BLOCK_M)
+    def forward(ctx, x, weights, experts, w_gate, w_up, w_down, block_m):
+        plan = plan_routes(experts, w_gate.shape[0], block_m)
         need_grad = any(ctx.needs_input_grad)
         act, g, u = gate_up_fwd(x, w_gate, w_up, plan, save_gu=need_grad)
         y = grouped_mm(act, w_down, plan)  # [P, H], unweighted expert outputs
@@ -42,7 +42,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         dx_rows = grouped_mm(dg, w_gate, plan, transpose_b=True, second=(du, w_up))  # [P, H]
         dx = gather_sum(dx_rows, plan, weights.shape[1], x.dtype)
         dw_gate, dw_up = wgrad(x, dg, plan, w_gate.dtype, gather_a=True, b2=du)  # [E, H, F] each
-        return dx, dweights.to(weights.dtype), None, dw_gate, dw_up, dw_down
+        return dx, dweights.to(weights.dtype), None, dw_gate, dw_up, dw_down, None
 
 
 def _plan_tensors(plan: RoutePlan) -> tuple[torch.Tensor, ...]:
@@ -75,16 +75,21 @@ def moe_experts_triton(
     w_gate: torch.Tensor,
     w_up: torch.Tensor,
     w_down: torch.Tensor,
+    *,
+    block_m: int = BLOCK_M,
 ) -> torch.Tensor:
     """SwiGLU experts weighted by the routing, on Triton kernels; same contract as
-    `moe_experts_naive`.
+    `moe_experts_naive`. `block_m` (rows per GEMM tile, a multiple of 64 on the GPU) trades
+    padding per expert against GEMM efficiency; the default suits ~512 rows per expert.
 
     x: [N, H]; weights: [N, k] float32 (or x's dtype); experts: [N, k] int64 in [0, E);
     w_gate, w_up: [E, H, F]; w_down: [E, F, H], all of x's dtype. Returns [N, H] in x's dtype.
     Gradients flow to x, weights and the three expert weights.
     """
     _check(x, weights, experts, w_gate, w_up, w_down)
+    if block_m % 16 or (x.is_cuda and block_m % 64):
+        raise ValueError(f"block_m must be a multiple of 64 on the GPU (16 under the interpreter), got {block_m}")
     return MoEExpertsFunction.apply(
         x.contiguous(), weights.contiguous(), experts.contiguous(),
-        w_gate.contiguous(), w_up.contiguous(), w_down.contiguous(),
+        w_gate.contiguous(), w_up.contiguous(), w_down.contiguous(), block_m,
     )

@@ -28,7 +28,9 @@ import triton.language as tl
 from forge.kernels.moe.triton_permute import RoutePlan
 from forge.kernels.moe.triton_common import cast_out, is_interpret
 
-# Row tile of the grouped GEMMs; the route plan pads every expert's segment to it.
+# Default row tile of the grouped GEMMs; the route plan pads every expert's segment to it. The
+# weight-gradient kernel steps through segments BLOCK_R <= 64 rows at a time, so on the GPU a
+# row tile must be a multiple of 64.
 BLOCK_M = 16 if is_interpret() else 128
 
 
@@ -49,7 +51,7 @@ def _even_k(args) -> bool:
          dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4)],
         dict(BLOCK_N=16, BLOCK_K=16),
     ),
-    key=["N_OUT", "K"],
+    key=["N_OUT", "K", "BLOCK_M"],
 )
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
@@ -134,7 +136,7 @@ def _mm_rows(acc, a_ptr, b_ptr, e, rows, valid, offs_n, nmask, K, stride_am, str
          dict(BLOCK_N=128, BLOCK_K=64, w=4, s=4)],
         dict(BLOCK_N=16, BLOCK_K=16),
     ),
-    key=["N_OUT", "K", "HAS_SECOND", "USE_SWIGLU_BWD"],
+    key=["N_OUT", "K", "HAS_SECOND", "USE_SWIGLU_BWD", "BLOCK_M"],
 )
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
@@ -181,7 +183,7 @@ def moe_grouped_mm_kernel(
          dict(BLOCK_K=64, BLOCK_N=128, BLOCK_R=64, w=4, s=4)],
         dict(BLOCK_K=16, BLOCK_N=16, BLOCK_R=16),
     ),
-    key=["K", "N_OUT", "GATHER_A", "HAS_SECOND"],
+    key=["K", "N_OUT", "GATHER_A", "HAS_SECOND", "BLOCK_M"],
 )
 @triton.jit
 def moe_wgrad_kernel(
