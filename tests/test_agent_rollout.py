@@ -257,3 +257,31 @@ def test_a_raising_env_does_not_stop_its_ray_worker(ray_session):
     assert result.stats.groups_dropped == 1 and result.stats.failure_reasons["raised"] == 4
     # The same actor keeps serving after the failures.
     assert len(run_groups(actors, [6]).groups) == 1
+
+
+def test_with_the_model_generator_stored_logprobs_match_a_forward_pass():
+    """End to end with the real local generator: the stored ids, scored by the model in one
+    forward pass over the flat sequence, give back the stored sampling logprobs."""
+    torch = pytest.importorskip("torch")
+    from forge.policy import ModelConfig, ModelGenerator, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=TOK.vocab_size))
+    gen = ModelGenerator(model, TOK, seed=0, policy_version=3)
+    cfg = RolloutConfig(group_size=2, concurrency=2, max_retries=0, max_new_tokens=12, temperature=1.0)
+
+    class TwoTurns(ReverseEnv):
+        max_turns = 2
+
+    result = RolloutWorker(TwoTurns, gen, TOK, cfg, env_name="reverse").run([0])
+    (group,) = result.groups
+    for t in group.trajectories:
+        # An untrained model rarely follows the protocol: its episodes run to the turn limit.
+        assert t.ok and len(t.turns) == 2 and t.policy_versions == [3, 3]
+        ids = torch.tensor([t.token_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).float(), dim=-1)[0]  # [T, V]
+        for (start, end), turn in zip(t.turn_boundaries, t.turns):
+            # Token p is predicted by the logits at p - 1.
+            expected = logprobs[start - 1 : end - 1].gather(-1, ids[0, start:end, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(turn.logprobs), expected, atol=1e-4, rtol=1e-4)
