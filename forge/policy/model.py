@@ -103,7 +103,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.num_heads * c.head_dim if per_layer else c.head_dim, c.rms_eps)
             self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim if per_layer else c.head_dim, c.rms_eps)
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected, normed, rotated q [B, T, Hq, D] and k, v [B, T, Hkv, D]."""
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*D]
         if self.qk_norm_scope == "layer":
@@ -158,7 +161,18 @@ class Block(nn.Module):
             MoE(config) if config.is_moe_layer(layer) else SwiGLU(config.hidden_size, config.dense_width)
         )
 
-    def forward(self, x, cos, sin, *, subtree_end=None, token_weight=None, cache=None, cache_mask=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *,
+        subtree_end: torch.Tensor | None = None,
+        token_weight: torch.Tensor | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        cache_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]; the keyword arguments are those of Attention and MoE."""
         x = x + self.attn(self.attn_norm(x), cos, sin, subtree_end=subtree_end, cache=cache, cache_mask=cache_mask)
         h = self.mlp_norm(x)
         return x + (self.mlp(h, token_weight) if isinstance(self.mlp, MoE) else self.mlp(h))
