@@ -122,3 +122,23 @@ def test_model_config_loads_through_the_strict_recipe_loader():
         from_dict(ModelConfig, {"qk_norm_scope": "global"})
     with pytest.raises(ConfigError, match="num_expert"):
         from_dict(ModelConfig, {"num_expert": 4})
+
+
+def test_prefix_tree_load_with_multiplicity_equals_unmerged_load():
+    """A shared prompt counted once with multiplicity 2 gives the loads of the two sequences."""
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).train()
+    prompt, a, b = torch.randint(0, 256, (5,)), torch.randint(0, 256, (3,)), torch.randint(0, 256, (4,))
+    p, t = 5, 12
+    model(torch.cat([prompt, a])[None])
+    model(torch.cat([prompt, b])[None])
+    unmerged = [m.load.clone() for _, m in moe_layers(model)]
+    for _, m in moe_layers(model):
+        m.load.zero_()
+    flat = torch.cat([prompt, a, b])[None]
+    positions = torch.cat([torch.arange(p), p + torch.arange(3), p + torch.arange(4)])[None]
+    subtree_end = torch.tensor([t] * p + [p + 3] * 3 + [t] * 4)[None]
+    multiplicity = torch.tensor([[2.0] * p + [1.0] * 7])
+    model(flat, position_ids=positions, subtree_end=subtree_end, token_weight=multiplicity)
+    for merged, expected in zip((m.load for _, m in moe_layers(model)), unmerged):
+        torch.testing.assert_close(merged, expected, rtol=0, atol=0)
