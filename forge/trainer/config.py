@@ -1,0 +1,96 @@
+"""Config of the trainer side: the algorithm, the DeepSpeed engine, warm-start, evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class AlgorithmConfig:
+    """The RL objective."""
+
+    loss: Literal["grpo", "cispo", "ppo_clip"] = "grpo"
+    """Policy loss, from forge.trainer.losses.LOSSES."""
+    advantage: Literal["grpo", "dr_grpo"] = "grpo"
+    """Advantage estimator, from forge.trainer.advantages.ADVANTAGES."""
+    reduction: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    """How token losses average: over all loss tokens, per sequence then over sequences, or
+    summed and divided by a constant (Dr. GRPO's length-unbiased normalisation)."""
+    clip_low: float = 0.2
+    """Lower clip of the importance ratio (1 - clip_low); unused by CISPO."""
+    clip_high: float = 0.28
+    """Upper clip of the importance ratio (1 + clip_high); CISPO's weight is clipped at this value + 1."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the reference policy (the weights RL started from); 0 turns it off."""
+    dr_grpo_constant: int = 1024
+    """The constant that divides the summed token loss under reduction 'dr_grpo'."""
+
+
+@dataclass
+class TrainerConfig:
+    """The optimizer, DeepSpeed and batching of the trainer."""
+
+    groups_per_step: int = 8
+    """Groups (tasks x G samples) per optimizer step."""
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables it."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage, 0 to 3."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision; bf16 keeps fp32 master weights in the optimizer."""
+    micro_batch_tokens: int = 16384
+    """Token budget of one micro-batch (unique tokens after prefix merging)."""
+    merge: bool = True
+    """Merge each micro-batch into a prefix tree (exact; one forward per shared prefix)."""
+    merge_min_ratio: float = 1.1
+    """Below this token ratio (total over unique tokens) a micro-batch runs unmerged."""
+    num_ranks: int = 1
+    """Data-parallel trainer ranks (Ray actors, or processes under torchrun)."""
+    gpus_per_rank: float = 0.0
+    """GPUs per trainer rank on a Ray cluster; 0 trains on the CPU."""
+    cpus_per_rank: float = 1.0
+    """CPUs Ray reserves for each trainer rank."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.zero_stage <= 3:
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.groups_per_step < 1 or self.num_ranks < 1:
+            raise ValueError("groups_per_step and num_ranks must be at least 1")
+        if self.groups_per_step % self.num_ranks:
+            raise ValueError(f"groups_per_step ({self.groups_per_step}) must be a multiple of num_ranks "
+                             f"({self.num_ranks}) so every rank gets whole groups")
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm-start on the environment's oracle demonstrations, before RL."""
+
+    steps: int = 0
+    """Optimizer steps of warm-start; 0 skips it."""
+    batch_size: int = 16
+    """Demonstrations per step."""
+    lr: float = 1e-3
+    """Learning rate of warm-start (its own AdamW, dropped afterwards)."""
+    seed_offset: int = 1_000_000
+    """Task seeds of the demonstrations start here, away from the RL and eval seeds."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: greedy episodes on tasks never trained on."""
+
+    every: int = 10
+    """Evaluate every this many RL steps (and before the first and after the last)."""
+    num_tasks: int = 32
+    """Held-out tasks per evaluation."""
+    seed_offset: int = 10_000_000
+    """Held-out task seeds start here."""
+    temperature: float = 0.0
+    """Sampling temperature in evaluation; 0 is greedy."""

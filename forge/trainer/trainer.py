@@ -1,0 +1,194 @@
+"""One trainer rank: turns a batch of groups into an optimizer step on the DeepSpeed engine.
+
+Plain Python: the Ray actor (`trainer_actor.py`) and the `torchrun` entry point
+(`python -m forge.trainer.torchrun`) both drive it, so two GPUs can be tested without Ray.
+
+A step: recompute the old logprobs with the current weights (no gradient), and the reference
+logprobs if a KL term is on; then, per micro-batch, the current logprobs through the merged
+prefix tree, the loss weighted by the micro-batch's share of the batch, and backward; one
+optimizer step; then the MoE expert biases move towards balanced load (loads summed over
+ranks). The importance ratio is taken against the recomputed old logprobs, so that several
+updates on one batch stay well defined; the gap between them and the sampler's logprobs is
+logged as `train/sampler_logprob_gap`, the train/inference mismatch that RL on MoE models is
+sensitive to.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from forge.middleware.types import Group
+from forge.policy.config import ModelConfig
+from forge.policy.model import Transformer
+from forge.policy.moe import update_expert_bias
+from forge.prefix_tree import build_tree
+from forge.trainer.batch import RLBatch, make_batch, micro_batches
+from forge.trainer.config import AlgorithmConfig, TrainerConfig
+from forge.trainer.engine import all_reduce_sum, init_process_group, make_engine
+from forge.trainer.logprobs import sequence_scores
+from forge.trainer.losses import LOSSES
+
+# How each loss averages, so that a micro-batch's loss can be weighted by its share.
+_SEQ_MEAN_LOSSES = {"grpo"}
+
+
+@dataclass
+class _MicroBatch:
+    idx: list[int]
+    """Indices of its sequences in the batch."""
+    seqs: list[list[int]]
+    merge: bool
+    """Run it as a prefix tree (its token ratio pays for it)."""
+    tokens: int
+    """Tokens the forward pass computes: unique ones when merged, all otherwise."""
+
+
+class Trainer:
+    """The model, its optimizer and the RL step on one data-parallel rank."""
+
+    def __init__(
+        self, model_cfg: ModelConfig, cfg: TrainerConfig, algo: AlgorithmConfig, *,
+        seed: int = 0, rank: int = 0, world_size: int = 1, init_weights: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
+        init_process_group(rank, world_size)
+        torch.manual_seed(seed)
+        model = Transformer(model_cfg)
+        if init_weights is not None:
+            model.load_state_dict(init_weights)
+        self.engine = make_engine(model, cfg)
+        self.model: Transformer = self.engine.module
+        self.reference: Transformer | None = None
+        if algo.kl_coef > 0:
+            self.reset_reference()
+        self.version = 0
+        """Policy version: the number of optimizer steps taken."""
+
+    def reset_reference(self) -> None:
+        """Freeze the current weights as the reference policy of the KL term."""
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def train_step(self, groups: list[Group]) -> dict[str, float]:
+        """One optimizer step on `groups` (this rank's share of the batch); returns metrics."""
+        t0 = time.perf_counter()
+        batch = make_batch(groups, self.algo.advantage)
+        mbs = self._plan(batch)
+        dev = next(self.model.parameters()).device
+        old = self._scores(self.model, batch, mbs)
+        ref = self._scores(self.reference, batch, mbs) if self.reference is not None else None
+        totals = {"seqs": float(len(batch.sequences)), "tokens": float(max(batch.num_loss_tokens, 1))}
+        acc: dict[str, float] = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "unique_tokens": 0.0}
+        self.model.train()
+        for i, mb in enumerate(mbs):
+            idx = mb.idx
+            scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, with_entropy=True)
+            masks = [batch.masks[j].to(dev, scores.logprobs[0].dtype) for j in idx]
+            olds = [old[j] for j in idx]
+            adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
+            loss = LOSSES[self.algo.loss](scores.logprobs, olds, masks, adv, **self._clip_kwargs())
+            loss = loss * self._share(idx, masks, totals)
+            if ref is not None:
+                kl = _kl_k3(scores.logprobs, [ref[j] for j in idx], masks) / totals["tokens"]
+                loss = loss + self.algo.kl_coef * kl
+                acc["kl"] += float(kl.detach())
+            self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
+            self.engine.backward(loss)
+            acc["loss"] += float(loss.detach())
+            with torch.no_grad():
+                acc["entropy"] += float(sum((e * m).sum() for e, m in zip(scores.entropies, masks)))
+                acc["clipped"] += float(sum(_clipped(lp, o, m, self.algo) for lp, o, m in zip(scores.logprobs, olds, masks)))
+        grad_norm = self._local_grad_norm() if self.cfg.zero_stage == 0 else None
+        self.engine.step()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        router = update_expert_bias(self.model, all_reduce=all_reduce_sum)
+        self.version += 1
+        tokens = totals["tokens"]
+        gap = [(o.cpu().double() - s).abs()[m.bool()] for o, s, m in zip(old, batch.sampler_logprobs, batch.masks)]
+        gap_all = torch.cat(gap) if gap else torch.zeros(1)
+        metrics = {
+            "train/loss": acc["loss"], "train/entropy": acc["entropy"] / tokens,
+            "train/clip_fraction": acc["clipped"] / tokens, "train/reward_mean": float(batch.rewards.mean()),
+            "train/loss_tokens": tokens, "train/sequences": totals["seqs"],
+            "train/token_ratio": sum(len(s) for s in batch.sequences) / max(1, sum(mb.tokens for mb in mbs)),
+            "train/micro_batches": float(len(mbs)),
+            "train/sampler_logprob_gap": float(gap_all.mean()) if gap_all.numel() else 0.0,
+            "train/step_s": time.perf_counter() - t0, "train/policy_version": float(self.version),
+        }
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        if ref is not None:
+            metrics["train/kl"] = acc["kl"]
+        for stats in router:
+            metrics.update(stats.metrics())
+        metrics["train/tokens_per_s"] = sum(len(s) for s in batch.sequences) / metrics["train/step_s"]
+        return metrics
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the full weights (gathered under ZeRO-3), for rollout workers."""
+        params = list(self.model.parameters())
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def _local_grad_norm(self) -> float | None:
+        # Without ZeRO every rank holds the full (all-reduced at step) gradient; DeepSpeed
+        # reports a norm only for ZeRO stages, so compute it here before the step clears it.
+        grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else None
+
+    def _plan(self, batch: RLBatch) -> list[_MicroBatch]:
+        """Micro-batches, each merged only where its token ratio reaches merge_min_ratio."""
+        plans = []
+        for idx in micro_batches(batch, self.cfg.micro_batch_tokens):
+            seqs = [batch.sequences[j] for j in idx]
+            total = sum(len(s) for s in seqs)
+            unique = build_tree(seqs).num_tokens if self.cfg.merge else total
+            merge = self.cfg.merge and total / max(1, unique) >= self.cfg.merge_min_ratio
+            plans.append(_MicroBatch(idx, seqs, merge, unique if merge else total))
+        return plans
+
+    @torch.no_grad()
+    def _scores(self, model: Transformer | None, batch: RLBatch, mbs: list[_MicroBatch]) -> list[torch.Tensor]:
+        assert model is not None
+        out: list[torch.Tensor] = [torch.empty(0)] * len(batch.sequences)
+        was_training = model.training
+        model.eval()
+        for mb in mbs:
+            for j, lp in zip(mb.idx, sequence_scores(model, mb.seqs, merge=mb.merge).logprobs):
+                out[j] = lp.detach()
+        model.train(was_training)
+        return out
+
+    def _share(self, idx: list[int], masks: list[torch.Tensor], totals: dict[str, float]) -> float:
+        if self.algo.loss in _SEQ_MEAN_LOSSES:
+            return len(idx) / totals["seqs"]
+        return float(sum(m.sum() for m in masks)) / totals["tokens"]
+
+    def _clip_kwargs(self) -> dict[str, Any]:
+        if self.algo.loss == "cispo":
+            return {"clip_high": 1.0 + self.algo.clip_high}
+        return {"clip_low": self.algo.clip_low, "clip_high": self.algo.clip_high}
+
+
+def _kl_k3(logprobs: list[torch.Tensor], ref: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """Summed k3 estimator of KL(policy || reference) over loss tokens (Schulman's unbiased, >= 0)."""
+    total = 0.0
+    for lp, r, m in zip(logprobs, ref, masks):
+        d = r.to(lp.dtype) - lp
+        total = total + ((torch.exp(d) - d - 1) * m).sum()
+    return total
+
+
+def _clipped(lp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, algo: AlgorithmConfig) -> torch.Tensor:
+    ratio = torch.exp(lp - old.to(lp.dtype))
+    out = (ratio < 1 - algo.clip_low) | (ratio > 1 + algo.clip_high)
+    return (out.to(mask.dtype) * mask).sum()
