@@ -88,7 +88,7 @@ class ModelGenerator:
             self.model.train(was_training)
 
     def _prefill(self, unique: list[list[int]], capacity: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
-        """Run the unique prompts once. Returns their cache (grown to `capacity` slots), key
+        """Run the unique prompts once. Returns their cache (`capacity` slots), key
         validity [U, P] and the logits after each prompt's last token [U, V]."""
         device = self.model.embed.weight.device
         width = max(len(p) for p in unique)
@@ -110,7 +110,7 @@ class ModelGenerator:
         owner = [unique_index.setdefault(tuple(p), len(unique_index)) for p in prompts]
         unique = [list(p) for p in unique_index]
         width = max(len(p) for p in unique)
-        cache, valid, last = self._prefill(unique, width + params.max_new_tokens)
+        cache, valid, last = self._prefill(unique, width)
         device = last.device
         rows = torch.tensor(owner, device=device)
         cache = cache.select(rows, width + params.max_new_tokens)
