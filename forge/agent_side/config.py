@@ -30,8 +30,6 @@ class EnvConfig:
     """Extra keyword arguments for the env's constructor."""
     difficulty: int = 0
     """Task difficulty level passed to the env (0 is the easiest)."""
-    seed: int = 0
-    """First task seed; task i of the run uses seed + i."""
 
     def make(self) -> ToolEnv:
         """A fresh env instance."""

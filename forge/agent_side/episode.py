@@ -95,6 +95,7 @@ def apply_turn(ep: Episode, completion: Completion, tokenizer: Tokenizer, *, tim
     for kind in info.get("errors", ()) if isinstance(info, dict) else ():
         ep.traj.error_counts[kind] = ep.traj.error_counts.get(kind, 0) + 1
     if terminated or truncated:
+        # No turn follows, so the last observation would be context nobody reads: not stored.
         ep.traj.terminated = bool(terminated)
         ep.done = True
         return

@@ -7,6 +7,7 @@ A trajectory that fails (env raised, hung, returned garbage, passed the episode 
 fails its group; the group is rerun with fresh envs up to `max_retries` times, then dropped and
 counted. A group that leaves the worker has exactly G trajectories, all ok: groups are never
 silently shrunk, because group-relative advantages over fewer members would change meaning.
+A generator that raises is not an env fault: it propagates, since every episode depends on it.
 
 The Ray actor around this is `rollout_actor.py`; tests call this module without a cluster.
 """
