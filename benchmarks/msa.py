@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from forge.kernels.msa.synthetic import needle_case, needle_recall
-from forge.kernels.msa.triton_attention import msa_attention_fwd, sparse_attention_triton
+from forge.kernels.msa.triton_attention import sparse_attention_triton
 from forge.kernels.msa.triton_decode import msa_decode
 from forge.kernels.msa.triton_indexer import select_blocks_triton
 
@@ -107,13 +107,18 @@ def bench_length(t, args, dense_name, dense, emit):
         iq, ik_d = mk(1, t, HKV, di), ik[..., :di]
         sel = select_blocks_triton(iq, ik_d, block_size=bs, top_k=top_k)
         idx_ms = timed(lambda: select_blocks_triton(iq, ik_d, block_size=bs, top_k=top_k), reps=reps, warmup=warm)
-        attn_ms = timed(lambda: msa_attention_fwd(q, k, v, sel, block_size=bs, scale=D**-0.5), reps=reps,
-                        warmup=warm)
+        attn = {}
+        with torch.no_grad():
+            for order in ("kv", "query") if t <= args.query_outer_max else ("kv",):
+                attn[order] = timed(lambda: sparse_attention_triton(q, k, v, sel, block_size=bs, order=order),
+                                    reps=reps, warmup=warm)
+        attn_ms = attn["kv"]
         # The two run back to back in msa_attention; their sum is the layer's prefill time.
         total = idx_ms + attn_ms
         n_blocks = t // bs
         idx_flops = 2 * di * HKV * bs * bs * n_blocks * (n_blocks - 1) / 2
         emit(dict(kind="prefill_msa", T=t, Di=di, ms=total, indexer_ms=idx_ms, attention_ms=attn_ms,
+                  attention_query_outer_ms=attn.get("query"),
                   speedup=dense_ms / total, attention_tflops=attn_flops / attn_ms / 1e9,
                   indexer_tflops=idx_flops / idx_ms / 1e9))
         del iq, sel
@@ -187,6 +192,8 @@ def main() -> None:
     parser.add_argument("--bwd-max", type=int, default=131072, help="longest length timed forward+backward")
     parser.add_argument("--few-reps-from", type=int, default=524288, help="from this length, time each prefill once")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--query-outer-max", type=int, default=131072,
+                        help="longest length at which the query-outer forward is timed beside the KV-outer one")
     parser.add_argument("--out", default="msa_bench.json")
     args = parser.parse_args()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -219,6 +226,8 @@ def print_table(rows) -> None:
             d = dense[("prefill_dense", r["T"])]
             note = (f"indexer {r['indexer_ms']:.1f} ms ({r['indexer_tflops']:.0f} TF/s), attention "
                     f"{r['attention_ms']:.1f} ms ({r['attention_tflops']:.0f} TF/s); dense {d['tflops']:.0f} TF/s")
+            if r["attention_query_outer_ms"]:
+                note += f"; query-outer attention {r['attention_query_outer_ms']:.1f} ms"
             print(f"{'prefill':14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.2f} {d['ms']:>10.2f} {r['speedup']:>7.1f}x  {note}")
         elif r["kind"] == "fwd_bwd":
             if r["dense_ms"] is None:

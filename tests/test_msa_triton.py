@@ -74,7 +74,7 @@ def test_sparse_attention_output_and_gradients_match_naive(dtype, monkeypatch):
     dout = _randn(b, t, hq, d, dtype=dtype, gen=gen)
     with monkeypatch.context() as m:
         _nan_outputs(m)
-        out = sparse_attention_triton(q, k, v, sel, block_size=16)
+        out = sparse_attention_triton(q, k, v, sel, block_size=16, order="kv")
         grads = torch.autograd.grad(out, (q, k, v), dout)
     # The reference in fp32 from the same (rounded) inputs: the tolerance is the kernel's error.
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
@@ -84,6 +84,21 @@ def test_sparse_attention_output_and_gradients_match_naive(dtype, monkeypatch):
     for name, g, r in zip("qkv", grads, ref_grads):
         assert g.dtype == dtype, name
         torch.testing.assert_close(g.float(), r, **_tol(dtype), msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_query_outer_forward_matches_naive(dtype, monkeypatch):
+    # The query-outer forward is the decode kernel; its backward is the KV-outer one tested above.
+    gen = torch.Generator().manual_seed(6)
+    b, t, hq, hkv, d = 1, 16 * 2 + 5, 6, 2, 16
+    q, k, v = (_randn(b, t, h, d, dtype=dtype, gen=gen) for h in (hq, hkv, hkv))
+    iq, ik = _randn(b, t, hkv, 16, dtype=dtype, gen=gen), _randn(b, t, 16, dtype=dtype, gen=gen)
+    sel = select_blocks_triton(iq, ik, block_size=16, top_k=2)
+    with monkeypatch.context() as m:
+        _nan_outputs(m)
+        out = sparse_attention_triton(q, k, v, sel, block_size=16, order="query")
+    ref = sparse_attention_naive(q.float(), k.float(), v.float(), sel.long(), block_size=16)
+    torch.testing.assert_close(out.float(), ref, **_tol(dtype))
 
 
 def test_sparse_attention_equals_dense_causal_when_every_block_is_kept():
@@ -178,14 +193,15 @@ def test_gpu_indexer_full_size(di):
 
 
 @pytest.mark.gpu
-def test_gpu_sparse_attention_full_size_forward_backward():
+@pytest.mark.parametrize("order", ["kv", "query"])
+def test_gpu_sparse_attention_full_size_forward_backward(order):
     gen = torch.Generator().manual_seed(11)
     b, t, hq, hkv, d = 1, 2048 + 77, 48, 8, 128
     q, k, v = (_randn(b, t, h, d, dtype=torch.bfloat16, gen=gen).requires_grad_() for h in (hq, hkv, hkv))
     iq, ik = _randn(b, t, hkv, 128, dtype=torch.bfloat16, gen=gen), _randn(b, t, 128, dtype=torch.bfloat16, gen=gen)
     sel = select_blocks_triton(iq, ik, block_size=128, top_k=8)
     dout = _randn(b, t, hq, d, dtype=torch.bfloat16, gen=gen)
-    out = sparse_attention_triton(q, k, v, sel, block_size=128)
+    out = sparse_attention_triton(q, k, v, sel, block_size=128, order=order)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref = sparse_attention_naive(q32, k32, v32, sel.long(), block_size=128)

@@ -64,38 +64,103 @@ def msa_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
     sel_row = SEL + b * stride_sb + t.to(tl.int64) * stride_st + g * stride_sh
+    # No branch on empty slots (-1): they load nothing and add nothing, and a branch-free loop
+    # lets the compiler pipeline the next block's loads behind this block's math.
     for s in range(TOPK):
         blk = tl.load(sel_row + s)
-        if blk >= 0:
-            if USE_PAGES:
-                page = tl.load(PAGES + b * stride_pb + blk).to(tl.int64)
-                k_base = K + page * stride_kb
-                v_base = V + page * stride_vb
-            else:
-                k_base = K + b * stride_kb + (blk * BLOCK_SIZE).to(tl.int64) * stride_kt
-                v_base = V + b * stride_vb + (blk * BLOCK_SIZE).to(tl.int64) * stride_vt
-            k_ok = blk * BLOCK_SIZE + offs_n <= pos  # [BLOCK_SIZE]
-            k = tl.load(k_base + offs_n[None, :] * stride_kt + g * stride_kh + offs_d[:, None],
-                        mask=k_ok[None, :], other=0.0)  # [D, BLOCK_SIZE]
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
-                        mask=k_ok[:, None], other=0.0)  # [BLOCK_SIZE, D]
-            if IS_INTERPRET:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            qk = tl.dot(q, k) * qk_scale  # [BLOCK_H, BLOCK_SIZE]
-            qk = tl.where(k_ok[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        blk_safe = tl.maximum(blk, 0)
+        if USE_PAGES:
+            page = tl.load(PAGES + b * stride_pb + blk_safe).to(tl.int64)
+            k_base = K + page * stride_kb
+            v_base = V + page * stride_vb
+        else:
+            k_base = K + b * stride_kb + (blk_safe * BLOCK_SIZE).to(tl.int64) * stride_kt
+            v_base = V + b * stride_vb + (blk_safe * BLOCK_SIZE).to(tl.int64) * stride_vt
+        last = tl.where(blk >= 0, pos, -1)  # an empty slot sees no key
+        k_ok = blk_safe * BLOCK_SIZE + offs_n <= last  # [BLOCK_SIZE]
+        k = tl.load(k_base + offs_n[None, :] * stride_kt + g * stride_kh + offs_d[:, None],
+                    mask=k_ok[None, :], other=0.0)  # [D, BLOCK_SIZE]
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
+                    mask=k_ok[:, None], other=0.0)  # [BLOCK_SIZE, D]
+        if IS_INTERPRET:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.where(k_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))  # [BLOCK_H, BLOCK_SIZE]
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # Until a row has seen a key its max stays -inf; keep exp2 away from (-inf) - (-inf).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
 
     out = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=h_ok[:, None])
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + b * stride_lb + t.to(tl.int64) * stride_lt + heads, lse, mask=h_ok)
+
+
+@triton.jit
+def msa_attn_fwd_kv_kernel(
+    Q, K, V, M, L, O, QIDX, WORK, scale, T,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_mb, stride_mt,
+    stride_ob, stride_ot, stride_oh,
+    HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, N_BLOCKS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    IS_INTERPRET: tl.constexpr,
+):
+    # KV-outer forward, two launches over the same work list as the backward. First
+    # (ACCUMULATE=False): each row's max score, by atomic max into M (log2 units). Second: with
+    # M fixed, every block's share of the softmax sum and of P @ V is final, so the shares add
+    # up by atomics into L and O (fp32) and no rescaling between blocks is needed.
+    item = tl.program_id(0)
+    key = tl.load(WORK + item * 3)
+    start = tl.load(WORK + item * 3 + 1)
+    count = tl.load(WORK + item * 3 + 2)
+    blk = key % N_BLOCKS
+    g = (key // N_BLOCKS) % HKV
+    b = (key // (N_BLOCKS * HKV)).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, D)
+    offs_m = tl.arange(0, BLOCK_M)
+    keys = blk * BLOCK_SIZE + offs_n  # [BLOCK_SIZE]
+    k_ok = keys < T
+    k = tl.load(K + b * stride_kb + keys[:, None].to(tl.int64) * stride_kt + g * stride_kh + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)  # [BLOCK_SIZE, D]
+    if IS_INTERPRET:
+        k = k.to(tl.float32)
+    if ACCUMULATE:
+        v = tl.load(V + b * stride_vb + keys[:, None].to(tl.int64) * stride_vt + g * stride_vh + offs_d[None, :],
+                    mask=k_ok[:, None], other=0.0)  # [BLOCK_SIZE, D]
+        if IS_INTERPRET:
+            v = v.to(tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    for r0 in range(0, count * REP, BLOCK_M):
+        rows = r0 + offs_m
+        r_ok = rows < count * REP
+        t = tl.load(QIDX + start + rows // REP, mask=r_ok, other=0).to(tl.int64)  # [BLOCK_M]
+        head = g * REP + rows % REP
+        q = tl.load(Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=r_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        if IS_INTERPRET:
+            q = q.to(tl.float32)
+        visible = r_ok[:, None] & (keys[None, :] <= t[:, None])  # [BLOCK_M, BLOCK_SIZE]
+        s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m_ptrs = M + b * stride_mb + t * stride_mt + head  # [BLOCK_M]
+        if ACCUMULATE:
+            m = tl.load(m_ptrs, mask=r_ok, other=0.0)
+            p = tl.where(visible, tl.math.exp2(s - m[:, None]), 0.0)  # [BLOCK_M, BLOCK_SIZE]
+            tl.atomic_add(L + b * stride_mb + t * stride_mt + head, tl.sum(p, 1), mask=r_ok)
+            o = tl.dot(p.to(v.dtype), v)  # [BLOCK_M, D]
+            tl.atomic_add(O + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                          o, mask=r_ok[:, None])
+        else:
+            tl.atomic_max(m_ptrs, tl.max(s, 1), mask=r_ok)
 
 
 @triton.jit
@@ -203,9 +268,47 @@ def msa_attention_fwd(
         pages.stride(0),
         HKV=hkv, REP=rep, BLOCK_H=_head_block(rep), D=d, BLOCK_SIZE=block_size, TOPK=top_k,
         USE_PAGES=page_table is not None, IS_INTERPRET=IS_INTERPRET,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=3,
     )
     return out, lse
+
+
+def msa_attention_fwd_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qidx: torch.Tensor, work: torch.Tensor, *,
+    block_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KV-outer prefill forward over the inverted selection (`_invert_selection`).
+
+    Returns (out [B, T, Hq, D] in q's dtype, lse [B, T, Hq] fp32). Holds an fp32 copy of the
+    output while it accumulates.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    m = torch.full((b, t, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    l_sum = torch.zeros_like(m)
+    acc = torch.zeros(b, t, hq, d, dtype=torch.float32, device=q.device)
+    for accumulate in (False, True):
+        if not work.shape[0]:
+            break
+        msa_attn_fwd_kv_kernel[(work.shape[0],)](
+            q, k, v, m, l_sum, acc, qidx, work, scale, t,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            m.stride(0), m.stride(1),
+            acc.stride(0), acc.stride(1), acc.stride(2),
+            HKV=hkv, REP=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_M=_rows_block(),
+            N_BLOCKS=triton.cdiv(t, block_size), ACCUMULATE=accumulate, IS_INTERPRET=IS_INTERPRET,
+            num_warps=8 if accumulate else 4, num_stages=2,
+        )
+    out = (acc / l_sum.unsqueeze(-1)).to(q.dtype)
+    lse = (m + torch.log2(l_sum)) * LN2
+    return out, lse
+
+
+def _rows_block() -> int:
+    # (query, head) rows per tile of the KV-outer kernels; the interpreter pays per element.
+    return 16 if IS_INTERPRET else 64
 
 
 def _invert_selection(selected: torch.Tensor, n_blocks: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,19 +338,21 @@ def _invert_selection(selected: torch.Tensor, n_blocks: int, chunk: int) -> tupl
     return qidx, work
 
 
+def invert_selection(selected: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KV-outer work list of a selection `[B, T, Hkv, top_k]`: (qidx, work), see `_invert_selection`."""
+    rep_rows = max(_rows_block() // 8, 1)  # about 8 row tiles of work per item for rep=8
+    return _invert_selection(selected, triton.cdiv(selected.shape[1], block_size), chunk=rep_rows * 8)
+
+
 def msa_attention_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qidx: torch.Tensor, work: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, *, block_size: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) in the inputs' dtypes, KV-outer over kept blocks."""
+    """Gradients (dq, dk, dv) in the inputs' dtypes, KV-outer over the inverted selection."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
-    rep = hq // hkv
-    n_blocks = triton.cdiv(t, block_size)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)  # [B, T, Hq]
-    block_m = 16 if IS_INTERPRET else 64
-    qidx, work = _invert_selection(selected, n_blocks, chunk=max(block_m // rep, 1) * 8)
     dq = torch.zeros(b, t, hq, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
@@ -261,43 +366,55 @@ def msa_attention_bwd(
             lse.stride(0), lse.stride(1),
             dq.stride(0), dq.stride(1), dq.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
-            HKV=hkv, REP=rep, D=d, BLOCK_SIZE=block_size, BLOCK_M=block_m, N_BLOCKS=n_blocks,
-            IS_INTERPRET=IS_INTERPRET, num_warps=8, num_stages=2,
+            HKV=hkv, REP=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_M=_rows_block(),
+            N_BLOCKS=triton.cdiv(t, block_size), IS_INTERPRET=IS_INTERPRET, num_warps=8, num_stages=2,
         )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# Prefill forward loop order, chosen by measurement on an H100 (docs/msa.md): "kv" or "query".
+PREFILL_FORWARD = "kv"
 
 
 class MSAAttentionFunction(torch.autograd.Function):
     """Sparse attention over given kept blocks; gradients for q, k, v (none for the selection)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, selected, block_size: int, scale: float):
+    def forward(ctx, q, k, v, selected, block_size: int, scale: float, order: str):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        out, lse = msa_attention_fwd(q, k, v, selected, block_size=block_size, scale=scale)
-        ctx.save_for_backward(q, k, v, selected, out, lse)
+        needs_list = order == "kv" or any(ctx.needs_input_grad[:3])
+        qidx, work = invert_selection(selected, block_size) if needs_list else (None, None)
+        if order == "kv":
+            out, lse = msa_attention_fwd_kv(q, k, v, qidx, work, block_size=block_size, scale=scale)
+        else:
+            out, lse = msa_attention_fwd(q, k, v, selected, block_size=block_size, scale=scale)
+        ctx.save_for_backward(q, k, v, qidx, work, out, lse)
         ctx.block_size, ctx.scale = block_size, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, selected, out, lse = ctx.saved_tensors
-        dq, dk, dv = msa_attention_bwd(q, k, v, selected, out, lse, dout,
+        q, k, v, qidx, work, out, lse = ctx.saved_tensors
+        dq, dk, dv = msa_attention_bwd(q, k, v, qidx, work, out, lse, dout,
                                        block_size=ctx.block_size, scale=ctx.scale)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def sparse_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, *,
-    block_size: int = 128, scale: float | None = None,
+    block_size: int = 128, scale: float | None = None, order: str = PREFILL_FORWARD,
 ) -> torch.Tensor:
     """Attention over kept blocks `selected [B, T, Hkv, top_k]` (int32, -1 = empty slot).
 
     q: [B, T, Hq, D], k, v: [B, T, Hkv, D] (bf16/fp16/fp32; D a power of two >= 16).
-    Returns [B, T, Hq, D] in q's dtype; differentiable in q, k, v.
+    Returns [B, T, Hq, D] in q's dtype; differentiable in q, k, v. `order` picks the forward's
+    loop order ("kv" or "query"), for the benchmark that chose the default.
     """
     d = q.shape[-1]
     if d < 16 or d & (d - 1):
         raise ValueError(f"head dimension {d} must be a power of two >= 16 for the Triton kernels")
+    if order not in ("kv", "query"):
+        raise ValueError(f"order is {order!r}; it must be 'kv' (KV-outer) or 'query' (query-outer)")
     scale = d**-0.5 if scale is None else scale
     selected = selected.to(torch.int32).contiguous()
-    return MSAAttentionFunction.apply(q, k, v, selected, block_size, scale)
+    return MSAAttentionFunction.apply(q, k, v, selected, block_size, scale, order)

@@ -41,13 +41,15 @@ def msa_decode_index_kernel(
     n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     kv_len = tl.load(KV_LEN + b)
+    # Rows are (new token, group) pairs: row r is token r // HKV, group r % HKV.
+    rows = tl.arange(0, BLOCK_R)
+    r_ok = rows < TN * HKV
+    tok = rows // HKV
+    grp = rows % HKV
+    pos = kv_len - TN + tok  # [BLOCK_R]
+    score = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    # Pages past the sequence and each token's own page (always kept) compete with -inf.
     if n * BLOCK_SIZE < kv_len:
-        # Rows are (new token, group) pairs: row r is token r // HKV, group r % HKV.
-        rows = tl.arange(0, BLOCK_R)
-        r_ok = rows < TN * HKV
-        tok = rows // HKV
-        grp = rows % HKV
-        pos = kv_len - TN + tok  # [BLOCK_R]
         offs_d = tl.arange(0, DI)
         offs_n = tl.arange(0, BLOCK_SIZE)
         iq = tl.load(IQ + b * stride_iqb + tok[:, None] * stride_iqt + grp[:, None] * stride_iqh
@@ -61,8 +63,8 @@ def msa_decode_index_kernel(
             ik = ik.to(tl.float32)
         s = tl.dot(iq, ik)  # [BLOCK_R, BLOCK_SIZE]
         s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
-        score = tl.max(s, 1)  # [BLOCK_R]
-        tl.store(SCORES + b * stride_sb + tok * stride_st + grp * stride_sh + n, score, mask=r_ok)
+        score = tl.where(pos // BLOCK_SIZE == n, float("-inf"), tl.max(s, 1))  # [BLOCK_R]
+    tl.store(SCORES + b * stride_sb + tok * stride_st + grp * stride_sh + n, score, mask=r_ok)
 
 
 def select_blocks_decode(
@@ -72,7 +74,7 @@ def select_blocks_decode(
     """Kept logical blocks `[B, Tn, Hkv, top_k]` int32 for the Tn newest tokens of each sequence."""
     b, tn, hkv, di = iq.shape
     max_pages = page_table.shape[1]
-    scores = torch.full((b, tn, hkv, max_pages), float("-inf"), dtype=torch.float32, device=iq.device)
+    scores = torch.empty((b, tn, hkv, max_pages), dtype=torch.float32, device=iq.device)
     block_r = max(16, triton.next_power_of_2(tn * hkv))
     msa_decode_index_kernel[(max_pages, b)](
         iq, ik_cache, page_table, kv_len, scores, tn,
@@ -85,7 +87,6 @@ def select_blocks_decode(
     )
     pos = kv_len.view(b, 1).long() - tn + torch.arange(tn, device=iq.device).view(1, tn)
     own = (pos // block_size).view(b, tn, 1, 1).expand(b, tn, hkv, 1)
-    scores.scatter_(-1, own, float("-inf"))
     n_other = min(top_k - 1, max_pages)
     values, chosen = torch.topk(scores, n_other, dim=-1)
     chosen = torch.where(values > float("-inf"), chosen, torch.full_like(chosen, -1))
