@@ -9,9 +9,9 @@ from forge.middleware.types import Group, Trajectory, Turn
 
 
 def group(gid: str, version: int = 0) -> Group:
-    traj = Trajectory(task_id=f"t-{gid}", group_id=gid, prompt_ids=[1, 2],
+    traj = Trajectory(task_id=gid, group_id=f"{gid}#1", prompt_ids=[1, 2],
                       turns=[Turn(sampled_ids=[3], logprobs=[-0.5], policy_version=version)])
-    return Group(task_id=f"t-{gid}", group_id=gid, trajectories=[traj])
+    return Group(task_id=gid, group_id=f"{gid}#1", trajectories=[traj], attempts=2)
 
 
 def test_window_keeps_a_slow_head_from_being_overtaken_without_bound():
@@ -22,12 +22,12 @@ def test_window_keeps_a_slow_head_from_being_overtaken_without_bound():
     for gid in "fedcb":
         pool.put(group(gid))
     # Only b and c are inside the window [a, b, c]: they come out in finish order (c before b).
-    assert [g.group_id for g in pool.take(10, policy_version=0)] == ["c", "b"]
+    assert [g.task_id for g in pool.take(10, policy_version=0)] == ["c", "b"]
     assert pool.ready(0) == 0
     pool.put(group("a"))
     # Taken b and c keep their places: the window stays [a, b, c] until a is taken, then
     # slides to [d, e, f], where finish order rules again.
-    assert [g.group_id for g in pool.take(10, policy_version=0)] == ["a", "f", "e", "d"]
+    assert [g.task_id for g in pool.take(10, policy_version=0)] == ["a", "f", "e", "d"]
 
 
 def test_take_order_across_window_slides():
@@ -38,7 +38,7 @@ def test_take_order_across_window_slides():
         pool.put(group(gid))
     # finish order d, c, b, a; window [a, b] -> b first (finished before a), then a;
     # then window [c, d] -> d (finished first), then c.
-    assert [g.group_id for g in pool.take(4, 0)] == ["b", "a", "d", "c"]
+    assert [g.task_id for g in pool.take(4, 0)] == ["b", "a", "d", "c"]
 
 
 def test_plain_fifo_when_window_covers_everything():
@@ -47,8 +47,8 @@ def test_plain_fifo_when_window_covers_everything():
         pool.try_start(gid)
     for gid in "cab":
         pool.put(group(gid))
-    assert [g.group_id for g in pool.take(2, 0)] == ["c", "a"]
-    assert [g.group_id for g in pool.take(2, 0)] == ["b"]
+    assert [g.task_id for g in pool.take(2, 0)] == ["c", "a"]
+    assert [g.task_id for g in pool.take(2, 0)] == ["b"]
 
 
 def test_stale_groups_are_dropped_and_counted():
@@ -56,7 +56,7 @@ def test_stale_groups_are_dropped_and_counted():
     for gid, version in [("old", 0), ("ok", 1), ("new", 2)]:
         pool.try_start(gid)
         pool.put(group(gid, version))
-    assert [g.group_id for g in pool.take(5, policy_version=2)] == ["ok", "new"]
+    assert [g.task_id for g in pool.take(5, policy_version=2)] == ["ok", "new"]
     stats = pool.stats(2)
     assert stats["pool/dropped_stale"] == 1 and stats["pool/taken"] == 2
 
@@ -78,7 +78,7 @@ def test_abandoned_group_frees_the_window():
     pool.put(group("b"))
     assert pool.take(1, 0) == []
     pool.abandon("a")
-    assert [g.group_id for g in pool.take(1, 0)] == ["b"]
+    assert [g.task_id for g in pool.take(1, 0)] == ["b"]
 
 
 def test_misuse_names_the_fix():
@@ -105,4 +105,4 @@ def test_state_dict_round_trip_keeps_finished_groups_and_counters():
     resumed = DataPool(PoolConfig(window=4, capacity=8))
     resumed.load_state_dict(state)
     assert resumed.counters == pool.counters
-    assert [g.group_id for g in resumed.take(5, 0)] == ["c", "a"]
+    assert [g.task_id for g in resumed.take(5, 0)] == ["c", "a"]

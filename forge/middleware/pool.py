@@ -10,7 +10,10 @@ plain "first finished, first trained" queue has). A group whose oldest turn lags
 trainer's policy version by more than `max_staleness` is dropped and counted. When the pool
 holds `capacity` started-but-untaken groups, `try_start` says no and workers wait.
 
-This is plain Python; `pool_actor.py` wraps it for Ray.
+A group is known by its task id: a worker registers the task when it starts it, and the group
+that comes back (whatever retries it took inside the worker) is delivered under that id.
+
+This is plain Python; the training loop runs it as a Ray actor.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class DataPool:
 
     def __init__(self, config: PoolConfig | None = None) -> None:
         self.config = config or PoolConfig()
-        # group_id -> finished Group, None while running, or _TAKEN, in start order. Taken
+        # task_id -> finished Group, None while running, or _TAKEN, in start order. Taken
         # groups keep their place until the head passes them, so the window cannot slide past
         # a slow group that has not been taken.
         self._started: OrderedDict[str, Group | None | object] = OrderedDict()
@@ -56,31 +59,32 @@ class DataPool:
         self.counters = {"started": 0, "finished": 0, "taken": 0, "dropped_stale": 0, "abandoned": 0,
                          "refused_full": 0}
 
-    def try_start(self, group_id: str) -> bool:
-        """Register a group a worker is about to run; False (wait and retry) when the pool is full."""
-        if group_id in self._started:
-            raise ValueError(f"group '{group_id}' was already started; group ids must be unique per attempt")
+    def try_start(self, task_id: str) -> bool:
+        """Register a task a worker is about to run; False (wait and retry) when the pool is full."""
+        if task_id in self._started:
+            raise ValueError(f"task '{task_id}' was already started; each task runs as one group")
         if self._held() >= self.config.capacity:
             self.counters["refused_full"] += 1
             return False
-        self._started[group_id] = None
+        self._started[task_id] = None
         self.counters["started"] += 1
         return True
 
     def put(self, group: Group) -> None:
-        """Deliver a finished group that was started with `try_start`."""
-        if group.group_id not in self._started:
-            raise KeyError(f"group '{group.group_id}' was never started (call try_start first) or was already taken")
-        if self._started[group.group_id] is not None:  # finished or taken already
-            raise ValueError(f"group '{group.group_id}' was delivered twice")
-        self._started[group.group_id] = group
-        self._finish_order.append(group.group_id)
+        """Deliver the finished group of a task that was started with `try_start`."""
+        key = group.task_id
+        if key not in self._started:
+            raise KeyError(f"task '{key}' was never started (call try_start first) or was already taken")
+        if self._started[key] is not None:  # finished or taken already
+            raise ValueError(f"task '{key}' was delivered twice")
+        self._started[key] = group
+        self._finish_order.append(key)
         self.counters["finished"] += 1
 
-    def abandon(self, group_id: str) -> None:
-        """Forget a started group that will never finish (dropped after its retries)."""
-        if self._started.get(group_id, _TAKEN) is None:
-            del self._started[group_id]
+    def abandon(self, task_id: str) -> None:
+        """Forget a started task whose group will never come (dropped after its retries)."""
+        if self._started.get(task_id, _TAKEN) is None:
+            del self._started[task_id]
             self.counters["abandoned"] += 1
             self._advance_head()
 
@@ -135,7 +139,7 @@ class DataPool:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._started = OrderedDict((g.group_id, g) for g in state["finished"])
+        self._started = OrderedDict((g.task_id, g) for g in state["finished"])
         self._finish_order = [gid for gid in state["finish_order"] if gid in self._started]
         self.counters = dict(state["counters"])
 

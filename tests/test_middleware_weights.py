@@ -1,0 +1,18 @@
+"""The weight store: versions only move forward; workers fetch only what is newer."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge.middleware.weights import WeightStore
+
+
+def test_publish_and_pull():
+    store = WeightStore()
+    assert store.version() == -1 and store.latest(-1) is None
+    store.publish(0, ["w0"])
+    assert store.latest(-1) == (0, ["w0"]) and store.latest(0) is None
+    store.publish(3, ["w3"])
+    assert store.latest(0) == (3, ["w3"])
+    with pytest.raises(ValueError, match="not newer"):
+        store.publish(3, ["again"])
