@@ -126,5 +126,17 @@ def test_the_example_in_docs_envs_md_passes_every_check(tmp_path, monkeypatch):
     code = docs.split("```python\n")[1].split("```")[0]
     assert len(code.strip().splitlines()) <= 40
     (tmp_path / "docs_example_env.py").write_text(code)
+    # Registered the way the page says, under an id only this test uses.
+    (tmp_path / "docs_example_pkg.py").write_text(
+        "import gymnasium\n"
+        "gymnasium.register(id='forge/DocsUnits-v0', entry_point='docs_example_env:UnitsEnv')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert env_check("docs_example_env:UnitsEnv") == 0
+    try:
+        assert env_check("docs_example_env:UnitsEnv") == 0
+        assert env_check("docs_example_pkg:forge/DocsUnits-v0") == 0
+        assert env_check("no_such_pkg:forge/DocsUnits-v0") == 1
+    finally:
+        gymnasium.registry.pop("forge/DocsUnits-v0", None)
+        for name in ("docs_example_env", "docs_example_pkg"):
+            sys.modules.pop(name, None)

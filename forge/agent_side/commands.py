@@ -34,7 +34,7 @@ def env_list() -> int:
 
 
 def env_check(target: str) -> int:
-    """Run Gymnasium's checker and Forge's own on `target` ('module:Class' or a `forge/` id)."""
+    """Run Gymnasium's checker and Forge's own on `target`: 'module:Class', a `forge/` id, or 'package:forge/Id'."""
     try:
         cls = load_env_class(resolve_target(target))
     except (EnvLoadError, KeyError) as exc:
@@ -60,7 +60,7 @@ def env_list_command(args: argparse.Namespace) -> int:
 
 
 def env_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", help="the env as module.path:ClassName (e.g. my_pkg.my_env:MyEnv) or a forge/ id")
+    parser.add_argument("target", help="the env as module.path:ClassName (e.g. my_pkg.my_env:MyEnv), a forge/ id, or my_pkg:forge/MyEnv-v0")
 
 
 def env_check_command(args: argparse.Namespace) -> int:

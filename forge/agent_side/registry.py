@@ -31,7 +31,15 @@ def registered_envs() -> dict[str, str]:
 
 
 def resolve_target(target: str) -> str:
-    """A 'module:Class' reference for a Gymnasium id under `forge/` or a reference itself."""
+    """A 'module:Class' reference for a `forge/` id, a 'package:forge/Id' (as `gymnasium.make`
+    takes it: the package is imported first, so its registrations count) or a reference itself."""
+    package, sep, rest = target.partition(":")
+    if sep and rest.startswith(NAMESPACE + "/"):
+        try:
+            importlib.import_module(package)
+        except ModuleNotFoundError as exc:
+            raise KeyError(f"cannot import '{package}' (no module named '{exc.name}'); check it is installed or on PYTHONPATH") from None
+        target = rest
     if target.startswith(NAMESPACE + "/"):
         envs = registered_envs()
         if target not in envs:
