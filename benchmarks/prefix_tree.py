@@ -1,0 +1,312 @@
+"""Prefix-tree merging, side by side: unmerged training vs FlexAttention vs Forge's Triton kernel.
+
+Three batches (issue 5): (a) a GRPO group of 16 sharing an 8K prompt with 1K responses; (b)
+an agent conversation of 64 turns where each turn is its own sample sharing the history before
+it; (c) little sharing, 8 samples of a 1K prompt with 4K responses. For each: token and
+attention-pair ratios, then time (median, fwd+bwd, bf16) and peak memory of
+- unmerged: every sequence on its own, batched by length, causal flash attention through
+  scaled_dot_product_attention (and torch's varlen attention over the packed batch, where the
+  installed torch has it; the faster of the two is the baseline);
+- flex: the merged tree through FlexAttention with the tree mask (block mask built once, its
+  build time reported apart);
+- forge: the merged tree through forge.kernels.tree_attention's Triton kernel;
+first attention alone, then a full transformer layer with MoE (forge.policy's Block).
+
+Run on a GPU: `PYTHONPATH=. python benchmarks/prefix_tree.py --json out.json`. `--tiny` runs
+small sizes for a smoke test (the CPU runs the kernel through Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# Triton reads this when first imported: on a machine without CUDA the kernel runs interpreted.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from forge.prefix_tree import FlatTree, build_tree
+
+
+@dataclass
+class Shape:
+    """Attention and layer shape of the benchmark."""
+
+    num_heads: int = 16
+    num_kv_heads: int = 4
+    head_dim: int = 128
+    hidden_size: int = 2048
+    num_experts: int = 64
+    top_k: int = 4
+    expert_width: int = 512
+
+
+@dataclass
+class Scenario:
+    name: str
+    sequences: list[list[int]]
+    tree: FlatTree = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tree = build_tree(self.sequences)
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(1, 50000) for _ in range(n)]
+
+
+def scenarios(tiny: bool) -> list[Scenario]:
+    rng = random.Random(0)
+    k = 1 if not tiny else 64  # tiny divides every length by 64
+    prompt = _tokens(rng, 8192 // k)
+    grpo = [prompt + _tokens(rng, 1024 // k) for _ in range(16)]
+    history, agent = _tokens(rng, 256 // k), []
+    for _ in range(64):
+        # Each turn appends a tool result and an assistant reply; each turn is one sample.
+        history = history + _tokens(rng, 256 // k)
+        agent.append(list(history))
+    prompt = _tokens(rng, 1024 // k)
+    little = [prompt + _tokens(rng, 4096 // k) for _ in range(8)]
+    return [Scenario("a_grpo_16x(8K+1K)", grpo), Scenario("b_agent_64_turns", agent),
+            Scenario("c_little_8x(1K+4K)", little)]
+
+
+def by_length(seqs: list[list[int]]) -> list[tuple[int, int]]:
+    """(length, count) groups: sequences of one length run as one causal batch."""
+    counts: dict[int, int] = {}
+    for s in seqs:
+        counts[len(s)] = counts.get(len(s), 0) + 1
+    return sorted(counts.items())
+
+
+def timed(fn: Callable[[], None], dev: str, grads: list[torch.Tensor]) -> tuple[float, float]:
+    """(median ms, peak MiB above what was allocated before) of fn."""
+    def run() -> None:
+        for g in grads:
+            g.grad = None
+        fn()
+
+    if dev == "cuda":
+        import triton
+
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        ms = triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
+        return ms, peak
+    run()
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) * 1e3, float("nan")
+
+
+def attention_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tuple[Callable, list]]:
+    from forge.kernels.tree_attention.flex import tree_attention_flex
+    from forge.kernels.tree_attention.triton_tree import tree_attention_triton
+
+    hq, hkv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    dt = torch.bfloat16
+    t = sc.tree
+    n = t.num_tokens
+    se = t.subtree_end[None].to(dev)
+
+    def leaf(*s):
+        return torch.randn(*s, device=dev, dtype=dt).requires_grad_()
+
+    q, k, v = leaf(1, n, hq, d), leaf(1, n, hkv, d), leaf(1, n, hkv, d)
+    do = torch.randn(1, n, hq, d, device=dev, dtype=dt)
+    out: dict[str, tuple[Callable, list]] = {}
+    groups = [(leaf(c, hq, L, d), leaf(c, hkv, L, d), leaf(c, hkv, L, d)) for L, c in by_length(sc.sequences)]
+
+    def unmerged_sdpa():
+        for gq, gk, gv in groups:
+            o = F.scaled_dot_product_attention(gq, gk, gv, is_causal=True, enable_gqa=True)
+            o.backward(torch.ones_like(o))
+
+    out["unmerged_sdpa"] = (unmerged_sdpa, [x for g in groups for x in g])
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        lens = torch.tensor([len(s) for s in sc.sequences], device=dev)
+        cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        total, mx = int(lens.sum()), int(lens.max())
+        # The signature moved between torch releases: causal as a flag or as a window.
+        params = inspect.signature(varlen_attn).parameters
+        kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        hk = hkv if "enable_gqa" in params else hq
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        pq, pk, pv = leaf(total, hq, d), leaf(total, hk, d), leaf(total, hk, d)
+
+        def unmerged_varlen():
+            o = varlen_attn(pq, pk, pv, cu, cu, mx, mx, **kw)
+            o.backward(torch.ones_like(o))
+
+        out["unmerged_varlen"] = (unmerged_varlen, [pq, pk, pv])
+    except ImportError:
+        pass
+
+    def flex():
+        tree_attention_flex(q, k, v, se, block_mask=bm, compile=dev == "cuda").backward(do)
+
+    def forge():
+        tree_attention_triton(q, k, v, se).backward(do)
+
+    out["flex"] = (flex, [q, k, v])
+    out["forge"] = (forge, [q, k, v])
+    return out
+
+
+def layer_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tuple[Callable, list]]:
+    import forge.policy.model as pm
+    from forge.kernels.tree_attention.flex import tree_attention_flex
+    from forge.policy.config import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=16, hidden_size=shape.hidden_size, num_layers=1, num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, rotary_dim=shape.head_dim // 2,
+        qk_norm=True, num_experts=shape.num_experts, top_k=shape.top_k, expert_width=shape.expert_width,
+    )
+    block = pm.Transformer(cfg).layers[0].to(dev, torch.bfloat16).train()
+    params = list(block.parameters())
+    t = sc.tree
+    n = t.num_tokens
+    x = torch.randn(1, n, shape.hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = pm.rope_tables(t.position[None].to(dev), cfg.rotary_dim, cfg.rope_theta)
+    se, tw = t.subtree_end[None].to(dev), t.multiplicity[None].to(dev, torch.float32)
+    groups = []
+    for L, c in by_length(sc.sequences):
+        gx = torch.randn(c, L, shape.hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        pos = torch.arange(L, device=dev).expand(c, L)
+        groups.append((gx, *pm.rope_tables(pos, cfg.rotary_dim, cfg.rope_theta)))
+
+    def unmerged():
+        for gx, gc, gs in groups:
+            block(gx, gc, gs).sum().backward()
+
+    def merged():
+        block(x, cos, sin, subtree_end=se, token_weight=tw).sum().backward()
+
+    def flex():
+        real = pm.tree_attention
+        pm.tree_attention = lambda q, k, v, s, scale=None: tree_attention_flex(
+            q, k, v, s, scale=scale, block_mask=bm, compile=dev == "cuda")
+        try:
+            merged()
+        finally:
+            pm.tree_attention = real
+
+    return {"unmerged_sdpa": (unmerged, params + [g[0] for g in groups]),
+            "flex": (flex, params + [x]), "forge": (merged, params + [x])}
+
+
+def check(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, float]:
+    """Relative difference of Forge's kernel from FlexAttention (output and dq), full size."""
+    from forge.kernels.tree_attention.flex import tree_attention_flex
+    from forge.kernels.tree_attention.triton_tree import tree_attention_triton
+
+    torch.manual_seed(1)
+    n = sc.tree.num_tokens
+    se = sc.tree.subtree_end[None].to(dev)
+    q = torch.randn(1, n, shape.num_heads, shape.head_dim, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, n, shape.num_kv_heads, shape.head_dim, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    res = {}
+    outs = []
+    for fn in (lambda a, b, c: tree_attention_triton(a, b, c, se),
+               lambda a, b, c: tree_attention_flex(a, b, c, se, block_mask=bm, compile=dev == "cuda")):
+        qq = q.clone().requires_grad_()
+        o = fn(qq, k, v)
+        o.float().square().sum().backward()
+        outs.append((o.float(), qq.grad.float()))
+    for i, name in enumerate(["out", "dq"]):
+        a, b = outs[0][i], outs[1][i]
+        res[name] = ((a - b).norm() / b.norm()).item()
+        if torch.isnan(a).any():
+            res[name] = float("nan")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default="prefix_tree_bench.json", help="where to write the results")
+    ap.add_argument("--tiny", action="store_true", help="small sizes, for a smoke test")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip what is left after this many seconds")
+    ap.add_argument("--only", default="", help="comma-separated scenario prefixes to run (a,b,c)")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = Shape() if not args.tiny else Shape(4, 2, 16, 64, 8, 2, 32)
+    start = time.time()
+    report: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+                    "torch": torch.__version__, "shape": shape.__dict__, "scenarios": {}}
+    from forge.kernels.tree_attention.flex import tree_block_mask
+
+    for sc in scenarios(args.tiny):
+        if args.only and sc.name[0] not in args.only.split(","):
+            continue
+        t = sc.tree
+        entry = {"unique_tokens": t.num_tokens, "unmerged_tokens": sum(len(s) for s in sc.sequences),
+                 "token_ratio": t.token_ratio(), "attention_pair_ratio": t.attention_pair_ratio()}
+        report["scenarios"][sc.name] = entry
+        t0 = time.perf_counter()
+        bm = tree_block_mask(t.subtree_end[None].to(dev))
+        entry["flex_block_mask_ms"] = (time.perf_counter() - t0) * 1e3
+        try:
+            entry["check_forge_vs_flex"] = check(sc, shape, dev, bm)
+        except Exception as e:  # noqa: BLE001 - a failed variant is reported, the rest still runs
+            entry["check_forge_vs_flex"] = {"error": repr(e)[:300]}
+        for part, make in (("attention", attention_variants), ("layer_moe", layer_variants)):
+            res = entry.setdefault(part, {})
+            for name, (fn, grads) in make(sc, shape, dev, bm).items():
+                if time.time() - start > args.budget_s:
+                    res[name] = {"skipped": "time budget"}
+                    continue
+                try:
+                    ms, mib = timed(fn, dev, grads)
+                    res[name] = {"ms": ms, "peak_mib": mib}
+                except Exception as e:  # noqa: BLE001
+                    res[name] = {"error": repr(e)[:300]}
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+            base = min((r["ms"] for k, r in res.items() if k.startswith("unmerged") and "ms" in r), default=None)
+            for r in res.values():
+                if base and "ms" in r:
+                    r["speedup_vs_unmerged"] = base / r["ms"]
+            fl = res.get("flex", {}).get("ms")
+            if fl and "ms" in res.get("forge", {}):
+                res["forge"]["speedup_vs_flex"] = fl / res["forge"]["ms"]
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print_table(report)
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']}  torch {report['torch']}")
+    print(f"{'scenario':22} {'ratio tok/attn':>15} {'part':10} {'variant':16} {'ms':>9} {'MiB':>8} {'x unmerged':>10} {'x flex':>7}")
+    for sname, e in report["scenarios"].items():
+        ratios = f"{e['token_ratio']:.1f}/{e['attention_pair_ratio']:.1f}"
+        for part in ("attention", "layer_moe"):
+            for v, r in e.get(part, {}).items():
+                if "ms" in r:
+                    print(f"{sname:22} {ratios:>15} {part:10} {v:16} {r['ms']:9.2f} {r['peak_mib']:8.0f} "
+                          f"{r.get('speedup_vs_unmerged', float('nan')):10.2f} {r.get('speedup_vs_flex', float('nan')):7.2f}")
+                else:
+                    print(f"{sname:22} {ratios:>15} {part:10} {v:16} {str(r)[:60]}")
+        print(f"{sname:22} check forge vs flex: {e.get('check_forge_vs_flex')}")
+
+
+if __name__ == "__main__":
+    main()
