@@ -79,7 +79,7 @@ def moe_experts_triton(
     block_m: int = BLOCK_M,
 ) -> torch.Tensor:
     """SwiGLU experts weighted by the routing, on Triton kernels; same contract as
-    `moe_experts_naive`. `block_m` (rows per GEMM tile, a multiple of 64 on the GPU) trades
+    `moe_experts_naive`. `block_m` (rows per GEMM tile, a power of two >= 16) trades
     padding per expert against GEMM efficiency; the default suits ~512 rows per expert.
 
     x: [N, H]; weights: [N, k] float32 (or x's dtype); experts: [N, k] int64 in [0, E);
@@ -87,8 +87,8 @@ def moe_experts_triton(
     Gradients flow to x, weights and the three expert weights.
     """
     _check(x, weights, experts, w_gate, w_up, w_down)
-    if block_m % 16 or (x.is_cuda and block_m % 64):
-        raise ValueError(f"block_m must be a multiple of 64 on the GPU (16 under the interpreter), got {block_m}")
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16 (tl.dot's smallest tile), got {block_m}")
     return MoEExpertsFunction.apply(
         x.contiguous(), weights.contiguous(), experts.contiguous(),
         w_gate.contiguous(), w_up.contiguous(), w_down.contiguous(), block_m,

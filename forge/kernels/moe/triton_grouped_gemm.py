@@ -28,9 +28,7 @@ import triton.language as tl
 from forge.kernels.moe.triton_permute import RoutePlan
 from forge.kernels.moe.triton_common import cast_out, is_interpret
 
-# Default row tile of the grouped GEMMs; the route plan pads every expert's segment to it. The
-# weight-gradient kernel steps through segments BLOCK_R <= 64 rows at a time, so on the GPU a
-# row tile must be a multiple of 64.
+# Default row tile of the grouped GEMMs; the route plan pads every expert's segment to it.
 BLOCK_M = 16 if is_interpret() else 128
 
 
@@ -180,8 +178,10 @@ def moe_grouped_mm_kernel(
 @triton.autotune(
     configs=_configs(
         [dict(BLOCK_K=128, BLOCK_N=128, BLOCK_R=64, w=8, s=3), dict(BLOCK_K=128, BLOCK_N=128, BLOCK_R=32, w=8, s=4),
-         dict(BLOCK_K=64, BLOCK_N=128, BLOCK_R=64, w=4, s=4)],
-        dict(BLOCK_K=16, BLOCK_N=16, BLOCK_R=16),
+         dict(BLOCK_K=64, BLOCK_N=128, BLOCK_R=64, w=4, s=4), dict(BLOCK_K=128, BLOCK_N=128, BLOCK_R=128, w=8, s=2),
+         dict(BLOCK_K=128, BLOCK_N=64, BLOCK_R=128, w=4, s=3)],
+        # Twice the interpreter's row tile, so the tests step past segment ends.
+        dict(BLOCK_K=16, BLOCK_N=16, BLOCK_R=32),
     ),
     key=["K", "N_OUT", "GATHER_A", "HAS_SECOND", "BLOCK_M"],
 )
@@ -208,7 +208,8 @@ def moe_wgrad_kernel(
     acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     for r in range(start, end, BLOCK_R):
         rows = r + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-        tok = tl.load(sorted_token_ptr + rows)
+        # A step may run past the segment when BLOCK_R does not divide its padded length.
+        tok = tl.load(sorted_token_ptr + rows, mask=rows < end, other=-1)
         valid = tok >= 0
         if GATHER_A:
             a_rows = tl.where(valid, tok, 0).to(tl.int64)
