@@ -12,6 +12,7 @@ from gymnasium.utils.env_checker import check_env
 
 from envs.reverse import ReverseEnv
 from forge.agent_side import tool
+from forge.agent_side.env import call_with_timeout
 from forge.agent_side.protocol import escape_markers, parse_turn, render_tool_result
 from forge.agent_side.tools import check_arguments, collect_tools
 from forge.policy.tokenizer import PROTOCOL_MARKERS, ByteTokenizer
@@ -24,6 +25,11 @@ class FlakyEnv(ReverseEnv):
     def explode(self) -> str:
         """Always raises."""
         raise RuntimeError("boom")
+
+    @tool
+    def leave(self) -> str:
+        """Calls sys.exit."""
+        raise SystemExit(3)
 
     @tool(timeout_s=0.2)
     def hang(self, seconds: float = 5.0) -> str:
@@ -109,7 +115,7 @@ def test_env_fuzz_never_raises_and_counts_errors():
 
 def test_tool_schema_from_hints_and_docstring():
     specs = collect_tools(FlakyEnv)
-    assert set(specs) == {"reverse", "explode", "hang", "stats"}
+    assert set(specs) == {"reverse", "explode", "hang", "leave", "stats"}
     params = specs["stats"].parameters
     assert params["required"] == ["values"]
     assert params["properties"]["values"] == {"type": "array", "items": {"type": "integer"}, "description": "The integers."}
@@ -165,13 +171,23 @@ def test_failing_tools_return_error_results():
     env = FlakyEnv()
     env.reset(seed=0)
     t0 = time.monotonic()
-    obs, _, _, _, info = env.step(call("explode") + call("hang") + call("stats", values=[3, 4], mode="max") + call("nope"))
+    obs, _, _, _, info = env.step(call("explode") + call("hang") + call("stats", values=[3, 4], mode="max") + call("nope") + call("leave"))
     assert time.monotonic() - t0 < 2.0
     assert "error: RuntimeError: boom" in obs
     assert "error: tool 'hang' ran past its time limit of 0.2 s" in obs
     assert '<tool_result name="stats">{"value": 4}</tool_result>' in obs
-    assert "unknown tool 'nope'; the tools are: explode, hang, reverse, stats" in obs
-    assert info["errors"] == ["tool_error", "tool_timeout", "unknown_tool"]
+    assert "unknown tool 'nope'; the tools are: explode, hang, leave, reverse, stats" in obs
+    assert '<tool_result name="leave">error: SystemExit: 3</tool_result>' in obs
+    assert info["errors"] == ["tool_error", "tool_timeout", "unknown_tool", "tool_error"]
+
+
+def test_call_without_a_time_limit_also_catches_sys_exit():
+    def leave():
+        raise SystemExit(3)
+
+    outcome, exc = call_with_timeout(leave, None)
+    assert outcome == "error" and isinstance(exc, SystemExit)
+    assert call_with_timeout(lambda: 5, None) == ("ok", 5)
 
 
 def test_tool_output_cannot_inject_markers():

@@ -47,17 +47,18 @@ def call_with_timeout(fn, timeout_s: float | None, *args, **kwargs) -> tuple[str
     A Python thread cannot be killed, so a call past its limit is abandoned, not stopped; tools
     that may hang for real (running code) must bound themselves, as the python env's sandbox does.
     """
+    # SystemExit too: a tool that calls sys.exit() must not end the worker.
     if timeout_s is None:
         try:
             return "ok", fn(*args, **kwargs)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             return "error", exc
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
             box["ok"] = fn(*args, **kwargs)
-        except BaseException as exc:
+        except (Exception, SystemExit) as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True, name=f"forge-call-{getattr(fn, '__name__', 'fn')}")
@@ -121,7 +122,7 @@ class ToolEnv(gym.Env[str, str]):
         )
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-        super().reset(seed=seed)
+        super().reset(seed=seed, options=options)
         rng = random.Random(int(self.np_random.integers(2**63)))
         task, self.expected = self.make_task(rng)
         self.prompt = self.render_prompt(str(task))
