@@ -94,6 +94,14 @@ def test_parser_fuzz_never_raises():
         assert out.answer is not None or out.calls or out.errors
 
 
+def test_unclosed_tags_parse_in_linear_time():
+    # A lazy regex per opening tag would rescan to the end each time: seconds, not microseconds.
+    t0 = time.perf_counter()
+    for text in ("<tool_call>" * 20000, "<think></think>" * 10000 + "<answer>" * 10000):
+        assert [e.kind for e in parse_turn(text).errors] == ["unclosed_tag"]
+    assert time.perf_counter() - t0 < 0.5
+
+
 def test_env_fuzz_never_raises_and_counts_errors():
     env = FlakyEnv()
     rng = random.Random(1)

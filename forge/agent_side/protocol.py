@@ -23,9 +23,6 @@ from typing import Any
 
 from forge.policy.tokenizer import PROTOCOL_MARKERS
 
-_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
 FORMAT_HINT = (
@@ -65,17 +62,15 @@ def parse_turn(text: str, max_calls: int = 8) -> ParsedTurn:
     if not isinstance(text, str):
         out.errors.append(ProtocolError("bad_turn", f"a turn must be text, got {type(text).__name__}"))
         return out
-    body = _THINK.sub("", text)
-    if "<think>" in body:
+    _, body, open_think = _blocks(text, "<think>", "</think>")
+    if open_think:
         out.errors.append(ProtocolError("unclosed_tag", "<think> is never closed; end your thinking with </think>. " + FORMAT_HINT))
         return out
-    answers = _ANSWER.findall(body)
-    raw_calls = _CALL.findall(body)
-    rest = _CALL.sub("", _ANSWER.sub("", body))
-    for tag in ("<tool_call>", "<answer>"):
-        if tag in rest:
-            closing = tag.replace("<", "</")
-            out.errors.append(ProtocolError("unclosed_tag", f"{tag} is never closed; end it with {closing}."))
+    answers, body, open_answer = _blocks(body, "<answer>", "</answer>")
+    raw_calls, _, open_call = _blocks(body, "<tool_call>", "</tool_call>")
+    for tag, is_open in (("<tool_call>", open_call), ("<answer>", open_answer)):
+        if is_open:
+            out.errors.append(ProtocolError("unclosed_tag", f"{tag} is never closed; end it with {tag.replace('<', '</')}."))
     if answers and raw_calls:
         out.errors.append(ProtocolError("answer_and_call", "a turn either calls tools or answers, not both; the calls were not run."))
         return out
@@ -92,6 +87,26 @@ def parse_turn(text: str, max_calls: int = 8) -> ParsedTurn:
     if not raw_calls and not out.errors:
         out.errors.append(ProtocolError("no_action", "the turn has no tool call and no answer. " + FORMAT_HINT))
     return out
+
+
+def _blocks(text: str, open_tag: str, close_tag: str) -> tuple[list[str], str, bool]:
+    """(contents of each open..close block, the text outside them, whether one is left open).
+
+    A scan with str.find rather than a lazy regex, so that a turn full of unclosed tags costs
+    linear time, not quadratic.
+    """
+    inner: list[str] = []
+    outside: list[str] = []
+    pos = 0
+    while True:
+        start = text.find(open_tag, pos)
+        end = -1 if start < 0 else text.find(close_tag, start + len(open_tag))
+        if end < 0:
+            outside.append(text[pos:])
+            return inner, "".join(outside), start >= 0
+        outside.append(text[pos:start])
+        inner.append(text[start + len(open_tag) : end])
+        pos = end + len(close_tag)
 
 
 def _parse_call(raw: str, index: int, errors: list[ProtocolError]) -> ToolCall | None:
