@@ -20,6 +20,7 @@ import pytest
 from envs.reverse import ReverseEnv
 from forge.agent_side.config import EnvConfig, EnvLoadError, RolloutConfig, load_env_class
 from forge.agent_side.rollout import RolloutWorker
+from forge.middleware.pool import DataPool, PoolConfig
 from forge.policy.sampling import Completion, SamplingParams
 from forge.policy.tokenizer import ByteTokenizer
 
@@ -180,6 +181,31 @@ def test_failure_reasons_name_the_cause():
     assert ep.traj.failure_reason.startswith("garbage: env.step returned None; it must return (obs, reward")
 
 
+class TrainerSidePool(DataPool):
+    """A small pool whose refusals stand in for a trainer that takes groups meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__(PoolConfig(capacity=2, window=2, max_staleness=100))
+        self.trained: list = []
+
+    def try_start(self, task_id: str) -> bool:
+        ok = super().try_start(task_id)
+        if not ok:
+            self.trained += self.take(8, policy_version=7)
+        return ok
+
+
+def test_groups_go_to_the_data_pool_with_backpressure_and_abandons():
+    ATTEMPTS.clear()
+    worker, _ = make_worker(FaultyEnv, group_size=2, concurrency=2, max_retries=1, backpressure_wait_s=0.01)
+    pool = TrainerSidePool()
+    result = worker.run([0, 1, 2, 3, 5], sink=pool)
+    assert result.groups == [] and result.stats.groups_done == 4
+    trained = pool.trained + pool.take(8, policy_version=7)
+    assert sorted(g.task_id for g in trained) == [f"FaultyEnv:{s}" for s in (0, 2, 3, 5)]
+    assert pool.counters["refused_full"] >= 1 and pool.counters["abandoned"] == 1
+
+
 def test_episode_time_limit_fails_the_trajectory():
     def slow_policy(context: str) -> str:
         time.sleep(0.3)
@@ -235,7 +261,10 @@ def test_ray_actors_produce_complete_groups_and_survive_faulty_envs(ray_session)
     s = result.stats
     assert (s.groups_done, s.groups_dropped, s.failure_reasons["raised"]) == (5, 1, 6)
     assert s.failure_reasons["timeout"] >= 1 and s.failure_reasons["garbage"] >= 1
-    assert len(run_groups(actors, [7, 8]).groups) == 2
+    # Again on the same actors, now delivering into a data-pool actor as groups finish.
+    pool = ray_session.remote(DataPool).remote(PoolConfig(capacity=8))
+    assert run_groups(actors, [7, 8], pool).groups == []
+    assert ray_session.get(pool.ready.remote(7)) == 2
 
 
 def test_with_the_model_generator_stored_logprobs_match_a_forward_pass():

@@ -60,6 +60,8 @@ class RolloutConfig:
     """Nucleus sampling mass in (0, 1]."""
     max_new_tokens: int = 512
     """Most tokens the policy samples in one turn."""
+    backpressure_wait_s: float = 0.5
+    """Seconds a worker with nothing running waits before asking a full data pool again."""
     max_context_tokens: int = 32768
     """An episode whose context would pass this ends truncated (status ok, no more turns)."""
 

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from forge.agent_side.config import RolloutConfig
 from forge.agent_side.episode import Episode, apply_turn, finish, start_episode
@@ -72,6 +72,22 @@ class RolloutResult:
     stats: RolloutStats
 
 
+class GroupSink(Protocol):
+    """Where finished groups go as they complete: `forge.middleware.pool.DataPool` fits."""
+
+    def try_start(self, task_id: str) -> bool:
+        """Register a task about to run; False means full, try again later."""
+        ...
+
+    def put(self, group: Group) -> None:
+        """Deliver the complete group of a started task."""
+        ...
+
+    def abandon(self, task_id: str) -> None:
+        """Forget a started task whose group was dropped after its retries."""
+        ...
+
+
 @dataclass
 class _GroupJob:
     seed: int
@@ -101,8 +117,14 @@ class RolloutWorker:
         self.params = cfg.sampling_params(stop_token_ids=stops)
         self._pool = ThreadPoolExecutor(max_workers=min(cfg.concurrency, 64), thread_name_prefix="forge-env")
 
-    def run(self, seeds: Sequence[int]) -> RolloutResult:
-        """One complete group per seed that succeeds within its retries; dropped ones are counted."""
+    def run(self, seeds: Sequence[int], sink: GroupSink | None = None) -> RolloutResult:
+        """One complete group per seed that succeeds within its retries; dropped ones are counted.
+
+        Without a sink the groups are returned. With one (the data pool) each task is registered
+        with `sink.try_start` before it starts, waiting while the sink is full, and each group
+        goes to `sink.put` as soon as it is complete, or `sink.abandon` when it is dropped; the
+        result then holds only the counters.
+        """
         stats = RolloutStats()
         queue: deque[_GroupJob] = deque(_GroupJob(int(s), 0) for s in seeds)
         active: list[_GroupJob] = []
@@ -110,16 +132,33 @@ class RolloutWorker:
         while queue or active:
             # A group starts only when all of it fits, so every group advances together.
             while queue and (not active or self._in_flight(active) + self.cfg.group_size <= self.cfg.concurrency):
-                job = queue.popleft()
+                job = queue[0]
+                if job.attempt == 0 and sink is not None and not sink.try_start(self.task_id(job.seed)):
+                    break
+                queue.popleft()
                 self._start(job)
                 active.append(job)
+            if not active:
+                # The sink is full and nothing here is running: wait for the trainer to take some.
+                time.sleep(self.cfg.backpressure_wait_s)
+                continue
             self._advance(active, stats)
             for job in [j for j in active if j.done]:
                 active.remove(job)
-                retry = self._close(job, groups, stats)
-                if retry is not None:
-                    queue.appendleft(retry)
+                outcome = self._close(job, stats)
+                if isinstance(outcome, _GroupJob):
+                    queue.appendleft(outcome)
+                elif isinstance(outcome, Group) and sink is not None:
+                    sink.put(outcome)
+                elif isinstance(outcome, Group):
+                    groups.append(outcome)
+                elif sink is not None:
+                    sink.abandon(self.task_id(job.seed))
         return RolloutResult(groups, stats)
+
+    def task_id(self, seed: int) -> str:
+        """The task id of a seed: equal across a group and its retries."""
+        return f"{self.env_name}:{seed}"
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -128,7 +167,7 @@ class RolloutWorker:
         return sum(1 for j in active for ep in j.episodes if not ep.done)
 
     def _start(self, job: _GroupJob) -> None:
-        task_id = f"{self.env_name}:{job.seed}"
+        task_id = self.task_id(job.seed)
         group_id = f"{task_id}#{job.attempt}"
 
         def start(_: int) -> Episode:
@@ -168,8 +207,8 @@ class RolloutWorker:
         stats.env_s += time.monotonic() - t0
         stats.turns += len(waiting)
 
-    def _close(self, job: _GroupJob, groups: list[Group], stats: RolloutStats) -> _GroupJob | None:
-        """Emit a finished group, or return the job to retry, or drop it; counts every case."""
+    def _close(self, job: _GroupJob, stats: RolloutStats) -> Group | _GroupJob | None:
+        """The complete group, or the job to retry, or None when it is dropped; counts every case."""
         trajs = [finish(ep) for ep in job.episodes]
         for t in trajs:
             for kind, n in t.error_counts.items():
@@ -182,8 +221,7 @@ class RolloutWorker:
                 stats.failure_reasons[cause] = stats.failure_reasons.get(cause, 0) + 1
         if all(t.ok for t in trajs):
             stats.groups_done += 1
-            groups.append(Group(trajs[0].task_id, trajs[0].group_id, trajs, attempts=job.attempt + 1))
-            return None
+            return Group(trajs[0].task_id, trajs[0].group_id, trajs, attempts=job.attempt + 1)
         if job.attempt < self.cfg.max_retries:
             stats.groups_retried += 1
             return _GroupJob(job.seed, job.attempt + 1)

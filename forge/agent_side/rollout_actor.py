@@ -7,7 +7,7 @@ only `Group`s and `RolloutStats` come back.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 
@@ -31,13 +31,30 @@ class RolloutActor:
         self.worker = RolloutWorker(env_cfg.make, make_generator(), make_tokenizer(), rollout_cfg, env_name=name)
         self.stats = RolloutStats()
 
-    def run(self, seeds: Sequence[int]) -> RolloutResult:
-        result = self.worker.run(seeds)
+    def run(self, seeds: Sequence[int], pool: Any = None) -> RolloutResult:
+        """Run a group per seed; with `pool` (a DataPool actor handle) groups go there as they finish."""
+        result = self.worker.run(seeds, _PoolSink(pool) if pool is not None else None)
         self.stats.merge(result.stats)
         return result
 
     def total_stats(self) -> RolloutStats:
         return self.stats
+
+
+class _PoolSink:
+    """A `GroupSink` that forwards to a data-pool actor, one blocking call each."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def try_start(self, task_id: str) -> bool:
+        return ray.get(self.handle.try_start.remote(task_id))
+
+    def put(self, group: Group) -> None:
+        ray.get(self.handle.put.remote(group))
+
+    def abandon(self, task_id: str) -> None:
+        ray.get(self.handle.abandon.remote(task_id))
 
 
 def start_rollout_actors(
@@ -49,12 +66,16 @@ def start_rollout_actors(
     return [remote_cls.remote(env_cfg, rollout_cfg, make_generator, make_tokenizer) for _ in range(rollout_cfg.num_workers)]
 
 
-def run_groups(actors: list, seeds: Sequence[int]) -> RolloutResult:
-    """Deal the seeds round-robin to the actors, run them all, and gather groups and counters."""
+def run_groups(actors: list, seeds: Sequence[int], pool: Any = None) -> RolloutResult:
+    """Deal the seeds round-robin to the actors, run them all, and gather groups and counters.
+
+    With `pool` (a DataPool actor handle) the groups go to the pool as they finish and the
+    result holds only the counters.
+    """
     if not actors:
         raise ValueError("run_groups got no actors; start them with start_rollout_actors")
     shares = [list(seeds[i :: len(actors)]) for i in range(len(actors))]
-    refs = [actor.run.remote(share) for actor, share in zip(actors, shares) if share]
+    refs = [actor.run.remote(share, pool) for actor, share in zip(actors, shares) if share]
     groups: list[Group] = []
     stats = RolloutStats()
     for result in ray.get(refs):
