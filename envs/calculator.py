@@ -13,9 +13,11 @@ import ast
 import math
 import operator
 import random
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Generator
 
 from forge.agent_side import ToolEnv, tool
+from forge.agent_side.protocol import render_tool_call, tool_results
 
 _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -96,7 +98,6 @@ class CalculatorEnv(ToolEnv):
             expression = f"({expression}) {op} {n}"
             value = int(safe_eval(expression))
         sentences.append(f"How many coins does {who} have now? Answer with the number only.")
-        self.solution_expression = expression
         return " ".join(sentences), value
 
     @tool
@@ -119,3 +120,14 @@ class CalculatorEnv(ToolEnv):
             return float(abs(float(answer.strip().replace(",", "")) - expected) < 1e-6)
         except ValueError:
             return 0.0
+
+    def oracle(self, prompt: str) -> Generator[str, str, None]:
+        """Read the story into one expression, calculate it, answer the result."""
+        story = prompt.split("\n\nTools:")[0]
+        expression = re.search(r"has (\d+) coins\.", story).group(1)
+        ops = {"earns": "+", "spends": "-", "times as many": "*", "equally among": "//"}
+        for sentence in re.findall(r"Then [^.]*\.", story):
+            op = next(o for key, o in ops.items() if key in sentence)
+            expression = f"({expression}) {op} {re.findall(r'[0-9]+', sentence)[0]}"
+        reply = yield f"<think>The coins follow {expression}.</think>" + render_tool_call("calculate", {"expression": expression})
+        yield f"<answer>{tool_results(reply)[0]}</answer>"

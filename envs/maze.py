@@ -10,9 +10,12 @@ Difficulty sets the size (5x5 cells at level 0, two more per side per level).
 from __future__ import annotations
 
 import random
-from typing import Literal
+import re
+from collections import deque
+from typing import Generator, Literal
 
 from forge.agent_side import ToolEnv, tool
+from forge.agent_side.protocol import render_tool_call
 
 _MOVES = {"north": (-1, 0), "south": (1, 0), "west": (0, -1), "east": (0, 1)}
 _CODE_WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "gale", "heron", "indigo", "juniper",
@@ -99,3 +102,26 @@ class MazeEnv(ToolEnv):
         # Only an agent that reached the exit can know the code; checking the position too keeps
         # a lucky guess from scoring.
         return float(answer.strip().lower() == expected and self.pos == self.exit)
+
+    def oracle(self, prompt: str) -> Generator[str, str, None]:
+        """Find the path on the prompt's map (BFS), walk it in batches of calls, look, answer."""
+        rows = [line for line in prompt.splitlines() if line.startswith("#")]
+        where = {x: (r, c) for r, row in enumerate(rows) for c, x in enumerate(row) if x in "SE"}
+        back: dict[tuple[int, int], tuple[tuple[int, int], str] | None] = {where["S"]: None}
+        todo = deque([where["S"]])
+        while todo:
+            r, c = todo.popleft()
+            for name, (dr, dc) in _MOVES.items():
+                nxt = (r + 2 * dr, c + 2 * dc)
+                if rows[r + dr][c + dc] != "#" and nxt not in back:
+                    back[nxt] = ((r, c), name)
+                    todo.append(nxt)
+        path, at = [], where["E"]
+        while back[at] is not None:
+            at, name = back[at]
+            path.append(name)
+        path.reverse()
+        for i in range(0, len(path), self.max_calls_per_turn):
+            yield "".join(render_tool_call("move", {"direction": d}) for d in path[i : i + self.max_calls_per_turn])
+        reply = yield render_tool_call("look", {})
+        yield "<answer>" + re.search(r"the code is ([\w-]+)", reply).group(1) + "</answer>"

@@ -13,8 +13,11 @@ tokenizer, more with the byte one), and three hops from level 2 on.
 from __future__ import annotations
 
 import random
+import re
+from typing import Generator
 
 from forge.agent_side import ToolEnv, tool
+from forge.agent_side.protocol import render_tool_call, tool_results
 
 _COLORS = ("silver", "golden", "crimson", "azure", "ivory", "jade", "amber", "violet", "copper", "obsidian")
 _OBJECTS = ("compass", "lantern", "chalice", "key", "mirror", "scroll", "crown", "dagger", "globe", "harp")
@@ -110,3 +113,18 @@ class NeedleEnv(ToolEnv):
 
     def score(self, answer: str, expected: str) -> float:
         return float(answer.strip().rstrip(".").lower() == expected.lower())
+
+    def oracle(self, prompt: str) -> Generator[str, str, None]:
+        """Follow the chain with searches (and one read of the first hit's neighbourhood)."""
+        artifact = re.search(r"where the (.+?) is kept", prompt).group(1)
+        hit = tool_results((yield render_tool_call("search", {"query": f"The {artifact} is kept in"})))[0]
+        place = re.search(r"kept in the (.+?)\.", hit).group(1)
+        line = int(re.match(r"(\d+):", hit).group(1))
+        yield "<think>Read around it.</think>" + render_tool_call("read", {"line": max(0, line - 2), "count": 5})
+        hit = tool_results((yield render_tool_call("search", {"query": f"The {place} is guarded by"})))[0]
+        guard = re.search(r"guarded by (.+?)\.", hit).group(1)
+        if "Which city" not in prompt:
+            yield f"<answer>{guard}</answer>"
+            return
+        hit = tool_results((yield render_tool_call("search", {"query": f"{guard} comes from"})))[0]
+        yield "<answer>" + re.search(r"comes from (.+?)\.", hit).group(1) + "</answer>"

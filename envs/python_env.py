@@ -10,9 +10,12 @@ tool's result. Difficulty scales the numbers, so brute force stops fitting the t
 from __future__ import annotations
 
 import random
+import re
+from typing import Generator
 
 from envs.sandbox import SandboxLimits, run_python
 from forge.agent_side import ToolEnv, tool
+from forge.agent_side.protocol import render_tool_call, tool_results
 
 
 def _primes_below(n: int) -> list[int]:
@@ -91,3 +94,21 @@ class PythonEnv(ToolEnv):
             return float(int(answer.strip()) == expected)
         except ValueError:
             return 0.0
+
+    def oracle(self, prompt: str) -> Generator[str, str, None]:
+        """Write a short program for the question's kind, run it, answer what it printed."""
+        if m := re.search(r"sum of all prime numbers below (\d+)", prompt):
+            code = (f"n = {m.group(1)}\nsieve = bytearray([1]) * n\nsieve[0] = sieve[1] = 0\n"
+                    "for i in range(2, int(n**0.5) + 1):\n    if sieve[i]:\n        sieve[i*i::i] = bytearray(len(range(i*i, n, i)))\n"
+                    "print(sum(i for i in range(n) if sieve[i]))")
+        elif m := re.search(r"from 1 to (\d+) have a digit sum divisible by (\d+)", prompt):
+            code = f"print(sum(1 for i in range(1, {m.group(1)} + 1) if sum(map(int, str(i))) % {m.group(2)} == 0))"
+        elif m := re.search(r"the (\d+)-th Fibonacci number modulo (\d+)", prompt):
+            code = f"a, b = 0, 1\nfor _ in range({m.group(1)}):\n    a, b = b, (a + b) % {m.group(2)}\nprint(a)"
+        else:
+            n = re.search(r"below (\d+) has the longest Collatz", prompt).group(1)
+            code = ("import sys\nsys.setrecursionlimit(100000)\nmemo = {1: 1}\n"
+                    "def steps(x):\n    if x not in memo:\n        memo[x] = 1 + steps(x // 2 if x % 2 == 0 else 3 * x + 1)\n"
+                    f"    return memo[x]\nprint(max(range(1, {n}), key=lambda i: (steps(i), -i)))")
+        reply = yield "<think>A short program does it.</think>" + render_tool_call("run_python", {"code": code})
+        yield "<answer>" + tool_results(reply)[0].splitlines()[0] + "</answer>"

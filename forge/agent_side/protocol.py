@@ -137,6 +137,19 @@ def escape_markers(text: str) -> str:
     return text
 
 
+def render_tool_call(name: str, arguments: dict[str, Any]) -> str:
+    """A well-formed call, as a policy (or an env's oracle) writes it."""
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+_RESULT = re.compile(r'<tool_result name="([^"]*)">(.*?)</tool_result>', re.DOTALL)
+
+
+def tool_results(observation: str) -> list[str]:
+    """The contents of the tool results in an observation, in order (what an oracle reads)."""
+    return [content for _, content in _RESULT.findall(observation)]
+
+
 def render_tool_result(name: str, content: str, escape: bool = True) -> str:
     """`<tool_result name="...">content</tool_result>`; `escape=False` only for the env's own text."""
     safe_name = _NAME_CHARS.sub("_", name)[:64] or "_"
