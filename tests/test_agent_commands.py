@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from envs.reverse import ReverseEnv
 from forge.agent_side import tool
 from forge.agent_side.checker import check_tool_env
-from forge.agent_side.commands import env_check, env_list
+from forge.agent_side.commands import env_check, env_check_arguments, env_check_command, env_list
 from forge.agent_side.registry import registered_envs
 
 
@@ -140,3 +141,14 @@ def test_the_example_in_docs_envs_md_passes_every_check(tmp_path, monkeypatch):
         gymnasium.registry.pop("forge/DocsUnits-v0", None)
         for name in ("docs_example_env", "docs_example_pkg"):
             sys.modules.pop(name, None)
+
+
+def test_argparse_adapters_leave_the_cli_its_target_attribute(capsys):
+    # forge/cli.py stores each subcommand's function as `target` on the parsed arguments.
+    parser = argparse.ArgumentParser()
+    env_check_arguments(parser)
+    parser.set_defaults(target="forge.agent_side.commands:env_check_command")
+    args = parser.parse_args(["envs.reverse:ReverseEnv"])
+    assert args.target == "forge.agent_side.commands:env_check_command"
+    assert env_check_command(args) == 0
+    assert "6 of 6 checks passed" in capsys.readouterr().out

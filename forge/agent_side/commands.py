@@ -60,8 +60,9 @@ def env_list_command(args: argparse.Namespace) -> int:
 
 
 def env_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", help="the env as module.path:ClassName (e.g. my_pkg.my_env:MyEnv), a forge/ id, or my_pkg:forge/MyEnv-v0")
+    # Not named 'target': forge/cli.py keeps the subcommand's function under that name.
+    parser.add_argument("env", metavar="MODULE:CLASS", help="the env as module.path:ClassName (e.g. my_pkg.my_env:MyEnv), a forge/ id, or my_pkg:forge/MyEnv-v0")
 
 
 def env_check_command(args: argparse.Namespace) -> int:
-    return env_check(args.target)
+    return env_check(args.env)
