@@ -217,6 +217,18 @@ def test_episode_time_limit_fails_the_trajectory():
     assert result.stats.failure_reasons == {"episode_timeout": 1}
 
 
+def test_context_limit_truncates_or_fails_a_prompt_that_cannot_fit():
+    full = make_worker(group_size=1)[0].run([0]).groups[0].trajectories[0]
+    third_start = full.turn_boundaries[2][0]
+    # Room for the second turn's 200 new tokens but not the third's: the episode stops after two.
+    worker, _ = make_worker(group_size=1, max_retries=0, max_new_tokens=200, max_context_tokens=third_start + 199)
+    t = worker.run([0]).groups[0].trajectories[0]
+    assert t.ok and not t.terminated and [turn.sampled_ids for turn in t.turns] == [turn.sampled_ids for turn in full.turns[:2]]
+    worker, _ = make_worker(group_size=1, max_retries=0, max_new_tokens=200, max_context_tokens=len(full.prompt_ids) + 199)
+    result = worker.run([0])
+    assert result.groups == [] and result.stats.failure_reasons == {"context": 1}
+
+
 def test_protocol_errors_are_counted_not_fatal():
     worker, _ = make_worker(policy=lambda ctx: "no protocol here", group_size=2, max_retries=0)
     result = worker.run([0])

@@ -182,8 +182,11 @@ class RolloutWorker:
         for ep in (ep for j in active for ep in j.episodes if not ep.done):
             if time.monotonic() - ep.started > self.cfg.episode_timeout_s:
                 ep.fail(f"episode_timeout: the episode ran past {self.cfg.episode_timeout_s} s")
+            elif len(ep.context) + self.params.max_new_tokens > self.cfg.max_context_tokens and not ep.traj.turns:
+                ep.fail(f"context: the prompt's {len(ep.context)} tokens leave no room for {self.params.max_new_tokens} "
+                        f"new ones in rollout.max_context_tokens={self.cfg.max_context_tokens}; raise it or shorten the task")
             elif len(ep.context) + self.params.max_new_tokens > self.cfg.max_context_tokens:
-                # Out of room: the episode ends truncated, like at its turn limit.
+                # Out of room after some turns: the episode ends truncated, like at its turn limit.
                 ep.done = True
             else:
                 waiting.append(ep)
