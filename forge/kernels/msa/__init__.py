@@ -86,11 +86,20 @@ def msa_index_loss(
     return msa_index_loss_chunked(q, k, iq, ik, selected, block_size=block_size, scale=scale, dense=dense)
 
 
-def msa_decode(*args, **kwargs) -> torch.Tensor:
-    """MSA for the newest tokens over a paged KV cache; see `triton_decode.msa_decode`."""
-    from forge.kernels.msa.triton_decode import msa_decode as _decode
+def msa_decode(
+    q: torch.Tensor, iq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    ik_cache: torch.Tensor, page_table: torch.Tensor, kv_len: torch.Tensor, *,
+    top_k: int = 16, scale: float | None = None,
+) -> torch.Tensor:
+    """MSA for the Tn newest tokens of each sequence over a paged KV cache (Triton).
 
-    return _decode(*args, **kwargs)
+    q: [B, Tn, Hq, D]; iq: [B, Tn, Hkv, Di]; k_cache, v_cache: [n_pages, block_size, Hkv, D];
+    ik_cache: [n_pages, block_size, Di]; page_table: [B, max_pages] (logical block -> page);
+    kv_len: [B] cached tokens per sequence, the Tn new ones included and already written.
+    """
+    from forge.kernels.msa.triton_decode import msa_decode as decode
+
+    return decode(q, iq, k_cache, v_cache, ik_cache, page_table, kv_len, top_k=top_k, scale=scale)
 
 
 __all__ = [

@@ -341,8 +341,9 @@ def _invert_selection(selected: torch.Tensor, n_blocks: int, chunk: int) -> tupl
 
 def invert_selection(selected: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The KV-outer work list of a selection `[B, T, Hkv, top_k]`: (qidx, work), see `_invert_selection`."""
-    rep_rows = max(_rows_block() // 8, 1)  # about 8 row tiles of work per item for rep=8
-    return _invert_selection(selected, triton.cdiv(selected.shape[1], block_size), chunk=rep_rows * 8)
+    # 64 queries per work item on a GPU (6 row tiles at 6 heads a group): long lists split evenly.
+    chunk = max(_rows_block() // 8, 1) * 8
+    return _invert_selection(selected, triton.cdiv(selected.shape[1], block_size), chunk=chunk)
 
 
 def msa_attention_bwd(
