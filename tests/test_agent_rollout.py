@@ -168,6 +168,31 @@ def test_faulty_envs_fail_their_trajectory_and_the_worker_goes_on():
     assert s.failure_reasons["raised"] >= 3 * 2 and s.failure_reasons["timeout"] >= 1 and s.failure_reasons["garbage"] >= 1
 
 
+class OneBadMemberEnv(ReverseEnv):
+    """The first instance made raises on its first step; the others are fine."""
+
+    made = 0
+
+    def __init__(self, difficulty: int = 0) -> None:
+        super().__init__(difficulty)
+        self.bad = OneBadMemberEnv.made == 0
+        OneBadMemberEnv.made += 1
+
+    def step(self, action):
+        if self.bad:
+            raise RuntimeError("this one is broken")
+        return super().step(action)
+
+
+def test_a_failed_member_cancels_the_rest_of_its_group():
+    OneBadMemberEnv.made = 0
+    worker, gen = make_worker(OneBadMemberEnv, group_size=3, concurrency=3, max_retries=0)
+    result = worker.run([0])
+    assert result.groups == [] and result.stats.failure_reasons == {"raised": 1, "cancelled": 2}
+    # One batched turn for the three, then nothing more is generated for the doomed group.
+    assert gen.batch_sizes == [3]
+
+
 def test_failure_reasons_name_the_cause():
     from forge.agent_side.episode import apply_turn, start_episode
 

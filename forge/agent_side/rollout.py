@@ -179,6 +179,12 @@ class RolloutWorker:
     def _advance(self, active: list[_GroupJob], stats: RolloutStats) -> None:
         """One round: a batched generate for every waiting episode, then their env steps."""
         waiting: list[Episode] = []
+        for job in active:
+            # The group reruns anyway once a member failed: stop spending turns on the rest.
+            if any(not ep.traj.ok for ep in job.episodes):
+                for ep in job.episodes:
+                    if not ep.done:
+                        ep.fail("cancelled: another member of the group failed")
         for ep in (ep for j in active for ep in j.episodes if not ep.done):
             if time.monotonic() - ep.started > self.cfg.episode_timeout_s:
                 ep.fail(f"episode_timeout: the episode ran past {self.cfg.episode_timeout_s} s")
