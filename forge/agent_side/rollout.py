@@ -4,7 +4,7 @@
 samples), keeping up to `concurrency` episodes in flight. Each round sends every waiting
 episode's context to the generator in one batch, then steps their envs in parallel threads.
 A trajectory that fails (env raised, hung, returned garbage, passed the episode time limit)
-fails its group; the group is rerun with fresh envs up to `max_retries` times, then dropped and
+fails its group, whose other members stop at once; the group is rerun with fresh envs up to `max_retries` times, then dropped and
 counted. A group that leaves the worker has exactly G trajectories, all ok: groups are never
 silently shrunk, because group-relative advantages over fewer members would change meaning.
 A generator that raises is not an env fault: it propagates, since every episode depends on it.
