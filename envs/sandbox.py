@@ -36,54 +36,62 @@ from dataclasses import dataclass, field
 BLOCK_MARK = "forge-sandbox: blocked"
 
 # Runs in the child before the user's code: limits, then the audit hook, then the code.
+# Everything the hook reads lives in its closure, bound at install time, and the installer is
+# deleted: the user's code can reach neither (through `sys.modules['__main__']`, a patched
+# `os.path`, or `gc`) to switch the rules off.
 _BOOT = r'''
 import os, resource, sys
-_LIM = {lim!r}
-for _name, (_soft, _hard) in _LIM.items():
-    resource.setrlimit(getattr(resource, _name), (_soft, _hard))
-_ROOT = os.path.realpath(os.getcwd())
-_MARK = {mark!r}
-_DENY_PREFIX = ("socket.", "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn",
-                "os.spawn", "subprocess.", "ctypes.", "os.kill", "os.killpg", "pty.")
-_DENY_IMPORT = {{"_ctypes", "ctypes", "_posixsubprocess", "_socket", "socket", "multiprocessing"}}
-_PATH_EVENTS = {{"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
-                "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.rename": (0, 1),
-                "os.replace": (0, 1), "os.link": (0, 1), "os.symlink": (1,), "shutil.rmtree": (0,)}}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
-def _inside(path):
-    if isinstance(path, int):
-        return True
-    try:
-        real = os.path.realpath(os.fsdecode(path))
-    except Exception:
-        return False
-    return real == _ROOT or real.startswith(_ROOT + os.sep)
+def _install(limits, mark, root):
+    for name, (soft, hard) in limits.items():
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+    deny_prefix = ("socket.", "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn",
+                   "os.spawn", "subprocess.", "ctypes.", "os.kill", "os.killpg", "pty.", "gc.")
+    deny_import = frozenset({{"_ctypes", "ctypes", "_posixsubprocess", "_socket", "socket",
+                              "multiprocessing", "gc"}})
+    path_events = {{"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
+                   "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.rename": (0, 1),
+                   "os.replace": (0, 1), "os.link": (0, 1), "os.symlink": (1,), "shutil.rmtree": (0,)}}
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    realpath, fsdecode, prefix = os.path.realpath, os.fsdecode, root + os.sep
 
-def _deny(what):
-    raise PermissionError(f"{{_MARK}} {{what}}")
+    def inside(path):
+        if isinstance(path, int):
+            return True
+        try:
+            real = realpath(fsdecode(path))
+        except Exception:
+            return False
+        return real == root or real.startswith(prefix)
 
-def _hook(event, args):
-    if event.startswith(_DENY_PREFIX):
-        _deny(event)
-    if event == "import" and args[0].split(".")[0] in _DENY_IMPORT:
-        _deny("import " + args[0])
-    if event == "open" and len(args) >= 3:
-        path, mode, flags = args[0], args[1], args[2]
-        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-            isinstance(flags, int) and flags & _WRITE_FLAGS)
-        if writes and not _inside(path):
-            _deny(f"write outside the working directory: {{path}}")
-    elif event in _PATH_EVENTS:
-        for i in _PATH_EVENTS[event]:
-            if i < len(args) and not _inside(args[i]):
-                _deny(f"{{event}} outside the working directory: {{args[i]}}")
+    def deny(what):
+        raise PermissionError(mark + " " + what)
 
-sys.addaudithook(_hook)
-del _hook
+    def hook(event, args):
+        if event.startswith(deny_prefix):
+            deny(event)
+        if event == "import" and args[0].split(".")[0] in deny_import:
+            deny("import " + args[0])
+        if event == "open" and len(args) >= 3:
+            path, mode, flags = args[0], args[1], args[2]
+            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & write_flags)
+            if writes and not inside(path):
+                deny("write outside the working directory: " + str(path))
+        elif event in path_events:
+            for i in path_events[event]:
+                if i < len(args) and not inside(args[i]):
+                    deny(event + " outside the working directory: " + str(args[i]))
+
+    sys.addaudithook(hook)
+
+_install({lim!r}, {mark!r}, os.path.realpath(os.getcwd()))
+del _install
 sys.argv = ["main.py"]
-_src = open("main.py").read()
-exec(compile(_src, "main.py", "exec"), {{"__name__": "__main__"}})
+with open("main.py") as _f:
+    _code = compile(_f.read(), "main.py", "exec")
+del _f
+exec(_code, {{"__name__": "__main__"}})
 '''
 
 
@@ -165,7 +173,7 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxRes
         cmd = (["unshare", "-rn"] if isolated else []) + [sys.executable, "-I", "-B", "-c", boot]
         with open(os.path.join(logs, "out"), "wb") as out, open(os.path.join(logs, "err"), "wb") as err:
             proc = subprocess.Popen(cmd, cwd=work, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+                                    start_new_session=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work})
             timed_out = False
             try:
                 proc.wait(timeout=limits.wall_s)

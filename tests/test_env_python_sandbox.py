@@ -36,6 +36,24 @@ def test_forbidden_actions_are_blocked_and_reported(code, blocked):
     assert f"[blocked by the sandbox: {blocked}" in res.report()
 
 
+@pytest.mark.parametrize("code, blocked", [
+    ("import sys\nm = sys.modules['__main__']\nm._DENY_PREFIX = ()\nm._DENY_IMPORT = set()\nimport socket",
+     "import socket"),
+    ("import os.path\nos.path.realpath = lambda p: os.getcwd()\nopen('/tmp/forge-sandbox-patched', 'w')",
+     "write outside the working directory: /tmp/forge-sandbox-patched"),
+    ("import gc\nprint([f for f in gc.get_objects() if callable(f)][:1])", "import gc"),
+], ids=["main-globals", "patched-realpath", "gc"])
+def test_the_rules_cannot_be_switched_off_from_python(code, blocked):
+    res = run_python(code, FAST)
+    assert res.blocked == [blocked]
+    assert not os.path.exists("/tmp/forge-sandbox-patched")
+
+
+def test_tempfile_and_home_point_into_the_folder():
+    res = run_python("import os, tempfile\nprint(os.path.dirname(tempfile.mkstemp()[1]) == os.getcwd() == os.environ['HOME'])", FAST)
+    assert res.stdout.strip() == "True", res.stderr
+
+
 @pytest.mark.parametrize("target", ["/tmp/forge-sandbox-escape-{}", "../forge-sandbox-escape-{}"],
                          ids=["absolute", "relative"])
 def test_write_outside_the_folder_is_blocked(target):
