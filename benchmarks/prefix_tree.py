@@ -239,11 +239,37 @@ def check(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, float]:
     return res
 
 
+SWEEP = [(64, 64, 64, 64, 4, 3), (128, 64, 64, 64, 4, 3), (128, 64, 64, 64, 8, 3),
+         (128, 128, 64, 64, 8, 3), (64, 64, 64, 64, 4, 4), (128, 64, 128, 64, 8, 2)]
+
+
+def sweep(sc: Scenario, shape: Shape, dev: str) -> dict[str, float]:
+    """Forge's kernel fwd+bwd ms for each tile setting in SWEEP, on one scenario."""
+    from forge.kernels.tree_attention.triton_tree import TreeAttentionBlocks, tree_attention_triton
+
+    n = sc.tree.num_tokens
+    se = sc.tree.subtree_end[None].to(dev)
+    q = torch.randn(1, n, shape.num_heads, shape.head_dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, n, shape.num_kv_heads, shape.head_dim, device=dev, dtype=torch.bfloat16,
+                        requires_grad=True) for _ in range(2))
+    do = torch.randn_like(q)
+    out = {}
+    for cfg in SWEEP:
+        blocks = TreeAttentionBlocks(*cfg)
+        try:
+            out[str(cfg)] = timed(lambda: tree_attention_triton(q, k, v, se, blocks=blocks).backward(do),
+                                  dev, [q, k, v])[0]
+        except Exception as e:  # noqa: BLE001 - a setting that fails to compile is reported
+            out[str(cfg)] = repr(e)[:200]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="prefix_tree_bench.json", help="where to write the results")
     ap.add_argument("--tiny", action="store_true", help="small sizes, for a smoke test")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip what is left after this many seconds")
+    ap.add_argument("--sweep", action="store_true", help="time the kernel's tile settings on (a)")
     ap.add_argument("--only", default="", help="comma-separated scenario prefixes to run (a,b,c)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -287,6 +313,9 @@ def main() -> None:
             fl = res.get("flex", {}).get("ms")
             if fl and "ms" in res.get("forge", {}):
                 res["forge"]["speedup_vs_flex"] = fl / res["forge"]["ms"]
+        if args.sweep and sc.name.startswith("a") and dev == "cuda":
+            entry["forge_tile_sweep_ms"] = sweep(sc, shape, dev)
+            print("tile sweep (fwd_m, fwd_n, bwd_m, bwd_n, warps, stages) -> ms:", entry["forge_tile_sweep_ms"])
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print_table(report)

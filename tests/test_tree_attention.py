@@ -113,7 +113,8 @@ def test_flex_matches_naive():
     se = tree_subtree_end(70, 0, prompt=20, branch=5)[None].to(DEVICE)
     q = torch.randn(1, 70, 4, 16, device=DEVICE)
     k, v = (torch.randn(1, 70, 2, 16, device=DEVICE) for _ in range(2))
-    got = tree_attention_flex(q, k, v, se, compile=DEVICE == "cuda")
+    # Eager: the test is about the mask_mod; the benchmark runs the compiled path at full size.
+    got = tree_attention_flex(q, k, v, se, compile=False)
     torch.testing.assert_close(got, tree_attention_naive(q, k, v, se), rtol=1e-4, atol=1e-4)
 
 
@@ -130,4 +131,4 @@ def test_entry_point_dispatch():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_triton_full_size(d, dtype, nan_outputs):
-    run_case(2, 3001, 8, 2, d, dtype, prompt=1500, branch=300)
+    run_case(2, 4099, 8, 2, d, dtype, prompt=1200, branch=250)
