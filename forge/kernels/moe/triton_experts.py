@@ -62,7 +62,7 @@ def _check(x, weights, experts, w_gate, w_up, w_down) -> None:
     if len({x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype}) != 1:
         raise ValueError(
             f"x and the expert weights must share a dtype (got {x.dtype}, {w_gate.dtype}, {w_up.dtype}, "
-            f"{w_down.dtype}); cast the weights or run under torch.autocast"
+            f"{w_down.dtype}); cast the expert weights to x's dtype, e.g. model.to(torch.bfloat16)"
         )
     if experts.dtype != torch.int64:
         raise ValueError(f"experts must be int64 (as `route` returns), got {experts.dtype}")
