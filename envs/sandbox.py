@@ -45,43 +45,48 @@ import os, resource, sys
 def _install(limits, mark, root):
     for name, (soft, hard) in limits.items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
+    # os.chdir too: with the folder fixed as the working directory, a relative path means the
+    # same to the kernel as to the check below, whatever the code does to os.getcwd.
     deny_prefix = ("socket.", "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn",
-                   "os.spawn", "subprocess.", "ctypes.", "os.kill", "os.killpg", "pty.", "gc.")
+                   "os.spawn", "subprocess.", "ctypes.", "os.kill", "os.killpg", "pty.", "gc.", "os.chdir")
     deny_import = frozenset({{"_ctypes", "ctypes", "_posixsubprocess", "_socket", "socket",
                               "multiprocessing", "gc"}})
     path_events = {{"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
                    "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.rename": (0, 1),
-                   "os.replace": (0, 1), "os.link": (0, 1), "os.symlink": (1,), "shutil.rmtree": (0,)}}
+                   "os.replace": (0, 1), "os.link": (0, 1), "os.symlink": (0, 1), "shutil.rmtree": (0,)}}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     realpath, fsdecode, prefix = os.path.realpath, os.fsdecode, root + os.sep
+    # Builtins too are bound now: the hook's global lookups would see a patched `builtins`.
+    _isinstance, _any, _len, _str, _int, _Exception, _PermissionError = (
+        isinstance, any, len, str, int, Exception, PermissionError)
 
     def inside(path):
-        if isinstance(path, int):
+        if _isinstance(path, _int):
             return True
         try:
             real = realpath(fsdecode(path))
-        except Exception:
+        except _Exception:
             return False
         return real == root or real.startswith(prefix)
 
     def deny(what):
-        raise PermissionError(mark + " " + what)
+        raise _PermissionError(mark + " " + what)
 
     def hook(event, args):
         if event.startswith(deny_prefix):
             deny(event)
         if event == "import" and args[0].split(".")[0] in deny_import:
             deny("import " + args[0])
-        if event == "open" and len(args) >= 3:
+        if event == "open" and _len(args) >= 3:
             path, mode, flags = args[0], args[1], args[2]
-            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & write_flags)
+            writes = (_isinstance(mode, _str) and _any(c in mode for c in "wax+")) or (
+                _isinstance(flags, _int) and flags & write_flags)
             if writes and not inside(path):
-                deny("write outside the working directory: " + str(path))
+                deny("write outside the working directory: " + _str(path))
         elif event in path_events:
             for i in path_events[event]:
-                if i < len(args) and not inside(args[i]):
-                    deny(event + " outside the working directory: " + str(args[i]))
+                if i < _len(args) and not inside(args[i]):
+                    deny(event + " outside the working directory: " + _str(args[i]))
 
     sys.addaudithook(hook)
 

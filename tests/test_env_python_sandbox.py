@@ -42,7 +42,13 @@ def test_forbidden_actions_are_blocked_and_reported(code, blocked):
     ("import os.path\nos.path.realpath = lambda p: os.getcwd()\nopen('/tmp/forge-sandbox-patched', 'w')",
      "write outside the working directory: /tmp/forge-sandbox-patched"),
     ("import gc\nprint([f for f in gc.get_objects() if callable(f)][:1])", "import gc"),
-], ids=["main-globals", "patched-realpath", "gc"])
+    ("import builtins\nbuiltins.isinstance = lambda a, b: False\nbuiltins.any = lambda it: False\n"
+     "open('/tmp/forge-sandbox-patched', 'w')", "write outside the working directory: /tmp/forge-sandbox-patched"),
+    ("import os\nroot = os.getcwd()\nos.getcwd = lambda: root\nos.chdir('/tmp')\nopen('forge-sandbox-patched', 'w')",
+     "os.chdir"),
+    ("import os\nos.symlink('/tmp/forge-sandbox-patched', 'link')",
+     "os.symlink outside the working directory: /tmp/forge-sandbox-patched"),
+], ids=["main-globals", "patched-realpath", "gc", "patched-builtins", "chdir", "symlink-out"])
 def test_the_rules_cannot_be_switched_off_from_python(code, blocked):
     res = run_python(code, FAST)
     assert res.blocked == [blocked]
