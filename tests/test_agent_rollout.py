@@ -19,7 +19,7 @@ import pytest
 
 from envs.reverse import ReverseEnv
 from forge.agent_side.config import EnvConfig, EnvLoadError, RolloutConfig, load_env_class
-from forge.agent_side.rollout import RolloutWorker
+from forge.agent_side.rollout import RolloutStats, RolloutWorker
 from forge.middleware.pool import DataPool, PoolConfig
 from forge.policy.sampling import Completion, SamplingParams
 from forge.policy.tokenizer import ByteTokenizer
@@ -229,6 +229,16 @@ def test_groups_go_to_the_data_pool_with_backpressure_and_abandons():
     trained = pool.trained + pool.take(8, policy_version=7)
     assert sorted(g.task_id for g in trained) == [f"FaultyEnv:{s}" for s in (0, 2, 3, 5)]
     assert pool.counters["refused_full"] >= 1 and pool.counters["abandoned"] == 1
+
+
+def test_stats_merge_and_flatten_for_the_metrics_sink():
+    a = RolloutStats(groups_done=2, turns=5, generate_s=1.5, failure_reasons={"raised": 1}, protocol_errors={"bad_json": 2})
+    b = RolloutStats(groups_done=1, turns=1, failure_reasons={"raised": 2, "timeout": 1})
+    a.merge(b)
+    m = a.as_metrics()
+    assert (m["rollout/groups_done"], m["rollout/turns"], m["rollout/generate_s"]) == (3.0, 6.0, 1.5)
+    assert (m["rollout/failed/raised"], m["rollout/failed/timeout"], m["rollout/errors/bad_json"]) == (3.0, 1.0, 2.0)
+    assert b.failure_reasons == {"raised": 2, "timeout": 1}
 
 
 def test_episode_time_limit_fails_the_trajectory():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Protocol, Sequence
 
 from forge.agent_side.config import RolloutConfig
@@ -38,29 +38,32 @@ class RolloutStats:
     trajectories_failed: int = 0
     turns: int = 0
     failure_reasons: dict[str, int] = field(default_factory=dict)
-    """Failed trajectories by cause: 'raised', 'timeout', 'garbage', 'episode_timeout'."""
+    """Failed trajectories by cause: 'raised', 'timeout', 'garbage', 'episode_timeout', 'context', 'cancelled'."""
     protocol_errors: dict[str, int] = field(default_factory=dict)
     """Protocol and tool errors of the policy by kind, over ok and failed trajectories."""
     generate_s: float = 0.0
     env_s: float = 0.0
 
     def merge(self, other: "RolloutStats") -> None:
-        for name in ("groups_done", "groups_retried", "groups_dropped", "trajectories_ok",
-                     "trajectories_failed", "turns", "generate_s", "env_s"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for mine, theirs in ((self.failure_reasons, other.failure_reasons), (self.protocol_errors, other.protocol_errors)):
-            for key, n in theirs.items():
-                mine[key] = mine.get(key, 0) + n
+        """Add another's counters to these (per-kind dicts key by key)."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):
+                for key, n in theirs.items():
+                    mine[key] = mine.get(key, 0) + n
+            else:
+                setattr(self, f.name, mine + theirs)
 
     def as_metrics(self, prefix: str = "rollout/") -> dict[str, float]:
-        """Flat numbers for `forge.monitoring`."""
-        out: dict[str, float] = {
-            f"{prefix}{k}": float(getattr(self, k))
-            for k in ("groups_done", "groups_retried", "groups_dropped", "trajectories_ok",
-                      "trajectories_failed", "turns", "generate_s", "env_s")
-        }
-        out.update({f"{prefix}failed/{k}": float(v) for k, v in self.failure_reasons.items()})
-        out.update({f"{prefix}errors/{k}": float(v) for k, v in self.protocol_errors.items()})
+        """Flat numbers for `forge.monitoring`: 'rollout/turns', 'rollout/failed/raised', ..."""
+        sub = {"failure_reasons": "failed/", "protocol_errors": "errors/"}
+        out: dict[str, float] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                out.update({f"{prefix}{sub[f.name]}{k}": float(v) for k, v in value.items()})
+            else:
+                out[f"{prefix}{f.name}"] = float(value)
         return out
 
 
