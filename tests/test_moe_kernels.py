@@ -171,6 +171,18 @@ def test_moe_experts_with_a_larger_row_tile(nan_empty):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_empty_batch_routes_and_runs(nan_empty):
+    # A rollout step can hand the policy no tokens for a layer; the kernels must not launch garbage.
+    logits = torch.randn(0, 6, device=DEVICE, requires_grad=True)
+    weights, experts, load = route_triton(logits, torch.zeros(6, device=DEVICE), 2)
+    assert weights.shape == (0, 2) and torch.equal(load, torch.zeros(6, device=DEVICE))
+    inputs, dout = _expert_inputs(0, 16, 16, 6, 2, torch.float32)
+    out, dx, dweights, dw_gate, dw_up, dw_down = _run(moe_experts_triton, inputs, dout)
+    assert out.shape == (0, 16)
+    for g in (dw_gate, dw_up, dw_down):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
 def test_entry_points_take_the_reference_on_cpu():
     inputs, _ = _expert_inputs(5, 16, 16, 4, 2, torch.float32)
     torch.testing.assert_close(moe_experts(*inputs).cpu(), moe_experts_naive(*inputs).cpu())
