@@ -264,12 +264,30 @@ def sweep(sc: Scenario, shape: Shape, dev: str) -> dict[str, float]:
     return out
 
 
+def ratio_sweep(shape: Shape, dev: str) -> list[dict]:
+    """Full layer, forge vs unmerged, on groups of 8 whose prompt share sets the token ratio."""
+    rng = random.Random(1)
+    points = []
+    for prompt_len, resp_len in ((512, 4608), (1024, 4096), (2048, 3072), (3072, 2048), (4096, 1024)):
+        prompt = _tokens(rng, prompt_len)
+        sc = Scenario(f"sweep_{prompt_len}+{resp_len}", [prompt + _tokens(rng, resp_len) for _ in range(8)])
+        res = {"token_ratio": sc.tree.token_ratio(), "attention_pair_ratio": sc.tree.attention_pair_ratio()}
+        variants = layer_variants(sc, shape, dev, None)
+        for name in ("unmerged_sdpa", "forge"):
+            fn, grads = variants[name]
+            res[name + "_ms"] = timed(fn, dev, grads)[0]
+        points.append(res)
+        print("ratio sweep:", {k: round(v, 3) for k, v in res.items()})
+    return points
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="prefix_tree_bench.json", help="where to write the results")
     ap.add_argument("--tiny", action="store_true", help="small sizes, for a smoke test")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip what is left after this many seconds")
     ap.add_argument("--sweep", action="store_true", help="time the kernel's tile settings on (a)")
+    ap.add_argument("--ratio-sweep", action="store_true", help="layer time vs token ratio (break-even)")
     ap.add_argument("--only", default="", help="comma-separated scenario prefixes to run (a,b,c)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -319,6 +337,10 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print_table(report)
+    if args.ratio_sweep:
+        report["layer_ratio_sweep"] = ratio_sweep(shape, dev)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     print_table(report)
 
 

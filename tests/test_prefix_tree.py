@@ -121,3 +121,18 @@ def test_long_conversation_chain_is_fast_and_shared():
     t = build_tree(samples)
     assert t.num_tokens == 64 * 50
     assert t.token_ratio() == pytest.approx(65 / 2)
+
+
+def test_should_merge_follows_the_measured_threshold():
+    from forge.prefix_tree import MergeConfig, should_merge
+
+    prompt = list(range(100))
+    little = build_tree([prompt[:10] + [1000 + i] * 90 for i in range(8)])  # ratio ~1.1
+    grpo = build_tree([prompt + [1000 + i] * 20 for i in range(8)])  # ratio ~3.5
+    cfg = MergeConfig()
+    assert little.token_ratio() < cfg.min_token_ratio < grpo.token_ratio()
+    assert not should_merge(little, cfg) and should_merge(grpo, cfg)
+    assert not should_merge(grpo, MergeConfig(enabled=False))
+    assert should_merge(little, MergeConfig(min_token_ratio=1.0))
+    with pytest.raises(ValueError, match="never below 1"):
+        should_merge(grpo, MergeConfig(min_token_ratio=0.5))

@@ -1,0 +1,36 @@
+"""When to merge a batch into prefix trees, and when to run its sequences unmerged.
+
+Merging saves the repeated prefixes but pays for it: the tree-attention kernel is slower per
+attention pair than the causal flash attention of unmerged sequences, and a tree needs its
+block lists. With little sharing the saving does not cover that. The threshold below was
+measured on an H100 (docs/benchmarks.md, "Prefix tree"): one transformer layer with MoE,
+forward and backward in bf16, groups of 8 sequences of 5K tokens sharing prompts of 0.5K to
+4K; Forge's merged layer was slower than the unmerged one at token ratio 1.21 (42.1 vs
+37.9 ms) and faster at 1.54 (34.6 vs 38.0 ms); interpolated break-even 1.39.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from forge.prefix_tree.trie import FlatTree
+
+
+@dataclass
+class MergeConfig:
+    """Whether the trainer merges batches into prefix trees."""
+
+    enabled: bool = True
+    """Merge each batch (training forward, old and reference logprobs); False runs every sequence alone."""
+    min_token_ratio: float = 1.4
+    """Below this token ratio (sum of sequence lengths over unique tokens) the batch runs unmerged."""
+
+
+def should_merge(tree: FlatTree, config: MergeConfig) -> bool:
+    """True when merging is on and `tree` shares enough tokens for it to pay."""
+    if config.min_token_ratio < 1.0:
+        raise ValueError(
+            f"min_token_ratio is {config.min_token_ratio}; a token ratio is never below 1, so use "
+            "1.0 to merge every batch or enabled=False to merge none"
+        )
+    return config.enabled and tree.token_ratio() >= config.min_token_ratio
