@@ -15,7 +15,7 @@ import torch
 from forge.policy.config import ModelConfig
 from forge.policy.model import Transformer
 from forge.policy.moe import moe_layers, router_stats
-from forge.prefix_tree import build_tree
+from forge.prefix_tree import build_tree, pack_groups
 from forge.trainer.logprobs import sequence_logprobs, sequence_scores
 from forge.trainer.losses import LOSSES
 
@@ -154,6 +154,19 @@ def test_router_load_weighted_by_multiplicity_matches_unmerged():
     unweighted = loads(m)
     assert sum(u.sum() for u in unweighted) < sum(b.sum() for b in unmerged)
     assert any(not torch.allclose(u, b) for u, b in zip(unweighted, unmerged))
+
+
+def test_micro_batches_under_a_token_budget_match():
+    m = model(torch.float32)
+    seqs, _ = batch()
+    whole = build_tree(seqs).num_tokens
+    # Room for the longest sequence but not the whole tree: it splits with its prompt repeated.
+    budget = max(len(s) for s in seqs) + 2
+    assert budget < whole and len(pack_groups([seqs], budget)) > 1
+    packed = sequence_scores(m, seqs, with_entropy=True, token_budget=budget)
+    alone = sequence_scores(m, seqs, merge=False, with_entropy=True)
+    for a, b, ea, eb in zip(packed.logprobs, alone.logprobs, packed.entropies, alone.entropies):
+        assert rel(a, b) <= TOL[torch.float32] and rel(ea, eb) <= TOL[torch.float32]
 
 
 def test_single_token_and_empty_batch():

@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from forge.prefix_tree import FlatTree, TokenSeq, build_tree
+from forge.prefix_tree import FlatTree, TokenSeq, build_tree, pack_groups
 from forge.prefix_tree.trie import as_token_list
 
 
@@ -56,7 +56,7 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _row_scores(logits: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-normalizer [R] and, if asked, entropy [R] of logits [R, V]."""
+    """Log-normalizer [R] and, if asked, entropy [R] of logits [R, V], at least fp32."""
     logits = _at_least_fp32(logits)
     lse = torch.logsumexp(logits, dim=-1)  # [R]
     if not with_entropy:
@@ -73,18 +73,16 @@ def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool) ->
         subtree_end=tree.subtree_end[None].to(dev),
         token_weight=tree.multiplicity[None].to(dev, torch.float32),
     )[0]  # [N, V]
-    # Rows that predict some token: every token but the last of each sequence. A row that is a
-    # branch point appears once here and is gathered once per child label below.
-    rows = [ix[:-1] for ix in tree.seq_index]
-    unique_rows, inverse = torch.unique(torch.cat(rows), return_inverse=True)  # [R], [sum len - 1]
-    unique_rows, inverse = unique_rows.to(dev), inverse.to(dev)
-    row_logits = logits.index_select(0, unique_rows)  # [R, V]
-    lse, ent = _row_scores(row_logits, with_entropy)
-    labels = torch.cat([torch.as_tensor(s[1:], dtype=torch.long) for s in seqs]).to(dev)  # [sum len - 1]
-    picked = _at_least_fp32(row_logits[inverse, labels])  # [sum len - 1]
-    flat_lp = picked - lse[inverse]
+    # Normalizer (and entropy) once per unique position, for all N rows: the rows that predict
+    # nothing (the last token of each sequence) are few, and a gather of the R useful rows
+    # would copy an [R, V] block.
+    lse, ent = _row_scores(logits, with_entropy)  # [N]
+    # A branch point's row appears once per child label it predicts.
+    rows = torch.cat([ix[:-1] for ix in tree.seq_index]).to(dev)  # [sum len - 1]
+    labels = torch.cat([torch.as_tensor(s[1:], dtype=torch.long) for s in seqs]).to(dev)
+    flat_lp = _at_least_fp32(logits[rows, labels]) - lse[rows]
     sizes = [len(s) - 1 for s in seqs]
-    entropies = list(ent[inverse].split(sizes)) if ent is not None else None
+    entropies = list(ent[rows].split(sizes)) if ent is not None else None
     return SequenceScores(list(flat_lp.split(sizes)), entropies)
 
 
@@ -106,14 +104,29 @@ def sequence_scores(
     *,
     merge: bool = True,
     with_entropy: bool = False,
+    token_budget: int | None = None,
 ) -> SequenceScores:
-    """Logprobs (and entropies) of every sequence's tokens after the first; see sequence_logprobs."""
+    """Logprobs (and entropies) of every sequence's tokens after the first; see sequence_logprobs.
+
+    token_budget: if given, the merged batch runs in micro-batches of at most this many unique
+    tokens (forge.prefix_tree.pack_groups; a tree over it is split with its root path repeated).
+    """
     seqs = [as_token_list(s) for s in sequences]
     if not seqs:
         return SequenceScores([], [] if with_entropy else None)
-    if merge:
+    if not merge:
+        return _unmerged(model, seqs, with_entropy)
+    if token_budget is None:
         return _merged(model, seqs, build_tree(seqs), with_entropy)
-    return _unmerged(model, seqs, with_entropy)
+    logprobs: list = [None] * len(seqs)
+    entropies: list | None = [None] * len(seqs) if with_entropy else None
+    for pack in pack_groups([seqs], token_budget):
+        part = _merged(model, [seqs[i] for i in pack.seq_ids], pack.tree, with_entropy)
+        for j, i in enumerate(pack.seq_ids):
+            logprobs[i] = part.logprobs[j]
+            if entropies is not None:
+                entropies[i] = part.entropies[j]
+    return SequenceScores(logprobs, entropies)
 
 
 def sequence_logprobs(model: CausalLM, sequences: Sequence[TokenSeq], *, merge: bool = True) -> list[torch.Tensor]:
