@@ -132,3 +132,31 @@ def test_entry_point_dispatch():
 @pytest.mark.parametrize("d", [64, 128])
 def test_triton_full_size(d, dtype, nan_outputs):
     run_case(2, 4099, 8, 2, d, dtype, prompt=1200, branch=250)
+
+
+@pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 32)], ids=["16x16", "32x16", "16x32"])
+def test_block_lists_classify_every_tile_and_block(bm, bn):
+    from forge.kernels.tree_attention import tree_mask
+    from forge.kernels.tree_attention.triton_tree import block_lists
+
+    se = torch.stack([tree_subtree_end(131, s, prompt=70, branch=6) for s in range(2)])
+    lists = block_lists(se.to(torch.int32), bm, bn)
+    mask = tree_mask(se)  # [B, T, T]
+    t = se.shape[1]
+    for b in range(2):
+        for i in range((t + bm - 1) // bm):
+            full = set(lists.full_idx[b, i, : lists.full_cnt[b, i]].tolist())
+            part = set(lists.part_idx[b, i, : lists.part_cnt[b, i]].tolist())
+            assert not full & part
+            for j in range((t + bn - 1) // bn):
+                tile = mask[b, i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+                rows_full = tile.shape[0] == bm and tile.shape[1] == bn and bool(tile.all())
+                if j in full:
+                    assert rows_full, f"tile {i} block {j} listed full but not fully visible"
+                elif j not in part:
+                    assert not tile.any(), f"tile {i} block {j} skipped but visible"
+    # The classification pays: some blocks are full, and fewer are listed than the causal
+    # triangle holds (some are skipped).
+    causal = sum(min(((i + 1) * bm - 1) // bn + 1, (t + bn - 1) // bn) for i in range((t + bm - 1) // bm))
+    assert lists.full_cnt.sum() > 0
+    assert (lists.full_cnt + lists.part_cnt).sum(-1).max() < causal
