@@ -108,7 +108,10 @@ class Monitor:
         self.run_dir = run_dir
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
         self._metrics = open(run_dir.metrics, "a", buffering=1)
-        self._pending: dict[int, dict[str, Any]] = {}
+        # Rows of one step are merged and written when the next step starts (or at close),
+        # so metrics.jsonl holds one object per step.
+        self._row_step: int | None = None
+        self._row: dict[str, Any] = {}
         self._summary: dict[str, Any] = {}
         self._bar = None
         self._wandb_run = None
@@ -128,7 +131,7 @@ class Monitor:
         return Path(self._wandb_run.dir).parent if self._wandb_run is not None else None
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        """Record scalar metrics for `step`: one line of metrics.jsonl and one W&B history row."""
+        """Record scalar metrics for `step` in metrics.jsonl and W&B; calls for one step merge."""
         row = {k: _scalar(k, v) for k, v in metrics.items()}
         self._write_line(step, row)
         if self._wandb_run is not None:
@@ -174,17 +177,36 @@ class Monitor:
         return Progress(self, total, desc, initial)
 
     def close(self) -> None:
+        self._flush()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if not self._metrics.closed:
             self._metrics.close()
         if self._wandb_run is not None:
+            folder = self.wandb_dir
             self._wandb_run.finish()
             self._wandb_run = None
+            # wandb 0.31 has been seen, rarely, to leave an empty transaction log; say so
+            # rather than let the run look synced. metrics.jsonl is unaffected.
+            if folder is not None and all(f.stat().st_size == 0 for f in folder.glob("*.wandb")):
+                log.warning("W&B left an empty transaction log in %s; metrics.jsonl holds every step", folder)
 
     def _write_line(self, step: int, row: Mapping[str, Any]) -> None:
-        self._metrics.write(json.dumps({"step": int(step), **row}) + "\n")
+        if self._row_step is not None and int(step) != self._row_step:
+            self._flush()
+        self._row_step = int(step)
+        self._row.update(row)
+
+    def flush(self) -> None:
+        """Write the current step's row now (before a checkpoint, so a resume finds it)."""
+        self._flush()
+        self._metrics.flush()
+
+    def _flush(self) -> None:
+        if self._row_step is not None and not self._metrics.closed:
+            self._metrics.write(json.dumps({"step": self._row_step, **self._row}) + "\n")
+        self._row_step, self._row = None, {}
 
 
 class Progress:
