@@ -11,6 +11,7 @@ import torch
 
 from forge.middleware.types import Group, Trajectory, Turn
 from forge.policy.config import ModelConfig
+from forge.prefix_tree.fallback import MergeConfig
 from forge.trainer.config import AlgorithmConfig, TrainerConfig
 
 pytest.importorskip("deepspeed")
@@ -72,7 +73,7 @@ def close(a: dict, b: dict, rel: float) -> bool:
 def test_micro_batching_and_merging_do_not_change_the_gradient(loss):
     batch = groups_of(1)
     runs = {}
-    for name, kw in {"whole": {}, "split": {"micro_batch_tokens": 40}, "unmerged": {"merge": False}}.items():
+    for name, kw in {"whole": {}, "split": {"micro_batch_tokens": 40}, "unmerged": {"merge": MergeConfig(enabled=False)}}.items():
         trainer = make_trainer(loss=loss, **kw)
         grads = summed_grads(trainer)
         before = trainer.weights()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from forge.middleware.types import Group
-from forge.prefix_tree import build_tree, pack_groups
+from forge.prefix_tree import pack_groups
 from forge.trainer.advantages import group_advantages
 
 
@@ -76,7 +76,3 @@ def micro_batches(batch: RLBatch, token_budget: int) -> list[list[int]]:
     groups = [batch.sequences[a:b] for a, b in zip(starts, starts[1:])]
     return [pack.seq_ids for pack in pack_groups(groups, token_budget)]
 
-
-def token_ratio(sequences: list[list[int]]) -> float:
-    """Total tokens over unique tokens after merging: how much a prefix tree saves."""
-    return build_tree(sequences).token_ratio if sequences else 1.0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from forge.prefix_tree.fallback import MergeConfig
 
 
 @dataclass
@@ -47,10 +49,8 @@ class TrainerConfig:
     """Training precision; bf16 keeps fp32 master weights in the optimizer."""
     micro_batch_tokens: int = 16384
     """Token budget of one micro-batch (unique tokens after prefix merging)."""
-    merge: bool = True
-    """Merge each micro-batch into a prefix tree (exact; one forward per shared prefix)."""
-    merge_min_ratio: float = 1.1
-    """Below this token ratio (total over unique tokens) a micro-batch runs unmerged."""
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    """Prefix-tree merging of each micro-batch (exact); off, or below its token ratio, it runs unmerged."""
     num_ranks: int = 1
     """Data-parallel trainer ranks (Ray actors, or processes under torchrun)."""
     gpus_per_rank: float = 0.0

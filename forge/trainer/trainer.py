@@ -27,6 +27,7 @@ from forge.policy.config import ModelConfig
 from forge.policy.model import Transformer
 from forge.policy.moe import update_expert_bias
 from forge.prefix_tree import build_tree
+from forge.prefix_tree.fallback import should_merge
 from forge.trainer.batch import RLBatch, make_batch, micro_batches
 from forge.trainer.config import AlgorithmConfig, TrainerConfig
 from forge.trainer.engine import all_reduce_sum, init_process_group, make_engine
@@ -129,6 +130,51 @@ class Trainer:
         metrics["train/tokens_per_s"] = sum(len(s) for s in batch.sequences) / metrics["train/step_s"]
         return metrics
 
+    def sft_step(self, sequences: list[list[int]], masks: list[list[int]], lr: float) -> dict[str, float]:
+        """One supervised step (warm-start): token-mean NLL over each sequence's masked tokens."""
+        t0 = time.perf_counter()
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        dev = next(self.model.parameters()).device
+        # Demonstrations are micro-batched like RL batches (one "group" each, so the packer
+        # may put several in one micro-batch and merge them only where they share enough).
+        batch = RLBatch(sequences=[list(s) for s in sequences], masks=[torch.tensor(m[1:], dtype=torch.float64) for m in masks],
+                        sampler_logprobs=[], advantages=torch.zeros(len(sequences), dtype=torch.float64),
+                        rewards=torch.zeros(len(sequences), dtype=torch.float64), group_sizes=[1] * len(sequences),
+                        min_policy_version=0)
+        tokens = max(batch.num_loss_tokens, 1)
+        mbs = self._plan(batch)
+        self.model.train()
+        total = 0.0
+        for i, mb in enumerate(mbs):
+            lps = sequence_scores(self.model, mb.seqs, merge=mb.merge).logprobs
+            loss = -sum((lp * batch.masks[j].to(dev, lp.dtype)).sum() for j, lp in zip(mb.idx, lps)) / tokens
+            self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
+            self.engine.backward(loss)
+            total += float(loss.detach())
+        self.engine.step()
+        update_expert_bias(self.model, all_reduce=all_reduce_sum)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = self.cfg.lr
+        return {"warmstart/loss": total, "warmstart/tokens": float(tokens), "warmstart/micro_batches": float(len(mbs)),
+                "warmstart/step_s": time.perf_counter() - t0}
+
+    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        """Model, optimizer, router biases and this rank's RNG state, through DeepSpeed."""
+        state = dict(client_state, version=self.version, torch_rng=torch.get_rng_state())
+        self.engine.save_checkpoint(directory, tag=tag, client_state=state)
+
+    def load(self, directory: str, tag: str) -> dict[str, Any]:
+        """Restore what `save` wrote; returns the client state."""
+        _, client = self.engine.load_checkpoint(directory, tag=tag)
+        if client is None:
+            raise FileNotFoundError(f"no checkpoint '{tag}' under {directory}")
+        self.version = int(client["version"])
+        torch.set_rng_state(client["torch_rng"])
+        if self.reference is not None:
+            self.reset_reference()
+        return client
+
     def weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the full weights (gathered under ZeRO-3), for rollout workers."""
         params = list(self.model.parameters())
@@ -146,14 +192,13 @@ class Trainer:
         return float(torch.stack(grads).norm()) if grads else None
 
     def _plan(self, batch: RLBatch) -> list[_MicroBatch]:
-        """Micro-batches, each merged only where its token ratio reaches merge_min_ratio."""
+        """Micro-batches, each merged only where its token ratio pays for it (should_merge)."""
         plans = []
         for idx in micro_batches(batch, self.cfg.micro_batch_tokens):
             seqs = [batch.sequences[j] for j in idx]
-            total = sum(len(s) for s in seqs)
-            unique = build_tree(seqs).num_tokens if self.cfg.merge else total
-            merge = self.cfg.merge and total / max(1, unique) >= self.cfg.merge_min_ratio
-            plans.append(_MicroBatch(idx, seqs, merge, unique if merge else total))
+            tree = build_tree(seqs)
+            merge = should_merge(tree, self.cfg.merge)
+            plans.append(_MicroBatch(idx, seqs, merge, tree.num_tokens if merge else sum(len(s) for s in seqs)))
         return plans
 
     @torch.no_grad()
