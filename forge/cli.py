@@ -40,6 +40,16 @@ def _load(ref: str) -> Callable:
 COMMANDS: list[Command] = [
     Command("config", "print a recipe as it resolves (defaults, file, overrides), checked strictly",
             "forge.commands:config_arguments", "forge.commands:config_show"),
+    Command("train", "run a recipe: warm-start, RL on a Ray cluster, evaluation, checkpoints",
+            "forge.commands:train_arguments", "forge.commands:train"),
+    Command("env list", "show the environments registered under forge/",
+            "forge.agent_side.commands:env_list_arguments", "forge.agent_side.commands:env_list_command"),
+    Command("env check", "run Gymnasium's and Forge's checks on an environment; says how to fix each failure",
+            "forge.agent_side.commands:env_check_arguments", "forge.agent_side.commands:env_check_command"),
+    Command("bench", "run a speed benchmark of benchmarks/ (prints a table, writes JSON; most need a GPU)",
+            "forge.commands:bench_arguments", "forge.commands:bench"),
+    Command("inspect", "show a run: evaluations, a step's groups and rewards, a rendered trajectory",
+            "forge.commands:inspect_arguments", "forge.commands:inspect"),
 ]
 
 

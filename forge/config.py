@@ -19,7 +19,11 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
+from forge.agent_side.config import EnvConfig, EnvLoadError, RolloutConfig, load_env_class
+from forge.middleware.pool import PoolConfig
 from forge.monitoring import WandbConfig
+from forge.policy.config import ModelConfig
+from forge.trainer.config import AlgorithmConfig, EvalConfig, TrainerConfig, WarmStartConfig
 
 T = TypeVar("T")
 
@@ -55,6 +59,20 @@ class RayConfig:
 
 
 @dataclass
+class LoopConfig:
+    """Length and bookkeeping of the RL loop."""
+
+    steps: int = 20
+    """RL optimizer steps."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every this many RL steps (and after the last)."""
+    table_every: int = 10
+    """Log a W&B table of sample trajectories every this many steps."""
+    keep_rollouts: bool = True
+    """Keep every step's groups as Parquet under the run folder's rollouts/ (read by `forge inspect`)."""
+
+
+@dataclass
 class RecipeConfig:
     """A whole recipe: one section per component."""
 
@@ -64,6 +82,24 @@ class RecipeConfig:
     """Weights & Biases logging."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray cluster."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """The environment."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout workers."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Optimizer, DeepSpeed and batching."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """The RL objective."""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    """The data pool between rollouts and training."""
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    """Supervised warm-start on oracle demonstrations."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    train: LoopConfig = field(default_factory=LoopConfig)
+    """Length of the RL loop and its bookkeeping."""
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), cls: type[T] = RecipeConfig) -> T:
@@ -83,7 +119,14 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), cls: type[T] = 
         raise ConfigError(f"{source}: a recipe is a mapping of sections, got {type(data).__name__}")
     for item in overrides:
         apply_override(data, item, cls)
-    return from_dict(cls, data, source=source)
+    cfg = from_dict(cls, data, source=source)
+    if isinstance(cfg, RecipeConfig):
+        # The env class is checked here so that a typo fails before any actor starts.
+        try:
+            load_env_class(cfg.env.cls)
+        except EnvLoadError as exc:
+            raise ConfigError(f"{source}: env.cls: {exc}") from None
+    return cfg
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "<dict>", prefix: str = "") -> T:

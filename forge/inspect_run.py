@@ -1,0 +1,55 @@
+"""`forge inspect RUN`: a run's evaluations, one step's groups and rewards, one trajectory rendered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from forge.middleware.arrow import read_parquet
+from forge.middleware.types import Trajectory
+from forge.monitoring import read_metrics
+from forge.policy.tokenizer import ByteTokenizer
+
+
+def render_run(path: Path, *, step: int | None = None, trajectory: int = 0) -> str:
+    """A text report of the run folder `path`."""
+    lines = [f"run {path}"]
+    metrics = path / "metrics.jsonl"
+    rows = read_metrics(metrics) if metrics.is_file() else []
+    evals = [(r["step"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r]
+    train_steps = [r for r in rows if "train/loss" in r]
+    lines.append(f"  {len(train_steps)} RL steps logged, {len(evals)} evaluations")
+    for s, reward in evals:
+        lines.append(f"  eval at step {s:>5}: reward {reward:.3f}")
+    files = sorted((path / "rollouts").glob("step-*.parquet"))
+    if not files:
+        lines.append("  no rollouts kept (train.keep_rollouts was false, or no step finished)")
+        return "\n".join(lines)
+    chosen = files[-1] if step is None else path / "rollouts" / f"step-{step:06d}.parquet"
+    if not chosen.is_file():
+        have = ", ".join(f.stem.split("-")[1].lstrip("0") or "0" for f in files[-5:])
+        raise FileNotFoundError(f"no rollouts kept for step {step} in {path}; the last kept steps are {have}")
+    groups = read_parquet(chosen)
+    lines.append(f"\n{chosen.stem}: {len(groups)} groups")
+    for g in groups:
+        rewards = " ".join(f"{r:.2f}" for r in g.rewards)
+        lines.append(f"  {g.task_id:<28} attempts {g.attempts}  rewards [{rewards}]")
+    trajs = [t for g in groups for t in g.trajectories]
+    if not 0 <= trajectory < len(trajs):
+        raise IndexError(f"--trajectory {trajectory} is out of range; the step has {len(trajs)} trajectories")
+    lines.append("\n" + render_trajectory(trajs[trajectory]))
+    return "\n".join(lines)
+
+
+def render_trajectory(traj: Trajectory) -> str:
+    """The conversation as text: prompt, each sampled turn (with its version), each observation."""
+    tok = ByteTokenizer()
+    out = [f"trajectory of {traj.task_id} (group {traj.group_id}): reward {traj.reward:.3f}, "
+           f"{len(traj.token_ids)} tokens, status {traj.status}"]
+    out.append("--- prompt ---\n" + tok.decode(traj.prompt_ids))
+    for i, turn in enumerate(traj.turns):
+        out.append(f"--- turn {i} (policy v{turn.policy_version}, {len(turn.sampled_ids)} tokens, "
+                   f"mean logprob {sum(turn.logprobs) / max(1, len(turn.logprobs)):.3f}) ---")
+        out.append(tok.decode(turn.sampled_ids))
+        if turn.observation_ids:
+            out.append("--- observation ---\n" + tok.decode(turn.observation_ids))
+    return "\n".join(out)
