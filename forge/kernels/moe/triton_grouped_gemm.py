@@ -32,11 +32,15 @@ from forge.kernels.moe.triton_common import cast_out, is_interpret
 BLOCK_M = 16 if is_interpret() else 128
 
 
-def _configs(gpu: list[dict], tiny: dict) -> list[triton.Config]:
+def _configs(gpu: list[dict], tiny: dict, small: dict) -> list[triton.Config]:
+    """Autotune candidates. `small` fits fp32 tiles in shared memory: in fp32 every tuned
+    config over-asks (seen on an H100: 294912 bytes wanted, 232448 there) and the autotuner
+    skips those, so without it an fp32 call had nothing left to run. Autotune keys include
+    the tensors' dtypes, so bf16 still picks among all of them."""
     if is_interpret():
         return [triton.Config(tiny, num_warps=4, num_stages=1)]
     return [triton.Config({k: v for k, v in c.items() if k not in ("w", "s")}, num_warps=c["w"], num_stages=c["s"])
-            for c in gpu]
+            for c in [*gpu, small]]
 
 
 def _even_k(args) -> bool:
@@ -48,6 +52,7 @@ def _even_k(args) -> bool:
         [dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
          dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4)],
         dict(BLOCK_N=16, BLOCK_K=16),
+        dict(BLOCK_N=64, BLOCK_K=32, w=4, s=2),
     ),
     key=["N_OUT", "K", "BLOCK_M"],
 )
@@ -133,6 +138,7 @@ def _mm_rows(acc, a_ptr, b_ptr, e, rows, valid, offs_n, nmask, K, stride_am, str
         [dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4), dict(BLOCK_N=256, BLOCK_K=64, w=8, s=3),
          dict(BLOCK_N=128, BLOCK_K=64, w=4, s=4)],
         dict(BLOCK_N=16, BLOCK_K=16),
+        dict(BLOCK_N=64, BLOCK_K=32, w=4, s=2),
     ),
     key=["N_OUT", "K", "HAS_SECOND", "USE_SWIGLU_BWD", "BLOCK_M"],
 )
@@ -182,6 +188,7 @@ def moe_grouped_mm_kernel(
          dict(BLOCK_K=128, BLOCK_N=64, BLOCK_R=128, w=4, s=3)],
         # Twice the interpreter's row tile, so the tests step past segment ends.
         dict(BLOCK_K=16, BLOCK_N=16, BLOCK_R=32),
+        dict(BLOCK_K=64, BLOCK_N=64, BLOCK_R=32, w=4, s=2),
     ),
     key=["K", "N_OUT", "GATHER_A", "HAS_SECOND", "BLOCK_M"],
 )
