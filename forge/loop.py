@@ -10,6 +10,7 @@ not hidden behind decorators.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
         ray.get(pool.load_state_dict.remote(client["pool"]))
     rollouts = _start_rollouts(cfg, store, state)
     evaluator = _start_evaluator(cfg, store)
+    _record_placement(run, ranks, rollouts.workers)
     publish_s = _publish(ranks, store, state.version)
     if not state.warm_start_done:
         _warm_start(cfg, ranks, monitor)
@@ -126,13 +128,23 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
 
 
 def _start_rollouts(cfg: Any, store: Any, state: DriverState) -> _Rollouts:
-    remote = ray.remote(num_cpus=cfg.rollout.actor_num_cpus)(RolloutActor)
+    remote = ray.remote(num_cpus=cfg.rollout.actor_num_cpus, num_gpus=cfg.rollout.actor_num_gpus,
+                        resources=cfg.rollout.actor_resources or None)(RolloutActor)
     workers = [
         remote.remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, cfg.run.seed * 1000 + i + 7919 * state.step))
         for i in range(cfg.rollout.num_workers)
     ]
     per_call = max(1, cfg.rollout.concurrency // cfg.rollout.group_size)
     return _Rollouts(workers, {}, per_call, cfg.run.seed * 100_000_000)
+
+
+def _record_placement(run, ranks: list, workers: list) -> None:
+    """Write which Ray node each role landed on to placement.json in the run folder."""
+    placement = {"trainer": ray.get([r.node_id.remote() for r in ranks]),
+                 "rollout": ray.get([w.node_id.remote() for w in workers])}
+    (run.path / "placement.json").write_text(json.dumps(placement, indent=2))
+    nodes = len(set(placement["trainer"]) | set(placement["rollout"]))
+    log.info("placed %d trainer ranks and %d rollout workers on %d node(s)", len(ranks), len(workers), nodes)
 
 
 def _start_evaluator(cfg: Any, store: Any):

@@ -46,6 +46,10 @@ class RolloutConfig:
     """Rollout worker actors."""
     actor_num_cpus: float = 1.0
     """CPUs Ray reserves for each rollout actor."""
+    actor_num_gpus: float = 0.0
+    """GPUs Ray reserves for each rollout actor (for generation on a GPU)."""
+    actor_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each rollout actor needs, e.g. {rollout_node: 1} to pin them to nodes started with that resource."""
     concurrency: int = 32
     """Episodes a worker runs at once; their turns go to the generator in one batch."""
     max_retries: int = 2

@@ -40,6 +40,10 @@ class RolloutActor:
     def total_stats(self) -> RolloutStats:
         return self.stats
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (the launcher records where each role landed)."""
+        return ray.get_runtime_context().get_node_id()
+
 
 class _PoolSink:
     """A `GroupSink` that forwards to a data-pool actor, one blocking call each."""
@@ -62,7 +66,8 @@ def start_rollout_actors(
     make_tokenizer: Callable[[], Tokenizer] = ByteTokenizer,
 ) -> list:
     """`rollout_cfg.num_workers` actor handles; Ray must be initialised by the caller."""
-    remote_cls = ray.remote(num_cpus=rollout_cfg.actor_num_cpus)(RolloutActor)
+    remote_cls = ray.remote(num_cpus=rollout_cfg.actor_num_cpus, num_gpus=rollout_cfg.actor_num_gpus,
+                            resources=rollout_cfg.actor_resources or None)(RolloutActor)
     return [remote_cls.remote(env_cfg, rollout_cfg, make_generator, make_tokenizer) for _ in range(rollout_cfg.num_workers)]
 
 

@@ -57,6 +57,8 @@ class TrainerConfig:
     """GPUs per trainer rank on a Ray cluster; 0 trains on the CPU."""
     cpus_per_rank: float = 1.0
     """CPUs Ray reserves for each trainer rank."""
+    resources_per_rank: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each trainer rank needs, e.g. {trainer_node: 1} to pin ranks to nodes started with it."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.zero_stage <= 3:

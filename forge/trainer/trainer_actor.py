@@ -36,6 +36,9 @@ class TrainerActor:
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -45,7 +48,7 @@ def _free_port() -> int:
 
 def start_trainer_ranks(model_cfg: ModelConfig, cfg: TrainerConfig, algo: AlgorithmConfig, seed: int) -> list:
     """`cfg.num_ranks` trainer actors in one placement group; Ray must be initialised."""
-    bundle = {"CPU": cfg.cpus_per_rank}
+    bundle = {"CPU": cfg.cpus_per_rank, **cfg.resources_per_rank}
     if cfg.gpus_per_rank:
         bundle["GPU"] = cfg.gpus_per_rank
     pg = placement_group([bundle] * cfg.num_ranks, strategy="PACK")
@@ -57,7 +60,8 @@ def start_trainer_ranks(model_cfg: ModelConfig, cfg: TrainerConfig, algo: Algori
     port = _free_port()
     for rank in range(cfg.num_ranks):
         strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=rank)
-        options = {"num_cpus": cfg.cpus_per_rank, "num_gpus": cfg.gpus_per_rank, "scheduling_strategy": strategy}
+        options = {"num_cpus": cfg.cpus_per_rank, "num_gpus": cfg.gpus_per_rank, "scheduling_strategy": strategy,
+                   "resources": cfg.resources_per_rank or None}
         if rank == 0 and master is None:
             probe = ray.remote(num_cpus=0, scheduling_strategy=strategy)(lambda: ray.util.get_node_ip_address())
             master = ray.get(probe.remote())
