@@ -123,11 +123,13 @@ class CalculatorEnv(ToolEnv):
 
     def oracle(self, prompt: str) -> Generator[str, str, None]:
         """Read the story into one expression, calculate it, answer the result."""
-        story = prompt.split("\n\nTools:")[0]
+        story = prompt.split("\nTools:")[0]
         expression = re.search(r"has (\d+) coins\.", story).group(1)
         ops = {"earns": "+", "spends": "-", "times as many": "*", "equally among": "//"}
         for sentence in re.findall(r"Then [^.]*\.", story):
             op = next(o for key, o in ops.items() if key in sentence)
             expression = f"({expression}) {op} {re.findall(r'[0-9]+', sentence)[0]}"
-        reply = yield f"<think>The coins follow {expression}.</think>" + render_tool_call("calculate", {"expression": expression})
+        # The brief style is for small models trained from scratch: no thinking to imitate.
+        think = f"<think>The coins follow {expression}.</think>" if self.prompt_style == "full" else ""
+        reply = yield think + render_tool_call("calculate", {"expression": expression})
         yield f"<answer>{tool_results(reply)[0]}</answer>"

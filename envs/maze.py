@@ -48,8 +48,8 @@ class MazeEnv(ToolEnv):
 
     max_calls_per_turn = 16
 
-    def __init__(self, difficulty: int = 0, render_mode: str | None = None) -> None:
-        super().__init__(difficulty=difficulty, render_mode=render_mode)
+    def __init__(self, difficulty: int = 0, render_mode: str | None = None, prompt_style: str = "full") -> None:
+        super().__init__(difficulty=difficulty, render_mode=render_mode, prompt_style=prompt_style)
         self.size = 5 + 2 * max(0, min(self.difficulty, 5))
         # Enough turns for a path through every cell at 16 moves per turn, plus slack.
         self.max_turns = self.size * self.size // 8 + 6

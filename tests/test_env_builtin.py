@@ -120,3 +120,18 @@ def test_safe_eval_computes(expression, value):
 def test_safe_eval_refuses(expression, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         safe_eval(expression)
+
+
+@pytest.mark.parametrize("env_id", sorted(envs.BUILTIN_ENVS))
+def test_brief_prompts_keep_the_task_and_the_oracle_still_wins(env_id):
+    full = gymnasium.make(env_id).unwrapped
+    brief = gymnasium.make(env_id, prompt_style="brief")
+    long_prompt, short_prompt = full.reset(seed=5)[0], brief.reset(seed=5)[0]
+    assert len(short_prompt) < len(long_prompt) and "Tools: " in short_prompt
+    assert all(name in short_prompt for name in brief.unwrapped.tools)
+    assert play(brief, 5) == 1.0
+
+
+def test_unknown_prompt_style_is_refused():
+    with pytest.raises(ValueError, match="prompt_style 'terse' is not one of full, brief"):
+        gymnasium.make("forge/Calculator-v0", prompt_style="terse")

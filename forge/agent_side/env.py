@@ -71,6 +71,9 @@ def call_with_timeout(fn, timeout_s: float | None, *args, **kwargs) -> tuple[str
     return "ok", box.get("ok")
 
 
+PROMPT_STYLES = ("full", "brief")
+
+
 class ToolEnv(gym.Env[str, str]):
     """Base class of tool-using environments. Subclass it; see docs/envs.md."""
 
@@ -86,10 +89,13 @@ class ToolEnv(gym.Env[str, str]):
     max_text_chars: int = 1_000_000
     """Length bound of the observation and action Text spaces."""
 
-    def __init__(self, difficulty: int = 0, render_mode: str | None = None) -> None:
+    def __init__(self, difficulty: int = 0, render_mode: str | None = None, prompt_style: str = "full") -> None:
         if render_mode is not None:
             raise ValueError(f"{type(self).__name__} renders nothing; pass render_mode=None")
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style '{prompt_style}' is not one of {', '.join(PROMPT_STYLES)}")
         self.difficulty = int(difficulty)
+        self.prompt_style = prompt_style
         self.tools: dict[str, ToolSpec] = collect_tools(type(self))
         self.observation_space = spaces.Text(self.max_text_chars, min_length=0, charset=PRINTABLE)
         self.action_space = spaces.Text(self.max_text_chars, min_length=0, charset=PRINTABLE)
@@ -112,7 +118,15 @@ class ToolEnv(gym.Env[str, str]):
         return [self.tools[name].schema() for name in sorted(self.tools)]
 
     def render_prompt(self, task: str) -> str:
-        """The first observation: the task, the tools and the protocol. Override to restyle."""
+        """The first observation: the task, the tools and the protocol. Override to restyle.
+
+        'full' gives each tool's JSON schema and the protocol in words; 'brief' gives only the
+        tools' signatures, for small models trained from scratch that learn the protocol from
+        demonstrations, where every prompt token costs training time and says nothing new.
+        """
+        if self.prompt_style == "brief":
+            sigs = ", ".join(f"{s['name']}({', '.join(s['parameters']['properties'])})" for s in self.tool_schemas())
+            return f"{task}\nTools: {sigs}\n"
         tools = "\n".join(json.dumps(s, sort_keys=True) for s in self.tool_schemas())
         return (
             f"{task}\n\nTools:\n{tools}\n\n"
