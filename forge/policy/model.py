@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from forge.kernels.dtypes import at_least_fp32
 import torch.nn.functional as F
 from torch import nn
 
@@ -32,7 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = at_least_fp32(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -50,7 +52,7 @@ def rope_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float) -> tu
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the leading cos.shape[-1] dims of x [B, T, H, D]; the rest pass through."""
     r = cos.shape[-1]
-    rot, rest = x[..., :r].float(), x[..., r:]
+    rot, rest = at_least_fp32(x[..., :r]), x[..., r:]
     half = r // 2
     rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
     out = rot * cos[:, :, None] + rotated * sin[:, :, None]
@@ -179,7 +181,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The policy. `forward` returns float32 logits [B, T, V] for input ids [B, T]."""
+    """The policy. `forward` returns logits [B, T, V] (float32, or float64 for an fp64 model) for ids [B, T]."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -210,7 +212,7 @@ class Transformer(nn.Module):
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()
+        return at_least_fp32(F.linear(h, weight))
 
     def forward(
         self,
@@ -220,7 +222,7 @@ class Transformer(nn.Module):
         subtree_end: torch.Tensor | None = None,
         token_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] float32.
+        """Logits [B, T, V] in float32 (float64 for an fp64 model).
 
         input_ids: [B, T] long. position_ids: [B, T], default arange(T) per row; give the
         prefix tree's depths with subtree_end. subtree_end: [B, T] or None; if given, query q

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from forge.kernels.dtypes import at_least_fp32
 import torch.nn.functional as F
 from torch import nn
 
@@ -74,7 +76,7 @@ class MoE(nn.Module):
         flat = x.reshape(b * t, h)  # [N, H]
         # The router runs in fp32: in bf16, near-tied scores flip the top-k choice between the
         # generator and the trainer, and that mismatch is what RL on an MoE is most sensitive to.
-        logits = flat.float() @ self.router.float().t()  # [N, E]
+        logits = at_least_fp32(flat) @ at_least_fp32(self.router).t()  # [N, E]
         tw = None if token_weight is None else token_weight.reshape(b * t)
         weights, experts, load = route(
             logits, self.expert_bias, self.top_k, score_func=self.score_func,

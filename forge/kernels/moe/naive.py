@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
+from forge.kernels.dtypes import at_least_fp32
 import torch.nn.functional as F
 
 ScoreFunc = Literal["sigmoid", "softmax"]
@@ -20,9 +22,9 @@ ScoreFunc = Literal["sigmoid", "softmax"]
 def router_scores(logits: torch.Tensor, score_func: ScoreFunc) -> torch.Tensor:
     """Router scores in float32 from logits [N, E]."""
     if score_func == "sigmoid":
-        return torch.sigmoid(logits.float())
+        return torch.sigmoid(at_least_fp32(logits))
     if score_func == "softmax":
-        return torch.softmax(logits.float(), dim=-1)
+        return torch.softmax(at_least_fp32(logits), dim=-1)
     raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
 
 
@@ -78,7 +80,7 @@ def moe_experts_naive(
     """
     n, h = x.shape
     num_experts = w_gate.shape[0]
-    out = torch.zeros(n, h, device=x.device, dtype=torch.float32)
+    out = torch.zeros(n, h, device=x.device, dtype=at_least_fp32(x[:0]).dtype)
     flat_experts = experts.reshape(-1)  # [N * k]
     flat_tokens = torch.arange(n, device=x.device).repeat_interleave(experts.shape[1])  # [N * k]
     flat_weights = weights.reshape(-1)  # [N * k]
@@ -90,5 +92,5 @@ def moe_experts_naive(
         xe = x[tok]  # [n_e, H]
         act = F.silu(xe @ w_gate[e]) * (xe @ w_up[e])  # [n_e, F]
         ye = act @ w_down[e]  # [n_e, H]
-        out.index_add_(0, tok, ye.float() * flat_weights[sel].float()[:, None])
+        out.index_add_(0, tok, at_least_fp32(ye) * at_least_fp32(flat_weights[sel])[:, None])
     return out.to(x.dtype)
