@@ -117,6 +117,8 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
             metrics["train/rl_step"] = float(state.step)
             monitor.log(metrics, step=base + state.step)
             _log_samples(monitor, groups, base + state.step, cfg)
+            for name, load in ray.get(ranks[0].call.remote("router_loads")).items():
+                monitor.histogram(name, load, base + state.step)
             if state.step % cfg.eval.every == 0 or state.step == cfg.train.steps:
                 _evaluate(cfg, evaluator, monitor, state, base)
             if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:

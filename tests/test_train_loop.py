@@ -71,6 +71,9 @@ def test_stop_midway_and_resume_loses_no_step(tmp_path):
     evals = [r for r in metrics if "eval/reward_mean" in r]
     assert evals[0]["step"] == 2 and evals[-1]["step"] == 6
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    # Histograms leave their summary in metrics.jsonl: advantages and the MoE layer's expert load.
+    last = [r for r in metrics if "train/rl_step" in r][-1]
+    assert "train/advantages/max" in last and "router/load_layer1/max" in last
     assert int(stopped_at.split("-")[1]) >= 2
     log = (run / "forge.log").read_text()
     assert f"from {stopped_at}" in log

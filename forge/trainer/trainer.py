@@ -69,6 +69,8 @@ class Trainer:
             self.reset_reference()
         self.version = 0
         """Policy version: the number of optimizer steps taken."""
+        self.last_router_loads: dict[str, list[float]] = {}
+        """Tokens per expert of each MoE layer in the last step (summed over ranks), for histograms."""
 
     def reset_reference(self) -> None:
         """Freeze the current weights as the reference policy of the KL term."""
@@ -108,6 +110,7 @@ class Trainer:
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         router = update_expert_bias(self.model, all_reduce=all_reduce_sum)
+        self.last_router_loads = {f"router/load_layer{s.layer}": s.tokens_per_expert for s in router}
         self.version += 1
         tokens = totals["tokens"]
         gap = [(o.cpu().double() - s).abs()[m.bool()] for o, s, m in zip(old, batch.sampler_logprobs, batch.masks)]
@@ -174,6 +177,10 @@ class Trainer:
         if self.reference is not None:
             self.reset_reference()
         return client
+
+    def router_loads(self) -> dict[str, list[float]]:
+        """The last step's tokens per expert, per MoE layer."""
+        return self.last_router_loads
 
     def weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the full weights (gathered under ZeRO-3), for rollout workers."""
