@@ -48,6 +48,16 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("forge: error: ") and expected in lines[0], out.stderr
 
 
+def test_overrides_may_follow_options():
+    from forge.cli import main
+
+    assert main(["config", "recipes/quickstart.yaml", "run.seed=4"]) == 0
+    out = forge_cli("train", "recipes/quickstart.yaml", "--resume", "nowhere", "run.seed=4")
+    assert out.returncode == 2 and "'nowhere' is not a run folder" in out.stderr
+    out = forge_cli("config", "recipes/quickstart.yaml", "--bogus")
+    assert out.returncode == 2 and "unrecognized arguments: --bogus" in out.stderr
+
+
 def test_unknown_subcommand_is_refused():
     out = forge_cli("frobnicate")
     assert out.returncode == 2 and "invalid choice" in out.stderr

@@ -1,0 +1,63 @@
+"""Train on kept rollouts without Ray: the trainer's logic as plain processes under torchrun.
+
+    torchrun --nproc_per_node 2 -m forge.replay RECIPE --rollouts runs/<run>/rollouts [a.b=c ...]
+
+Each step reads one kept batch (`rollouts/step-NNNNNN.parquet`, as `forge train` writes them),
+gives rank r the groups r, r + world, ... (whole groups, as the Ray loop does) and runs one
+`Trainer.train_step`; rank 0 prints each step's metrics as a JSON line. It replays batches
+offline, and it is how several GPUs are tested against one without a Ray cluster: the same
+global batch must give the same loss and, within rounding, the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from forge.config import ConfigError, RecipeConfig, load_recipe
+from forge.middleware.arrow import read_parquet
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forge.replay", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--rollouts", required=True, help="a run's rollouts/ folder of step-*.parquet files")
+    parser.add_argument("--steps", type=int, default=None, help="replay at most this many batches")
+    parser.add_argument("--save", default=None, help="rank 0 writes the final weights here (torch.save)")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_recipe(args.recipe, args.overrides, RecipeConfig)
+        files = sorted(Path(args.rollouts).glob("step-*.parquet"))[: args.steps]
+        if not files:
+            raise ConfigError(f"--rollouts {args.rollouts}: no step-*.parquet files; run forge train with "
+                              "train.keep_rollouts=true first")
+    except ConfigError as exc:
+        print(f"forge.replay: error: {exc}", file=sys.stderr)
+        return 2
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    import torch
+
+    from forge.trainer.trainer import Trainer
+
+    cfg.trainer.num_ranks = world
+    trainer = Trainer(cfg.model, cfg.trainer, cfg.algorithm, seed=cfg.run.seed, rank=rank, world_size=world)
+    for step, path in enumerate(files, start=1):
+        groups = read_parquet(path)
+        if len(groups) % world:
+            print(f"forge.replay: error: {path.name} holds {len(groups)} groups, not a multiple of {world} ranks",
+                  file=sys.stderr)
+            return 2
+        metrics = trainer.train_step(groups[rank::world])
+        if rank == 0:
+            print(json.dumps({"step": step, **metrics}), flush=True)
+    if args.save and rank == 0:
+        torch.save(trainer.weights(), args.save)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
