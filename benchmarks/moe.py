@@ -24,31 +24,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 import triton
+from _timing import timed
 
 from forge.kernels.moe.naive import moe_experts_naive, route_naive
 from forge.kernels.moe.triton_experts import moe_experts_triton
 from forge.kernels.moe.triton_router import route_triton
-
-
-def timed(fn, reps: int, warmup: int = 2) -> float:
-    """Median milliseconds of `fn` over `reps` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def grouped_mm_experts(x, weights, experts, w_gate, w_up, w_down):
@@ -147,8 +131,8 @@ def main() -> None:
             layer().backward(dout)
 
         with torch.no_grad():
-            fwd_ms = timed(layer, a.reps)
-        step_ms = timed(fwd_bwd, a.reps)
+            fwd_ms = timed(layer, a.reps, warmup=2)
+        step_ms = timed(fwd_bwd, a.reps, warmup=2)
         results[name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=step_ms, fwd_tflops=flop / fwd_ms / 1e9,
                              fwd_bwd_tflops=3 * flop / step_ms / 1e9)
         print(f"{name}: fwd {fwd_ms:.2f} ms, fwd+bwd {step_ms:.2f} ms", flush=True)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from _timing import timed
 
 from forge.kernels.msa.synthetic import needle_case, needle_recall
 from forge.kernels.msa.triton_attention import sparse_attention_triton
@@ -27,22 +28,6 @@ from forge.kernels.msa.triton_decode import msa_decode
 from forge.kernels.msa.triton_indexer import select_blocks_triton
 
 HQ, HKV, D = 48, 8, 128
-
-
-def timed(fn, reps: int, warmup: int = 1) -> float:
-    """Median milliseconds of `fn` over `reps` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def graphed(fn):

@@ -103,6 +103,8 @@ def bench(args: argparse.Namespace) -> int:
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise ConfigError(f"no benchmark '{args.name}'; {hint}known: {', '.join(names)}")
     sys.argv = [str(BENCHMARKS / f"{args.name}.py"), *args.args]
+    # As `python benchmarks/NAME.py` would: the script's folder first, for its shared helpers.
+    sys.path.insert(0, str(BENCHMARKS))
     runpy.run_path(sys.argv[0], run_name="__main__")
     return 0
 
