@@ -105,11 +105,14 @@ def sequence_scores(
     merge: bool = True,
     with_entropy: bool = False,
     token_budget: int | None = None,
+    tree: FlatTree | None = None,
 ) -> SequenceScores:
     """Logprobs (and entropies) of every sequence's tokens after the first; see sequence_logprobs.
 
     token_budget: if given, the merged batch runs in micro-batches of at most this many unique
     tokens (forge.prefix_tree.pack_groups; a tree over it is split with its root path repeated).
+    tree: `build_tree(sequences)` if the caller already has it (the trainer scores one
+    micro-batch up to three times a step); ignored with a token_budget.
     """
     seqs = [as_token_list(s) for s in sequences]
     if not seqs:
@@ -117,7 +120,7 @@ def sequence_scores(
     if not merge:
         return _unmerged(model, seqs, with_entropy)
     if token_budget is None:
-        return _merged(model, seqs, build_tree(seqs), with_entropy)
+        return _merged(model, seqs, tree if tree is not None else build_tree(seqs), with_entropy)
     logprobs: list = [None] * len(seqs)
     entropies: list | None = [None] * len(seqs) if with_entropy else None
     for pack in pack_groups([seqs], token_budget):

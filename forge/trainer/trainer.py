@@ -26,7 +26,7 @@ from forge.middleware.types import Group
 from forge.policy.config import ModelConfig
 from forge.policy.model import Transformer
 from forge.policy.moe import update_expert_bias
-from forge.prefix_tree import build_tree
+from forge.prefix_tree import FlatTree, build_tree
 from forge.prefix_tree.fallback import should_merge
 from forge.trainer.batch import RLBatch, make_batch, micro_batches
 from forge.trainer.config import AlgorithmConfig, TrainerConfig
@@ -45,6 +45,8 @@ class _MicroBatch:
     seqs: list[list[int]]
     merge: bool
     """Run it as a prefix tree (its token ratio pays for it)."""
+    tree: FlatTree
+    """Its prefix tree, built once and reused by every pass of the step."""
     tokens: int
     """Tokens the forward pass computes: unique ones when merged, all otherwise."""
 
@@ -89,7 +91,7 @@ class Trainer:
         self.model.train()
         for i, mb in enumerate(mbs):
             idx = mb.idx
-            scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, with_entropy=True)
+            scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, with_entropy=True, tree=mb.tree)
             masks = [batch.masks[j].to(dev, scores.logprobs[0].dtype) for j in idx]
             olds = [old[j] for j in idx]
             adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
@@ -150,7 +152,7 @@ class Trainer:
         self.model.train()
         total = 0.0
         for i, mb in enumerate(mbs):
-            lps = sequence_scores(self.model, mb.seqs, merge=mb.merge).logprobs
+            lps = sequence_scores(self.model, mb.seqs, merge=mb.merge, tree=mb.tree).logprobs
             loss = -sum((lp * batch.masks[j].to(dev, lp.dtype)).sum() for j, lp in zip(mb.idx, lps)) / tokens
             self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
             self.engine.backward(loss)
@@ -205,7 +207,7 @@ class Trainer:
             seqs = [batch.sequences[j] for j in idx]
             tree = build_tree(seqs)
             merge = should_merge(tree, self.cfg.merge)
-            plans.append(_MicroBatch(idx, seqs, merge, tree.num_tokens if merge else sum(len(s) for s in seqs)))
+            plans.append(_MicroBatch(idx, seqs, merge, tree, tree.num_tokens if merge else sum(len(s) for s in seqs)))
         return plans
 
     @torch.no_grad()
@@ -215,7 +217,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         for mb in mbs:
-            for j, lp in zip(mb.idx, sequence_scores(model, mb.seqs, merge=mb.merge).logprobs):
+            for j, lp in zip(mb.idx, sequence_scores(model, mb.seqs, merge=mb.merge, tree=mb.tree).logprobs):
                 out[j] = lp.detach()
         model.train(was_training)
         return out
