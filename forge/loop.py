@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 import ray
+import torch
 
 from forge.agent_side.config import EnvConfig, RolloutConfig, load_env_class
 from forge.agent_side.demos import oracle_batch
@@ -40,7 +41,11 @@ class SyncingGenerator:
 
     def __init__(self, model_cfg: ModelConfig, store: Any, seed: int) -> None:
         self.store = store
-        self.inner = ModelGenerator(Transformer(model_cfg), ByteTokenizer(), seed=seed, policy_version=-1)
+        model = Transformer(model_cfg)
+        if torch.cuda.is_available():
+            # Ray hides every GPU from an actor that asked for none (rollout.actor_num_gpus).
+            model = model.cuda()
+        self.inner = ModelGenerator(model, ByteTokenizer(), seed=seed, policy_version=-1)
         self.sync_s = 0.0
 
     def generate(self, prompts, params):
@@ -111,6 +116,9 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
             state.version += 1
             publish_s = _publish(ranks, store, state.version)
             metrics.update(rollout_metrics)
+            if rollout_metrics.get("rollout/generate_s"):
+                # Summed over the workers' calls that finished since the last step: per worker-second.
+                metrics["rollout/tokens_per_s"] = rollout_metrics["rollout/sampled_tokens"] / rollout_metrics["rollout/generate_s"]
             metrics.update(ray.get(pool.stats.remote(state.version)))
             metrics.update({"time/rollout_wait_s": wait_s, "time/weights_publish_s": publish_s,
                             "train/staleness_mean": sum(state.version - 1 - g.min_policy_version for g in groups) / len(groups)})
@@ -152,7 +160,7 @@ def _record_placement(run, ranks: list, workers: list) -> None:
 def _start_evaluator(cfg: Any, store: Any):
     eval_rollout = RolloutConfig(**{**vars(cfg.rollout), "group_size": 1, "temperature": cfg.eval.temperature,
                                     "concurrency": max(1, cfg.eval.num_tasks), "max_retries": 1})
-    remote = ray.remote(num_cpus=0)(RolloutActor)
+    remote = ray.remote(num_cpus=0, num_gpus=cfg.rollout.actor_num_gpus)(RolloutActor)
     return remote.remote(cfg.env, eval_rollout, partial(_make_generator, cfg.model, store, cfg.run.seed + 17))
 
 

@@ -56,14 +56,14 @@ def agent_groups(seed: int, n_groups: int, g: int) -> list[Group]:
     return out
 
 
-def replay(tmp_path: Path, nproc: int, port: int) -> tuple[list[dict], dict, dict]:
-    save, initial = tmp_path / f"w-{nproc}.pt", tmp_path / f"w0-{nproc}.pt"
+def replay(tmp_path: Path, nproc: int, port: int, micro: int = 4096) -> tuple[list[dict], dict, dict]:
+    save, initial = tmp_path / f"w-{nproc}-{micro}.pt", tmp_path / f"w0-{nproc}-{micro}.pt"
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
          "-m", "forge.replay", str(RECIPE), "--rollouts", str(tmp_path / "rollouts"), "--save", str(save),
          "--save-initial", str(initial), "trainer.zero_stage=2", "trainer.precision=bf16",
-         "trainer.groups_per_step=8", "trainer.micro_batch_tokens=4096", "trainer.lr=1e-3",
+         "trainer.groups_per_step=8", f"trainer.micro_batch_tokens={micro}", "trainer.lr=1e-3",
          "algorithm.loss=grpo", "algorithm.reduction=token_mean", *MODEL],
         cwd=ROOT, capture_output=True, text=True, timeout=800, env=env,
     )
@@ -77,6 +77,9 @@ def test_two_gpus_match_one(tmp_path):
         write_parquet(agent_groups(step, n_groups=8, g=4), tmp_path / "rollouts" / f"step-{step:06d}.parquet")
     one_rows, w0, one = replay(tmp_path, 1, 29571)
     two_rows, w0_two, two = replay(tmp_path, 2, 29572)
+    # The noise floor: one GPU again, the same batch cut into smaller micro-batches, so only the
+    # order of bf16 sums changes.
+    _, _, repacked = replay(tmp_path, 1, 29573, micro=2048)
     assert all(torch.equal(w0[k], w0_two[k]) for k in w0), "the two runs must start from the same weights"
     assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2]
     report = {"loss_1gpu": [r["train/loss"] for r in one_rows], "loss_2gpu": [r["train/loss"] for r in two_rows]}
@@ -86,9 +89,15 @@ def test_two_gpus_match_one(tmp_path):
     report["diff_norm"] = differ.norm().item()
     report["relative"] = report["diff_norm"] / report["update_norm"]
     report["max_abs_diff"] = differ.abs().max().item()
+    floor = torch.cat([(one[k].double() - repacked[k].double()).flatten() for k in w0])
+    report["floor_relative"] = floor.norm().item() / report["update_norm"]
+    report["floor_max_abs_diff"] = floor.abs().max().item()
     print("REPLAY_GPU", json.dumps(report))
     # Token-mean GRPO: a loss that is not zero on-policy; the same numbers up to bf16 rounding.
     for a, b in zip(report["loss_1gpu"], report["loss_2gpu"]):
         assert a == pytest.approx(b, rel=2e-2, abs=2e-3)
     assert abs(report["loss_1gpu"][0]) > 1e-4 and report["update_norm"] > 0
-    assert report["relative"] < 0.05, report
+    # Adam's first steps move each weight by about lr whatever the gradient's size, so a weight
+    # whose gradient is near zero can flip direction under any rounding change: the difference
+    # is measured against the same one-GPU run with another packing, not against zero.
+    assert report["relative"] < 2 * report["floor_relative"] + 1e-3, report
