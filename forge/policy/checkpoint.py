@@ -192,6 +192,8 @@ def load_hf(
 
 def config_arch(config: ModelConfig) -> str:
     """The Hugging Face model_type that holds this config exactly; raises if none does."""
+    if config.msa.enabled:
+        raise ValueError("MSA layers (index projections, sparse attention) have no Llama/Qwen equivalent; use save_checkpoint")
     if config.rotary_dim != config.head_dim:
         raise ValueError("partial RoPE (rotary_dim < head_dim) has no Llama/Qwen equivalent; use save_checkpoint")
     if config.qk_norm and config.qk_norm_scope != "head":

@@ -1,15 +1,19 @@
 """The policy model's shape: one typed config that the model, the generator, checkpoint import
 and the recipes share.
 
-The presets span a CPU test model (`tiny`), a CPU recipe model (`small`) and a MiniMax-M2-like
-shape (`minimax_m2_like`) that is only ever built on the meta device here, to check that the
-model definition counts the published 230B total / 10B active parameters.
+The presets span a CPU test model (`tiny`), a CPU recipe model (`small`), a ~100M-parameter
+MoE + MSA model for one GPU (`msa_100m`) and a MiniMax-M2-like shape (`minimax_m2_like`) that is
+only ever built on the meta device here, to check that the model definition counts the
+published 230B total / 10B active parameters. MSA settings (`ModelConfig.msa`) are off unless a
+recipe or preset turns them on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from forge.kernels.msa.config import MSAConfig
 
 # The ByteTokenizer's vocabulary: 256 bytes, 3 control tokens and 8 protocol markers. Written out
 # rather than imported so that this config module stays free of tokenizer state.
@@ -66,6 +70,8 @@ class ModelConfig:
     """Fixed step by which each expert's routing bias moves towards balanced load per optimizer step."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of every weight matrix."""
+    msa: MSAConfig = field(default_factory=MSAConfig)
+    """MiniMax Sparse Attention: which layers use it, its block selection and the index-branch training."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -78,6 +84,18 @@ class ModelConfig:
             raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if not 0 <= self.dense_layers <= self.num_layers:
             raise ValueError(f"dense_layers must be in [0, num_layers={self.num_layers}], got {self.dense_layers}")
+        if isinstance(self.msa, dict):
+            # Forge checkpoints store the config as JSON; the nested section comes back as a mapping.
+            self.msa = MSAConfig(**self.msa)
+        if self.msa.enabled and self.msa.dense_layers >= self.num_layers:
+            raise ValueError(
+                f"msa.dense_layers ({self.msa.dense_layers}) leaves no MSA layer among num_layers={self.num_layers}; "
+                "lower msa.dense_layers or set msa.enabled to false"
+            )
+
+    def is_msa_layer(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) attends through MSA rather than dense attention."""
+        return self.msa.enabled and layer >= self.msa.dense_layers
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has a MoE feed-forward."""
@@ -99,6 +117,23 @@ class ModelConfig:
             vocab_size=BYTE_VOCAB_SIZE, hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=2, head_dim=32,
             rotary_dim=32, qk_norm=True, num_experts=16, top_k=4, expert_width=64, dense_layers=1,
             dense_width=512, num_shared_experts=0, tie_embeddings=True,
+        )
+
+    @classmethod
+    def msa_100m(cls) -> "ModelConfig":
+        """A ~100M-parameter MoE + MSA model for one GPU: byte vocabulary, 10 layers of width 512.
+
+        GQA 8q/2kv heads of 64, 32 experts of width 192 top-4 plus one shared expert, the first
+        layer a dense MLP. MSA in every layer after the first two: blocks of 64 tokens, top 8
+        (512 tokens per query), index dimension 64, dense below position 1024, so selection
+        engages on sequences of a few thousand tokens. 97.7M parameters, 23.3M active per token.
+        """
+        return cls(
+            vocab_size=BYTE_VOCAB_SIZE, hidden_size=512, num_layers=10, num_heads=8, num_kv_heads=2, head_dim=64,
+            rotary_dim=64, qk_norm=True, num_experts=32, top_k=4, expert_width=192, num_shared_experts=1,
+            dense_layers=1, dense_width=1536, tie_embeddings=False,
+            msa=MSAConfig(enabled=True, block_size=64, top_k=8, index_dim=64, dense_layers=2,
+                          dense_below_tokens=1024, index_loss_weight=1.0, dense_warmup_steps=0),
         )
 
     @classmethod

@@ -12,7 +12,7 @@ implementations, RoPE and RMSNorm always compute in fp32 and cast back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,8 @@ from forge.kernels.dtypes import at_least_fp32
 import torch.nn.functional as F
 from torch import nn
 
+from forge.kernels.msa import MSAConfig, msa_decode, select_blocks
+from forge.kernels.msa.tree import msa_cache_attention, msa_tree
 from forge.kernels.tree_attention import tree_attention
 from forge.policy.config import ModelConfig
 from forge.policy.moe import MoE, SwiGLU
@@ -63,35 +65,106 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of every layer for a batch of rows, preallocated to `capacity` slots.
 
-    k[i], v[i]: [B, Hkv, capacity, D]. `length` slots are filled; every row shares it (rows
-    of different lengths are left-padded and the padding is masked by the caller).
+    Dense layers: k[i], v[i] [B, Hkv, capacity, D], one slot per column of the left-padded
+    batch; `length` slots are filled and every row shares it (padding is masked by the caller).
+    MSA layers: k[i], v[i] [B, S, Hkv, D] and index keys ik[i] [B, S, Di], indexed by position
+    (slot j of a row holds its position j; S is capacity rounded up to a multiple of the block
+    size), so that `block_size` consecutive slots are one MSA block: the page layout that
+    `msa_decode` reads. ik[i] is None for dense layers.
     """
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     length: int = 0
+    ik: list[torch.Tensor | None] = field(default_factory=list)
+    block_size: int = 1
+    """MSA block size; position-indexed slots are allocated in whole blocks."""
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch: int, capacity: int, *, device, dtype) -> "KVCache":
-        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
-        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        return cls(k, v, 0)
+        bs = config.msa.block_size
+        k, v, ik = [], [], []
+        for i in range(config.num_layers):
+            if config.is_msa_layer(i):
+                slots = -(-capacity // bs) * bs
+                shape: tuple[int, ...] = (batch, slots, config.num_kv_heads, config.head_dim)
+                ik.append(torch.zeros(batch, slots, config.msa.index_dim, device=device, dtype=dtype))
+            else:
+                shape = (batch, config.num_kv_heads, capacity, config.head_dim)
+                ik.append(None)
+            k.append(torch.zeros(shape, device=device, dtype=dtype))
+            v.append(torch.zeros(shape, device=device, dtype=dtype))
+        return cls(k, v, 0, ik, bs)
 
     def select(self, rows: torch.Tensor, capacity: int) -> "KVCache":
         """A new cache of rows `rows` [B'] of this one, grown to `capacity` slots."""
-        def grow(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_zeros(len(rows), t.shape[1], capacity, t.shape[3])
-            out[:, :, : self.length] = t[rows, :, : self.length]
+        def grow(t: torch.Tensor, slot_dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[0] = len(rows)
+            # Position-indexed slots (MSA layers) come in whole blocks; positions < length are filled.
+            shape[slot_dim] = -(-capacity // self.block_size) * self.block_size if slot_dim == 1 else capacity
+            out = t.new_zeros(shape)
+            filled = (slice(None),) * slot_dim + (slice(0, self.length),)
+            out[filled] = t[rows][filled]
             return out
 
-        return KVCache([grow(t) for t in self.k], [grow(t) for t in self.v], self.length)
+        msa = [x is not None for x in self.ik]
+        return KVCache(
+            [grow(t, 1 if m else 2) for t, m in zip(self.k, msa)],
+            [grow(t, 1 if m else 2) for t, m in zip(self.v, msa)],
+            self.length,
+            [grow(t, 1) if t is not None else None for t in self.ik],
+            self.block_size,
+        )
+
+
+@dataclass
+class _Pass:
+    """What every layer of one forward pass shares."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    position: torch.Tensor
+    """[B, T] positions of the tokens of this pass."""
+    subtree_end: torch.Tensor | None = None
+    token_weight: torch.Tensor | None = None
+    plain_causal: bool = False
+    """A plain causal batch at positions arange(T) (the layout the prefill kernels take)."""
+    index_cos: torch.Tensor | None = None
+    index_sin: torch.Tensor | None = None
+    msa_dense: bool = False
+    """The dense warm-up: MSA layers attend densely, the index loss covers every visible key."""
+    msa_all_dense: bool = False
+    """Every query of the pass is dense (warm-up, or every position below msa.dense_below_tokens)."""
+    with_index_loss: bool = False
+    index_losses: list[torch.Tensor] = field(default_factory=list)
+    cache_mask: torch.Tensor | None = None
+    """[B, 1, T, S'] visibility of the left-padded slots (dense layers, generation)."""
+    new_valid: torch.Tensor | None = None
+    """[B, T] bool, False for padding tokens (generation)."""
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense causal attention, q [B, T, Hq, D], k, v [B, T, Hkv, D] -> [B, T, Hq, D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def _pow2_at_least_16(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with (partial) RoPE and optional QK-norm."""
+    """Grouped-query attention with (partial) RoPE and optional QK-norm; MSA in MSA layers.
 
-    def __init__(self, config: ModelConfig) -> None:
+    An MSA layer adds the index branch: `iq_proj` (one index-query head per KV group) and
+    `ik_proj` (one shared index-key head), each RMS-normed per head and rotated by RoPE like the
+    main branch, computed from the detached layer input so that the index loss never reaches the
+    backbone.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
@@ -104,6 +177,13 @@ class Attention(nn.Module):
             per_layer = c.qk_norm_scope == "layer"
             self.q_norm = RMSNorm(c.num_heads * c.head_dim if per_layer else c.head_dim, c.rms_eps)
             self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim if per_layer else c.head_dim, c.rms_eps)
+        self.msa: MSAConfig | None = c.msa if c.is_msa_layer(layer) else None
+        if self.msa is not None:
+            di = self.msa.index_dim
+            self.iq_proj = nn.Linear(c.hidden_size, c.num_kv_heads * di, bias=False)
+            self.ik_proj = nn.Linear(c.hidden_size, di, bias=False)
+            self.iq_norm = RMSNorm(di, c.rms_eps)
+            self.ik_norm = RMSNorm(di, c.rms_eps)
 
     def _qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -120,35 +200,107 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        *,
-        subtree_end: torch.Tensor | None = None,
-        cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-        cache_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x [B, T, H] -> [B, T, H]. `cache` is (k [B, Hkv, S, D], v, filled length) of this
-        layer; the new keys are written after the filled slots and `cache_mask` [B, 1, T, S']
-        says which of the first S' = length + T slots each query sees."""
+    def _index(self, x: torch.Tensor, p: _Pass) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index queries iq [B, T, Hkv, Di] and index keys ik [B, T, Di] from the detached input."""
         b, t, _ = x.shape
-        q, k, v = self._qkv(x, cos, sin)
-        if subtree_end is not None:
-            out = tree_attention(q, k, v, subtree_end, scale=self.head_dim**-0.5)  # [B, T, Hq, D]
-            return self.o_proj(out.reshape(b, t, -1))
-        q = q.transpose(1, 2)  # [B, Hq, T, D]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x.detach()
+        iq = self.iq_norm(self.iq_proj(x).view(b, t, self.num_kv_heads, -1))
+        ik = self.ik_norm(self.ik_proj(x).view(b, t, 1, -1))
+        return apply_rope(iq, p.index_cos, p.index_sin), apply_rope(ik, p.index_cos, p.index_sin)[:, :, 0]
+
+    def forward(self, x: torch.Tensor, p: _Pass, cache: tuple | None = None) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H].
+
+        `cache` is this layer's (k, v, ik, filled length) of a `KVCache`: dense layers write the
+        new keys after the filled slots and `p.cache_mask` [B, 1, T, S'] says which of the first
+        S' = length + T slots each query sees; MSA layers write them at their positions.
+        """
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, p.cos, p.sin)
+        if self.msa is None:
+            out = self._dense(q, k, v, p, cache)
+        elif cache is not None:
+            out = self._msa_cached(q, k, v, *self._index(x, p), p, cache)
         else:
-            k_cache, v_cache, length = cache
-            k_cache[:, :, length : length + t] = k
-            v_cache[:, :, length : length + t] = v
-            k, v = k_cache[:, :, : length + t], v_cache[:, :, : length + t]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            out = self._msa(q, k, v, *self._index(x, p), p)
+        return self.o_proj(out.reshape(b, t, -1))
+
+    def _dense(self, q, k, v, p: _Pass, cache: tuple | None) -> torch.Tensor:
+        """Dense attention (causal, prefix tree or KV cache): [B, T, Hq, D]."""
+        t = q.shape[1]
+        if p.subtree_end is not None:
+            return tree_attention(q, k, v, p.subtree_end, scale=self.head_dim**-0.5)
+        if cache is None:
+            return _causal_sdpa(q, k, v)
+        k_cache, v_cache, _, length = cache
+        k_cache[:, :, length : length + t] = k.transpose(1, 2)
+        v_cache[:, :, length : length + t] = v.transpose(1, 2)
+        k, v = k_cache[:, :, : length + t], v_cache[:, :, : length + t]  # [B, Hkv, S', D]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=p.cache_mask, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def _triton_ok(self, q: torch.Tensor) -> bool:
+        return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                and self.msa.triton_ok() and _pow2_at_least_16(self.head_dim))
+
+    def _msa(self, q, k, v, iq, ik, p: _Pass) -> torch.Tensor:
+        """MSA over a causal batch or a prefix tree; appends the index-loss sum to p.index_losses."""
+        m = self.msa
+        b, t = q.shape[:2]
+        scale = self.head_dim**-0.5
+        subtree_end = p.subtree_end if p.subtree_end is not None else torch.full_like(p.position, t)
+        kw = dict(block_size=m.block_size, top_k=m.top_k, dense_below=m.dense_below_tokens, dense=p.msa_dense,
+                  scale=scale, token_weight=p.token_weight)
+        loss = None
+        if p.msa_all_dense:
+            # Every row keeps every visible key: the dense kernels compute it faster.
+            out = self._dense(q, k, v, p, None)
+        elif p.plain_causal and self._triton_ok(q):
+            selected = select_blocks(iq, ik, block_size=m.block_size, top_k=m.top_k)
+            from forge.kernels.msa.triton_attention import sparse_attention_triton
+
+            out = sparse_attention_triton(q, k, v, selected, block_size=m.block_size, scale=scale)
+            head = min(m.dense_below_tokens, t)
+            if head:
+                out = torch.cat([_causal_sdpa(q[:, :head], k[:, :head], v[:, :head]), out[:, head:]], dim=1)
+            if p.with_index_loss:
+                _, loss = msa_tree(q, k, None, iq, ik, subtree_end, p.position, with_attention=False,
+                                   with_index_loss=True, selected=selected, **kw)
+        else:
+            out, loss = msa_tree(q, k, v, iq, ik, subtree_end, p.position, with_index_loss=p.with_index_loss, **kw)
+        if p.with_index_loss:
+            if loss is None:
+                _, loss = msa_tree(q, k, None, iq, ik, subtree_end, p.position, with_attention=False,
+                                   with_index_loss=True, **kw)
+            p.index_losses.append(loss)
+        return out
+
+    def _msa_cached(self, q, k, v, iq, ik, p: _Pass, cache: tuple) -> torch.Tensor:
+        """MSA of new tokens against a position-indexed cache, after writing their keys at their positions."""
+        m = self.msa
+        k_cache, v_cache, ik_cache, _ = cache
+        rows, cols = p.new_valid.nonzero(as_tuple=True)
+        slots = p.position[rows, cols]
+        k_cache[rows, slots] = k[rows, cols]
+        v_cache[rows, slots] = v[rows, cols]
+        ik_cache[rows, slots] = ik[rows, cols]
+        b, t = q.shape[:2]
+        last = p.position.amax()
+        decode = (t == 1 and not p.msa_dense and self._triton_ok(q)
+                  and bool((p.position >= m.dense_below_tokens).all()))
+        if decode:
+            pages = k_cache.shape[1] // m.block_size
+            page_table = torch.arange(b * pages, device=q.device, dtype=torch.int32).view(b, pages)
+
+            def paged(x: torch.Tensor) -> torch.Tensor:
+                return x.view(b * pages, m.block_size, *x.shape[2:])
+
+            return msa_decode(q, iq, paged(k_cache), paged(v_cache), paged(ik_cache), page_table,
+                              p.position[:, 0] + 1, top_k=m.top_k, scale=self.head_dim**-0.5)
+        s = int(last) + 1
+        return msa_cache_attention(q, iq, k_cache[:, :s], v_cache[:, :s], ik_cache[:, :s], p.position,
+                                   block_size=m.block_size, top_k=m.top_k, dense_below=m.dense_below_tokens,
+                                   dense=p.msa_dense, scale=self.head_dim**-0.5)
 
 
 class Block(nn.Module):
@@ -157,31 +309,26 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.mlp: nn.Module = (
             MoE(config) if config.is_moe_layer(layer) else SwiGLU(config.hidden_size, config.dense_width)
         )
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        *,
-        subtree_end: torch.Tensor | None = None,
-        token_weight: torch.Tensor | None = None,
-        cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-        cache_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x [B, T, H] -> [B, T, H]; the keyword arguments are those of Attention and MoE."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, subtree_end=subtree_end, cache=cache, cache_mask=cache_mask)
+    def forward(self, x: torch.Tensor, p: _Pass, cache: tuple | None = None) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]; `p` and `cache` are Attention's, p.token_weight the MoE's."""
+        x = x + self.attn(self.attn_norm(x), p, cache)
         h = self.mlp_norm(x)
-        return x + (self.mlp(h, token_weight) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x + (self.mlp(h, p.token_weight) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Transformer(nn.Module):
-    """The policy. `forward` returns logits [B, T, V] (float32, or float64 for an fp64 model) for ids [B, T]."""
+    """The policy. `forward` returns logits [B, T, V] (float32, or float64 for an fp64 model) for ids [B, T].
+
+    With MSA on, the buffer `msa_step` counts the optimizer steps taken (the trainer advances it
+    with `advance_msa_step`); it rides with the weights, so a generator that loads them runs the
+    dense warm-up exactly when the trainer does.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -190,6 +337,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.msa.enabled:
+            self.register_buffer("msa_step", torch.zeros((), dtype=torch.long))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -209,10 +358,27 @@ class Transformer(nn.Module):
                 module.expert_bias.zero_()
                 module.load.zero_()
 
+    def msa_warming_up(self) -> bool:
+        """Whether MSA layers run the dense warm-up (fewer than msa.dense_warmup_steps steps taken)."""
+        msa = self.config.msa
+        return msa.enabled and msa.dense_warmup_steps > 0 and int(self.msa_step) < msa.dense_warmup_steps
+
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return at_least_fp32(F.linear(h, weight))
+
+    def _pass(self, position_ids: torch.Tensor, **fields) -> _Pass:
+        c = self.config
+        cos, sin = rope_tables(position_ids, c.rotary_dim, c.rope_theta)
+        p = _Pass(cos, sin, position_ids, **fields)
+        if c.msa.enabled:
+            rotary = min(c.rotary_dim, c.msa.index_dim)
+            p.index_cos, p.index_sin = (cos, sin) if rotary == c.rotary_dim else rope_tables(
+                position_ids, rotary, c.rope_theta)
+            p.msa_dense = self.msa_warming_up()
+            p.msa_all_dense = p.msa_dense or int(position_ids.max()) < c.msa.dense_below_tokens
+        return p
 
     def forward(
         self,
@@ -221,25 +387,35 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         subtree_end: torch.Tensor | None = None,
         token_weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_index_loss: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] in float32 (float64 for an fp64 model).
 
         input_ids: [B, T] long. position_ids: [B, T], default arange(T) per row; give the
         prefix tree's depths with subtree_end. subtree_end: [B, T] or None; if given, query q
         sees key k iff k <= q < subtree_end[k] (flattened prefix tree), else causal attention.
         token_weight: [B, T] float or None (1), each token's multiplicity, 0 for padding; it
-        weights the MoE load statistics only, never the outputs.
+        weights the MoE load statistics and the index loss, never the outputs.
+        return_index_loss: also return the MSA index-branch KL (forge.kernels.msa.tree), summed
+        over MSA layers and over tokens weighted by token_weight, averaged over KV groups; a
+        scalar (0 without MSA layers) that trains only the index projections.
         """
         b, t = input_ids.shape
+        plain = position_ids is None and subtree_end is None
         if position_ids is None:
             if subtree_end is not None:
                 raise ValueError("subtree_end needs position_ids (each token's depth in the prefix tree)")
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
-        cos, sin = rope_tables(position_ids, self.config.rotary_dim, self.config.rope_theta)
+        p = self._pass(position_ids, subtree_end=subtree_end, token_weight=token_weight, plain_causal=plain,
+                       with_index_loss=return_index_loss and self.config.msa.enabled)
         h = self.embed(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, subtree_end=subtree_end, token_weight=token_weight)
-        return self._head(h)
+            h = layer(h, p)
+        logits = self._head(h)
+        if not return_index_loss:
+            return logits
+        zero = torch.zeros((), device=logits.device, dtype=logits.dtype)
+        return logits, sum(p.index_losses, zero)
 
     def forward_cached(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache, key_valid: torch.Tensor
@@ -248,7 +424,8 @@ class Transformer(nn.Module):
 
         input_ids, position_ids: [B, T]; key_valid: [B, cache.length + T] bool, False for
         padding slots. Each new token sees the valid slots up to and including its own; a
-        padding token also sees itself, so no row of the softmax is empty. Returns logits
+        padding token also sees itself, so no row of the softmax is empty. MSA layers see the
+        positions up to the token's own (their cache is indexed by position). Returns logits
         [B, T, V] float32 and advances cache.length by T.
         """
         b, t = input_ids.shape
@@ -259,12 +436,18 @@ class Transformer(nn.Module):
         query_slot = cache.length + torch.arange(t, device=input_ids.device)  # [T]
         causal = slots[None, :] <= query_slot[:, None]  # [T, S']
         mask = (key_valid[:, None, :] & causal) | (slots[None, :] == query_slot[:, None])  # [B, T, S']
-        cos, sin = rope_tables(position_ids, self.config.rotary_dim, self.config.rope_theta)
+        p = self._pass(position_ids, cache_mask=mask[:, None], new_valid=key_valid[:, cache.length :])
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache=(cache.k[i], cache.v[i], cache.length), cache_mask=mask[:, None])
+            h = layer(h, p, (cache.k[i], cache.v[i], cache.ik[i] if cache.ik else None, cache.length))
         cache.length = total
         return self._head(h)
+
+
+def advance_msa_step(model: Transformer) -> None:
+    """Count one optimizer step towards the end of the MSA dense warm-up (no-op without MSA)."""
+    if model.config.msa.enabled:
+        model.msa_step += 1
 
 
 def count_parameters(model: Transformer) -> tuple[int, int]:

@@ -9,7 +9,8 @@ to 1e-10 in fp64.
 
 Departure from AReaL's tree training: the MoE router's load statistics count each unique token
 with its multiplicity (`token_weight`), so load balancing sees the same counts as unmerged
-training, not the smaller unique-token counts.
+training, not the smaller unique-token counts. The MSA index loss (`with_index_loss`) is
+weighted the same way, so it too equals the sum over the sequences run alone.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class CausalLM(Protocol):
         position_ids: torch.Tensor | None = None,
         subtree_end: torch.Tensor | None = None,
         token_weight: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
+        return_index_loss: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -44,6 +46,9 @@ class SequenceScores:
     """Logprob of each token given its prefix."""
     entropies: list[torch.Tensor] | None = None
     """Entropy of the distribution each token was drawn from; None unless asked for."""
+    index_loss: torch.Tensor | None = None
+    """MSA index-branch KL summed over every token of every sequence and over MSA layers (mean
+    over KV groups), as if each sequence ran alone; None unless asked for."""
 
 
 def _device(model) -> torch.device:
@@ -65,14 +70,17 @@ def _row_scores(logits: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor,
     return lse, lse - (probs * logits).sum(-1)
 
 
-def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool) -> SequenceScores:
+def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, with_index_loss: bool) -> SequenceScores:
     dev = _device(model)
-    logits = model(
+    out = model(
         tree.token_ids[None].to(dev),
         position_ids=tree.position[None].to(dev),
         subtree_end=tree.subtree_end[None].to(dev),
         token_weight=tree.multiplicity[None].to(dev, torch.float32),
-    )[0]  # [N, V]
+        **({"return_index_loss": True} if with_index_loss else {}),
+    )
+    logits, index_loss = out if with_index_loss else (out, None)
+    logits = logits[0]  # [N, V]
     # Normalizer (and entropy) once per unique position, for all N rows: the rows that predict
     # nothing (the last token of each sequence) are few, and a gather of the R useful rows
     # would copy an [R, V] block.
@@ -83,19 +91,25 @@ def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool) ->
     flat_lp = _at_least_fp32(logits[rows, labels]) - lse[rows]
     sizes = [len(s) - 1 for s in seqs]
     entropies = list(ent[rows].split(sizes)) if ent is not None else None
-    return SequenceScores(list(flat_lp.split(sizes)), entropies)
+    return SequenceScores(list(flat_lp.split(sizes)), entropies, index_loss)
 
 
-def _unmerged(model, seqs: list[list[int]], with_entropy: bool) -> SequenceScores:
+def _unmerged(model, seqs: list[list[int]], with_entropy: bool, with_index_loss: bool) -> SequenceScores:
     dev = _device(model)
     logprobs, entropies = [], []
+    index_loss = None
     for s in seqs:
         ids = torch.as_tensor(s, dtype=torch.long, device=dev)
-        logits = model(ids[None])[0, :-1]  # [L - 1, V]
+        if with_index_loss:
+            logits, part = model(ids[None], return_index_loss=True)
+            index_loss = part if index_loss is None else index_loss + part
+        else:
+            logits = model(ids[None])
+        logits = logits[0, :-1]  # [L - 1, V]
         lse, ent = _row_scores(logits, with_entropy)
         logprobs.append(_at_least_fp32(logits.gather(-1, ids[1:, None])[:, 0]) - lse)
         entropies.append(ent)
-    return SequenceScores(logprobs, entropies if with_entropy else None)
+    return SequenceScores(logprobs, entropies if with_entropy else None, index_loss)
 
 
 def sequence_scores(
@@ -106,6 +120,7 @@ def sequence_scores(
     with_entropy: bool = False,
     token_budget: int | None = None,
     tree: FlatTree | None = None,
+    with_index_loss: bool = False,
 ) -> SequenceScores:
     """Logprobs (and entropies) of every sequence's tokens after the first; see sequence_logprobs.
 
@@ -113,23 +128,28 @@ def sequence_scores(
     tokens (forge.prefix_tree.pack_groups; a tree over it is split with its root path repeated).
     tree: `build_tree(sequences)` if the caller already has it (the trainer scores one
     micro-batch up to three times a step); ignored with a token_budget.
+    with_index_loss: also return the model's MSA index loss (`SequenceScores.index_loss`),
+    summed over sequences; the model must take `return_index_loss`.
     """
     seqs = [as_token_list(s) for s in sequences]
     if not seqs:
         return SequenceScores([], [] if with_entropy else None)
     if not merge:
-        return _unmerged(model, seqs, with_entropy)
+        return _unmerged(model, seqs, with_entropy, with_index_loss)
     if token_budget is None:
-        return _merged(model, seqs, tree if tree is not None else build_tree(seqs), with_entropy)
+        return _merged(model, seqs, tree if tree is not None else build_tree(seqs), with_entropy, with_index_loss)
     logprobs: list = [None] * len(seqs)
     entropies: list | None = [None] * len(seqs) if with_entropy else None
+    index_loss = None
     for pack in pack_groups([seqs], token_budget):
-        part = _merged(model, [seqs[i] for i in pack.seq_ids], pack.tree, with_entropy)
+        part = _merged(model, [seqs[i] for i in pack.seq_ids], pack.tree, with_entropy, with_index_loss)
+        if part.index_loss is not None:
+            index_loss = part.index_loss if index_loss is None else index_loss + part.index_loss
         for j, i in enumerate(pack.seq_ids):
             logprobs[i] = part.logprobs[j]
             if entropies is not None:
                 entropies[i] = part.entropies[j]
-    return SequenceScores(logprobs, entropies)
+    return SequenceScores(logprobs, entropies, index_loss)
 
 
 def sequence_logprobs(model: CausalLM, sequences: Sequence[TokenSeq], *, merge: bool = True) -> list[torch.Tensor]:

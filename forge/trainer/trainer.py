@@ -10,7 +10,9 @@ optimizer step; then the MoE expert biases move towards balanced load (loads sum
 ranks). The importance ratio is taken against the recomputed old logprobs, so that several
 updates on one batch stay well defined; the gap between them and the sampler's logprobs is
 logged as `train/sampler_logprob_gap`, the train/inference mismatch that RL on MoE models is
-sensitive to.
+sensitive to. With MSA on, each step also trains the index branch: `msa.index_loss_weight`
+times its KL (mean per token and MSA layer, `train/index_loss`) joins the loss, and every
+optimizer step advances the model's `msa_step`, which ends the dense warm-up.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from forge.middleware.types import Group
 from forge.policy.config import ModelConfig
-from forge.policy.model import Transformer
+from forge.policy.model import Transformer, advance_msa_step
 from forge.policy.moe import update_expert_bias
 from forge.prefix_tree import FlatTree, build_tree
 from forge.prefix_tree.fallback import should_merge
@@ -91,11 +93,13 @@ class Trainer:
         counts = all_reduce_sum(torch.tensor(
             [float(len(batch.sequences)), float(batch.num_loss_tokens)], dtype=torch.float64, device=dev))
         totals = {"seqs": float(counts[0]), "tokens": float(max(counts[1].item(), 1.0))}
-        acc: dict[str, float] = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "unique_tokens": 0.0}
+        acc: dict[str, float] = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "unique_tokens": 0.0, "index_loss": 0.0}
         self.model.train()
+        index_norm = self._index_norm(batch.sequences)
         for i, mb in enumerate(mbs):
             idx = mb.idx
-            scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, with_entropy=True, tree=mb.tree)
+            scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, with_entropy=True, tree=mb.tree,
+                                     with_index_loss=index_norm is not None)
             masks = [batch.masks[j].to(dev, scores.logprobs[0].dtype) for j in idx]
             olds = [old[j] for j in idx]
             adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
@@ -105,6 +109,10 @@ class Trainer:
                 kl = _kl_k3(scores.logprobs, [ref[j] for j in idx], masks) / totals["tokens"] * self.world_size
                 loss = loss + self.algo.kl_coef * kl
                 acc["kl"] += float(kl.detach())
+            if index_norm is not None:
+                index_loss = scores.index_loss / index_norm
+                loss = loss + self.model.config.msa.index_loss_weight * index_loss
+                acc["index_loss"] += float(index_loss.detach())
             self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
             self.engine.backward(loss)
             acc["loss"] += float(loss.detach())
@@ -115,15 +123,18 @@ class Trainer:
         self.engine.step()
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
+        advance_msa_step(self.model)
         router = update_expert_bias(self.model, all_reduce=all_reduce_sum)
         self.last_router_loads = {f"router/load_layer{s.layer}": s.tokens_per_expert for s in router}
         self.version += 1
         tokens = totals["tokens"]
         summed = all_reduce_sum(torch.tensor(
-            [acc["loss"], acc["kl"], acc["entropy"], acc["clipped"], float(batch.rewards.sum()), float(batch.rewards.numel())],
+            [acc["loss"], acc["kl"], acc["entropy"], acc["clipped"], float(batch.rewards.sum()), float(batch.rewards.numel()),
+             acc["index_loss"]],
             dtype=torch.float64, device=dev,
         )).tolist()
         acc["loss"], acc["kl"] = summed[0] / self.world_size, summed[1] / self.world_size
+        acc["index_loss"] = summed[6] / self.world_size
         acc["entropy"], acc["clipped"] = summed[2], summed[3]
         reward_mean = summed[4] / max(summed[5], 1.0)
         gap = [(o.cpu().double() - s).abs()[m.bool()] for o, s, m in zip(old, batch.sampler_logprobs, batch.masks)]
@@ -141,6 +152,8 @@ class Trainer:
             metrics["train/grad_norm"] = float(grad_norm)
         if ref is not None:
             metrics["train/kl"] = acc["kl"]
+        if index_norm is not None:
+            metrics["train/index_loss"] = acc["index_loss"]
         for stats in router:
             metrics.update(stats.metrics())
         metrics["train/tokens_per_s"] = sum(len(s) for s in batch.sequences) / metrics["train/step_s"]
@@ -161,19 +174,30 @@ class Trainer:
         tokens = max(batch.num_loss_tokens, 1)
         mbs = self._plan(batch)
         self.model.train()
-        total = 0.0
+        total = index_total = 0.0
+        index_norm = self._index_norm(batch.sequences)
         for i, mb in enumerate(mbs):
-            lps = sequence_scores(self.model, mb.seqs, merge=mb.merge, tree=mb.tree).logprobs
+            scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, tree=mb.tree,
+                                     with_index_loss=index_norm is not None)
+            lps = scores.logprobs
             loss = -sum((lp * batch.masks[j].to(dev, lp.dtype)).sum() for j, lp in zip(mb.idx, lps)) / tokens
+            if index_norm is not None:
+                index_loss = scores.index_loss / index_norm
+                loss = loss + self.model.config.msa.index_loss_weight * index_loss
+                index_total += float(index_loss.detach())
             self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
             self.engine.backward(loss)
             total += float(loss.detach())
         self.engine.step()
+        advance_msa_step(self.model)
         update_expert_bias(self.model, all_reduce=all_reduce_sum)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self.cfg.lr
-        return {"warmstart/loss": total, "warmstart/tokens": float(tokens), "warmstart/micro_batches": float(len(mbs)),
-                "warmstart/step_s": time.perf_counter() - t0}
+        metrics = {"warmstart/loss": total, "warmstart/tokens": float(tokens), "warmstart/micro_batches": float(len(mbs)),
+                   "warmstart/step_s": time.perf_counter() - t0}
+        if index_norm is not None:
+            metrics["warmstart/index_loss"] = index_total
+        return metrics
 
     def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         """Model, optimizer, router biases and this rank's RNG state, through DeepSpeed."""
@@ -204,6 +228,19 @@ class Trainer:
             with deepspeed.zero.GatheredParameters(params):
                 return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def _index_norm(self, sequences: list[list[int]]) -> float | None:
+        """Tokens x MSA layers of the step (all ranks) over the world size, which turn the summed
+        index KL into a mean; None when there is no index loss to train."""
+        cfg = self.model.config
+        if not cfg.msa.enabled or cfg.msa.index_loss_weight == 0:
+            return None
+        layers = sum(cfg.is_msa_layer(i) for i in range(cfg.num_layers))
+        # The step's tokens over all ranks, over the world size: DeepSpeed averages gradients,
+        # so each rank's sum over this norm adds up to the global mean.
+        dev = next(self.model.parameters()).device
+        tokens = all_reduce_sum(torch.tensor(float(sum(len(s) for s in sequences)), dtype=torch.float64, device=dev))
+        return max(1.0, float(tokens)) * layers / self.world_size
 
     def _local_grad_norm(self) -> float | None:
         # Without ZeRO every rank holds the full (all-reduced at step) gradient; DeepSpeed

@@ -1,0 +1,348 @@
+"""MSA layers in the policy: config, exactness of merged prefix-tree training, the index loss,
+the dense warm-up, generation parity, checkpoints and the ~100M preset.
+
+The tiny MSA model uses blocks of 4 and top_k 2, so selection drops blocks on sequences of a
+few dozen tokens; the batch is test_sequence_logprobs.py's (shared prompt, shared assistant
+segment, branches at several levels, a sequence ending at a branch point, a duplicate, a
+second tree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from forge.kernels.msa import MSAConfig, msa_attention_naive, msa_index_loss_naive
+from forge.policy.config import ModelConfig
+from forge.policy.model import Transformer, advance_msa_step, count_parameters
+from forge.policy.moe import moe_layers
+from forge.prefix_tree import build_tree
+from forge.trainer.logprobs import sequence_logprobs, sequence_scores
+from forge.trainer.losses import LOSSES
+
+PROMPT = list(range(40, 57))
+SHARED = list(range(60, 67))
+
+
+def batch() -> tuple[list[list[int]], list[int]]:
+    g = PROMPT + SHARED
+    seqs = [
+        g + [1, 2, 3, 4],
+        g + [1, 2, 5, 6, 7],
+        g + [1, 2, 5, 8],
+        g + [9, 9],
+        g,
+        PROMPT + [11, 12, 13],
+        g + [1, 2, 3, 4],
+        [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211],
+        [200, 201, 210],
+    ]
+    return seqs, [len(PROMPT)] * 7 + [2, 2]
+
+
+def msa_config(**msa) -> ModelConfig:
+    fields = dict(enabled=True, block_size=4, top_k=2, index_dim=8, dense_layers=1, dense_below_tokens=0)
+    fields.update(msa)
+    return dataclasses.replace(ModelConfig.tiny(), msa=MSAConfig(**fields))
+
+
+def model(dtype: torch.dtype = torch.float64, **msa) -> Transformer:
+    torch.manual_seed(0)
+    m = Transformer(msa_config(**msa)).to(dtype)
+    for _, moe in moe_layers(m):
+        moe.expert_bias.normal_(0, 0.05)
+    # Larger index weights than the init's, so block scores are far apart and selection is not
+    # decided by rounding.
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "iq_proj" in name or "ik_proj" in name:
+                p.normal_(0, 0.5)
+    return m
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+INDEX = ("iq_proj", "ik_proj", "iq_norm", "ik_norm")
+
+
+# Config
+
+
+def test_msa_is_off_by_default_and_existing_presets_are_unchanged():
+    for cfg in (ModelConfig(), ModelConfig.tiny(), ModelConfig.small()):
+        assert not cfg.msa.enabled
+        m = Transformer(cfg)
+        assert not any(any(i in n for i in INDEX) for n, _ in m.named_parameters())
+        assert "msa_step" not in m.state_dict()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("block_size", 0, "msa.block_size"), ("top_k", 0, "msa.top_k"), ("index_dim", 7, "msa.index_dim"),
+    ("dense_below_tokens", -1, "msa.dense_below_tokens"), ("index_loss_weight", -1.0, "msa.index_loss_weight"),
+    ("dense_warmup_steps", -2, "msa.dense_warmup_steps"), ("dense_layers", -1, "msa.dense_layers"),
+])
+def test_bad_msa_values_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        MSAConfig(**{field: value})
+
+
+def test_msa_must_leave_an_msa_layer():
+    with pytest.raises(ValueError, match="lower msa.dense_layers or set msa.enabled"):
+        msa_config(dense_layers=3)
+
+
+def test_recipe_loader_fills_the_nested_msa_section():
+    from forge.config import ConfigError, from_dict
+
+    cfg = from_dict(ModelConfig, {"num_layers": 3, "msa": {"enabled": True, "block_size": 64}})
+    assert cfg.msa == MSAConfig(enabled=True, block_size=64)
+    with pytest.raises(ConfigError, match="did you mean 'model.msa.top_k'"):
+        from_dict(ModelConfig, {"msa": {"topk": 3}}, prefix="model")
+    with pytest.raises(ConfigError, match="msa.top_k must be >= 1"):
+        from_dict(ModelConfig, {"msa": {"top_k": 0}}, prefix="model")
+
+
+def test_first_layers_dense_the_rest_msa():
+    m = model(dense_layers=1)
+    has_index = [hasattr(block.attn, "iq_proj") for block in m.layers]
+    assert has_index == [False, True, True]
+    assert m.layers[1].attn.iq_proj.weight.shape == (2 * 8, 32) and m.layers[1].attn.ik_proj.weight.shape == (8, 32)
+
+
+# The layer
+
+
+def test_plain_msa_layer_equals_the_definition():
+    m = model(torch.float32)
+    attn = m.layers[1].attn
+    x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1))
+    p = m._pass(torch.arange(37).expand(2, 37), plain_causal=True)
+    q, k, v = attn._qkv(x, p.cos, p.sin)
+    iq, ik = attn._index(x, p)
+    expected = attn.o_proj(msa_attention_naive(q, k, v, iq, ik, block_size=4, top_k=2).reshape(2, 37, -1))
+    torch.testing.assert_close(attn(x, p), expected, rtol=1e-5, atol=1e-6)
+    dense = attn.o_proj(torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True,
+    ).transpose(1, 2).reshape(2, 37, -1))
+    assert (expected[:, 8:] - dense[:, 8:]).abs().amax() > 1e-3
+
+
+def test_dense_below_keeps_early_positions_dense():
+    seq = torch.arange(30)[None] + 70
+    dense_model = model(dense_below_tokens=1000)
+    thresh = model(dense_below_tokens=12)
+    sparse = model(dense_below_tokens=0)
+    ref, mid, sp = dense_model(seq), thresh(seq), sparse(seq)
+    torch.testing.assert_close(mid[:, :12], ref[:, :12], rtol=1e-10, atol=1e-12)
+    assert (mid[:, 12:] - ref[:, 12:]).abs().amax() > 1e-6
+    assert (sp[:, 8:12] - ref[:, 8:12]).abs().amax() > 1e-6
+
+
+# Merged equals unmerged
+
+
+@pytest.mark.parametrize("dense_below", [0, 20], ids=["sparse", "dense-below-20"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_logprobs_entropies_and_index_loss_match(dtype, dense_below):
+    m = model(dtype, dense_below_tokens=dense_below)
+    seqs, _ = batch()
+    assert build_tree(seqs).token_ratio() > 2
+    merged = sequence_scores(m, seqs, with_entropy=True, with_index_loss=True)
+    alone = sequence_scores(m, seqs, merge=False, with_entropy=True, with_index_loss=True)
+    for a, b, ea, eb in zip(merged.logprobs, alone.logprobs, merged.entropies, alone.entropies):
+        assert rel(a, b) <= TOL[dtype] and rel(ea, eb) <= TOL[dtype]
+    assert alone.index_loss > 0
+    assert rel(merged.index_loss, alone.index_loss) <= TOL[dtype]
+
+
+@functools.cache
+def merged_and_unmerged(dtype: torch.dtype, loss_name: str):
+    m = model(dtype)
+    seqs, prompt_len = batch()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        base = sequence_logprobs(m, seqs, merge=False)
+    old = [b + (torch.rand(b.shape, generator=gen, dtype=b.dtype) - 0.5) for b in base]
+    masks = [(torch.arange(len(s) - 1) >= p - 1).to(dtype) for s, p in zip(seqs, prompt_len)]
+    adv = torch.randn(len(seqs), generator=gen, dtype=dtype)
+    tokens = sum(len(s) for s in seqs)
+    results = []
+    for merge in (True, False):
+        m.zero_grad(set_to_none=True)
+        scores = sequence_scores(m, seqs, merge=merge, with_index_loss=True)
+        loss = LOSSES[loss_name](scores.logprobs, old, masks, adv) + scores.index_loss / tokens
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    return results
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_loss_and_every_gradient_match(dtype, loss_name):
+    (loss_m, grads_m), (loss_u, grads_u) = merged_and_unmerged(dtype, loss_name)
+    assert loss_u.abs() > 0 and rel(loss_m, loss_u) <= TOL[dtype]
+    assert grads_m.keys() == grads_u.keys()
+    assert sum(any(i in n for i in INDEX) for n in grads_u) == 8  # 2 MSA layers x 4 index tensors
+    for name, g in grads_u.items():
+        if g.norm() == 0:
+            assert grads_m[name].norm() == 0, name
+        else:
+            assert rel(grads_m[name], g) <= TOL[dtype], f"gradient of {name}"
+
+
+# The index loss
+
+
+def test_index_branch_learns_only_from_the_index_loss_and_the_backbone_never_does():
+    m = model(torch.float64)
+    seqs, _ = batch()
+    scores = sequence_scores(m, seqs, with_index_loss=True)
+    policy = -sum(lp.sum() for lp in scores.logprobs)
+    policy.backward(retain_graph=True)
+    for name, p in m.named_parameters():
+        if any(i in name for i in INDEX):
+            assert p.grad is None or p.grad.abs().max() == 0, name
+    m.zero_grad(set_to_none=True)
+    scores.index_loss.backward()
+    touched = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+    assert touched and all(any(i in n for i in INDEX) for n in touched), sorted(touched)
+    assert {n for n in touched if "proj" in n} == {f"layers.{i}.attn.{w}.weight" for i in (1, 2)
+                                                   for w in ("iq_proj", "ik_proj")}
+
+
+def test_index_loss_of_a_row_is_the_definition_per_layer():
+    """The model's index loss of one sequence is naive.py's loss of each MSA layer, times T."""
+    m = model(torch.float32)
+    ids = torch.arange(33)[None] + 80
+    captured = []
+    originals = {}
+    for i in (1, 2):
+        attn = m.layers[i].attn
+        originals[i] = attn._msa
+
+        def spy(q, k, v, iq, ik, p, _orig=originals[i]):
+            captured.append((q, k, iq, ik))
+            return _orig(q, k, v, iq, ik, p)
+
+        attn._msa = spy
+    _, loss = m(ids, return_index_loss=True)
+    expected = sum(msa_index_loss_naive(q, k, iq, ik, block_size=4, top_k=2) for q, k, iq, ik in captured) * 33
+    assert len(captured) == 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_warmup_runs_dense_attention_and_a_dense_index_loss():
+    ids = torch.arange(30)[None] + 90
+    warm = model(torch.float64, dense_warmup_steps=2)
+    dense = model(torch.float64, dense_below_tokens=10_000)
+    sparse = model(torch.float64)
+    logits_w, loss_w = warm(ids, return_index_loss=True)
+    logits_d, loss_d = dense(ids, return_index_loss=True)
+    logits_s, loss_s = sparse(ids, return_index_loss=True)
+    torch.testing.assert_close(logits_w, logits_d, rtol=0, atol=0)
+    torch.testing.assert_close(loss_w, loss_d, rtol=0, atol=0)
+    assert (logits_w - logits_s).abs().max() > 1e-6 and (loss_w - loss_s).abs() > 1e-6
+    advance_msa_step(warm)
+    assert warm.msa_warming_up()
+    advance_msa_step(warm)
+    assert not warm.msa_warming_up()
+    torch.testing.assert_close(warm(ids), logits_s, rtol=0, atol=0)
+
+
+# Generation
+
+
+def test_generation_logprobs_equal_the_training_forward_past_the_dense_prefix():
+    """Prompts of 3, 11 and 7 tokens plus 14 sampled: well past top_k * block_size = 8 positions,
+    batched with left padding and a shared prompt; dense below position 6 in MSA layers."""
+    from forge.policy.generation import ModelGenerator
+    from forge.policy.sampling import SamplingParams
+
+    m = model(torch.float32, dense_below_tokens=6).eval()
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 11, 7))
+    prompts = [a, b, b, c]
+    params = SamplingParams(temperature=1.0, max_new_tokens=14)
+    done = ModelGenerator(m, seed=0).generate(prompts, params)
+    for prompt, completion in zip(prompts, done):
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(m(ids)[0], dim=-1)
+        expected = logprobs[len(prompt) - 1 : -1].gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, rtol=0, atol=1e-5)
+
+
+# Checkpoints and the preset
+
+
+def test_forge_checkpoint_round_trip_keeps_index_weights_and_warmup_state(tmp_path):
+    from forge.policy.checkpoint import load_checkpoint, save_checkpoint
+
+    m = model(torch.float32, dense_warmup_steps=5)
+    advance_msa_step(m)
+    save_checkpoint(m, tmp_path / "m.safetensors")
+    back = load_checkpoint(tmp_path / "m.safetensors")
+    assert back.config == m.config and int(back.msa_step) == 1
+    for (name, a), (_, b) in zip(m.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = torch.arange(25)[None] + 3
+    torch.testing.assert_close(back(ids), m(ids), rtol=0, atol=0)
+
+
+def test_hf_export_refuses_msa():
+    from forge.policy.checkpoint import config_arch
+
+    with pytest.raises(ValueError, match="MSA"):
+        config_arch(msa_config())
+
+
+def test_msa_100m_preset_counts_about_100m_parameters():
+    cfg = ModelConfig.msa_100m()
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    total, active = count_parameters(m)
+    assert 90e6 <= total <= 110e6, total
+    assert active < total / 2
+    msa_layers = [i for i in range(cfg.num_layers) if cfg.is_msa_layer(i)]
+    assert msa_layers == list(range(2, 10))
+    assert cfg.msa.top_k * cfg.msa.block_size == 512 and cfg.msa.triton_ok()
+    index = sum(p.numel() for n, p in m.named_parameters() if any(i in n for i in INDEX))
+    assert index == len(msa_layers) * (512 * 2 * 64 + 512 * 64 + 2 * 64)
+
+
+# The trainer
+
+
+def test_trainer_adds_the_index_loss_logs_it_and_ends_the_warmup():
+    pytest.importorskip("deepspeed")
+    import os
+    import random
+
+    from forge.middleware.types import Group, Trajectory, Turn
+    from forge.trainer.config import AlgorithmConfig, TrainerConfig
+    from forge.trainer.trainer import Trainer
+
+    os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+    rng = random.Random(0)
+    prompt = [256] + [rng.randrange(256) for _ in range(14)]
+    trajs = [Trajectory("t", "g", prompt, [Turn([rng.randrange(256) for _ in range(9)], [-1.0] * 9, 0)],
+                        reward=float(k == 0)) for k in range(3)]
+    cfg = msa_config(dense_warmup_steps=1, index_loss_weight=0.5)
+    trainer = Trainer(cfg, TrainerConfig(lr=1e-2), AlgorithmConfig(loss="grpo"), seed=0)
+    index_before = trainer.model.layers[1].attn.iq_proj.weight.detach().clone()
+    assert trainer.model.msa_warming_up()
+    warm = trainer.train_step([Group("t", "g", trajs)])
+    assert int(trainer.model.msa_step) == 1 and not trainer.model.msa_warming_up()
+    sparse = trainer.train_step([Group("t", "g", trajs)])
+    assert warm["train/index_loss"] > 0 and sparse["train/index_loss"] > 0
+    assert not (trainer.model.layers[1].attn.iq_proj.weight == index_before).all()
+    # The weights the rollout workers load carry the step count, so they leave the warm-up too.
+    assert int(trainer.weights()["msa_step"]) == 2
+    sft = trainer.sft_step([prompt + [1, 2, 3]], [[0] * len(prompt) + [1, 1, 1]], lr=1e-3)
+    assert sft["warmstart/index_loss"] > 0 and int(trainer.model.msa_step) == 3
