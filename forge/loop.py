@@ -39,12 +39,14 @@ log = logging.getLogger("forge")
 class SyncingGenerator:
     """A `ModelGenerator` that pulls newer weights from the store before each batch of turns."""
 
-    def __init__(self, model_cfg: ModelConfig, store: Any, seed: int) -> None:
+    def __init__(self, model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32") -> None:
         self.store = store
         model = Transformer(model_cfg)
         if torch.cuda.is_available():
             # Ray hides every GPU from an actor that asked for none (rollout.actor_num_gpus).
-            model = model.cuda()
+            # On a GPU the policy samples in the trainer's precision, so that the sampler's
+            # logprobs and the trainer's differ as little as the two code paths allow.
+            model = model.cuda().to(torch.bfloat16 if precision == "bf16" else torch.float32)
         self.inner = ModelGenerator(model, ByteTokenizer(), seed=seed, policy_version=-1)
         self.sync_s = 0.0
 
@@ -59,8 +61,8 @@ class SyncingGenerator:
         return self.inner.generate(prompts, params)
 
 
-def _make_generator(model_cfg: ModelConfig, store: Any, seed: int) -> SyncingGenerator:
-    return SyncingGenerator(model_cfg, store, seed)
+def _make_generator(model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32") -> SyncingGenerator:
+    return SyncingGenerator(model_cfg, store, seed, precision)
 
 
 @dataclass
@@ -140,9 +142,10 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
 def _start_rollouts(cfg: Any, store: Any, state: DriverState) -> _Rollouts:
     remote = ray.remote(num_cpus=cfg.rollout.actor_num_cpus, num_gpus=cfg.rollout.actor_num_gpus,
                         resources=cfg.rollout.actor_resources or None)(RolloutActor)
+    seeds = [cfg.run.seed * 1000 + i + 7919 * state.step for i in range(cfg.rollout.num_workers)]
     workers = [
-        remote.remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, cfg.run.seed * 1000 + i + 7919 * state.step))
-        for i in range(cfg.rollout.num_workers)
+        remote.remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, seed, cfg.trainer.precision))
+        for seed in seeds
     ]
     per_call = max(1, cfg.rollout.concurrency // cfg.rollout.group_size)
     return _Rollouts(workers, {}, per_call, cfg.run.seed * 100_000_000)
@@ -161,7 +164,8 @@ def _start_evaluator(cfg: Any, store: Any):
     eval_rollout = RolloutConfig(**{**vars(cfg.rollout), "group_size": 1, "temperature": cfg.eval.temperature,
                                     "concurrency": max(1, cfg.eval.num_tasks), "max_retries": 1})
     remote = ray.remote(num_cpus=0, num_gpus=cfg.rollout.actor_num_gpus)(RolloutActor)
-    return remote.remote(cfg.env, eval_rollout, partial(_make_generator, cfg.model, store, cfg.run.seed + 17))
+    generator = partial(_make_generator, cfg.model, store, cfg.run.seed + 17, cfg.trainer.precision)
+    return remote.remote(cfg.env, eval_rollout, generator)
 
 
 def _submit(rollouts: _Rollouts, w: int, pool: Any, state: DriverState) -> None:
