@@ -1,0 +1,338 @@
+"""Tree attention as dense attention pieces on torch's flash attention, combined by log-sum-exp.
+
+In DFS pre-order a run of consecutive tokens with one `subtree_end` E is a chain (each token
+is the first child of the one before), and the tokens that see all of a run [s, e) are exactly
+its strict descendants, the contiguous range [e, E). So the tree mask splits into
+- one causal self-attention per run, all runs at once as one variable-length causal call;
+- per run with descendants, a dense (non-causal) attention of the queries [e, E) against the
+  run's keys [s, e), all such pieces as one variable-length call (their query rows gathered
+  when there are several; one contiguous piece is passed as a view);
+and every visible (query, key) pair lies in exactly one piece. A query's output is the
+combination of its pieces by their log-sum-exps. For a GRPO group that is one causal call over
+the prompt and the responses, and one responses-by-prompt call; for a conversation whose
+samples form one chain, one causal call.
+
+Backward, as ring attention does it: each piece's backward runs with the final output and the
+final log-sum-exp, so its softmax probabilities and its row term rowsum(dO * O) are those of the
+whole row, and the gradients of the pieces add up to the exact gradient; no piece needs the
+gradient of its own log-sum-exp.
+
+Departures: the combination and the accumulation of dQ/dK/dV across pieces run in fp32 and
+round once. The pieces run on `_flash_attention_forward/_backward` (fp16/bf16, head size a
+multiple of 8 up to 256, CUDA); `reference_backend` computes the same two ops in plain PyTorch
+so the CPU tests check the decomposition in fp64. `plan_tree` holds a cost rule that says when
+the pieces pay against the Triton kernel (many tiny runs waste flash tiles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class TreePlan:
+    """The pieces of one `subtree_end [B, T]`, over the flattened token axis (row b at b*T)."""
+
+    num_rows: int
+    """B * T."""
+    run_cu: torch.Tensor
+    """[R + 1] int32 boundaries of the runs (chains of equal subtree_end), the causal pieces."""
+    run_max: int
+    """Longest run."""
+    num_dense: int
+    """Dense pieces (runs with descendants); 0 for a single chain."""
+    q_span: tuple[int, int] | None
+    """The query range when there is exactly one dense piece (no gather), else None."""
+    k_span: tuple[int, int] | None
+    q_rows: torch.Tensor | None
+    """[NQ] int64 flat query row of every gathered dense-piece row (several pieces), else None."""
+    k_rows: torch.Tensor | None
+    """[NK] int64 flat key row of every gathered dense-piece key."""
+    cu_q: torch.Tensor | None
+    """[P + 1] int32 offsets of the dense pieces' queries, in gathered order."""
+    cu_k: torch.Tensor | None
+    max_q: int = 0
+    max_k: int = 0
+    cost_pieces: float = 0.0
+    """Estimated cost of the pieces, in Triton-kernel tile-pair units (see `plan_tree`)."""
+    cost_triton: float = 0.0
+    """Estimated cost of the Triton kernel on the same mask, same units."""
+
+    @property
+    def pays(self) -> bool:
+        """The cost rule: run the pieces when they are estimated cheaper than the Triton kernel."""
+        return self.cost_pieces < self.cost_triton
+
+    def to(self, device) -> "TreePlan":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TreePlan(self.num_rows, mv(self.run_cu), self.run_max, self.num_dense, self.q_span, self.k_span,
+                        mv(self.q_rows), mv(self.k_rows), mv(self.cu_q), mv(self.cu_k), self.max_q, self.max_k,
+                        self.cost_pieces, self.cost_triton)
+
+
+# Cost rule, per unit of 64x64 (query, key) tile work of the Triton kernel. Flash runs 128-row
+# query tiles and 128-key steps; per visited tile pair it does 4 units of Triton work at
+# FLASH_SPEEDUP times the rate. Each gathered dense row costs ROW_COST units (gather, scatter,
+# fp32 combination in forward and backward). Measured on an H100 (docs/benchmarks.md).
+FLASH_SPEEDUP = 2.0
+ROW_COST = 0.02
+FLASH_TILE = 128
+TRITON_TILE = 64
+
+
+def _ceil(a: torch.Tensor, b: int) -> torch.Tensor:
+    return (a + b - 1) // b
+
+
+def _triton_tiles(se: torch.Tensor) -> int:
+    """(query tile, key block) pairs the Triton kernel visits, 64 x 64: as its block lists."""
+    b, t = se.shape
+    nb = (t + TRITON_TILE - 1) // TRITON_TILE
+    blocks = torch.nn.functional.pad(se, (0, nb * TRITON_TILE - t)).view(b, nb, TRITON_TILE)
+    bmax = blocks.amax(-1)[:, None, :]  # [B, 1, NB]
+    m0 = torch.arange(nb)[:, None] * TRITON_TILE
+    m_last = (m0 + TRITON_TILE).clamp(max=t) - 1
+    n0 = torch.arange(nb)[None, :] * TRITON_TILE
+    return int(((n0 <= m_last) & (bmax > m0)).sum())
+
+
+def plan_tree(subtree_end: torch.Tensor) -> TreePlan:
+    """Split the tree mask of `subtree_end [B, T]` (any device; read on the host) into pieces."""
+    se = subtree_end.detach().to("cpu", torch.int64)
+    b, t = se.shape
+    flat = se.reshape(-1)  # [B*T], values local to each row
+    idx = torch.arange(b * t)
+    start = torch.ones(b * t, dtype=torch.bool)
+    start[1:] = flat[1:] != flat[:-1]
+    start[::t] = True
+    run_start = idx[start]  # [R]
+    run_end = torch.cat([run_start[1:], torch.tensor([b * t])])
+    run_len = run_end - run_start
+    row0 = (run_start // t) * t
+    desc_end = row0 + flat[run_end - 1]  # flat end of each run's subtree
+    has = desc_end > run_end
+    q0, q1, k0, k1 = run_end[has], desc_end[has], run_start[has], run_end[has]
+    lq, lk = q1 - q0, k1 - k0
+    n_causal = _ceil(run_len, FLASH_TILE)
+    flash_tiles = int((n_causal * (n_causal + 1) // 2).sum() + (_ceil(lq, FLASH_TILE) * _ceil(lk, FLASH_TILE)).sum())
+    num_dense = int(has.sum())
+    gathered = int(lq.sum()) if num_dense > 1 else 0
+    cost_pieces = flash_tiles * (FLASH_TILE // TRITON_TILE) ** 2 / FLASH_SPEEDUP + ROW_COST * gathered
+    plan = TreePlan(
+        num_rows=b * t, run_cu=torch.cat([run_start, torch.tensor([b * t])]).to(torch.int32),
+        run_max=int(run_len.max()), num_dense=num_dense, q_span=None, k_span=None, q_rows=None,
+        k_rows=None, cu_q=None, cu_k=None, cost_pieces=cost_pieces, cost_triton=float(_triton_tiles(se)),
+    )
+    if num_dense == 0:
+        return plan
+    plan.max_q, plan.max_k = int(lq.max()), int(lk.max())
+    plan.cu_q = torch.nn.functional.pad(lq.cumsum(0), (1, 0)).to(torch.int32)
+    plan.cu_k = torch.nn.functional.pad(lk.cumsum(0), (1, 0)).to(torch.int32)
+    if num_dense == 1:
+        plan.q_span, plan.k_span = (int(q0[0]), int(q1[0])), (int(k0[0]), int(k1[0]))
+    else:
+        plan.q_rows = _ranges(q0, lq)
+        plan.k_rows = _ranges(k0, lk)
+    return plan
+
+
+def _ranges(start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """Concatenation of arange(start[i], start[i] + length[i]) over i."""
+    offsets = torch.nn.functional.pad(length.cumsum(0), (1, 0))[:-1]
+    return torch.arange(int(length.sum())) + torch.repeat_interleave(start - offsets, length)
+
+
+class PieceBackend(Protocol):
+    """Variable-length attention over packed [total, H, D] rows, returning and taking the LSE."""
+
+    def fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: float):
+        """-> (out [total_q, Hq, D], lse [Hq, total_q] fp32 natural log, state for bwd)."""
+
+    def bwd(self, do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal: bool, scale: float, state):
+        """-> (dq, dk, dv), with o and lse the final (whole-row) output and log-sum-exp."""
+
+
+class FlashBackend:
+    """torch's flash attention (FlashAttention-2 inside ATen), variable-length form, with GQA."""
+
+    def fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)
+        if lse.shape != (q.shape[1], q.shape[0]):
+            raise RuntimeError(f"flash attention returned a log-sum-exp of shape {tuple(lse.shape)}, expected "
+                               f"[heads, total] = {(q.shape[1], q.shape[0])}; this torch is not supported here")
+        return out, lse, (rng, unused)
+
+    def bwd(self, do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale, state):
+        rng, unused = state
+        return torch.ops.aten._flash_attention_backward(
+            do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused, scale=scale)
+
+
+class ReferenceBackend:
+    """The same two operations in plain PyTorch, sequence by sequence (tests, any dtype/device)."""
+
+    @staticmethod
+    def _scores(q, k, i, cu_q, cu_k, causal, scale):
+        a, bq = int(cu_q[i]), int(cu_q[i + 1])
+        c, bk = int(cu_k[i]), int(cu_k[i + 1])
+        rep = q.shape[1] // k.shape[1]
+        ki = k[c:bk].repeat_interleave(rep, dim=1)  # [Lk, Hq, D]
+        s = torch.einsum("qhd,khd->hqk", q[a:bq], ki) * scale  # [Hq, Lq, Lk]
+        if causal:
+            s = s.masked_fill(torch.ones(bq - a, bk - c, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        return s, (a, bq, c, bk, rep)
+
+    def fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        for i in range(len(cu_q) - 1):
+            s, (a, bq, c, bk, rep) = self._scores(q, k, i, cu_q, cu_k, causal, scale)
+            lse[:, a:bq] = torch.logsumexp(s, -1)
+            p = torch.softmax(s, -1)
+            out[a:bq] = torch.einsum("hqk,khd->qhd", p, v[c:bk].repeat_interleave(rep, dim=1))
+        return out, lse, None
+
+    def bwd(self, do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale, state):
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        delta = (do * o).sum(-1).t()  # [Hq, total_q]
+        for i in range(len(cu_q) - 1):
+            s, (a, bq, c, bk, rep) = self._scores(q, k, i, cu_q, cu_k, causal, scale)
+            p = torch.exp(s - lse[:, a:bq, None])  # [Hq, Lq, Lk], probabilities of the whole row
+            vi = v[c:bk].repeat_interleave(rep, dim=1)
+            ki = k[c:bk].repeat_interleave(rep, dim=1)
+            dvi = torch.einsum("hqk,qhd->khd", p, do[a:bq])
+            ds = p * (torch.einsum("qhd,khd->hqk", do[a:bq], vi) - delta[:, a:bq, None])
+            dq[a:bq] += torch.einsum("hqk,khd->qhd", ds, ki) * scale
+            dki = torch.einsum("hqk,qhd->khd", ds, q[a:bq]) * scale
+            hk = k.shape[1]
+            dk[c:bk] += dki.view(bk - c, hk, rep, -1).sum(2)
+            dv[c:bk] += dvi.view(bk - c, hk, rep, -1).sum(2)
+        return dq, dk, dv
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor | None, span: tuple[int, int] | None) -> torch.Tensor:
+    return x[span[0]:span[1]] if rows is None else x.index_select(0, rows)
+
+
+def _combine(o_c, lse_c, o_d, lse_d, plan: TreePlan):
+    """Merge the causal pieces' (o_c [N, H, D], lse_c [H, N]) with the dense pieces' rows."""
+    if plan.q_span is not None:
+        a, b = plan.q_span
+        lc = lse_c[:, a:b]
+        lse = torch.logaddexp(lc, lse_d)  # [H, NQ]
+        wc = torch.exp(lc - lse).t()[..., None]  # [NQ, H, 1]
+        wd = torch.exp(lse_d - lse).t()[..., None]
+        o = o_c  # fresh from the causal call: write the combined rows in place
+        o[a:b] = (o_c[a:b].to(wc.dtype) * wc + o_d.to(wd.dtype) * wd).to(o.dtype)
+        lse_c[:, a:b] = lse
+        return o, lse_c
+    rows = plan.q_rows
+    h = lse_c.shape[0]
+    # A token may lie in several dense pieces (one per ancestor run): reduce over all of them.
+    m = lse_c.scatter_reduce(1, rows.expand(h, -1), lse_d, "amax")  # [H, N]
+    wc = torch.exp(lse_c - m)
+    wd = torch.exp(lse_d - m[:, rows])  # [H, NQ]
+    s = wc.index_add(1, rows, wd)
+    acc = o_c.to(wc.dtype) * (wc / s).t()[..., None]  # [N, H, D]
+    acc.index_add_(0, rows, o_d.to(wd.dtype) * (wd / s[:, rows]).t()[..., None])
+    return acc.to(o_c.dtype), m + torch.log(s)
+
+
+def _add_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None, span: tuple[int, int] | None):
+    """dst[rows] += src, accumulated in fp32 (or the wider dtype) and rounded once."""
+    acc_t = torch.promote_types(dst.dtype, torch.float32)
+    if rows is None:
+        a, b = span
+        dst[a:b] = (dst[a:b].to(acc_t) + src.to(acc_t)).to(dst.dtype)
+        return dst
+    return dst.to(acc_t).index_add_(0, rows, src.to(acc_t)).to(dst.dtype)
+
+
+def pieces_fwd(q, k, v, plan: TreePlan, scale: float, backend: PieceBackend):
+    """q [N, Hq, D], k, v [N, Hkv, D] (flattened rows) -> (o [N, Hq, D], lse [Hq, N], states)."""
+    o, lse, st_c = backend.fwd(q, k, v, plan.run_cu, plan.run_cu, plan.run_max, plan.run_max, True, scale)
+    if plan.num_dense == 0:
+        return o, lse, (st_c, None)
+    qd = _take(q, plan.q_rows, plan.q_span)
+    kd, vd = _take(k, plan.k_rows, plan.k_span), _take(v, plan.k_rows, plan.k_span)
+    o_d, lse_d, st_d = backend.fwd(qd, kd, vd, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, False, scale)
+    o, lse = _combine(o, lse, o_d, lse_d, plan)
+    return o, lse, (st_c, st_d)
+
+
+def pieces_bwd(do, q, k, v, o, lse, plan: TreePlan, scale: float, backend: PieceBackend, states):
+    st_c, st_d = states
+    dq, dk, dv = backend.bwd(do, q, k, v, o, lse, plan.run_cu, plan.run_cu, plan.run_max, plan.run_max, True,
+                             scale, st_c)
+    if plan.num_dense == 0:
+        return dq, dk, dv
+    qr, kr = plan.q_rows, plan.k_rows
+    qd, kd, vd = _take(q, qr, plan.q_span), _take(k, kr, plan.k_span), _take(v, kr, plan.k_span)
+    dod, od = _take(do, qr, plan.q_span), _take(o, qr, plan.q_span)
+    lsed = (lse[:, plan.q_span[0]:plan.q_span[1]] if qr is None else lse[:, qr]).contiguous()
+    dqd, dkd, dvd = backend.bwd(dod, qd, kd, vd, od, lsed, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, False,
+                                scale, st_d)
+    dq = _add_rows(dq, dqd, qr, plan.q_span)
+    dk = _add_rows(dk, dkd, kr, plan.k_span)
+    dv = _add_rows(dv, dvd, kr, plan.k_span)
+    return dq, dk, dv
+
+
+class TreePiecesFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale, backend):
+        b, t, hq, d = q.shape
+        hkv = k.shape[2]
+        q2 = q.reshape(b * t, hq, d).contiguous()
+        k2, v2 = k.reshape(b * t, hkv, d).contiguous(), v.reshape(b * t, hkv, d).contiguous()
+        o, lse, states = pieces_fwd(q2, k2, v2, plan, scale, backend)
+        ctx.save_for_backward(q2, k2, v2, o, lse)
+        ctx.plan, ctx.scale, ctx.backend, ctx.states, ctx.shape = plan, scale, backend, states, (b, t)
+        return o.view(b, t, hq, d)
+
+    @staticmethod
+    def backward(ctx, do):
+        q2, k2, v2, o, lse = ctx.saved_tensors
+        b, t = ctx.shape
+        do2 = do.reshape(o.shape).contiguous()
+        dq, dk, dv = pieces_bwd(do2, q2, k2, v2, o, lse, ctx.plan, ctx.scale, ctx.backend, ctx.states)
+        return dq.view(b, t, *dq.shape[1:]), dk.view(b, t, *dk.shape[1:]), dv.view(b, t, *dv.shape[1:]), None, None, None
+
+
+def flash_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether torch's flash attention takes these tensors (CUDA, fp16/bf16, head size)."""
+    d = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
+            and d % 8 == 0 and d <= 256 and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
+def tree_attention_pieces(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    subtree_end: torch.Tensor,
+    *,
+    scale: float | None = None,
+    plan: TreePlan | None = None,
+    backend: PieceBackend | None = None,
+) -> torch.Tensor:
+    """Tree attention as causal and dense pieces combined by log-sum-exp; differentiable.
+
+    q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; subtree_end: [B, T] integer. Returns [B, T, Hq, D].
+    `plan` (from `plan_tree`, on q's device) may be passed to reuse it across layers; `backend`
+    defaults to torch's flash attention, which needs `flash_supports(q, k)`.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if plan is None:
+        plan = plan_tree(subtree_end).to(q.device)
+    if backend is None:
+        if not flash_supports(q, k):
+            raise ValueError(f"flash attention takes CUDA fp16/bf16 with head size a multiple of 8 up to 256; got "
+                             f"{q.device} {q.dtype} head size {q.shape[-1]} (use tree_attention)")
+        backend = FlashBackend()
+    return TreePiecesFunction.apply(q, k, v, plan, float(scale), backend)
