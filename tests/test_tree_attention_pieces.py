@@ -70,14 +70,14 @@ def test_plan_covers_every_visible_pair_once():
         plan = plan_tree(se)
         b, t = se.shape
         cover = torch.zeros(b * t, b * t, dtype=torch.int64)
-        cu = plan.run_cu.tolist()
+        cu = plan.runs.cu_q.tolist()
         for a, e in zip(cu[:-1], cu[1:]):
             cover[a:e, a:e] += torch.ones(e - a, e - a, dtype=torch.int64).tril()
         if plan.num_dense == 1:
             (q0, q1), (k0, k1) = plan.q_span, plan.k_span
             cover[q0:q1, k0:k1] += 1
         elif plan.num_dense > 1:
-            cq, ck = plan.cu_q.tolist(), plan.cu_k.tolist()
+            cq, ck = plan.dense.cu_q.tolist(), plan.dense.cu_k.tolist()
             for i in range(plan.num_dense):
                 qs = plan.q_rows[cq[i]:cq[i + 1]]
                 ks = plan.k_rows[ck[i]:ck[i + 1]]
@@ -89,11 +89,13 @@ def test_plan_covers_every_visible_pair_once():
 def test_plan_shapes_of_the_benchmark_batches():
     # A GRPO group: one causal call over prompt and responses, one dense responses x prompt.
     plan = plan_tree(build_tree(grpo(64, 16, 4)).subtree_end[None])
-    assert plan.run_cu.tolist() == [0, 64, 80, 96, 112, 128]
+    assert plan.runs.cu_q.tolist() == [0, 64, 80, 96, 112, 128]
     assert (plan.q_span, plan.k_span) == ((64, 128), (0, 64))
+    # The four equal responses form one group (one batched call for backends without varlen).
+    assert plan.runs.groups == [(0, 0, 1, 64, 64), (64, 64, 4, 16, 16)]
     # Nested turns of one conversation are one chain: a single causal piece.
     plan = plan_tree(build_tree(chain(64, 4)).subtree_end[None])
-    assert plan.run_cu.tolist() == [0, 256] and plan.num_dense == 0
+    assert plan.runs.cu_q.tolist() == [0, 256] and plan.num_dense == 0
 
 
 def test_cost_rule_prefers_triton_for_tiny_runs():
@@ -109,8 +111,9 @@ def test_cost_rule_prefers_triton_for_tiny_runs():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "cudnn_expand"])
 @pytest.mark.parametrize("case", ["nested-two-rows", "grpo-full", "chain-full", "two-groups-full"])
-def test_flash_pieces_full_size(case):
+def test_pieces_full_size(case, backend):
     if case == "nested-two-rows":
         se = torch.stack([tree_subtree_end(4099, s, prompt=1200, branch=250) for s in range(2)])
     elif case == "grpo-full":
@@ -119,7 +122,7 @@ def test_flash_pieces_full_size(case):
         se = build_tree(chain(16, 256)).subtree_end[None]
     else:
         se = concat_trees([build_tree(grpo(1500, 300, 4)), build_tree(grpo(700, 400, 3))]).subtree_end[None]
-    got, ref, low = pieces_vs_naive(se, 8, 2, 128, torch.bfloat16, "cuda")
+    got, ref, low = pieces_vs_naive(se, 8, 2, 128, torch.bfloat16, "cuda", backend=backend)
     for name, g, r, lo in zip(["out", "dq", "dk", "dv"], got, ref, low):
         assert not torch.isnan(g).any(), name
         assert rel(g, r) <= 3 * rel(lo, r) + 1e-6, f"{name}: pieces {rel(g, r):.2e} vs reference {rel(lo, r):.2e}"

@@ -25,7 +25,7 @@ def _plan(subtree_end: torch.Tensor, device: torch.device):
     # One small device-to-host copy per call; the Triton path's block lists synchronise too.
     se = subtree_end.detach().to("cpu", torch.int64)
     for key, plan in _PLANS:
-        if key.shape == se.shape and plan.run_cu.device == device and torch.equal(key, se):
+        if key.shape == se.shape and plan.runs.cu_q.device == device and torch.equal(key, se):
             return plan
     plan = plan_tree(se).to(device)
     _PLANS.insert(0, (se, plan))

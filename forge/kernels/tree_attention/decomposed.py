@@ -33,33 +33,62 @@ import torch
 
 
 @dataclass
+class Segments:
+    """Variable-length attention calls' layout: sequence i has queries [cu_q[i], cu_q[i+1]) of
+    the packed query rows and keys [cu_k[i], cu_k[i+1]) of the packed key rows."""
+
+    cu_q: torch.Tensor
+    """[P + 1] int32 (on the device the call runs on)."""
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    groups: list[tuple[int, int, int, int, int]]
+    """Host-side (q start, k start, count, Lq, Lk) of runs of consecutive sequences of one shape."""
+
+    @classmethod
+    def of(cls, lq: torch.Tensor, lk: torch.Tensor) -> "Segments":
+        cu_q = torch.nn.functional.pad(lq.cumsum(0), (1, 0))
+        cu_k = torch.nn.functional.pad(lk.cumsum(0), (1, 0))
+        groups: list[tuple[int, int, int, int, int]] = []
+        for i, (a, b) in enumerate(zip(lq.tolist(), lk.tolist())):
+            if groups and groups[-1][3:] == (a, b):
+                qa, ka, n, _, _ = groups[-1]
+                groups[-1] = (qa, ka, n + 1, a, b)
+            else:
+                groups.append((int(cu_q[i]), int(cu_k[i]), 1, a, b))
+        return cls(cu_q.to(torch.int32), cu_k.to(torch.int32), int(lq.max()), int(lk.max()), groups)
+
+    def to(self, device) -> "Segments":
+        return Segments(self.cu_q.to(device, non_blocking=True), self.cu_k.to(device, non_blocking=True),
+                        self.max_q, self.max_k, self.groups)
+
+
+@dataclass
 class TreePlan:
     """The pieces of one `subtree_end [B, T]`, over the flattened token axis (row b at b*T)."""
 
     num_rows: int
     """B * T."""
-    run_cu: torch.Tensor
-    """[R + 1] int32 boundaries of the runs (chains of equal subtree_end), the causal pieces."""
-    run_max: int
-    """Longest run."""
-    num_dense: int
-    """Dense pieces (runs with descendants); 0 for a single chain."""
-    q_span: tuple[int, int] | None
+    runs: Segments
+    """The runs (chains of equal subtree_end) as causal self-attention pieces."""
+    dense: Segments | None
+    """The dense pieces (each run with descendants: its descendants' queries x its keys); None
+    for a single chain."""
+    q_span: tuple[int, int] | None = None
     """The query range when there is exactly one dense piece (no gather), else None."""
-    k_span: tuple[int, int] | None
-    q_rows: torch.Tensor | None
+    k_span: tuple[int, int] | None = None
+    q_rows: torch.Tensor | None = None
     """[NQ] int64 flat query row of every gathered dense-piece row (several pieces), else None."""
-    k_rows: torch.Tensor | None
+    k_rows: torch.Tensor | None = None
     """[NK] int64 flat key row of every gathered dense-piece key."""
-    cu_q: torch.Tensor | None
-    """[P + 1] int32 offsets of the dense pieces' queries, in gathered order."""
-    cu_k: torch.Tensor | None
-    max_q: int = 0
-    max_k: int = 0
     cost_pieces: float = 0.0
     """Estimated cost of the pieces, in Triton-kernel tile-pair units (see `plan_tree`)."""
     cost_triton: float = 0.0
     """Estimated cost of the Triton kernel on the same mask, same units."""
+
+    @property
+    def num_dense(self) -> int:
+        return 0 if self.dense is None else len(self.dense.cu_q) - 1
 
     @property
     def pays(self) -> bool:
@@ -68,9 +97,9 @@ class TreePlan:
 
     def to(self, device) -> "TreePlan":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return TreePlan(self.num_rows, mv(self.run_cu), self.run_max, self.num_dense, self.q_span, self.k_span,
-                        mv(self.q_rows), mv(self.k_rows), mv(self.cu_q), mv(self.cu_k), self.max_q, self.max_k,
-                        self.cost_pieces, self.cost_triton)
+        dense = None if self.dense is None else self.dense.to(device)
+        return TreePlan(self.num_rows, self.runs.to(device), dense, self.q_span, self.k_span,
+                        mv(self.q_rows), mv(self.k_rows), self.cost_pieces, self.cost_triton)
 
 
 # Cost rule, per unit of 64x64 (query, key) tile work of the Triton kernel. Flash runs 128-row
@@ -121,19 +150,11 @@ def plan_tree(subtree_end: torch.Tensor) -> TreePlan:
     num_dense = int(has.sum())
     gathered = int(lq.sum()) if num_dense > 1 else 0
     cost_pieces = flash_tiles * (FLASH_TILE // TRITON_TILE) ** 2 / FLASH_SPEEDUP + ROW_COST * gathered
-    plan = TreePlan(
-        num_rows=b * t, run_cu=torch.cat([run_start, torch.tensor([b * t])]).to(torch.int32),
-        run_max=int(run_len.max()), num_dense=num_dense, q_span=None, k_span=None, q_rows=None,
-        k_rows=None, cu_q=None, cu_k=None, cost_pieces=cost_pieces, cost_triton=float(_triton_tiles(se)),
-    )
-    if num_dense == 0:
-        return plan
-    plan.max_q, plan.max_k = int(lq.max()), int(lk.max())
-    plan.cu_q = torch.nn.functional.pad(lq.cumsum(0), (1, 0)).to(torch.int32)
-    plan.cu_k = torch.nn.functional.pad(lk.cumsum(0), (1, 0)).to(torch.int32)
+    plan = TreePlan(b * t, Segments.of(run_len, run_len), Segments.of(lq, lk) if num_dense else None,
+                    cost_pieces=cost_pieces, cost_triton=float(_triton_tiles(se)))
     if num_dense == 1:
         plan.q_span, plan.k_span = (int(q0[0]), int(q1[0])), (int(k0[0]), int(k1[0]))
-    else:
+    elif num_dense > 1:
         plan.q_rows = _ranges(q0, lq)
         plan.k_rows = _ranges(k0, lk)
     return plan
@@ -148,37 +169,93 @@ def _ranges(start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
 class PieceBackend(Protocol):
     """Variable-length attention over packed [total, H, D] rows, returning and taking the LSE."""
 
-    def fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: float):
+    def fwd(self, q, k, v, seg: Segments, causal: bool, scale: float):
         """-> (out [total_q, Hq, D], lse [Hq, total_q] fp32 natural log, state for bwd)."""
 
-    def bwd(self, do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal: bool, scale: float, state):
+    def bwd(self, do, q, k, v, o, lse, seg: Segments, causal: bool, scale: float, state):
         """-> (dq, dk, dv), with o and lse the final (whole-row) output and log-sum-exp."""
 
 
 class FlashBackend:
-    """torch's flash attention (FlashAttention-2 inside ATen), variable-length form, with GQA."""
+    """torch's flash attention (FlashAttention-2 inside ATen), variable-length form, with GQA:
+    one call for all sequences of a Segments."""
 
-    def fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    def fwd(self, q, k, v, seg, causal, scale):
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)
+            q, k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, 0.0, causal, False, scale=scale)
         if lse.shape != (q.shape[1], q.shape[0]):
             raise RuntimeError(f"flash attention returned a log-sum-exp of shape {tuple(lse.shape)}, expected "
                                f"[heads, total] = {(q.shape[1], q.shape[0])}; this torch is not supported here")
         return out, lse, (rng, unused)
 
-    def bwd(self, do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale, state):
+    def bwd(self, do, q, k, v, o, lse, seg, causal, scale, state):
         rng, unused = state
         return torch.ops.aten._flash_attention_backward(
-            do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused, scale=scale)
+            do, q, k, v, o, lse, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, 0.0, causal, rng, unused, scale=scale)
+
+
+class CudnnBackend:
+    """cuDNN's fused attention through torch, one call per group of equal-shape sequences
+    (`Segments.groups`), on [n, H, L, D] views of the packed rows (no copy of q, k, v)."""
+
+    def __init__(self, expand_kv: bool = False) -> None:
+        # GQA by repeating the key/value heads, for a cuDNN that takes only equal head counts.
+        self.expand_kv = expand_kv
+
+    @staticmethod
+    def _view(x, start, n, length):
+        return x[start:start + n * length].view(n, length, *x.shape[1:]).transpose(1, 2)  # [n, H, L, D]
+
+    def _kv(self, q, k, v, ka, n, lk):
+        kg, vg = self._view(k, ka, n, lk), self._view(v, ka, n, lk)
+        if self.expand_kv and k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            kg, vg = kg.repeat_interleave(rep, dim=1), vg.repeat_interleave(rep, dim=1)
+        return kg, vg
+
+    def _reduce(self, g, k):
+        # [n, Hq, L, D] gradient of repeated heads -> [n, Hkv, L, D].
+        if g.shape[1] == k.shape[1]:
+            return g
+        return g.unflatten(1, (k.shape[1], -1)).sum(2)
+
+    def fwd(self, q, k, v, seg, causal, scale):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+        states = []
+        for qa, ka, n, lq, lk in seg.groups:
+            qg = self._view(q, qa, n, lq)
+            kg, vg = self._kv(q, k, v, ka, n, lk)
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                qg, kg, vg, None, True, 0.0, causal, False, scale=scale)
+            o, l = res[0], res[1]
+            self._view(out, qa, n, lq).copy_(o)
+            lse[:, qa:qa + n * lq].view(-1, n, lq).copy_(l.reshape(n, -1, lq).transpose(0, 1))
+            states.append((l.shape, res[6], res[7]))
+        return out, lse, states
+
+    def bwd(self, do, q, k, v, o, lse, seg, causal, scale, states):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for (qa, ka, n, lq, lk), (lshape, seed, offset) in zip(seg.groups, states):
+            qg = self._view(q, qa, n, lq)
+            kg, vg = self._kv(q, k, v, ka, n, lk)
+            og, dog = self._view(o, qa, n, lq), self._view(do, qa, n, lq)
+            lg = lse[:, qa:qa + n * lq].view(-1, n, lq).transpose(0, 1).contiguous().view(lshape)
+            g = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                dog, qg, kg, vg, og, lg, seed, offset, None, None, None, lq, lk, 0.0, causal, scale=scale)
+            self._view(dq, qa, n, lq).copy_(g[0])
+            self._view(dk, ka, n, lk).copy_(self._reduce(g[1], k))
+            self._view(dv, ka, n, lk).copy_(self._reduce(g[2], k))
+        return dq, dk, dv
 
 
 class ReferenceBackend:
     """The same two operations in plain PyTorch, sequence by sequence (tests, any dtype/device)."""
 
     @staticmethod
-    def _scores(q, k, i, cu_q, cu_k, causal, scale):
-        a, bq = int(cu_q[i]), int(cu_q[i + 1])
-        c, bk = int(cu_k[i]), int(cu_k[i + 1])
+    def _scores(q, k, i, seg, causal, scale):
+        a, bq = int(seg.cu_q[i]), int(seg.cu_q[i + 1])
+        c, bk = int(seg.cu_k[i]), int(seg.cu_k[i + 1])
         rep = q.shape[1] // k.shape[1]
         ki = k[c:bk].repeat_interleave(rep, dim=1)  # [Lk, Hq, D]
         s = torch.einsum("qhd,khd->hqk", q[a:bq], ki) * scale  # [Hq, Lq, Lk]
@@ -186,21 +263,22 @@ class ReferenceBackend:
             s = s.masked_fill(torch.ones(bq - a, bk - c, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
         return s, (a, bq, c, bk, rep)
 
-    def fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    def fwd(self, q, k, v, seg, causal, scale):
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-        for i in range(len(cu_q) - 1):
-            s, (a, bq, c, bk, rep) = self._scores(q, k, i, cu_q, cu_k, causal, scale)
+        for i in range(len(seg.cu_q) - 1):
+            s, (a, bq, c, bk, rep) = self._scores(q, k, i, seg, causal, scale)
             lse[:, a:bq] = torch.logsumexp(s, -1)
             p = torch.softmax(s, -1)
             out[a:bq] = torch.einsum("hqk,khd->qhd", p, v[c:bk].repeat_interleave(rep, dim=1))
         return out, lse, None
 
-    def bwd(self, do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale, state):
+    def bwd(self, do, q, k, v, o, lse, seg, causal, scale, state):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         delta = (do * o).sum(-1).t()  # [Hq, total_q]
-        for i in range(len(cu_q) - 1):
-            s, (a, bq, c, bk, rep) = self._scores(q, k, i, cu_q, cu_k, causal, scale)
+        hk = k.shape[1]
+        for i in range(len(seg.cu_q) - 1):
+            s, (a, bq, c, bk, rep) = self._scores(q, k, i, seg, causal, scale)
             p = torch.exp(s - lse[:, a:bq, None])  # [Hq, Lq, Lk], probabilities of the whole row
             vi = v[c:bk].repeat_interleave(rep, dim=1)
             ki = k[c:bk].repeat_interleave(rep, dim=1)
@@ -208,10 +286,14 @@ class ReferenceBackend:
             ds = p * (torch.einsum("qhd,khd->hqk", do[a:bq], vi) - delta[:, a:bq, None])
             dq[a:bq] += torch.einsum("hqk,khd->qhd", ds, ki) * scale
             dki = torch.einsum("hqk,qhd->khd", ds, q[a:bq]) * scale
-            hk = k.shape[1]
             dk[c:bk] += dki.view(bk - c, hk, rep, -1).sum(2)
             dv[c:bk] += dvi.view(bk - c, hk, rep, -1).sum(2)
         return dq, dk, dv
+
+
+BACKENDS = {"flash": FlashBackend, "cudnn": CudnnBackend, "cudnn_expand": lambda: CudnnBackend(expand_kv=True),
+            "reference": ReferenceBackend}
+DEFAULT_BACKEND = "flash"
 
 
 def _take(x: torch.Tensor, rows: torch.Tensor | None, span: tuple[int, int] | None) -> torch.Tensor:
@@ -254,28 +336,26 @@ def _add_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None, s
 
 def pieces_fwd(q, k, v, plan: TreePlan, scale: float, backend: PieceBackend):
     """q [N, Hq, D], k, v [N, Hkv, D] (flattened rows) -> (o [N, Hq, D], lse [Hq, N], states)."""
-    o, lse, st_c = backend.fwd(q, k, v, plan.run_cu, plan.run_cu, plan.run_max, plan.run_max, True, scale)
+    o, lse, st_c = backend.fwd(q, k, v, plan.runs, True, scale)
     if plan.num_dense == 0:
         return o, lse, (st_c, None)
     qd = _take(q, plan.q_rows, plan.q_span)
     kd, vd = _take(k, plan.k_rows, plan.k_span), _take(v, plan.k_rows, plan.k_span)
-    o_d, lse_d, st_d = backend.fwd(qd, kd, vd, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, False, scale)
+    o_d, lse_d, st_d = backend.fwd(qd, kd, vd, plan.dense, False, scale)
     o, lse = _combine(o, lse, o_d, lse_d, plan)
     return o, lse, (st_c, st_d)
 
 
 def pieces_bwd(do, q, k, v, o, lse, plan: TreePlan, scale: float, backend: PieceBackend, states):
     st_c, st_d = states
-    dq, dk, dv = backend.bwd(do, q, k, v, o, lse, plan.run_cu, plan.run_cu, plan.run_max, plan.run_max, True,
-                             scale, st_c)
+    dq, dk, dv = backend.bwd(do, q, k, v, o, lse, plan.runs, True, scale, st_c)
     if plan.num_dense == 0:
         return dq, dk, dv
     qr, kr = plan.q_rows, plan.k_rows
     qd, kd, vd = _take(q, qr, plan.q_span), _take(k, kr, plan.k_span), _take(v, kr, plan.k_span)
     dod, od = _take(do, qr, plan.q_span), _take(o, qr, plan.q_span)
     lsed = (lse[:, plan.q_span[0]:plan.q_span[1]] if qr is None else lse[:, qr]).contiguous()
-    dqd, dkd, dvd = backend.bwd(dod, qd, kd, vd, od, lsed, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, False,
-                                scale, st_d)
+    dqd, dkd, dvd = backend.bwd(dod, qd, kd, vd, od, lsed, plan.dense, False, scale, st_d)
     dq = _add_rows(dq, dqd, qr, plan.q_span)
     dk = _add_rows(dk, dkd, kr, plan.k_span)
     dv = _add_rows(dv, dvd, kr, plan.k_span)
@@ -318,21 +398,22 @@ def tree_attention_pieces(
     *,
     scale: float | None = None,
     plan: TreePlan | None = None,
-    backend: PieceBackend | None = None,
+    backend: PieceBackend | str | None = None,
 ) -> torch.Tensor:
     """Tree attention as causal and dense pieces combined by log-sum-exp; differentiable.
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; subtree_end: [B, T] integer. Returns [B, T, Hq, D].
     `plan` (from `plan_tree`, on q's device) may be passed to reuse it across layers; `backend`
-    defaults to torch's flash attention, which needs `flash_supports(q, k)`.
+    (a PieceBackend or a name in BACKENDS) defaults to DEFAULT_BACKEND; the CUDA backends need
+    `flash_supports(q, k)`.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if plan is None:
         plan = plan_tree(subtree_end).to(q.device)
-    if backend is None:
+    if backend is None or isinstance(backend, str):
         if not flash_supports(q, k):
             raise ValueError(f"flash attention takes CUDA fp16/bf16 with head size a multiple of 8 up to 256; got "
                              f"{q.device} {q.dtype} head size {q.shape[-1]} (use tree_attention)")
-        backend = FlashBackend()
+        backend = BACKENDS[backend or DEFAULT_BACKEND]()
     return TreePiecesFunction.apply(q, k, v, plan, float(scale), backend)
