@@ -134,3 +134,26 @@ def test_entry_point_takes_pieces_when_they_pay():
     q = torch.randn(1, se.shape[1], 4, 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, se.shape[1], 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     torch.testing.assert_close(tree_attention(q, k, v, se), tree_attention_pieces(q, k, v, se), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", ["span", "gathered"])
+def test_triton_combine_matches_logaddexp(rows):
+    # Under the interpreter on the CPU, at full size on a GPU: the fused in-place combination
+    # of two pieces against the same formula in PyTorch.
+    from forge.kernels.tree_attention.triton_combine import lse_combine_
+
+    torch.manual_seed(0)
+    n, nq, h, d = 50, 19, 3, 24
+    o = torch.randn(n, h, d, device=DEVICE)
+    lse = torch.randn(h, n, device=DEVICE) * 3
+    o_d = torch.randn(nq, h, d, device=DEVICE)
+    lse_d = torch.randn(h, nq, device=DEVICE) * 3
+    idx = torch.randperm(n, device=DEVICE)[:nq] if rows == "gathered" else torch.arange(7, 7 + nq, device=DEVICE)
+    want_l = lse.clone()
+    want_l[:, idx] = torch.logaddexp(lse[:, idx], lse_d)
+    want_o = o.clone()
+    want_o[idx] = (o[idx] * torch.exp(lse[:, idx] - want_l[:, idx]).t()[..., None]
+                   + o_d * torch.exp(lse_d - want_l[:, idx]).t()[..., None])
+    lse_combine_(o, lse, o_d, lse_d, idx if rows == "gathered" else None, 7)
+    torch.testing.assert_close(o, want_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_l, rtol=1e-5, atol=1e-5)

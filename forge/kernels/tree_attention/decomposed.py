@@ -81,6 +81,8 @@ class TreePlan:
     """[NQ] int64 flat query row of every gathered dense-piece row (several pieces), else None."""
     k_rows: torch.Tensor | None = None
     """[NK] int64 flat key row of every gathered dense-piece key."""
+    dense_disjoint: bool = True
+    """No query row lies in two dense pieces (no run has an ancestor run with descendants)."""
     cost_pieces: float = 0.0
     """Estimated cost of the pieces, in Triton-kernel tile-pair units (see `plan_tree`)."""
     cost_triton: float = 0.0
@@ -99,7 +101,7 @@ class TreePlan:
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         dense = None if self.dense is None else self.dense.to(device)
         return TreePlan(self.num_rows, self.runs.to(device), dense, self.q_span, self.k_span,
-                        mv(self.q_rows), mv(self.k_rows), self.cost_pieces, self.cost_triton)
+                        mv(self.q_rows), mv(self.k_rows), self.dense_disjoint, self.cost_pieces, self.cost_triton)
 
 
 # Cost rule, per unit of 64x64 (query, key) tile work of the Triton kernel. Flash runs 128-row
@@ -157,6 +159,7 @@ def plan_tree(subtree_end: torch.Tensor) -> TreePlan:
     elif num_dense > 1:
         plan.q_rows = _ranges(q0, lq)
         plan.k_rows = _ranges(k0, lk)
+        plan.dense_disjoint = bool(torch.bincount(plan.q_rows).max() <= 1)
     return plan
 
 
@@ -302,6 +305,11 @@ def _take(x: torch.Tensor, rows: torch.Tensor | None, span: tuple[int, int] | No
 
 def _combine(o_c, lse_c, o_d, lse_d, plan: TreePlan):
     """Merge the causal pieces' (o_c [N, H, D], lse_c [H, N]) with the dense pieces' rows."""
+    if plan.dense_disjoint and o_c.is_cuda:
+        from forge.kernels.tree_attention.triton_combine import lse_combine_
+
+        lse_combine_(o_c, lse_c, o_d, lse_d, plan.q_rows, plan.q_span[0] if plan.q_span else 0)
+        return o_c, lse_c
     if plan.q_span is not None:
         a, b = plan.q_span
         lc = lse_c[:, a:b]
@@ -324,13 +332,17 @@ def _combine(o_c, lse_c, o_d, lse_d, plan: TreePlan):
     return acc.to(o_c.dtype), m + torch.log(s)
 
 
-def _add_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None, span: tuple[int, int] | None):
-    """dst[rows] += src, accumulated in fp32 (or the wider dtype) and rounded once."""
-    acc_t = torch.promote_types(dst.dtype, torch.float32)
+def _add_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None, span: tuple[int, int] | None,
+              disjoint: bool):
+    """dst[rows] += src. Each row of dst takes one addition when `disjoint` (both operands
+    already rounded to dst's dtype, so an in-place add rounds once, as an fp32 sum would);
+    rows in several pieces accumulate in fp32 and round once."""
     if rows is None:
-        a, b = span
-        dst[a:b] = (dst[a:b].to(acc_t) + src.to(acc_t)).to(dst.dtype)
+        dst[span[0]:span[1]] += src
         return dst
+    if disjoint:
+        return dst.index_add_(0, rows, src)
+    acc_t = torch.promote_types(dst.dtype, torch.float32)
     return dst.to(acc_t).index_add_(0, rows, src.to(acc_t)).to(dst.dtype)
 
 
@@ -356,9 +368,10 @@ def pieces_bwd(do, q, k, v, o, lse, plan: TreePlan, scale: float, backend: Piece
     dod, od = _take(do, qr, plan.q_span), _take(o, qr, plan.q_span)
     lsed = (lse[:, plan.q_span[0]:plan.q_span[1]] if qr is None else lse[:, qr]).contiguous()
     dqd, dkd, dvd = backend.bwd(dod, qd, kd, vd, od, lsed, plan.dense, False, scale, st_d)
-    dq = _add_rows(dq, dqd, qr, plan.q_span)
-    dk = _add_rows(dk, dkd, kr, plan.k_span)
-    dv = _add_rows(dv, dvd, kr, plan.k_span)
+    dq = _add_rows(dq, dqd, qr, plan.q_span, plan.dense_disjoint)
+    # Every run is the key side of at most one dense piece.
+    dk = _add_rows(dk, dkd, kr, plan.k_span, True)
+    dv = _add_rows(dv, dvd, kr, plan.k_span, True)
     return dq, dk, dv
 
 
