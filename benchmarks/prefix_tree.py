@@ -182,6 +182,9 @@ def attention_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tu
     out["flex"] = (flex, [q, k, v])
     out["forge"] = (forge, [q, k, v])
     out["forge_triton"] = (forge_triton, [q, k, v])
+    # Forward alone (inference, old/reference logprobs), for the split of the time.
+    out["forge_fwd_only"] = (lambda: tree_attention(q.detach(), k.detach(), v.detach(), se), [])
+    out["forge_triton_fwd_only"] = (lambda: tree_attention_triton(q.detach(), k.detach(), v.detach(), se), [])
     if dev == "cuda":
         plan = plan_tree(t.subtree_end[None]).to(dev)
         for backend in BACKENDS:
@@ -260,10 +263,10 @@ def check(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, float]:
     return res
 
 
-# (fwd_m, fwd_n, bwd_m, bwd_n, warps, stages); the first is the default. Not yet run with the
-# block-list kernels (the sweep in docs/benchmarks.md is of the first version).
+# (fwd_m, fwd_n, bwd_m, bwd_n, warps, stages); the first is the default.
 SWEEP = [(64, 64, 64, 64, 4, 3), (128, 64, 64, 64, 4, 3), (128, 64, 64, 64, 8, 3),
-         (128, 128, 64, 64, 8, 3), (64, 64, 64, 64, 4, 4), (128, 64, 64, 128, 8, 3)]
+         (128, 128, 64, 64, 8, 3), (64, 64, 64, 64, 4, 4), (128, 64, 64, 128, 8, 3),
+         (128, 64, 128, 64, 8, 4), (64, 128, 64, 128, 8, 3), (128, 128, 128, 128, 8, 3)]
 
 
 def sweep(sc: Scenario, shape: Shape, dev: str) -> dict[str, float]:
@@ -397,6 +400,8 @@ def main() -> None:
         bm = tree_block_mask(t.subtree_end[None].to(dev))
         entry["flex_block_mask_ms"] = (time.perf_counter() - t0) * 1e3
         try:
+            if args.variants and "flex" not in args.variants.split(","):
+                raise RuntimeError("flex not among --variants")
             entry["check_forge_vs_flex"] = check(sc, shape, dev, bm)
         except Exception as e:  # noqa: BLE001 - a failed variant is reported, the rest still runs
             entry["check_forge_vs_flex"] = {"error": repr(e)[:300]}
