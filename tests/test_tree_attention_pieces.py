@@ -157,3 +157,17 @@ def test_triton_combine_matches_logaddexp(rows):
     lse_combine_(o, lse, o_d, lse_d, idx if rows == "gathered" else None, 7)
     torch.testing.assert_close(o, want_o, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, want_l, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_cache_follows_the_tensor_and_its_contents():
+    from forge.kernels.tree_attention import _plan
+
+    se = build_tree(grpo(13, 5, 4)).subtree_end[None].clone()
+    p1 = _plan(se, se.device)
+    assert _plan(se, se.device) is p1
+    # Modified in place: the version counter moves, the plan is rebuilt from the new contents.
+    se.copy_(build_tree(chain(3, 11)).subtree_end[None][:, : se.shape[1]].clamp(max=se.shape[1]))
+    p2 = _plan(se, se.device)
+    assert p2 is not p1 and p2.num_dense == 0
+    # Another tensor with equal contents shares the plan.
+    assert _plan(se.clone(), se.device) is p2

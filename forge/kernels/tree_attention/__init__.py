@@ -14,21 +14,24 @@ import torch
 from forge.kernels.tree_attention.naive import tree_attention_naive, tree_mask
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Plans of recent subtree_end tensors: every layer of a forward sees the same tree.
-_PLANS: list[tuple[torch.Tensor, object]] = []
+# Plans of recent subtree_end tensors: every layer of a forward sees the same tree. An entry
+# holds (the tensor itself, its version counter, its host copy, the plan); holding the tensor
+# keeps its identity unique, so the same unmodified tensor finds its plan with no device read.
+_PLANS: list[tuple[torch.Tensor, int, torch.Tensor, object]] = []
 _PLAN_CACHE = 4
 
 
 def _plan(subtree_end: torch.Tensor, device: torch.device):
     from forge.kernels.tree_attention.decomposed import plan_tree
 
-    # One small device-to-host copy per call; the Triton path's block lists synchronise too.
-    se = subtree_end.detach().to("cpu", torch.int64)
-    for key, plan in _PLANS:
-        if key.shape == se.shape and plan.runs.cu_q.device == device and torch.equal(key, se):
+    for held, version, _, plan in _PLANS:
+        if held is subtree_end and held._version == version:
             return plan
-    plan = plan_tree(se).to(device)
-    _PLANS.insert(0, (se, plan))
+    # A new tensor: one device-to-host copy (the Triton path's block lists synchronise too).
+    se = subtree_end.detach().to("cpu", torch.int64, copy=True)
+    plan = next((p for _, _, key, p in _PLANS if key.shape == se.shape and p.runs.cu_q.device == device
+                 and torch.equal(key, se)), None) or plan_tree(se).to(device)
+    _PLANS.insert(0, (subtree_end, subtree_end._version, se, plan))
     del _PLANS[_PLAN_CACHE:]
     return plan
 
