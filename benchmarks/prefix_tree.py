@@ -362,7 +362,8 @@ def plan_stats(sc: Scenario) -> dict:
     from forge.kernels.tree_attention.decomposed import plan_tree
 
     plan = plan_tree(sc.tree.subtree_end[None])
-    return {"runs": len(plan.runs.cu_q) - 1, "dense_pieces": plan.num_dense, "cost_pieces": plan.cost_pieces,
+    return {"runs": len(plan.runs.cu_q) - 1, "dense_pieces": plan.num_dense, "backend": plan.backend,
+            "cost_pieces": plan.cost_pieces,
             "cost_triton": plan.cost_triton, "pays": plan.pays}
 
 

@@ -83,6 +83,8 @@ class TreePlan:
     """[NK] int64 flat key row of every gathered dense-piece key."""
     dense_disjoint: bool = True
     """No query row lies in two dense pieces (no run has an ancestor run with descendants)."""
+    backend: str = "flash"
+    """The attention library the cost rule picked for the pieces (a name in BACKENDS)."""
     cost_pieces: float = 0.0
     """Estimated cost of the pieces, in Triton-kernel tile-pair units (see `plan_tree`)."""
     cost_triton: float = 0.0
@@ -101,17 +103,27 @@ class TreePlan:
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         dense = None if self.dense is None else self.dense.to(device)
         return TreePlan(self.num_rows, self.runs.to(device), dense, self.q_span, self.k_span,
-                        mv(self.q_rows), mv(self.k_rows), self.dense_disjoint, self.cost_pieces, self.cost_triton)
+                        mv(self.q_rows), mv(self.k_rows), self.dense_disjoint, self.backend, self.cost_pieces,
+                        self.cost_triton)
 
 
-# Cost rule, per unit of 64x64 (query, key) tile work of the Triton kernel. Flash runs 128-row
-# query tiles and 128-key steps; per visited tile pair it does 4 units of Triton work at
-# FLASH_SPEEDUP times the rate. Each gathered dense row costs ROW_COST units (gather, scatter,
-# fp32 combination in forward and backward). Measured on an H100 (docs/benchmarks.md).
-FLASH_SPEEDUP = 2.0
+# Cost rule, in units of one 64x64 (query, key) tile pair of the Triton kernel (fwd+bwd). The
+# attention libraries run 128x128 tiles: per visited tile pair, 4 units of Triton work at
+# SPEEDUP[backend] times the rate. Each library call (forward and backward of one group of
+# sequences) costs CALL_COST units, each gathered dense row ROW_COST units (gather, scatter,
+# combination). Measured on an H100 at 16 query heads of size 128 (docs/benchmarks.md).
+SPEEDUP = {"flash": 2.0, "cudnn": 2.5}
+CALL_COST = 20.0
 ROW_COST = 0.02
-FLASH_TILE = 128
+LIB_TILE = 128
 TRITON_TILE = 64
+
+
+def cudnn_usable() -> bool:
+    """cuDNN's fused attention is there (cuDNN 9 or later, CUDA build of torch)."""
+    return (torch.cuda.is_available() and torch.backends.cudnn.is_available()
+            and (torch.backends.cudnn.version() or 0) >= 90000
+            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
 
 
 def _ceil(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -147,13 +159,17 @@ def plan_tree(subtree_end: torch.Tensor) -> TreePlan:
     has = desc_end > run_end
     q0, q1, k0, k1 = run_end[has], desc_end[has], run_start[has], run_end[has]
     lq, lk = q1 - q0, k1 - k0
-    n_causal = _ceil(run_len, FLASH_TILE)
-    flash_tiles = int((n_causal * (n_causal + 1) // 2).sum() + (_ceil(lq, FLASH_TILE) * _ceil(lk, FLASH_TILE)).sum())
+    n_causal = _ceil(run_len, LIB_TILE)
+    lib_tiles = int((n_causal * (n_causal + 1) // 2).sum() + (_ceil(lq, LIB_TILE) * _ceil(lk, LIB_TILE)).sum())
     num_dense = int(has.sum())
     gathered = int(lq.sum()) if num_dense > 1 else 0
-    cost_pieces = flash_tiles * (FLASH_TILE // TRITON_TILE) ** 2 / FLASH_SPEEDUP + ROW_COST * gathered
-    plan = TreePlan(b * t, Segments.of(run_len, run_len), Segments.of(lq, lk) if num_dense else None,
-                    cost_pieces=cost_pieces, cost_triton=float(_triton_tiles(se)))
+    runs, dense = Segments.of(run_len, run_len), Segments.of(lq, lk) if num_dense else None
+    calls = {"flash": 1 + (dense is not None), "cudnn": len(runs.groups) + (len(dense.groups) if dense else 0)}
+    cost = {name: lib_tiles * (LIB_TILE // TRITON_TILE) ** 2 / SPEEDUP[name] + CALL_COST * calls[name]
+            + ROW_COST * gathered for name in SPEEDUP if name != "cudnn" or cudnn_usable()}
+    backend = min(cost, key=cost.get)
+    plan = TreePlan(b * t, runs, dense, backend=backend, cost_pieces=cost[backend],
+                    cost_triton=float(_triton_tiles(se)))
     if num_dense == 1:
         plan.q_span, plan.k_span = (int(q0[0]), int(q1[0])), (int(k0[0]), int(k1[0]))
     elif num_dense > 1:
@@ -296,7 +312,6 @@ class ReferenceBackend:
 
 BACKENDS = {"flash": FlashBackend, "cudnn": CudnnBackend, "cudnn_expand": lambda: CudnnBackend(expand_kv=True),
             "reference": ReferenceBackend}
-DEFAULT_BACKEND = "flash"
 
 
 def _take(x: torch.Tensor, rows: torch.Tensor | None, span: tuple[int, int] | None) -> torch.Tensor:
@@ -417,7 +432,7 @@ def tree_attention_pieces(
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; subtree_end: [B, T] integer. Returns [B, T, Hq, D].
     `plan` (from `plan_tree`, on q's device) may be passed to reuse it across layers; `backend`
-    (a PieceBackend or a name in BACKENDS) defaults to DEFAULT_BACKEND; the CUDA backends need
+    (a PieceBackend or a name in BACKENDS) defaults to the plan's choice; the CUDA backends need
     `flash_supports(q, k)`.
     """
     if scale is None:
@@ -428,5 +443,5 @@ def tree_attention_pieces(
         if not flash_supports(q, k):
             raise ValueError(f"flash attention takes CUDA fp16/bf16 with head size a multiple of 8 up to 256; got "
                              f"{q.device} {q.dtype} head size {q.shape[-1]} (use tree_attention)")
-        backend = BACKENDS[backend or DEFAULT_BACKEND]()
+        backend = BACKENDS[backend or plan.backend]()
     return TreePiecesFunction.apply(q, k, v, plan, float(scale), backend)
