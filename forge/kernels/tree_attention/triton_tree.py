@@ -13,7 +13,9 @@ partial ones. The dK/dV kernel walks, per key block, the query tiles in [block s
 
 Departures from FlashAttention-2: no dropout, no bias; softmax statistics in the log2 domain;
 GQA by reading the shared key/value head (forward, dQ) and by looping the query heads of a
-group inside the dK/dV program, so no atomics. Departure from the first version of this file:
+group inside the dK/dV program, so no atomics. With `pack_gqa` a program's rows are the tokens
+of all query heads of one K/V head (BLOCK_M // group tokens each), so a K/V tile is loaded once
+per group in the forward and dQ, and the dK/dV steps hold every head of the group at once. Departure from the first version of this file:
 the full/partial/skip test per (tile, block) ran inside the loop, one branch per key block; the
 branch kept Triton from pipelining the loads and made the kernel 2.4x slower than
 FlexAttention on an H100 (docs/benchmarks.md), so the classification now runs as a pre-pass
@@ -127,17 +129,22 @@ def tree_attention_fwd_kernel(
 
 
 @triton.jit
-def _dkdv_step(q_base, do_base, lse_base, delta_base, m0, k, v, se, offs_n, offs_d, dk, dv, stride_qt, T, D,
-               scale_log2, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IS_INTERPRET: tl.constexpr,
-               PRECISION: tl.constexpr):
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_base, offs_m, offs_d, stride_qt, T, D)  # [BLOCK_M, BLOCK_D]
-    do = _load_rows(do_base, offs_m, offs_d, stride_qt, T, D)
+def _dkdv_step(q_base, do_base, lse_base, delta_base, h0, m0, k, v, se, offs_n, offs_d, dk, dv, stride_qt,
+               stride_qh, T, D, scale_log2, BLOCK_M: tl.constexpr, PACK: tl.constexpr, MASKED: tl.constexpr,
+               IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    # BLOCK_M rows: BLOCK_M // PACK tokens from m0 of the query heads h0 .. h0 + PACK - 1.
+    TOK: tl.constexpr = BLOCK_M // PACK
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows % TOK  # [BLOCK_M]
+    heads = h0 + rows // TOK
+    q = _load_heads(q_base, offs_m, heads, offs_d, stride_qt, stride_qh, T, D)  # [BLOCK_M, BLOCK_D]
+    do = _load_heads(do_base, offs_m, heads, offs_d, stride_qt, stride_qh, T, D)
     if IS_INTERPRET:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=float("inf"))  # [BLOCK_M]
-    delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
+    row_t = heads.to(tl.int64) * T + offs_m
+    lse = tl.load(lse_base + row_t, mask=offs_m < T, other=float("inf"))  # [BLOCK_M]
+    delta = tl.load(delta_base + row_t, mask=offs_m < T, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
     p = tl.exp2(s - lse[:, None])
     if MASKED:
@@ -156,8 +163,10 @@ def tree_attention_bwd_dkdv_kernel(
     stride_kb, stride_kt, stride_kh,
     T, HQ, HKV, REP, D, scale, scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PACK: tl.constexpr,
 ):
+    # Query steps of TOK tokens; with PACK > 1 a step holds PACK query heads of the group.
+    TOK: tl.constexpr = BLOCK_M // PACK
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -174,29 +183,32 @@ def tree_attention_bwd_dkdv_kernel(
     se = tl.load(SE + b.to(tl.int64) * T + offs_n, mask=offs_n < T, other=0)  # [BLOCK_N]
     se_max = tl.max(se, axis=0)
     se_min = tl.min(se, axis=0)
-    # Queries that see this block lie in [n0, se_max): the union of its keys' subtrees. Tiles
+    # Queries that see this block lie in [n0, se_max): the union of its keys' subtrees. Steps
     # from the first one wholly at or after the block's last key up to se_min see all of it.
-    lo = (n0 // BLOCK_M) * BLOCK_M
-    hi = tl.cdiv(se_max, BLOCK_M) * BLOCK_M
-    full_lo = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, hi)
-    full_hi = tl.maximum(full_lo, tl.minimum((se_min // BLOCK_M) * BLOCK_M, hi))
+    lo = (n0 // TOK) * TOK
+    hi = tl.cdiv(se_max, TOK) * TOK
+    full_lo = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, TOK) * TOK, hi)
+    full_hi = tl.maximum(full_lo, tl.minimum((se_min // TOK) * TOK, hi))
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for r in range(0, REP):
-        h = hk * REP + r
-        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_qb + h * stride_qh
-        lse_base = LSE + (b * HQ + h).to(tl.int64) * T
-        delta_base = DELTA + (b * HQ + h).to(tl.int64) * T
-        for m0 in range(lo, full_lo, BLOCK_M):
-            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, m0, k, v, se, offs_n, offs_d, dk, dv,
-                                stride_qt, T, D, scale_log2, BLOCK_M, True, IS_INTERPRET, PRECISION)
-        for m0 in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, m0, k, v, se, offs_n, offs_d, dk, dv,
-                                stride_qt, T, D, scale_log2, BLOCK_M, False, IS_INTERPRET, PRECISION)
-        for m0 in range(full_hi, hi, BLOCK_M):
-            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, m0, k, v, se, offs_n, offs_d, dk, dv,
-                                stride_qt, T, D, scale_log2, BLOCK_M, True, IS_INTERPRET, PRECISION)
+    q_base = Q + b.to(tl.int64) * stride_qb
+    do_base = DO + b.to(tl.int64) * stride_qb
+    lse_base = LSE + (b * HQ).to(tl.int64) * T
+    delta_base = DELTA + (b * HQ).to(tl.int64) * T
+    for r in range(0, REP // PACK):
+        h0 = hk * REP + r * PACK
+        for m0 in range(lo, full_lo, TOK):
+            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, h0, m0, k, v, se, offs_n, offs_d, dk, dv,
+                                stride_qt, stride_qh, T, D, scale_log2, BLOCK_M, PACK, True, IS_INTERPRET,
+                                PRECISION)
+        for m0 in range(full_lo, full_hi, TOK):
+            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, h0, m0, k, v, se, offs_n, offs_d, dk, dv,
+                                stride_qt, stride_qh, T, D, scale_log2, BLOCK_M, PACK, False, IS_INTERPRET,
+                                PRECISION)
+        for m0 in range(full_hi, hi, TOK):
+            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, h0, m0, k, v, se, offs_n, offs_d, dk, dv,
+                                stride_qt, stride_qh, T, D, scale_log2, BLOCK_M, PACK, True, IS_INTERPRET,
+                                PRECISION)
     dk = dk * scale
     st_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
     st_off = offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
@@ -301,7 +313,8 @@ class TreeAttentionBlocks:
     """Software-pipelining depth of the inner loops."""
     pack_gqa: bool = False
     """Forward and dQ programs take the tokens of all query heads of a K/V head at once
-    (fwd_m // group tokens per program), so each K/V tile is loaded once per group."""
+    (fwd_m // group tokens per program), so each K/V tile is loaded once per group; dK/dV
+    steps hold bwd_m // group tokens of every head of the group."""
 
     def pack(self, rep: int) -> int:
         """Query heads per program: the GQA group when packing applies, else 1."""
@@ -409,11 +422,11 @@ def _bwd(q, k, v, se, o, lse, do, scale, cfg: TreeAttentionBlocks, lists: BlockL
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    pack = cfg.pack(hq // hkv)
     tree_attention_bwd_dkdv_kernel[(triton.cdiv(t, cfg.bwd_n), b * hkv)](
         q, k, v, se, do, lse, delta, dk, dv, *strides,
-        t, hq, hkv, hq // hkv, d, scale, scale * _LOG2E, **common,
+        t, hq, hkv, hq // hkv, d, scale, scale * _LOG2E, PACK=pack, **common,
     )
-    pack = cfg.pack(hq // hkv)
     num_m = triton.cdiv(t, cfg.bwd_m // pack)
     tree_attention_bwd_dq_kernel[(num_m, b * hq // pack)](
         q, k, v, se, do, lse, delta, dq, lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt,
