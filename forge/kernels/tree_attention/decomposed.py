@@ -443,5 +443,6 @@ def tree_attention_pieces(
         if not flash_supports(q, k):
             raise ValueError(f"flash attention takes CUDA fp16/bf16 with head size a multiple of 8 up to 256; got "
                              f"{q.device} {q.dtype} head size {q.shape[-1]} (use tree_attention)")
-        backend = BACKENDS[backend or plan.backend]()
+        # cuDNN's fused attention is taken up to head size 128 only (what has been tested).
+        backend = BACKENDS[backend or (plan.backend if q.shape[-1] <= 128 else "flash")]()
     return TreePiecesFunction.apply(q, k, v, plan, float(scale), backend)
