@@ -217,9 +217,12 @@ class CudnnBackend:
     """cuDNN's fused attention through torch, one call per group of equal-shape sequences
     (`Segments.groups`), on [n, H, L, D] views of the packed rows (no copy of q, k, v)."""
 
+    # Whether this cuDNN takes fewer key/value heads than query heads; learnt on the first call.
+    native_gqa: bool | None = None
+
     def __init__(self, expand_kv: bool = False) -> None:
         # GQA by repeating the key/value heads, for a cuDNN that takes only equal head counts.
-        self.expand_kv = expand_kv
+        self.expand_kv = expand_kv or CudnnBackend.native_gqa is False
 
     @staticmethod
     def _view(x, start, n, length):
@@ -245,8 +248,19 @@ class CudnnBackend:
         for qa, ka, n, lq, lk in seg.groups:
             qg = self._view(q, qa, n, lq)
             kg, vg = self._kv(q, k, v, ka, n, lk)
-            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                qg, kg, vg, None, True, 0.0, causal, False, scale=scale)
+            try:
+                res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    qg, kg, vg, None, True, 0.0, causal, False, scale=scale)
+            except RuntimeError:
+                if kg.shape[1] == qg.shape[1] or CudnnBackend.native_gqa:
+                    raise
+                # This cuDNN refuses GQA: repeat the key/value heads from now on.
+                CudnnBackend.native_gqa, self.expand_kv = False, True
+                kg, vg = self._kv(q, k, v, ka, n, lk)
+                res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    qg, kg, vg, None, True, 0.0, causal, False, scale=scale)
+            if kg.shape[1] != qg.shape[1]:
+                CudnnBackend.native_gqa = True
             o, l = res[0], res[1]
             self._view(out, qa, n, lq).copy_(o)
             lse[:, qa:qa + n * lq].view(-1, n, lq).copy_(l.reshape(n, -1, lq).transpose(0, 1))
