@@ -9,8 +9,14 @@ attention-pair ratios, then time (median, fwd+bwd, bf16) and peak memory of
   installed torch has it; the faster of the two is the baseline);
 - flex: the merged tree through FlexAttention with the tree mask (block mask built once, its
   build time reported apart);
-- forge: the merged tree through forge.kernels.tree_attention's Triton kernel;
+- forge: the merged tree through `forge.kernels.tree_attention`, what the policy calls (the
+  pieces on cuDNN or flash attention where the cost rule says they pay, else the Triton kernel);
+  attention alone also times each path forced (forge_triton, forge_pieces_<backend>) and the
+  forward alone;
 first attention alone, then a full transformer layer with MoE (forge.policy's Block).
+`--backends` times torch's dense attention backends on (a)'s two big pieces, `--profile` lists
+the CUDA kernels of one forge and one unmerged layer on (a), `--ratio-sweep` times the layer
+against the token ratio (where merging starts to pay), `--sweep` the Triton kernel's tiles.
 
 Run on a GPU: `PYTHONPATH=. python benchmarks/prefix_tree.py --json out.json`. `--tiny` runs
 small sizes for a smoke test (the CPU runs the kernel through Triton's interpreter).

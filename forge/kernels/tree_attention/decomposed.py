@@ -111,8 +111,11 @@ class TreePlan:
 # attention libraries run 128x128 tiles: per visited tile pair, 4 units of Triton work at
 # SPEEDUP[backend] times the rate. Each library call (forward and backward of one group of
 # sequences) costs CALL_COST units, each gathered dense row ROW_COST units (gather, scatter,
-# combination). Measured on an H100 at 16 query heads of size 128 (docs/benchmarks.md).
-SPEEDUP = {"flash": 2.0, "cudnn": 2.5}
+# combination). SPEEDUP was measured on an H100, bf16, 16 query heads of size 128, 4 key/value
+# heads (docs/benchmarks.md, 2026-11-27: cuDNN 1.95-2.16, flash 1.20-1.29 times the Triton
+# kernel's rate per unit on batches (a) and (b)); CALL_COST (about 10 us) and ROW_COST are
+# estimates, not measured.
+SPEEDUP = {"flash": 1.25, "cudnn": 2.0}
 CALL_COST = 20.0
 ROW_COST = 0.02
 LIB_TILE = 128
