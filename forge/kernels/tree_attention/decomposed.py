@@ -1,27 +1,34 @@
-"""Tree attention as dense attention pieces on torch's flash attention, combined by log-sum-exp.
+"""Tree attention as dense attention pieces on torch's cuDNN or flash attention, combined by
+log-sum-exp.
 
 In DFS pre-order a run of consecutive tokens with one `subtree_end` E is a chain (each token
 is the first child of the one before), and the tokens that see all of a run [s, e) are exactly
 its strict descendants, the contiguous range [e, E). So the tree mask splits into
-- one causal self-attention per run, all runs at once as one variable-length causal call;
+- one causal self-attention per run;
 - per run with descendants, a dense (non-causal) attention of the queries [e, E) against the
-  run's keys [s, e), all such pieces as one variable-length call (their query rows gathered
-  when there are several; one contiguous piece is passed as a view);
+  run's keys [s, e) (their query rows gathered when there are several such pieces; one
+  contiguous piece is passed as a view);
 and every visible (query, key) pair lies in exactly one piece. A query's output is the
-combination of its pieces by their log-sum-exps. For a GRPO group that is one causal call over
-the prompt and the responses, and one responses-by-prompt call; for a conversation whose
-samples form one chain, one causal call.
+combination of its pieces by their log-sum-exps. For a GRPO group that is a causal prompt,
+causal responses and one responses-by-prompt piece; for a conversation whose samples form one
+chain, one causal piece.
 
 Backward, as ring attention does it: each piece's backward runs with the final output and the
 final log-sum-exp, so its softmax probabilities and its row term rowsum(dO * O) are those of the
 whole row, and the gradients of the pieces add up to the exact gradient; no piece needs the
 gradient of its own log-sum-exp.
 
-Departures: the combination and the accumulation of dQ/dK/dV across pieces run in fp32 and
-round once. The pieces run on `_flash_attention_forward/_backward` (fp16/bf16, head size a
-multiple of 8 up to 256, CUDA); `reference_backend` computes the same two ops in plain PyTorch
-so the CPU tests check the decomposition in fp64. `plan_tree` holds a cost rule that says when
-the pieces pay against the Triton kernel (many tiny runs waste flash tiles).
+Backends (`BACKENDS`): `cudnn`, torch's cuDNN fused attention, one call per group of
+consecutive equal-shape pieces on strided views (about twice flash's rate on an H100);
+`flash`, FlashAttention-2 inside ATen, one variable-length call per kind of piece;
+`reference`, the same two operations in plain PyTorch, so the CPU tests check the
+decomposition in fp64. `plan_tree` holds the cost rule that picks the backend and says when the
+pieces pay against the Triton kernel (many tiny runs waste the libraries' 128-row tiles).
+
+Departures: rows in several dense pieces (nested runs) are combined, and their dQ accumulated,
+in fp32 and rounded once; rows in one dense piece are combined in fp32 by one Triton pass
+(`triton_combine.py`) and their gradients are the sum of two values already rounded to the
+input dtype, rounded once.
 """
 
 from __future__ import annotations
