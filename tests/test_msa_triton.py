@@ -237,8 +237,13 @@ def test_gpu_indexer_full_size(di):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("order", ["kv", "query"])
-def test_gpu_sparse_attention_full_size_forward_backward(order):
+@pytest.mark.parametrize("order", ["kv", "kv-ranges", "query"])
+def test_gpu_sparse_attention_full_size_forward_backward(order, monkeypatch):
+    if order == "kv-ranges":
+        # Query ranges of 256 queries (9 of them) and items of at most 40 queries.
+        monkeypatch.setattr(triton_attention, "PARTIAL_BYTES", 256 * 8 * 8 * 6 * (128 * 2 + 4))
+        monkeypatch.setattr(triton_attention, "ITEM_QUERIES", 40)
+        order = "kv"
     gen = torch.Generator().manual_seed(11)
     b, t, hq, hkv, d = 1, 2048 + 77, 48, 8, 128
     q, k, v = (_randn(b, t, h, d, dtype=torch.bfloat16, gen=gen).requires_grad_() for h in (hq, hkv, hkv))
@@ -269,6 +274,25 @@ def test_gpu_decode_full_size(n_new):
     # Reference over the full sequence, last n_new rows (selection by the same prefill indexer).
     full = sparse_attention_naive(q.float(), k.float(), v.float(), sel.long(), block_size=128)
     assert _rel_err(out, full[:, -n_new:]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_decode_with_fp8_index_keys():
+    # The cache may hold fp8 index keys; the reference selects with the same (rounded) keys.
+    gen = torch.Generator().manual_seed(14)
+    b, t, hq, hkv, d, di = 2, 4096 + 77, 48, 8, 128, 128
+    q, k, v = (_randn(b, t, h, d, dtype=torch.bfloat16, gen=gen) for h in (hq, hkv, hkv))
+    iq = _randn(b, t, hkv, di, dtype=torch.bfloat16, gen=gen)
+    ik8 = _randn(b, t, di, dtype=torch.bfloat16, gen=gen).to(torch.float8_e4m3fn)
+    (kc, vc, ikc), pages = _paged_cache_of([k, v, ik8.to(torch.bfloat16)], 128, gen)
+    ikc = ikc.to(torch.float8_e4m3fn)
+    kv_len = torch.full((b,), t, dtype=torch.int32, device=DEV)
+    out = msa_decode(q[:, -1:], iq[:, -1:], kc, vc, ikc, pages, kv_len, top_k=16)
+    sel = select_blocks_triton(iq, ik8.to(torch.bfloat16), block_size=128, top_k=16)
+    got_sel = select_blocks_decode(iq[:, -1:], ikc, pages, kv_len, block_size=128, top_k=16)
+    assert (_canonical(got_sel) == _canonical(sel[:, -1:])).float().mean() > 0.99
+    full = sparse_attention_naive(q.float(), k.float(), v.float(), sel.long(), block_size=128)
+    assert _rel_err(out, full[:, -1:]) < 1e-2
 
 
 @pytest.mark.gpu

@@ -42,6 +42,9 @@ LN2 = 0.6931471805599453
 ITEM_QUERIES = 64
 # Bytes of per-slot partial outputs held at once by the KV-outer prefill forward.
 PARTIAL_BYTES = 6 << 30
+# Launch settings of the KV-outer forward (rows per tile, warps, pipeline depth), chosen with
+# `benchmarks/msa.py --sweep` on an H100; the interpreter runs 16-row tiles.
+KV_FORWARD = dict(BLOCK_M=64, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -448,8 +451,8 @@ def msa_attention_fwd_kv(
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
-                HKV=hkv, REP=rep, D=d, BLOCK_SIZE=block_size, BLOCK_M=_rows_block(), TOPK=top_k,
-                IS_INTERPRET=IS_INTERPRET, num_warps=4, num_stages=2,
+                HKV=hkv, REP=rep, D=d, BLOCK_SIZE=block_size, TOPK=top_k, IS_INTERPRET=IS_INTERPRET,
+                **(dict(KV_FORWARD, BLOCK_M=16) if IS_INTERPRET else KV_FORWARD),
             )
         _combine(op, lp, selected, out, lse, q0=q0, tq=min(tc, t - q0))
     return out, lse

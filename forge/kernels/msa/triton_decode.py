@@ -31,8 +31,10 @@ from forge.kernels.msa.triton_attention import msa_attention_fwd
 from forge.kernels.msa.triton_indexer import insert_block
 
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Scan programs per multiprocessor (each keeps num_stages pages in flight).
+# Scan programs per multiprocessor and pages each keeps in flight (num_stages), chosen with
+# `benchmarks/msa.py --sweep` on an H100.
 SCAN_PROGRAMS_PER_SM = 2
+SCAN_STAGES = 4
 
 
 @triton.jit
@@ -138,7 +140,7 @@ def select_blocks_decode(
         ik_cache.stride(0), ik_cache.stride(1),
         page_table.stride(0),
         HKV=hkv, DI=di, BLOCK_SIZE=block_size, BLOCK_R=block_r, KP=kp, NKEEP=nkeep,
-        IS_INTERPRET=IS_INTERPRET, num_warps=4, num_stages=4,
+        IS_INTERPRET=IS_INTERPRET, num_warps=4, num_stages=SCAN_STAGES,
     )
     sel = torch.empty(b, tn, hkv, top_k, dtype=torch.int32, device=iq.device)
     msa_decode_merge_kernel[(tn * hkv, b)](

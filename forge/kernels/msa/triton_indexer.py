@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Warps and pipeline depth of the prefill indexer (benchmarks/msa.py --sweep times others).
+INDEX_FORWARD = dict(num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -129,6 +131,6 @@ def select_blocks_triton(
         sel.stride(0), sel.stride(1), sel.stride(2),
         HKV=hkv, DI=di, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
         TOPK=top_k, KP=triton.next_power_of_2(max(top_k - 1, 1)), IS_INTERPRET=IS_INTERPRET,
-        num_warps=8 if block_q * block_size >= 8192 else 4, num_stages=3,
+        **(INDEX_FORWARD if block_q * block_size >= 8192 else dict(INDEX_FORWARD, num_warps=4)),
     )
     return sel
