@@ -423,7 +423,9 @@ def build_work_list(selected: torch.Tensor, block_size: int, rep: int, head_dim:
     item_queries = ITEM_QUERIES if item_queries is None else item_queries
     if q_range is None:
         per_query = b * hkv * top_k * rep * (head_dim * elt_bytes + 4)
-        q_range = max(block_size, PARTIAL_BYTES // per_query // block_size * block_size)
+        # Equal ranges of whole blocks, as few as the budget allows.
+        n_ranges = triton.cdiv(t, max(block_size, PARTIAL_BYTES // per_query))
+        q_range = triton.cdiv(triton.cdiv(t, n_ranges), block_size) * block_size
     return WorkList(selected, triton.cdiv(t, block_size), min(q_range, t), item_queries)
 
 
