@@ -280,6 +280,20 @@ def sweep(t, args, emit):
     profile(t, args, q, k, v, sel, lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k))
 
 
+def profile_at(t, args):
+    """The profile of `profile` on fresh inputs at length t (Di=64)."""
+    bs, top_k = args.block_size, args.top_k
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, k, v, iq, ik = mk(1, t, HQ, D), mk(1, t, HKV, D), mk(1, t, HKV, D), mk(1, t, HKV, 64), mk(1, t, 64)
+    sel = select_blocks_triton(iq, ik, block_size=bs, top_k=top_k)
+    kc, vc = k.view(t // bs, bs, HKV, D), v.view(t // bs, bs, HKV, D)
+    pages = torch.arange(t // bs, device="cuda", dtype=torch.int32).view(1, -1)
+    kv_len = torch.tensor([t], device="cuda", dtype=torch.int32)
+    ikc = ik[0].contiguous().view(t // bs, bs, 64)
+    qd, iqd = q[:, -1:].contiguous(), iq[:, -1:].contiguous()
+    profile(t, args, q, k, v, sel, lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k))
+
+
 def profile(t, args, q, k, v, sel, decode_step):
     """GPU time per kernel of one sparse attention forward and of one decoding step."""
     from torch.profiler import ProfilerActivity
@@ -315,6 +329,8 @@ def main() -> None:
                         help="index dimensions also timed in decoding with float8_e4m3fn index keys in the cache")
     parser.add_argument("--sweep", type=int, default=0,
                         help="instead of the benchmark, time launch settings and profile at this length")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the benchmark, profile one attention call and one decoding step at the last length")
     parser.add_argument("--out", default="msa_bench.json")
     args = parser.parse_args()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -342,6 +358,8 @@ def main() -> None:
     for t in args.lengths:
         bench_length(t, args, dense_name, dense, emit)
         torch.cuda.empty_cache()
+    if args.profile:
+        profile_at(args.lengths[-1], args)
     print_table(rows)
 
 

@@ -39,12 +39,12 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # Queries per KV-outer work item: one K/V load serves up to this many queries (x rep rows).
-ITEM_QUERIES = 64
+ITEM_QUERIES = 128
 # Bytes of per-slot partial outputs held at once by the KV-outer prefill forward.
 PARTIAL_BYTES = 6 << 30
 # Launch settings of the KV-outer forward (rows per tile, warps, pipeline depth), chosen with
 # `benchmarks/msa.py --sweep` on an H100; the interpreter runs 16-row tiles.
-KV_FORWARD = dict(BLOCK_M=64, num_warps=4, num_stages=2)
+KV_FORWARD = dict(BLOCK_M=64, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -197,7 +197,7 @@ def msa_attn_combine_kernel(
     stride_sb, stride_st, stride_sh,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lt,
-    HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
+    HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     # Rows are (query, head) pairs of one KV group: row r is query Q0 + r // REP, head r % REP.
@@ -208,26 +208,28 @@ def msa_attn_combine_kernel(
     g = pid_bg % HKV
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, D)
+    slot = tl.arange(0, KP)
     r_ok = rows < TQ * REP
     tc = (rows // REP).to(tl.int64)  # [BLOCK_R] query within the range
     h = rows % REP
     t = Q0 + tc
-    sel_row = SEL + b * stride_sb + t * stride_st + g * stride_sh  # [BLOCK_R]
-    part = ((b * TC + tc) * HKV + g) * TOPK  # [BLOCK_R] partial index of slot 0
-    lse_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for s in range(TOPK):
-        ok = r_ok & (tl.load(sel_row + s, mask=r_ok, other=-1) >= 0)
-        lse_max = tl.maximum(lse_max, tl.load(LP + (part + s) * REP + h, mask=ok, other=float("-inf")))
+    # Every slot's selection and log-sum-exp in one tile: the loads below depend on no loop.
+    ok = r_ok[:, None] & (slot[None, :] < TOPK)
+    sel = tl.load(SEL + b * stride_sb + t[:, None] * stride_st + g * stride_sh + slot[None, :], mask=ok, other=-1)
+    ok = ok & (sel >= 0)  # [BLOCK_R, KP]
+    p_rows = (((b * TC + tc) * HKV + g) * TOPK)[:, None] * REP + slot[None, :] * REP + h[:, None]  # [BLOCK_R, KP]
+    lse_s = tl.load(LP + p_rows, mask=ok, other=float("-inf"))
+    lse_max = tl.max(lse_s, 1)
     lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.math.exp2(lse_s - lse_ref[:, None])  # [BLOCK_R, KP], 0 where skipped
+    w_sum = tl.sum(w, 1)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
-    w_sum = tl.zeros([BLOCK_R], tl.float32)
-    for s in range(TOPK):
-        ok = r_ok & (tl.load(sel_row + s, mask=r_ok, other=-1) >= 0)
-        p_rows = (part + s) * REP + h
-        w = tl.math.exp2(tl.load(LP + p_rows, mask=ok, other=float("-inf")) - lse_ref)  # [BLOCK_R]
-        o = tl.load(OP + p_rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_R, D]
-        acc += w[:, None] * o.to(tl.float32)
-        w_sum += w
+    # Unrolled: the TOPK partial loads are independent and can all be in flight at once.
+    for s in tl.static_range(TOPK):
+        w_s = tl.sum(tl.where(slot[None, :] == s, w, 0.0), 1)  # [BLOCK_R]
+        row_s = tl.sum(tl.where(slot[None, :] == s, p_rows, 0), 1)
+        o = tl.load(OP + row_s[:, None] * D + offs_d[None, :], mask=(w_s > 0)[:, None], other=0.0)  # [BLOCK_R, D]
+        acc += w_s[:, None] * o.to(tl.float32)
     w_safe = tl.where(w_sum > 0, w_sum, 1.0)
     out = acc / w_safe[:, None]
     heads = g * REP + h
@@ -319,13 +321,14 @@ def _combine(op: torch.Tensor, lp: torch.Tensor, selected: torch.Tensor, out: to
              *, q0: int, tq: int) -> None:
     """Merge the per-slot partials of queries [q0, q0 + tq) into out and lse (natural log)."""
     b, tc, hkv, top_k, rep, d = op.shape
-    block_r = 16 if IS_INTERPRET else 64
+    # 16 rows: the 16 unrolled partial loads of a program stay in registers (8 each).
+    block_r = 16
     msa_attn_combine_kernel[(triton.cdiv(tq * rep, block_r), b * hkv)](
         op, lp, selected, out, lse, q0, tc, tq,
         selected.stride(0), selected.stride(1), selected.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        HKV=hkv, REP=rep, D=d, TOPK=top_k, BLOCK_R=block_r, num_warps=4,
+        HKV=hkv, REP=rep, D=d, TOPK=top_k, KP=triton.next_power_of_2(top_k), BLOCK_R=block_r, num_warps=4,
     )
 
 

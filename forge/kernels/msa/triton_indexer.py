@@ -25,7 +25,7 @@ import triton.language as tl
 
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Warps and pipeline depth of the prefill indexer (benchmarks/msa.py --sweep times others).
-INDEX_FORWARD = dict(num_warps=8, num_stages=3)
+INDEX_FORWARD = dict(num_warps=8, num_stages=2)
 
 
 @triton.jit
