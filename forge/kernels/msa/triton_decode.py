@@ -99,20 +99,13 @@ def msa_decode_merge_kernel(
     addr = ((b * N_PROG + c // KP) * BLOCK_R + r) * KP + c % KP  # [NC]
     cs = tl.load(CS + addr, mask=c_ok, other=float("-inf"))
     ci = tl.load(CI + addr, mask=c_ok, other=-1)
-    # One int64 per candidate orders by score, then by lower block: the score's bits made
-    # order-preserving as a signed int in the high half, 2^31 - 1 - block in the low half.
-    bits = cs.to(tl.int32, bitcast=True)
-    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    packed = (bits.to(tl.int64) << 32) + (2**31 - 1 - ci.to(tl.int64))
-    none = -(2**63)
-    packed = tl.where(cs > float("-inf"), packed, none)  # [NC]
     sel_row = SEL + b * stride_sb + tok * stride_st + grp * stride_sh
     # Block indices are unique among candidates (scan programs own disjoint pages).
     for s in range(TOPK - 1):
-        best = tl.max(packed, 0)
-        blk = (2**31 - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
-        tl.store(sel_row + s, tl.where(best > none, blk, -1))
-        packed = tl.where(packed == best, none, packed)
+        best = tl.max(cs, 0)
+        blk = tl.min(tl.where(cs == best, ci, 2**31 - 1), 0)
+        tl.store(sel_row + s, tl.where(best > float("-inf"), blk, -1))
+        cs = tl.where(ci == blk, float("-inf"), cs)
     pos = tl.load(KV_LEN + b) - TN + tok
     tl.store(sel_row + TOPK - 1, pos // BLOCK_SIZE)
 
