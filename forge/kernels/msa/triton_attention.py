@@ -13,7 +13,7 @@ kernel merges each query's partials. The partial buffer is [T, Hkv, top_k, rep, 
 tokens that would be 200 GB, so the queries are processed in ranges whose partials fit
 `PARTIAL_BYTES`, each range its own pair of launches. Before this, the KV-outer forward added
 every partial into an fp32 output by atomics (two launches, an atomic max then atomic adds):
-103 G scalar atomics at 1M tokens, 5x slower (docs/msa.md).
+103 G scalar atomics at 1M tokens, 4.2x slower (docs/msa.md).
 
 Query-outer: one program per (query, KV group) holds the group's query heads as the rows of
 its tiles and walks the query's kept blocks. With SPLIT, each program takes one kept slot and
