@@ -1,0 +1,122 @@
+"""The policy model's training step and generation, end to end through Forge's code paths, on GPU.
+
+Issue 7's one-GPU recipe (recipes/needle_msa_100m.yaml, the ModelConfig.msa_100m shape) ran its
+warm-start at about 8.5 s per step of 16 sequences (14K tokens) on an H100, and its evaluation
+sampled slowly; this benchmark isolates those two parts from Ray and the environment so that a
+profile shows where the time goes. Batches are synthetic token ids of the shapes the recipe
+meets: groups of sequences that share a prompt.
+
+- train_merged / train_unmerged: `sequence_scores` (the trainer's forward) with the MSA index
+  loss, then backward, in bf16; merged through the prefix tree, or each sequence alone.
+- generate: `ModelGenerator.generate` over prompts of the given length, new tokens sampled.
+
+Times are medians of CUDA-event timings after a warm-up call (the first call compiles the Triton
+kernels). Tokens per second count every token of the batch (training) or sampled tokens
+(generation). `--profile` prints torch.profiler's tables for one call of each.
+
+    PYTHONPATH=. python benchmarks/policy_step.py --out policy_step.json [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+
+import torch
+from _timing import timed
+
+from forge.policy.config import ModelConfig
+from forge.policy.generation import ModelGenerator
+from forge.policy.model import Transformer
+from forge.policy.sampling import SamplingParams
+from forge.policy.tokenizer import ByteTokenizer
+from forge.trainer.logprobs import sequence_scores
+
+
+def batch(groups: int, group_size: int, prompt: int, response: int, seed: int = 0) -> list[list[int]]:
+    """`groups` groups of `group_size` sequences: a shared prompt, then distinct responses."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(groups):
+        p = [rng.randrange(256) for _ in range(prompt)]
+        out += [p + [rng.randrange(256) for _ in range(response)] for _ in range(group_size)]
+    return out
+
+
+def train_call(model: Transformer, seqs: list[list[int]], merge: bool):
+    def run() -> None:
+        scores = sequence_scores(model, seqs, merge=merge, with_entropy=True, with_index_loss=True)
+        loss = -sum(lp.sum() for lp in scores.logprobs) / sum(len(s) for s in seqs)
+        if scores.index_loss is not None:
+            loss = loss + scores.index_loss / sum(len(s) for s in seqs)
+        loss.backward()
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--groups", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=2048, help="shared prompt tokens per group")
+    parser.add_argument("--response", type=int, default=1024, help="tokens after the prompt per sequence")
+    parser.add_argument("--gen-prompt", type=int, default=2048)
+    parser.add_argument("--gen-rows", type=int, default=8)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--no-msa", action="store_true", help="the same shape with every layer dense")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    cfg = ModelConfig.msa_100m()
+    if args.no_msa:
+        cfg.msa.enabled = False
+    torch.manual_seed(0)
+    model = Transformer(cfg).cuda().to(torch.bfloat16)
+    seqs = batch(args.groups, args.group_size, args.prompt, args.response)
+    tokens = sum(len(s) for s in seqs)
+    rows = []
+    for name, merge in (("train_merged", True), ("train_unmerged", False)):
+        ms = timed(train_call(model, seqs, merge), args.reps)
+        rows.append({"variant": name, "ms": ms, "tokens": tokens, "tokens_per_s": tokens / ms * 1e3})
+    gen = ModelGenerator(model.eval(), ByteTokenizer(), seed=0)
+    prompts = [[random.Random(i).randrange(256) for _ in range(args.gen_prompt)] for i in range(args.gen_rows)]
+    params = SamplingParams(max_new_tokens=args.gen_tokens, temperature=1.0)
+    sampled = []
+
+    def generate() -> None:
+        sampled.append(sum(len(c.token_ids) for c in gen.generate(prompts, params)))
+
+    with torch.no_grad():
+        ms = timed(generate, args.reps)
+    rows.append({"variant": "generate", "ms": ms, "tokens": sampled[-1], "tokens_per_s": sampled[-1] / ms * 1e3})
+    model.train()
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in (("train_merged", train_call(model, seqs, True)), ("generate", generate)):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                with torch.set_grad_enabled(name != "generate"):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"--- {name}: by CUDA time")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+            print(f"--- {name}: by CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60))
+
+    print(f"{'variant':<16} {'ms':>10} {'tokens':>8} {'tokens/s':>10}")
+    for r in rows:
+        print(f"{r['variant']:<16} {r['ms']:>10.1f} {r['tokens']:>8} {r['tokens_per_s']:>10.0f}")
+    if args.out:
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                "date": datetime.date.today().isoformat(), "args": vars(args), "msa": not args.no_msa}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
