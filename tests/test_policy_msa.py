@@ -316,6 +316,19 @@ def test_msa_100m_preset_counts_about_100m_parameters():
     assert index == len(msa_layers) * (512 * 2 * 64 + 512 * 64 + 2 * 64)
 
 
+def test_docs_yaml_is_the_msa_100m_preset():
+    """The recipe keys docs/policy.md gives for the preset load to exactly the preset."""
+    import pathlib
+
+    import yaml
+
+    from forge.config import from_dict
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "policy.md").read_text()
+    block = text.split("A recipe selects it", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert from_dict(ModelConfig, yaml.safe_load(block)["model"], prefix="model") == ModelConfig.msa_100m()
+
+
 # The trainer
 
 
