@@ -5,6 +5,10 @@ Blocks are pre-norm: RMSNorm, grouped-query attention with (partial) RoPE and op
 QK-norm, RMSNorm, then a SwiGLU MLP or a Mixture-of-Experts (forge.policy.moe). Attention has
 three paths over the same projections: causal (torch SDPA) for plain batches, the prefix-tree
 mask (forge.kernels.tree_attention) for merged trajectories, and a KV cache for generation.
+Layers from `config.msa.dense_layers` on may attend through MiniMax Sparse Attention instead
+(forge.kernels.msa; docs/msa.md, "In the model"): an index branch on the detached input picks
+blocks of positions, with the same three paths (Triton kernels for plain batches and decode
+steps on CUDA, forge.kernels.msa.tree for trees and elsewhere).
 RoPE rotates the leading `rotary_dim` dims of each head in the rotate-half layout of the
 Hugging Face Llama/Qwen code, so imported checkpoints need no permutation. Unlike those
 implementations, RoPE and RMSNorm always compute in fp32 and cast back.
