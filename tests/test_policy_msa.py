@@ -400,8 +400,9 @@ def _counting(monkeypatch, name: str) -> list:
 def test_gpu_triton_msa_layer_equals_the_reference_path(monkeypatch):
     """fp32 on CUDA: the plain batch's Triton path (indexer, sparse attention, SDPA below the
     threshold) gives the reference path's output and index loss for the same kept blocks, and
-    the Triton indexer keeps the reference's blocks for nearly every (query, group): its fp32
-    dot products may round differently (TF32), which flips near-ties."""
+    the Triton indexer keeps the reference's blocks for nearly every (query, group). Triton's
+    fp32 dot products run in TF32 (10-bit mantissa): outputs agree to TF32 rounding (the H100
+    showed 4.4e-4 at most on outputs of order 0.1), and near-tied blocks may flip."""
     from forge.kernels.msa.tree import kept_keys, msa_tree
 
     import forge.policy.model as model_module
@@ -421,7 +422,7 @@ def test_gpu_triton_msa_layer_equals_the_reference_path(monkeypatch):
     se = torch.full_like(pos, 150)
     ref, loss = msa_tree(q, k, v, iq, ik, se, pos, block_size=16, top_k=2, dense_below=24, with_index_loss=True,
                          selected=chosen[0])
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(p.index_losses[0], loss, rtol=1e-4, atol=1e-4)
     visible = pos[:, :, None] >= torch.arange(150, device="cuda")
     args = (visible, pos // 16, pos // 16, torch.zeros_like(visible[..., 0]))
