@@ -92,8 +92,14 @@ def kept_keys(
     return kept & visible[:, None]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention of q [B, C, Hq, D] over k, v [B, S, Hkv, D] where kept [B, Hkv, C, S]."""
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q [B, C, Hq, D] over k, v [B, S, Hkv, D] where kept [B, Hkv, C, S].
+
+    Returns the output [B, C, Hq, D] and the probabilities [B, Hkv, rep, C, S] (the index
+    loss's teacher, so that it is not computed twice).
+    """
     b, c, hq, d = q.shape
     hkv = k.shape[2]
     ct = _compute_dtype(q)
@@ -101,25 +107,29 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tenso
     s = torch.einsum("bcgrd,bsgd->bgrcs", qg, k.to(ct)) * scale  # [B, Hkv, rep, C, S]
     p = torch.softmax(s.masked_fill(~kept[:, :, None], float("-inf")), dim=-1)
     out = torch.einsum("bgrcs,bsgd->bcgrd", p, v.to(ct))
-    return out.reshape(b, c, hq, d).to(q.dtype)
+    return out.reshape(b, c, hq, d).to(q.dtype), p
 
 
 def _index_kl(
-    q: torch.Tensor, k: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor, kept: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor, kept: torch.Tensor, scale: float,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(main-branch attention over kept keys || index distribution) per query, mean over groups: [B, C].
 
     The teacher is the softmax of q . k over the kept keys averaged over the group's heads, with q
-    and k detached; the student is the softmax of `iq . ik * Di^-0.5` over the same keys.
+    and k detached (or `probs`, those softmax probabilities [B, Hkv, rep, C, S] if already
+    computed); the student is the softmax of `iq . ik * Di^-0.5` over the same keys.
     """
     b, c, hq, d = q.shape
     hkv = k.shape[2]
     ct = _compute_dtype(iq)
     neg = float("-inf")
     with torch.no_grad():
-        qg = q.detach().to(ct).view(b, c, hkv, hq // hkv, d)
-        s = torch.einsum("bcgrd,bsgd->bgrcs", qg, k.detach().to(ct)) * scale
-        target = torch.softmax(s.masked_fill(~kept[:, :, None], neg), dim=-1).mean(dim=2)  # [B, Hkv, C, S]
+        if probs is None:
+            qg = q.detach().to(ct).view(b, c, hkv, hq // hkv, d)
+            s = torch.einsum("bcgrd,bsgd->bgrcs", qg, k.detach().to(ct)) * scale
+            probs = torch.softmax(s.masked_fill(~kept[:, :, None], neg), dim=-1)
+        target = probs.detach().to(ct).mean(dim=2)  # [B, Hkv, C, S]
         log_target = torch.log(target.clamp_min(torch.finfo(ct).tiny))
     logits = torch.einsum("bcgd,bsd->bgcs", iq.to(ct), ik.to(ct)) * iq.shape[-1] ** -0.5
     log_student = torch.log_softmax(logits.masked_fill(~kept, neg), dim=-1)
@@ -143,10 +153,10 @@ def _tree_chunk(
     with torch.no_grad():
         kept = kept_keys(iq, ik, visible, position // block_size, pos_rows // block_size, dense_rows,
                          top_k=top_k, selected=selected, n_blocks=n_blocks)
-    out = _attend(q, k, v, kept, scale) if with_attention else None
+    out, probs = _attend(q, k, v, kept, scale) if with_attention else (None, None)
     loss = None
     if with_loss:
-        loss = (_index_kl(q, k, iq, ik, kept, scale) * token_weight[:, t0 : t0 + c]).sum()
+        loss = (_index_kl(q, k, iq, ik, kept, scale, probs) * token_weight[:, t0 : t0 + c]).sum()
     return out, loss
 
 
@@ -264,5 +274,5 @@ def msa_cache_attention(
         visible = slots[None, None, :] <= pos[:, :, None]  # [B, C', S]
         kept = kept_keys(iq[:, c0 : c0 + chunk], ik_cache, visible, key_block, pos // block_size,
                          (pos < dense_below) | dense, top_k=top_k)
-        outs.append(_attend(q[:, c0 : c0 + chunk], k_cache, v_cache, kept, scale))
+        outs.append(_attend(q[:, c0 : c0 + chunk], k_cache, v_cache, kept, scale)[0])
     return torch.cat(outs, dim=1)
