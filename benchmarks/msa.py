@@ -1,13 +1,17 @@
 """MSA against dense causal attention: one bf16 attention layer, 48 query heads, 8 KV heads, D=128.
 
-Per length: prefill forward (indexer + sparse attention, each also alone) against the fastest
-dense SDPA backend that runs; forward+backward up to --bwd-max; one decoding step over a full
-paged cache against dense SDPA decoding with GQA; and at the first length, the needle
-retrieval rate of the Triton indexer. Times are medians of CUDA-event timings; above
---few-reps-from tokens every prefill variant gets one timed call (dense without warm-up). Every row goes to the JSON as soon as
-it is measured, so a run cut short still leaves its numbers.
+Per length: prefill forward (indexer + sparse attention, each also alone, KV-outer and up to
+--query-outer-max query-outer, each checked on sampled rows against an fp32 reference) against
+the fastest dense SDPA backend that runs; forward+backward up to --bwd-max; one decoding step
+over a full paged cache (bf16 index keys, and fp8 ones at --fp8-index-dims) against dense SDPA
+decoding with GQA; and at the first length, the needle retrieval rate of the Triton indexer.
+`--sweep T` times the kernels' launch settings at length T and profiles one call of each.
+Times are medians of CUDA-event timings; from --few-reps-from tokens every prefill variant gets
+one timed call (dense without warm-up). Every row goes to the JSON as soon as it is measured,
+so a run cut short still leaves its numbers. All four lengths took 92 s on an H100.
 
-    PYTHONPATH=. python benchmarks/msa.py --lengths 32768 131072 --out msa.json
+    PYTHONPATH=. python benchmarks/msa.py --out msa.json
+    PYTHONPATH=. python benchmarks/msa.py --sweep 1048576 --out msa_sweep.json
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from _timing import timed
 
+from forge.kernels.msa import triton_attention, triton_decode, triton_indexer
 from forge.kernels.msa.synthetic import needle_case, needle_recall
-from forge.kernels.msa.triton_attention import sparse_attention_triton
-from forge.kernels.msa.triton_decode import msa_decode
+from forge.kernels.msa.triton_attention import build_work_list, sparse_attention_triton
+from forge.kernels.msa.triton_decode import msa_decode, select_blocks_decode
 from forge.kernels.msa.triton_indexer import select_blocks_triton
 
 HQ, HKV, D = 48, 8, 128
@@ -78,6 +83,35 @@ def kept_pairs(t: int, block_size: int, top_k: int) -> int:
     return int((torch.clamp(pos // block_size, max=top_k - 1) * block_size + pos % block_size + 1).sum())
 
 
+def attend_rows(q, k, v, sel, ts, g, block_size):
+    """fp32 reference for the rows (t, group g, its heads) of ts: softmax over the kept tokens."""
+    rep = q.shape[2] // k.shape[2]
+    outs = []
+    for t in ts:
+        blocks = sel[0, t, g].long()
+        blocks = blocks[blocks >= 0]
+        idx = (blocks[:, None] * block_size + torch.arange(block_size, device=q.device)).flatten()
+        idx = idx[idx <= t]
+        qq = q[0, t, g * rep:(g + 1) * rep].float()  # [rep, D]
+        p = torch.softmax(qq @ k[0, idx, g].float().T * q.shape[-1] ** -0.5, dim=-1)
+        outs.append(p @ v[0, idx, g].float())
+    return torch.stack(outs)  # [len(ts), rep, D]
+
+
+def row_error(out, q, k, v, sel, block_size, n=48):
+    """Relative error of `out` against attend_rows on n sampled rows (last row included)."""
+    t = q.shape[1]
+    gen = torch.Generator().manual_seed(t)
+    ts = torch.cat([torch.randint(0, t, (n - 1,), generator=gen), torch.tensor([t - 1])]).tolist()
+    rep = q.shape[2] // k.shape[2]
+    err = 0.0
+    for g in (0, k.shape[2] - 1):
+        ref = attend_rows(q, k, v, sel, ts, g, block_size)
+        got = out[0, ts, g * rep:(g + 1) * rep].float()
+        err = max(err, ((got - ref).norm() / ref.norm()).item())
+    return err
+
+
 def bench_length(t, args, dense_name, dense, emit):
     # Long lengths: one timed call; dense gets no warm-up (27 s a call at 1M), the MSA pieces one.
     reps, warm = (1, 0) if t >= args.few_reps_from else (args.reps, 1)
@@ -94,18 +128,23 @@ def bench_length(t, args, dense_name, dense, emit):
         sel = select_blocks_triton(iq, ik_d, block_size=bs, top_k=top_k)
         idx_ms = timed(lambda: select_blocks_triton(iq, ik_d, block_size=bs, top_k=top_k), reps=reps,
                        warmup=msa_warm)
-        attn = {}
+        attn, err = {}, {}
         with torch.no_grad():
             for order in ("kv", "query") if t <= args.query_outer_max else ("kv",):
+                err[order] = row_error(sparse_attention_triton(q, k, v, sel, block_size=bs, order=order),
+                                       q, k, v, sel, bs)
                 attn[order] = timed(lambda: sparse_attention_triton(q, k, v, sel, block_size=bs, order=order),
                                     reps=reps, warmup=msa_warm)
+            rep = HQ // HKV
+            wl_ms = timed(lambda: build_work_list(sel, bs, rep, D, 2), reps=reps, warmup=msa_warm)
         attn_ms = attn["kv"]
         # The two run back to back in msa_attention; their sum is the layer's prefill time.
         total = idx_ms + attn_ms
         n_blocks = t // bs
         idx_flops = 2 * di * HKV * bs * bs * n_blocks * (n_blocks - 1) / 2
         emit(dict(kind="prefill_msa", T=t, Di=di, ms=total, indexer_ms=idx_ms, attention_ms=attn_ms,
-                  attention_query_outer_ms=attn.get("query"),
+                  attention_query_outer_ms=attn.get("query"), work_list_ms=wl_ms,
+                  attention_rel_err=err["kv"], attention_query_outer_rel_err=err.get("query"),
                   speedup=dense_ms / total, attention_tflops=attn_flops / attn_ms / 1e9,
                   indexer_tflops=idx_flops / idx_ms / 1e9))
         del iq, sel
@@ -141,6 +180,16 @@ def bench_backward(t, args, q, k, v, ik, reps, emit):
               speedup=dense_ms / msa_ms if dense_ms else None))
 
 
+def decode_selection_match(iq, ik, sel, t, bs, top_k):
+    """Fraction of the decode's kept blocks that an fp32 torch top-k over the full scores also keeps."""
+    scores = iq[0, 0].float() @ ik[0, :t].float().T  # [Hkv, T]
+    blocks = scores.view(HKV, t // bs, bs).amax(-1)
+    blocks[:, -1] = float("-inf")  # the own block is kept apart
+    ref = torch.topk(blocks, top_k - 1, dim=-1).indices.sort(-1).values
+    got = sel[0, 0, :, :top_k - 1].long().sort(-1).values
+    return (got[:, :, None] == ref[:, None, :]).any(-1).float().mean().item()
+
+
 def bench_decode(t, args, k, v, ik, emit):
     bs, top_k = args.block_size, args.top_k
     q = torch.randn(1, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
@@ -154,13 +203,25 @@ def bench_decode(t, args, k, v, ik, emit):
     dense_bytes = 2 * t * HKV * D * 2
     emit(dict(kind="decode_dense", T=t, ms=dense_ms, tb_s=dense_bytes / dense_ms / 1e9))
     del kd, vd
-    for di in args.index_dims:
-        ikc = ik[0, :, :di].contiguous().view(t // bs, bs, di)
+    variants = [(di, torch.bfloat16) for di in args.index_dims] + [(di, torch.float8_e4m3fn) for di in args.fp8_index_dims]
+    for di, ik_dtype in variants:
+        ikc = ik[0, :, :di].to(ik_dtype).contiguous().view(t // bs, bs, di)
         iq = torch.randn(1, 1, HKV, di, device="cuda", dtype=torch.bfloat16)
+        sel = select_blocks_decode(iq, ikc, pages, kv_len, block_size=bs, top_k=top_k)
+        match = decode_selection_match(iq, ikc.view(1, t, di), sel, t, bs, top_k)
+        out = msa_decode(q, iq, kc, vc, ikc, pages, kv_len, top_k=top_k)
+        ref = torch.cat([attend_rows(_at_last(q, t), k, v, _at_last(sel, t), [t - 1], g, bs)[0] for g in range(HKV)])
+        err = ((out[0, 0].float() - ref).norm() / ref.norm()).item()
         step = graphed(lambda: msa_decode(q, iq, kc, vc, ikc, pages, kv_len, top_k=top_k))
         ms = timed(step, reps=50, warmup=5)
-        moved = t * di * 2 + HKV * min(top_k, t // bs) * bs * D * 2 * 2
-        emit(dict(kind="decode_msa", T=t, Di=di, ms=ms, speedup=dense_ms / ms, tb_s=moved / ms / 1e9))
+        moved = t * di * ikc.element_size() + HKV * min(top_k, t // bs) * bs * D * 2 * 2
+        emit(dict(kind="decode_msa", T=t, Di=di, index_dtype=str(ik_dtype).split(".")[-1], ms=ms,
+                  speedup=dense_ms / ms, tb_s=moved / ms / 1e9, selection_match=match, rel_err=err))
+
+
+def _at_last(x, t):
+    """A [1, 1, ...] tensor placed as row t - 1 of a [1, t, ...] view (only that row is read)."""
+    return x.expand(1, t, *x.shape[2:])
 
 
 def bench_retrieval(t, args, emit):
@@ -168,6 +229,91 @@ def bench_retrieval(t, args, emit):
                        dtype=torch.bfloat16)
     sel = select_blocks_triton(case.iq, case.ik, block_size=args.block_size, top_k=args.top_k)
     emit(dict(kind="retrieval", T=t, Di=128, recall=needle_recall(case, sel, args.block_size)))
+
+
+KV_CONFIGS = [dict(BLOCK_M=64, num_warps=4, num_stages=2), dict(BLOCK_M=64, num_warps=4, num_stages=3),
+              dict(BLOCK_M=64, num_warps=8, num_stages=2), dict(BLOCK_M=128, num_warps=8, num_stages=2)]
+
+
+def sweep(t, args, emit):
+    """Launch settings of the KV-outer forward and of the decode scan, timed at length t (Di=64)."""
+    bs, top_k = args.block_size, args.top_k
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, k, v, iq, ik = mk(1, t, HQ, D), mk(1, t, HKV, D), mk(1, t, HKV, D), mk(1, t, HKV, 64), mk(1, t, 64)
+    sel = select_blocks_triton(iq, ik, block_size=bs, top_k=top_k)
+    attn_flops = 4 * D * HQ * kept_pairs(t, bs, top_k)
+    saved = (dict(triton_attention.KV_FORWARD), triton_attention.ITEM_QUERIES, triton_attention.PARTIAL_BYTES,
+             triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_STAGES)
+    settings = [(cfg, items, saved[2]) for cfg in KV_CONFIGS for items in (64, 128)]
+    settings += [(saved[0], 128, gib << 30) for gib in (3, 12)]
+    with torch.no_grad():
+        for cfg, items, partial_bytes in settings:
+            triton_attention.KV_FORWARD, triton_attention.ITEM_QUERIES = cfg, items
+            triton_attention.PARTIAL_BYTES = partial_bytes
+            err = row_error(sparse_attention_triton(q, k, v, sel, block_size=bs), q, k, v, sel, bs)
+            ms = timed(lambda: sparse_attention_triton(q, k, v, sel, block_size=bs), reps=3)
+            emit(dict(kind="sweep_kv", T=t, item_queries=items, partial_gib=partial_bytes / 2**30, ms=ms,
+                      tflops=attn_flops / ms / 1e9, rel_err=err, **cfg))
+    triton_attention.KV_FORWARD, triton_attention.ITEM_QUERIES, triton_attention.PARTIAL_BYTES = saved[:3]
+    kc, vc = k.view(t // bs, bs, HKV, D), v.view(t // bs, bs, HKV, D)
+    pages = torch.arange(t // bs, device="cuda", dtype=torch.int32).view(1, -1)
+    kv_len = torch.tensor([t], device="cuda", dtype=torch.int32)
+    ikc = ik[0].contiguous().view(t // bs, bs, 64)
+    qd, iqd = q[:, -1:].contiguous(), iq[:, -1:].contiguous()
+    for per_sm in (1, 2, 4):
+        for stages in (3, 4, 6):
+            triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_STAGES = per_sm, stages
+            step = graphed(lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k))
+            scan = graphed(lambda: select_blocks_decode(iqd, ikc, pages, kv_len, block_size=bs, top_k=top_k))
+            emit(dict(kind="sweep_decode", T=t, programs_per_sm=per_sm, stages=stages,
+                      ms=timed(step, reps=50, warmup=5), select_ms=timed(scan, reps=50, warmup=5)))
+    triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_STAGES = saved[3:]
+    # The indexer is compute-bound and the same at every length: time it at 128K, Di=128.
+    n = min(t, 131072)
+    iq_s, ik_s = mk(1, n, HKV, 128), mk(1, n, 128)
+    idx_flops = 2 * 128 * HKV * bs * bs * (n // bs) * (n // bs - 1) / 2
+    saved_index = dict(triton_indexer.INDEX_FORWARD)
+    for warps, stages in ((8, 3), (8, 2), (8, 4), (4, 3)):
+        triton_indexer.INDEX_FORWARD = dict(num_warps=warps, num_stages=stages)
+        ms = timed(lambda: select_blocks_triton(iq_s, ik_s, block_size=bs, top_k=top_k), reps=5)
+        emit(dict(kind="sweep_index", T=n, Di=128, num_warps=warps, num_stages=stages, ms=ms,
+                  tflops=idx_flops / ms / 1e9))
+    triton_indexer.INDEX_FORWARD = saved_index
+    profile(t, args, q, k, v, sel, lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k))
+
+
+def profile_at(t, args):
+    """The profile of `profile` on fresh inputs at length t (Di=64)."""
+    bs, top_k = args.block_size, args.top_k
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, k, v, iq, ik = mk(1, t, HQ, D), mk(1, t, HKV, D), mk(1, t, HKV, D), mk(1, t, HKV, 64), mk(1, t, 64)
+    sel = select_blocks_triton(iq, ik, block_size=bs, top_k=top_k)
+    kc, vc = k.view(t // bs, bs, HKV, D), v.view(t // bs, bs, HKV, D)
+    pages = torch.arange(t // bs, device="cuda", dtype=torch.int32).view(1, -1)
+    kv_len = torch.tensor([t], device="cuda", dtype=torch.int32)
+    ikc = ik[0].contiguous().view(t // bs, bs, 64)
+    qd, iqd = q[:, -1:].contiguous(), iq[:, -1:].contiguous()
+    profile(t, args, q, k, v, sel, lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k))
+
+
+def profile(t, args, q, k, v, sel, decode_step):
+    """GPU time per kernel of one sparse attention forward and of one decoding step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for name, fn in (("attention", lambda: sparse_attention_triton(q, k, v, sel, block_size=args.block_size)),
+                     ("decode", decode_step)):
+        with torch.no_grad():
+            fn()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+        print(f"profile of one {name} call at T={t}:")
+        try:
+            print(prof.key_averages().table(sort_by="device_time_total", row_limit=10, max_name_column_width=60))
+        except (AttributeError, KeyError, ValueError):
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
 
 
 def main() -> None:
@@ -181,6 +327,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--query-outer-max", type=int, default=131072,
                         help="longest length at which the query-outer forward is timed beside the KV-outer one")
+    parser.add_argument("--fp8-index-dims", type=int, nargs="*", default=[128],
+                        help="index dimensions also timed in decoding with float8_e4m3fn index keys in the cache")
+    parser.add_argument("--sweep", type=int, default=0,
+                        help="instead of the benchmark, time launch settings and profile at this length")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the benchmark, profile one attention call and one decoding step at the last length")
     parser.add_argument("--out", default="msa_bench.json")
     args = parser.parse_args()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -194,6 +346,10 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
+    if args.sweep:
+        sweep(args.sweep, args, emit)
+        print_table(rows)
+        return
     # Choose the dense backend at a short length: at 512K one trial call of each costs minutes.
     first = min(args.lengths)
     probe = min(first, 32768)
@@ -204,6 +360,8 @@ def main() -> None:
     for t in args.lengths:
         bench_length(t, args, dense_name, dense, emit)
         torch.cuda.empty_cache()
+    if args.profile:
+        profile_at(args.lengths[-1], args)
     print_table(rows)
 
 
@@ -214,9 +372,11 @@ def print_table(rows) -> None:
         if r["kind"] == "prefill_msa":
             d = dense[("prefill_dense", r["T"])]
             note = (f"indexer {r['indexer_ms']:.1f} ms ({r['indexer_tflops']:.0f} TF/s), attention "
-                    f"{r['attention_ms']:.1f} ms ({r['attention_tflops']:.0f} TF/s); dense {d['tflops']:.0f} TF/s")
+                    f"{r['attention_ms']:.1f} ms ({r['attention_tflops']:.0f} TF/s, work list "
+                    f"{r['work_list_ms']:.1f} ms, err {r['attention_rel_err']:.1e}); dense {d['tflops']:.0f} TF/s")
             if r["attention_query_outer_ms"]:
-                note += f"; query-outer attention {r['attention_query_outer_ms']:.1f} ms"
+                note += (f"; query-outer {r['attention_query_outer_ms']:.1f} ms "
+                         f"(err {r['attention_query_outer_rel_err']:.1e})")
             print(f"{'prefill':14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.2f} {d['ms']:>10.2f} {r['speedup']:>7.1f}x  {note}")
         elif r["kind"] == "fwd_bwd":
             if r["dense_ms"] is None:
@@ -226,8 +386,19 @@ def print_table(rows) -> None:
                   f"{r['speedup']:>7.1f}x  dense {r['dense_backend']}")
         elif r["kind"] == "decode_msa":
             d = dense[("decode_dense", r["T"])]
-            print(f"{'decode':14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.3f} {d['ms']:>10.3f} {r['speedup']:>7.1f}x  "
-                  f"{r['tb_s']:.2f} TB/s effective; dense {d['tb_s']:.2f} TB/s")
+            print(f"{'decode ' + r['index_dtype']:14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.3f} {d['ms']:>10.3f} "
+                  f"{r['speedup']:>7.1f}x  {r['tb_s']:.2f} TB/s effective; dense {d['tb_s']:.2f} TB/s; "
+                  f"selection match {r['selection_match']:.3f}, err {r['rel_err']:.1e}")
+        elif r["kind"] == "sweep_kv":
+            print(f"{'sweep kv':14} {r['T']:>8} {'':>4} {r['ms']:>10.2f}  {r['tflops']:.0f} TF/s BLOCK_M {r['BLOCK_M']} warps {r['num_warps']} "
+                  f"stages {r['num_stages']} items {r['item_queries']} partials {r['partial_gib']:.0f} GiB "
+                  f"err {r['rel_err']:.1e}")
+        elif r["kind"] == "sweep_index":
+            print(f"{'sweep index':14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.2f}  {r['tflops']:.0f} TF/s "
+                  f"warps {r['num_warps']} stages {r['num_stages']}")
+        elif r["kind"] == "sweep_decode":
+            print(f"{'sweep decode':14} {r['T']:>8} {'':>4} {r['ms']:>10.3f}  programs/SM {r['programs_per_sm']} "
+                  f"stages {r['stages']} select {r['select_ms']:.3f} ms")
         elif r["kind"] == "retrieval":
             print(f"{'retrieval':14} {r['T']:>8} {r['Di']:>4} recall {r['recall']:.3f}")
 

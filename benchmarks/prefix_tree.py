@@ -9,8 +9,14 @@ attention-pair ratios, then time (median, fwd+bwd, bf16) and peak memory of
   installed torch has it; the faster of the two is the baseline);
 - flex: the merged tree through FlexAttention with the tree mask (block mask built once, its
   build time reported apart);
-- forge: the merged tree through forge.kernels.tree_attention's Triton kernel;
+- forge: the merged tree through `forge.kernels.tree_attention`, what the policy calls (the
+  pieces on cuDNN or flash attention where the cost rule says they pay, else the Triton kernel);
+  attention alone also times each path forced (forge_triton, forge_pieces_<backend>) and the
+  forward alone;
 first attention alone, then a full transformer layer with MoE (forge.policy's Block).
+`--backends` times torch's dense attention backends on (a)'s two big pieces, `--profile` lists
+the CUDA kernels of one forge and one unmerged layer on (a), `--ratio-sweep` times the layer
+against the token ratio (where merging starts to pay), `--sweep` the Triton kernel's tiles.
 
 Run on a GPU: `PYTHONPATH=. python benchmarks/prefix_tree.py --json out.json`. `--tiny` runs
 small sizes for a smoke test (the CPU runs the kernel through Triton's interpreter).
@@ -114,6 +120,8 @@ def timed(fn: Callable[[], None], dev: str, grads: list[torch.Tensor]) -> tuple[
 
 
 def attention_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tuple[Callable, list]]:
+    from forge.kernels.tree_attention import tree_attention
+    from forge.kernels.tree_attention.decomposed import BACKENDS, plan_tree, tree_attention_pieces
     from forge.kernels.tree_attention.flex import tree_attention_flex
     from forge.kernels.tree_attention.triton_tree import tree_attention_triton
 
@@ -159,14 +167,36 @@ def attention_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tu
     except ImportError:
         pass
 
+    if dev == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def unmerged_cudnn():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                unmerged_sdpa()
+
+        out["unmerged_cudnn"] = (unmerged_cudnn, [x for g in groups for x in g])
+
     def flex():
         tree_attention_flex(q, k, v, se, block_mask=bm, compile=dev == "cuda").backward(do)
 
     def forge():
+        tree_attention(q, k, v, se).backward(do)
+
+    def forge_triton():
         tree_attention_triton(q, k, v, se).backward(do)
 
     out["flex"] = (flex, [q, k, v])
     out["forge"] = (forge, [q, k, v])
+    out["forge_triton"] = (forge_triton, [q, k, v])
+    # Forward alone (inference, old/reference logprobs), for the split of the time.
+    out["forge_fwd_only"] = (lambda: tree_attention(q.detach(), k.detach(), v.detach(), se), [])
+    out["forge_triton_fwd_only"] = (lambda: tree_attention_triton(q.detach(), k.detach(), v.detach(), se), [])
+    if dev == "cuda":
+        plan = plan_tree(t.subtree_end[None]).to(dev)
+        for backend in BACKENDS:
+            if backend != "reference":
+                out[f"forge_pieces_{backend}"] = (
+                    lambda b=backend: tree_attention_pieces(q, k, v, se, plan=plan, backend=b).backward(do), [q, k, v])
     return out
 
 
@@ -214,9 +244,9 @@ def layer_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tuple[
 
 
 def check(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, float]:
-    """Relative difference of Forge's kernel from FlexAttention (output and dq), full size."""
+    """Relative difference of Forge's tree attention from FlexAttention (output and dq), full size."""
+    from forge.kernels.tree_attention import tree_attention
     from forge.kernels.tree_attention.flex import tree_attention_flex
-    from forge.kernels.tree_attention.triton_tree import tree_attention_triton
 
     torch.manual_seed(1)
     n = sc.tree.num_tokens
@@ -225,7 +255,7 @@ def check(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, float]:
     k, v = (torch.randn(1, n, shape.num_kv_heads, shape.head_dim, device=dev, dtype=torch.bfloat16) for _ in range(2))
     res = {}
     outs = []
-    for fn in (lambda a, b, c: tree_attention_triton(a, b, c, se),
+    for fn in (lambda a, b, c: tree_attention(a, b, c, se),
                lambda a, b, c: tree_attention_flex(a, b, c, se, block_mask=bm, compile=dev == "cuda")):
         qq = q.clone().requires_grad_()
         o = fn(qq, k, v)
@@ -239,10 +269,11 @@ def check(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, float]:
     return res
 
 
-# (fwd_m, fwd_n, bwd_m, bwd_n, warps, stages); the first is the default. Not yet run with the
-# block-list kernels (the sweep in docs/benchmarks.md is of the first version).
-SWEEP = [(64, 64, 64, 64, 4, 3), (128, 64, 64, 64, 4, 3), (128, 64, 64, 64, 8, 3),
-         (128, 128, 64, 64, 8, 3), (64, 64, 64, 64, 4, 4), (128, 64, 64, 128, 8, 3)]
+# (fwd_m, fwd_n, bwd_m, bwd_n, warps, stages[, pack_gqa]); the first is the default.
+SWEEP = [(64, 64, 64, 64, 4, 3), (128, 64, 128, 64, 8, 3),
+         # GQA packed: a program holds the tokens of all query heads of a K/V head.
+         (64, 64, 64, 64, 4, 3, True), (128, 64, 128, 64, 8, 3, True), (128, 64, 64, 64, 8, 3, True),
+         (128, 128, 128, 64, 8, 3, True)]
 
 
 def sweep(sc: Scenario, shape: Shape, dev: str) -> dict[str, float]:
@@ -283,6 +314,66 @@ def ratio_sweep(shape: Shape, dev: str) -> list[dict]:
     return points
 
 
+def profile_layer(sc: Scenario, shape: Shape, dev: str, variant: str = "forge", top: int = 25) -> list[dict]:
+    """CUDA kernel time of one fwd+bwd of the layer, by kernel, from torch.profiler (mean of 3)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn, grads = layer_variants(sc, shape, dev, None)[variant]
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            for g in grads:
+                g.grad = None
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us:
+            rows.append({"kernel": e.key[:90], "ms": us / 3e3, "calls": e.count / 3})
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    print(f"profile {sc.name} layer {variant}: {total:.2f} ms of kernels")
+    for r in rows[:top]:
+        print(f"  {r['ms']:8.3f} ms {r['calls']:5.0f}x  {r['kernel']}")
+    return [{"total_ms": total}] + rows[:top]
+
+
+def dense_backends(shape: Shape, dev: str) -> dict[str, float]:
+    """fwd+bwd ms of (a)'s two big pieces through each SDPA backend: which dense kernel is fastest."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    hq, hkv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    out = {}
+    for piece, (lq, lk, causal) in {"causal_8K": (8192, 8192, True), "dense_16Kx8K": (16384, 8192, False)}.items():
+        q = torch.randn(1, hq, lq, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(1, hkv, lk, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                         ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            def fn():
+                with sdpa_kernel(be):
+                    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+                o.backward(torch.ones_like(o))
+            try:
+                out[f"{piece}_{name}"] = timed(fn, dev, [q, k, v])[0]
+            except Exception as e:  # noqa: BLE001 - a backend that refuses the shape is reported
+                out[f"{piece}_{name}"] = repr(e)[:120]
+    print("dense backends (ms):", out)
+    return out
+
+
+def plan_stats(sc: Scenario) -> dict:
+    """How the pieces path splits the tree, and the cost rule's two estimates."""
+    from forge.kernels.tree_attention.decomposed import plan_tree
+
+    plan = plan_tree(sc.tree.subtree_end[None])
+    return {"runs": len(plan.runs.cu_q) - 1, "dense_pieces": plan.num_dense, "backend": plan.backend,
+            "cost_pieces": plan.cost_pieces,
+            "cost_triton": plan.cost_triton, "pays": plan.pays}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="prefix_tree_bench.json", help="where to write the results")
@@ -292,6 +383,9 @@ def main() -> None:
     ap.add_argument("--ratio-sweep", action="store_true", help="layer time vs token ratio (break-even)")
     ap.add_argument("--variants", default="", help="comma-separated variants to time (default all)")
     ap.add_argument("--only", default="", help="comma-separated scenario prefixes to run (a,b,c)")
+    ap.add_argument("--backends", action="store_true", help="time SDPA backends on (a)'s dense pieces")
+    ap.add_argument("--profile", action="store_true", help="profile the forge layer's kernels on (a)")
+    ap.add_argument("--parts", default="attention,layer_moe", help="which of attention,layer_moe to time")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shape = Shape() if not args.tiny else Shape(4, 2, 16, 64, 8, 2, 32)
@@ -300,6 +394,8 @@ def main() -> None:
                     "torch": torch.__version__, "shape": shape.__dict__, "scenarios": {}}
     from forge.kernels.tree_attention.flex import tree_block_mask
 
+    if args.backends and dev == "cuda":
+        report["dense_backends_ms"] = dense_backends(shape, dev)
     for sc in scenarios(args.tiny):
         if args.only and sc.name[0] not in args.only.split(","):
             continue
@@ -307,14 +403,19 @@ def main() -> None:
         entry = {"unique_tokens": t.num_tokens, "unmerged_tokens": sum(len(s) for s in sc.sequences),
                  "token_ratio": t.token_ratio(), "attention_pair_ratio": t.attention_pair_ratio()}
         report["scenarios"][sc.name] = entry
+        entry["plan"] = plan_stats(sc)
         t0 = time.perf_counter()
         bm = tree_block_mask(t.subtree_end[None].to(dev))
         entry["flex_block_mask_ms"] = (time.perf_counter() - t0) * 1e3
         try:
+            if args.variants and "flex" not in args.variants.split(","):
+                raise RuntimeError("flex not among --variants")
             entry["check_forge_vs_flex"] = check(sc, shape, dev, bm)
         except Exception as e:  # noqa: BLE001 - a failed variant is reported, the rest still runs
             entry["check_forge_vs_flex"] = {"error": repr(e)[:300]}
         for part, make in (("attention", attention_variants), ("layer_moe", layer_variants)):
+            if part not in args.parts.split(","):
+                continue
             res = entry.setdefault(part, {})
             for name, (fn, grads) in make(sc, shape, dev, bm).items():
                 if args.variants and name not in args.variants.split(","):
@@ -336,6 +437,8 @@ def main() -> None:
             fl = res.get("flex", {}).get("ms")
             if fl and "ms" in res.get("forge", {}):
                 res["forge"]["speedup_vs_flex"] = fl / res["forge"]["ms"]
+        if args.profile and sc.name.startswith("a") and dev == "cuda":
+            entry["profile_layer"] = {v: profile_layer(sc, shape, dev, v) for v in ("forge", "unmerged_sdpa")}
         if args.sweep and sc.name.startswith("a") and dev == "cuda":
             entry["forge_tile_sweep_ms"] = sweep(sc, shape, dev)
             print("tile sweep (fwd_m, fwd_n, bwd_m, bwd_n, warps, stages) -> ms:", entry["forge_tile_sweep_ms"])

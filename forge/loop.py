@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 import ray
+import torch
 
 from forge.agent_side.config import EnvConfig, RolloutConfig, load_env_class
 from forge.agent_side.demos import oracle_batch
@@ -38,9 +39,15 @@ log = logging.getLogger("forge")
 class SyncingGenerator:
     """A `ModelGenerator` that pulls newer weights from the store before each batch of turns."""
 
-    def __init__(self, model_cfg: ModelConfig, store: Any, seed: int) -> None:
+    def __init__(self, model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32") -> None:
         self.store = store
-        self.inner = ModelGenerator(Transformer(model_cfg), ByteTokenizer(), seed=seed, policy_version=-1)
+        model = Transformer(model_cfg)
+        if torch.cuda.is_available():
+            # Ray hides every GPU from an actor that asked for none (rollout.actor_num_gpus).
+            # On a GPU the policy samples in the trainer's precision, so that the sampler's
+            # logprobs and the trainer's differ as little as the two code paths allow.
+            model = model.cuda().to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        self.inner = ModelGenerator(model, ByteTokenizer(), seed=seed, policy_version=-1)
         self.sync_s = 0.0
 
     def generate(self, prompts, params):
@@ -54,8 +61,8 @@ class SyncingGenerator:
         return self.inner.generate(prompts, params)
 
 
-def _make_generator(model_cfg: ModelConfig, store: Any, seed: int) -> SyncingGenerator:
-    return SyncingGenerator(model_cfg, store, seed)
+def _make_generator(model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32") -> SyncingGenerator:
+    return SyncingGenerator(model_cfg, store, seed, precision)
 
 
 @dataclass
@@ -111,6 +118,9 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
             state.version += 1
             publish_s = _publish(ranks, store, state.version)
             metrics.update(rollout_metrics)
+            if rollout_metrics.get("rollout/generate_s"):
+                # Summed over the workers' calls that finished since the last step: per worker-second.
+                metrics["rollout/tokens_per_s"] = rollout_metrics["rollout/sampled_tokens"] / rollout_metrics["rollout/generate_s"]
             metrics.update(ray.get(pool.stats.remote(state.version)))
             metrics.update({"time/rollout_wait_s": wait_s, "time/weights_publish_s": publish_s,
                             "train/staleness_mean": sum(state.version - 1 - g.min_policy_version for g in groups) / len(groups)})
@@ -132,9 +142,10 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
 def _start_rollouts(cfg: Any, store: Any, state: DriverState) -> _Rollouts:
     remote = ray.remote(num_cpus=cfg.rollout.actor_num_cpus, num_gpus=cfg.rollout.actor_num_gpus,
                         resources=cfg.rollout.actor_resources or None)(RolloutActor)
+    seeds = [cfg.run.seed * 1000 + i + 7919 * state.step for i in range(cfg.rollout.num_workers)]
     workers = [
-        remote.remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, cfg.run.seed * 1000 + i + 7919 * state.step))
-        for i in range(cfg.rollout.num_workers)
+        remote.remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, seed, cfg.trainer.precision))
+        for seed in seeds
     ]
     per_call = max(1, cfg.rollout.concurrency // cfg.rollout.group_size)
     return _Rollouts(workers, {}, per_call, cfg.run.seed * 100_000_000)
@@ -152,8 +163,9 @@ def _record_placement(run, ranks: list, workers: list) -> None:
 def _start_evaluator(cfg: Any, store: Any):
     eval_rollout = RolloutConfig(**{**vars(cfg.rollout), "group_size": 1, "temperature": cfg.eval.temperature,
                                     "concurrency": max(1, cfg.eval.num_tasks), "max_retries": 1})
-    remote = ray.remote(num_cpus=0)(RolloutActor)
-    return remote.remote(cfg.env, eval_rollout, partial(_make_generator, cfg.model, store, cfg.run.seed + 17))
+    remote = ray.remote(num_cpus=0, num_gpus=cfg.rollout.actor_num_gpus)(RolloutActor)
+    generator = partial(_make_generator, cfg.model, store, cfg.run.seed + 17, cfg.trainer.precision)
+    return remote.remote(cfg.env, eval_rollout, generator)
 
 
 def _submit(rollouts: _Rollouts, w: int, pool: Any, state: DriverState) -> None:

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollouts", required=True, help="a run's rollouts/ folder of step-*.parquet files")
     parser.add_argument("--steps", type=int, default=None, help="replay at most this many batches")
     parser.add_argument("--save", default=None, help="rank 0 writes the final weights here (torch.save)")
+    parser.add_argument("--save-initial", default=None, help="rank 0 writes the weights before the first step here")
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_recipe(args.recipe, args.overrides, RecipeConfig)
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg.trainer.num_ranks = world
     trainer = Trainer(cfg.model, cfg.trainer, cfg.algorithm, seed=cfg.run.seed, rank=rank, world_size=world)
+    if args.save_initial and rank == 0:
+        torch.save(trainer.weights(), args.save_initial)
     for step, path in enumerate(files, start=1):
         groups = read_parquet(path)
         if len(groups) % world:

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from forge.kernels.msa import triton_attention
 from forge.kernels.msa.naive import select_blocks_naive, sparse_attention_naive
 from forge.kernels.msa.triton_attention import sparse_attention_triton
-from forge.kernels.msa.triton_decode import msa_decode
+from forge.kernels.msa.triton_decode import msa_decode, select_blocks_decode
 from forge.kernels.msa.triton_indexer import select_blocks_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,6 +37,14 @@ def _nan_outputs(monkeypatch):
     """Kernel outputs start as NaN, so an element the kernel never writes fails the comparison."""
     empty_like = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda x, **kw: empty_like(x, **kw).fill_(float("nan")))
+
+
+def _nan_empty(empty):
+    """torch.empty whose floating-point tensors start as NaN (the kernels' partial buffers)."""
+    def fill(*args, **kw):
+        x = empty(*args, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+    return fill
 
 
 def _tol(dtype):
@@ -65,7 +74,8 @@ def test_indexer_breaks_ties_towards_the_lower_block():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sparse_attention_output_and_gradients_match_naive(dtype, monkeypatch):
+@pytest.mark.parametrize("work", ["one-range", "four-ranges-items-of-3"])
+def test_sparse_attention_output_and_gradients_match_naive(dtype, work, monkeypatch):
     gen = torch.Generator().manual_seed(2)
     b, t, hq, hkv, d = 2, 16 * 3 + 5, 6, 2, 16
     q, k, v = (_randn(b, t, h, d, dtype=dtype, gen=gen).requires_grad_() for h in (hq, hkv, hkv))
@@ -74,6 +84,12 @@ def test_sparse_attention_output_and_gradients_match_naive(dtype, monkeypatch):
     dout = _randn(b, t, hq, d, dtype=dtype, gen=gen)
     with monkeypatch.context() as m:
         _nan_outputs(m)
+        m.setattr(torch, "empty", _nan_empty(torch.empty))
+        if work != "one-range":
+            # Ranges of one block (16 queries), so partials are reused across ranges, and
+            # work items of at most 3 queries, so a block's queries span several programs.
+            m.setattr(triton_attention, "PARTIAL_BYTES", 1)
+            m.setattr(triton_attention, "ITEM_QUERIES", 3)
         out = sparse_attention_triton(q, k, v, sel, block_size=16, order="kv")
         grads = torch.autograd.grad(out, (q, k, v), dout)
     # The reference in fp32 from the same (rounded) inputs: the tolerance is the kernel's error.
@@ -115,12 +131,16 @@ def test_sparse_attention_equals_dense_causal_when_every_block_is_kept():
 
 def _paged_cache(k, v, ik, block_size, gen):
     """Lay sequences out in shuffled pages of one block each, as a paged KV cache would."""
-    b, t, hkv, d = k.shape
+    return _paged_cache_of([k, v, ik], block_size, gen)
+
+
+def _paged_cache_of(tensors, block_size, gen):
+    b, t = tensors[0].shape[:2]
     n_blocks = math.ceil(t / block_size)
     pad = n_blocks * block_size - t
     pages = torch.randperm(b * n_blocks, generator=gen).view(b, n_blocks).to(DEV)
     caches = []
-    for x in (k, v, ik):
+    for x in tensors:
         xp = F.pad(x, (0,) * (2 * (x.dim() - 2)) + (0, pad))
         xp = xp.reshape(b * n_blocks, block_size, *x.shape[2:])
         cache = torch.full_like(xp, float("nan"))
@@ -145,11 +165,35 @@ def test_decode_over_a_paged_cache_matches_naive(dtype, n_new, monkeypatch):
     iq_new = torch.stack([iq[i, n - n_new:n] for i, n in enumerate(lens)])
     with monkeypatch.context() as m:
         _nan_outputs(m)
+        m.setattr(torch, "empty", _nan_empty(torch.empty))
         out = msa_decode(q_new, iq_new, kc, vc, ikc, pages, kv_len, top_k=2)
     for i, n in enumerate(lens):
         sel = select_blocks_naive(iq[i:i + 1, :n], ik[i:i + 1, :n], block_size=16, top_k=2)
         ref = sparse_attention_naive(*(x[i:i + 1, :n].float() for x in (q, k, v)), sel, block_size=16)
         torch.testing.assert_close(out[i].float(), ref[0, -n_new:], **_tol(dtype))
+
+
+@pytest.mark.parametrize("pages_per_program", [1, 2, 3], ids=lambda n: f"{n}-pages-a-scan-program")
+def test_decode_selection_equals_naive(pages_per_program):
+    # The scan keeps a top list per program and the merge picks among them: the result must be
+    # the prefill definition's (ties to the lower block) whatever the split.
+    gen = torch.Generator().manual_seed(5)
+    b, t, hkv, di, n_new = 2, 16 * 7 + 3, 2, 16, 3
+    iq, ik = _randn(b, t, hkv, di, dtype=torch.float32, gen=gen), _randn(b, t, di, dtype=torch.float32, gen=gen)
+    # Sequence 1 has equal index keys: every block ties, the lowest ones must win.
+    ik[1] = 1.0
+    iq[1] = 1.0
+    (ikc,), pages = _paged_cache_of([ik], 16, gen)
+    lens = [t, t - 16]
+    kv_len = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    iq_new = torch.stack([iq[i, n - n_new:n] for i, n in enumerate(lens)])
+    got = select_blocks_decode(iq_new, ikc, pages, kv_len, block_size=16, top_k=4,
+                               pages_per_program=pages_per_program)
+    own = (torch.tensor(lens).view(b, 1) - n_new + torch.arange(n_new)) // 16  # [B, Tn]
+    assert (got[..., -1].long().cpu() == own.unsqueeze(-1)).all()
+    for i, n in enumerate(lens):
+        ref = select_blocks_naive(iq[i:i + 1, :n], ik[i:i + 1, :n], block_size=16, top_k=4)[0, -n_new:]
+        assert torch.equal(_canonical(got[i]).cpu(), ref.cpu()), f"sequence {i}"
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -193,8 +237,13 @@ def test_gpu_indexer_full_size(di):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("order", ["kv", "query"])
-def test_gpu_sparse_attention_full_size_forward_backward(order):
+@pytest.mark.parametrize("order", ["kv", "kv-ranges", "query"])
+def test_gpu_sparse_attention_full_size_forward_backward(order, monkeypatch):
+    if order == "kv-ranges":
+        # Query ranges of 256 queries (9 of them) and items of at most 40 queries.
+        monkeypatch.setattr(triton_attention, "PARTIAL_BYTES", 256 * 8 * 8 * 6 * (128 * 2 + 4))
+        monkeypatch.setattr(triton_attention, "ITEM_QUERIES", 40)
+        order = "kv"
     gen = torch.Generator().manual_seed(11)
     b, t, hq, hkv, d = 1, 2048 + 77, 48, 8, 128
     q, k, v = (_randn(b, t, h, d, dtype=torch.bfloat16, gen=gen).requires_grad_() for h in (hq, hkv, hkv))
@@ -225,6 +274,25 @@ def test_gpu_decode_full_size(n_new):
     # Reference over the full sequence, last n_new rows (selection by the same prefill indexer).
     full = sparse_attention_naive(q.float(), k.float(), v.float(), sel.long(), block_size=128)
     assert _rel_err(out, full[:, -n_new:]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_decode_with_fp8_index_keys():
+    # The cache may hold fp8 index keys; the reference selects with the same (rounded) keys.
+    gen = torch.Generator().manual_seed(14)
+    b, t, hq, hkv, d, di = 2, 4096 + 77, 48, 8, 128, 128
+    q, k, v = (_randn(b, t, h, d, dtype=torch.bfloat16, gen=gen) for h in (hq, hkv, hkv))
+    iq = _randn(b, t, hkv, di, dtype=torch.bfloat16, gen=gen)
+    ik8 = _randn(b, t, di, dtype=torch.bfloat16, gen=gen).to(torch.float8_e4m3fn)
+    (kc, vc, ikc), pages = _paged_cache_of([k, v, ik8.to(torch.bfloat16)], 128, gen)
+    ikc = ikc.to(torch.float8_e4m3fn)
+    kv_len = torch.full((b,), t, dtype=torch.int32, device=DEV)
+    out = msa_decode(q[:, -1:], iq[:, -1:], kc, vc, ikc, pages, kv_len, top_k=16)
+    sel = select_blocks_triton(iq, ik8.to(torch.bfloat16), block_size=128, top_k=16)
+    got_sel = select_blocks_decode(iq[:, -1:], ikc, pages, kv_len, block_size=128, top_k=16)
+    assert (_canonical(got_sel) == _canonical(sel[:, -1:])).float().mean() > 0.99
+    full = sparse_attention_naive(q.float(), k.float(), v.float(), sel.long(), block_size=128)
+    assert _rel_err(out, full[:, -1:]) < 1e-2
 
 
 @pytest.mark.gpu

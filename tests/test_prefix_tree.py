@@ -127,7 +127,7 @@ def test_should_merge_follows_the_measured_threshold():
     from forge.prefix_tree import MergeConfig, should_merge
 
     prompt = list(range(100))
-    little = build_tree([prompt[:10] + [1000 + i] * 90 for i in range(8)])  # ratio ~1.1
+    little = build_tree([prompt[:5] + [1000 + i] * 95 for i in range(8)])  # ratio ~1.05
     grpo = build_tree([prompt + [1000 + i] * 20 for i in range(8)])  # ratio ~3.5
     cfg = MergeConfig()
     assert little.token_ratio() < cfg.min_token_ratio < grpo.token_ratio()

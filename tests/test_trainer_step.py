@@ -37,7 +37,8 @@ def groups_of(seed: int, n_groups: int = 2, g: int = 3) -> list[Group]:
 def make_trainer(**overrides):
     from forge.trainer.trainer import Trainer
 
-    algo = AlgorithmConfig(loss=overrides.pop("loss", "grpo"), kl_coef=overrides.pop("kl_coef", 0.0))
+    algo = AlgorithmConfig(loss=overrides.pop("loss", "grpo"), kl_coef=overrides.pop("kl_coef", 0.0),
+                           reduction=overrides.pop("reduction", "default"))
     cfg = TrainerConfig(lr=1e-2, **overrides)
     torch.manual_seed(0)
     from forge.policy.model import Transformer
@@ -69,12 +70,15 @@ def close(a: dict, b: dict, rel: float) -> bool:
     return set(a) == set(b) and all((a[k] - b[k]).abs().max().item() <= rel * scale for k in a)
 
 
-@pytest.mark.parametrize("loss", ["grpo", "cispo"])
-def test_micro_batching_and_merging_do_not_change_the_gradient(loss):
+@pytest.mark.parametrize(
+    "loss,reduction",
+    [("grpo", "default"), ("cispo", "default"), ("grpo", "token_mean"), ("ppo_clip", "seq_mean"), ("cispo", "dr_grpo")],
+)
+def test_micro_batching_and_merging_do_not_change_the_gradient(loss, reduction):
     batch = groups_of(1)
     runs = {}
     for name, kw in {"whole": {}, "split": {"micro_batch_tokens": 40}, "unmerged": {"merge": MergeConfig(enabled=False)}}.items():
-        trainer = make_trainer(loss=loss, **kw)
+        trainer = make_trainer(loss=loss, reduction=reduction, **kw)
         grads = summed_grads(trainer)
         before = trainer.weights()
         runs[name] = (trainer.train_step(batch), grads, max_diff(before, trainer.weights()))

@@ -41,14 +41,14 @@ def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref).norm() / ref.norm()).item()
 
 
-def run_case(b, t, hq, hkv, d, dtype, *, prompt, branch, seed=0):
+def run_case(b, t, hq, hkv, d, dtype, *, prompt, branch, seed=0, blocks=None):
     torch.manual_seed(seed)
     se = torch.stack([tree_subtree_end(t, seed + i, prompt=prompt, branch=branch) for i in range(b)]).to(DEVICE)
     q = torch.randn(b, t, hq, d, device=DEVICE, dtype=dtype, requires_grad=True)
     k = torch.randn(b, t, hkv, d, device=DEVICE, dtype=dtype, requires_grad=True)
     v = torch.randn(b, t, hkv, d, device=DEVICE, dtype=dtype, requires_grad=True)
     do = torch.randn(b, t, hq, d, device=DEVICE, dtype=dtype)
-    o = tree_attention_triton(q, k, v, se)
+    o = tree_attention_triton(q, k, v, se, blocks=blocks)
     grads = torch.autograd.grad(o, (q, k, v), do)
     # fp64 reference, and the reference run at the tested dtype to scale the tolerance.
     x64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -83,6 +83,16 @@ CASES = {
 def test_triton_matches_naive(case, dtype, nan_outputs):
     b, t, hq, hkv, d, prompt, branch = CASES[case]
     run_case(b, t, hq, hkv, d, dtype, prompt=prompt, branch=branch)
+
+
+@pytest.mark.parametrize("case", ["gqa-odd-t", "long-prompt-full-blocks"])
+def test_triton_packed_gqa_matches_naive(case, nan_outputs):
+    # Forward and dQ programs holding the tokens of every query head of a K/V head.
+    b, t, hq, hkv, d, prompt, branch = CASES[case]
+    base = triton_tree.default_blocks(d)
+    blocks = triton_tree.TreeAttentionBlocks(**{**base.__dict__, "pack_gqa": True})
+    assert blocks.pack(hq // hkv) == hq // hkv > 1
+    run_case(b, t, hq, hkv, d, torch.float32, prompt=prompt, branch=branch, blocks=blocks)
 
 
 def test_causal_is_a_special_case(nan_outputs):
@@ -128,10 +138,12 @@ def test_entry_point_dispatch():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pack", [False, True], ids=["per-head", "packed-gqa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_triton_full_size(d, dtype, nan_outputs):
-    run_case(2, 4099, 8, 2, d, dtype, prompt=1200, branch=250)
+def test_triton_full_size(d, dtype, pack, nan_outputs):
+    blocks = triton_tree.TreeAttentionBlocks(**{**triton_tree.default_blocks(d).__dict__, "pack_gqa": pack})
+    run_case(2, 4099, 8, 2, d, dtype, prompt=1200, branch=250, blocks=blocks)
 
 
 @pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 32)], ids=["16x16", "32x16", "16x32"])

@@ -43,6 +43,8 @@ class RolloutStats:
     """Protocol and tool errors of the policy by kind, over ok and failed trajectories."""
     generate_s: float = 0.0
     env_s: float = 0.0
+    sampled_tokens: int = 0
+    """Tokens the policy sampled; over generate_s, the rollout side's tokens per second."""
 
     def merge(self, other: "RolloutStats") -> None:
         """Add another's counters to these (per-kind dicts key by key)."""
@@ -218,6 +220,7 @@ class RolloutWorker:
         ))
         stats.env_s += time.monotonic() - t0
         stats.turns += len(waiting)
+        stats.sampled_tokens += sum(len(c.token_ids) for c in completions)
 
     def _close(self, job: _GroupJob, stats: RolloutStats) -> Group | _GroupJob | None:
         """The complete group, or the job to retry, or None when it is dropped; counts every case."""

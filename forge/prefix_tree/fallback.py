@@ -1,12 +1,12 @@
 """When to merge a batch into prefix trees, and when to run its sequences unmerged.
 
-Merging saves the repeated prefixes but pays for it: the tree-attention kernel is slower per
-attention pair than the causal flash attention of unmerged sequences, and a tree needs its
-block lists. With little sharing the saving does not cover that. The threshold below was
-measured on an H100 (docs/benchmarks.md, "Prefix tree"): one transformer layer with MoE,
-forward and backward in bf16, groups of 8 sequences of 5K tokens sharing prompts of 0.5K to
-4K; Forge's merged layer was slower than the unmerged one at token ratio 1.21 (42.1 vs
-37.9 ms) and faster at 1.54 (34.6 vs 38.0 ms); interpolated break-even 1.39.
+Merging saves the repeated prefixes but pays for it: a tree's attention runs in more, smaller
+pieces than the causal attention of unmerged sequences, and a tree needs its plan. With little
+sharing the saving does not cover that. The threshold below was measured on an H100
+(docs/benchmarks.md, "Prefix tree"): one transformer layer with MoE, forward and backward in
+bf16, groups of 8 sequences of 5K tokens sharing prompts of 0.5K to 4K. With the decomposed
+tree attention (cuDNN pieces) the merged layer was faster at every ratio measured, down to
+1.10 (37.1 vs 38.1 ms); with the Triton kernel alone the break-even had been 1.39.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class MergeConfig:
 
     enabled: bool = True
     """Merge each batch (training forward, old and reference logprobs); False runs every sequence alone."""
-    min_token_ratio: float = 1.4
+    min_token_ratio: float = 1.1
     """Below this token ratio (sum of sequence lengths over unique tokens) the batch runs unmerged."""
 
 

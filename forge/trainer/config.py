@@ -16,9 +16,11 @@ class AlgorithmConfig:
     """Policy loss, from forge.trainer.losses.LOSSES."""
     advantage: Literal["grpo", "dr_grpo"] = "grpo"
     """Advantage estimator, from forge.trainer.advantages.ADVANTAGES."""
-    reduction: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
-    """How token losses average: over all loss tokens, per sequence then over sequences, or
-    summed and divided by a constant (Dr. GRPO's length-unbiased normalisation)."""
+    reduction: Literal["default", "token_mean", "seq_mean", "dr_grpo"] = "default"
+    """How token losses average: 'token_mean' over all loss tokens of the step, 'seq_mean' per
+    sequence then over sequences, 'dr_grpo' summed per sequence and divided by
+    dr_grpo_constant (Dr. GRPO's length-unbiased normalisation); 'default' takes the loss's own
+    (seq_mean for grpo, token_mean for ppo_clip and cispo)."""
     clip_low: float = 0.2
     """Lower clip of the importance ratio (1 - clip_low); unused by CISPO."""
     clip_high: float = 0.28

@@ -6,10 +6,11 @@ for prompt and tool-result tokens) and one advantage per sequence. Because the i
 per-sequence lists, the losses are the same whether the logprobs came from a merged prefix
 tree or from each sequence alone.
 
-Departures from the papers: GRPO here averages tokens within a sequence, then sequences (the
-original GRPO normalization); PPO-clip and CISPO average over all loss tokens of the batch
-(DAPO's token-level normalization, which CISPO's paper also uses). No KL term: a reference
-penalty, if any, is the trainer's to add.
+Reductions: by default GRPO averages tokens within a sequence, then sequences (the original
+GRPO normalization); PPO-clip and CISPO average over all loss tokens of the batch (DAPO's
+token-level normalization, which CISPO's paper also uses). Every loss takes any of the three
+reductions of `reduce_token_losses` (token mean, sequence mean, Dr. GRPO's constant). No KL
+term: a reference penalty, if any, is the trainer's to add.
 """
 
 from __future__ import annotations
@@ -41,45 +42,72 @@ def _clipped_surrogate(lp, old, adv, clip_low: float, clip_high: float) -> torch
     return -torch.minimum(ratio * adv, clipped * adv)
 
 
+REDUCTIONS = ("token_mean", "seq_mean", "dr_grpo")
+"""How per-token losses become one number; `reduce_token_losses` documents each."""
+
+
+def reduce_token_losses(
+    token_losses: Tensors, masks: Tensors, reduction: str, *, dr_grpo_constant: int = 1024
+) -> torch.Tensor:
+    """One scalar from per-sequence token losses, counting only tokens where the mask is 1.
+
+    'token_mean': the sum over all loss tokens of the batch over their number (DAPO); long
+    sequences weigh more. 'seq_mean': each sequence's mean, then the mean over sequences
+    (the original GRPO); every sequence weighs the same. 'dr_grpo': the sum over each
+    sequence's loss tokens divided by a constant, then the mean over sequences (Dr. GRPO),
+    which removes the length bias of both means.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}")
+    if dr_grpo_constant <= 0:
+        raise ValueError(f"dr_grpo_constant must be positive, got {dr_grpo_constant}")
+    sums = [(t * m.to(t.dtype)).sum() for t, m in zip(token_losses, masks)]
+    if reduction == "token_mean":
+        return torch.stack(sums).sum() / sum(m.sum() for m in masks).clamp(min=1)
+    if reduction == "seq_mean":
+        return torch.stack([s / m.sum().clamp(min=1) for s, m in zip(sums, masks)]).mean()
+    return torch.stack(sums).mean() / dr_grpo_constant
+
+
 def grpo_loss(
     logprobs: Tensors, old_logprobs: Tensors, masks: Tensors, advantages: torch.Tensor,
-    *, clip_low: float = 0.2, clip_high: float = 0.2,
+    *, clip_low: float = 0.2, clip_high: float = 0.2, reduction: str = "seq_mean", dr_grpo_constant: int = 1024,
 ) -> torch.Tensor:
-    """Clipped surrogate, mean over each sequence's loss tokens, then mean over sequences."""
+    """Clipped surrogate; by default the mean over each sequence's loss tokens, then over sequences."""
     _check(logprobs, old_logprobs, masks, advantages)
-    per_seq = []
-    for lp, old, m, a in zip(logprobs, old_logprobs, masks, advantages):
-        m = m.to(lp.dtype)
-        per_seq.append((_clipped_surrogate(lp, old, a, clip_low, clip_high) * m).sum() / m.sum().clamp(min=1))
-    return torch.stack(per_seq).mean()
+    per_token = [_clipped_surrogate(lp, old, a, clip_low, clip_high)
+                 for lp, old, a in zip(logprobs, old_logprobs, advantages)]
+    return reduce_token_losses(per_token, masks, reduction, dr_grpo_constant=dr_grpo_constant)
 
 
 def ppo_clip_loss(
     logprobs: Tensors, old_logprobs: Tensors, masks: Tensors, advantages: torch.Tensor,
-    *, clip_low: float = 0.2, clip_high: float = 0.28,
+    *, clip_low: float = 0.2, clip_high: float = 0.28, reduction: str = "token_mean", dr_grpo_constant: int = 1024,
 ) -> torch.Tensor:
-    """Clipped surrogate averaged over all loss tokens of the batch."""
+    """Clipped surrogate; by default averaged over all loss tokens of the batch."""
     _check(logprobs, old_logprobs, masks, advantages)
-    total = sum((_clipped_surrogate(lp, old, a, clip_low, clip_high) * m.to(lp.dtype)).sum()
-                for lp, old, m, a in zip(logprobs, old_logprobs, masks, advantages))
-    return total / sum(m.sum() for m in masks).clamp(min=1)
+    per_token = [_clipped_surrogate(lp, old, a, clip_low, clip_high)
+                 for lp, old, a in zip(logprobs, old_logprobs, advantages)]
+    return reduce_token_losses(per_token, masks, reduction, dr_grpo_constant=dr_grpo_constant)
 
 
 def cispo_loss(
     logprobs: Tensors, old_logprobs: Tensors, masks: Tensors, advantages: torch.Tensor,
-    *, clip_high: float = 4.0,
+    *, clip_high: float = 4.0, reduction: str = "token_mean", dr_grpo_constant: int = 1024,
 ) -> torch.Tensor:
     """CISPO (MiniMax-M1): REINFORCE weighted by the importance ratio, clipped and detached.
 
     Every token keeps its gradient; only the weight is bounded, unlike PPO which drops the
-    gradient of clipped tokens.
+    gradient of clipped tokens. By default averaged over all loss tokens of the batch.
     """
     _check(logprobs, old_logprobs, masks, advantages)
-    total = 0.0
-    for lp, old, m, a in zip(logprobs, old_logprobs, masks, advantages):
-        weight = torch.exp(lp - old).clamp(max=clip_high).detach()
-        total = total + (-weight * a * lp * m.to(lp.dtype)).sum()
-    return total / sum(m.sum() for m in masks).clamp(min=1)
+    per_token = [-torch.exp(lp - old).clamp(max=clip_high).detach() * a * lp
+                 for lp, old, a in zip(logprobs, old_logprobs, advantages)]
+    return reduce_token_losses(per_token, masks, reduction, dr_grpo_constant=dr_grpo_constant)
+
+
+DEFAULT_REDUCTION = {"grpo": "seq_mean", "ppo_clip": "token_mean", "cispo": "token_mean"}
+"""Each loss's reduction as its paper has it; a recipe's `algorithm.reduction` may override it."""
 
 
 LossFn = Callable[..., torch.Tensor]

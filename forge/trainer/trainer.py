@@ -34,10 +34,9 @@ from forge.trainer.batch import RLBatch, make_batch, micro_batches
 from forge.trainer.config import AlgorithmConfig, TrainerConfig
 from forge.trainer.engine import all_reduce_sum, init_process_group, make_engine
 from forge.trainer.logprobs import sequence_scores
-from forge.trainer.losses import LOSSES
+from forge.trainer.losses import DEFAULT_REDUCTION, LOSSES
 
 # How each loss averages, so that a micro-batch's loss can be weighted by its share.
-_SEQ_MEAN_LOSSES = {"grpo"}
 
 
 @dataclass
@@ -88,7 +87,12 @@ class Trainer:
         dev = next(self.model.parameters()).device
         old = self._scores(self.model, batch, mbs)
         ref = self._scores(self.reference, batch, mbs) if self.reference is not None else None
-        totals = {"seqs": float(len(batch.sequences)), "tokens": float(max(batch.num_loss_tokens, 1))}
+        # Every rank scales its loss by its part of the step's global sequences or loss tokens,
+        # times the world size, since DeepSpeed averages gradients over ranks: the step then
+        # equals one rank training on the whole global batch, whatever share each rank got.
+        counts = all_reduce_sum(torch.tensor(
+            [float(len(batch.sequences)), float(batch.num_loss_tokens)], dtype=torch.float64, device=dev))
+        totals = {"seqs": float(counts[0]), "tokens": float(max(counts[1].item(), 1.0))}
         acc: dict[str, float] = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "unique_tokens": 0.0, "index_loss": 0.0}
         self.model.train()
         index_norm = self._index_norm(batch.sequences)
@@ -100,9 +104,9 @@ class Trainer:
             olds = [old[j] for j in idx]
             adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
             loss = LOSSES[self.algo.loss](scores.logprobs, olds, masks, adv, **self._clip_kwargs())
-            loss = loss * self._share(idx, masks, totals)
+            loss = loss * self._share(idx, masks, totals) * self.world_size
             if ref is not None:
-                kl = _kl_k3(scores.logprobs, [ref[j] for j in idx], masks) / totals["tokens"]
+                kl = _kl_k3(scores.logprobs, [ref[j] for j in idx], masks) / totals["tokens"] * self.world_size
                 loss = loss + self.algo.kl_coef * kl
                 acc["kl"] += float(kl.detach())
             if index_norm is not None:
@@ -124,11 +128,20 @@ class Trainer:
         self.last_router_loads = {f"router/load_layer{s.layer}": s.tokens_per_expert for s in router}
         self.version += 1
         tokens = totals["tokens"]
+        summed = all_reduce_sum(torch.tensor(
+            [acc["loss"], acc["kl"], acc["entropy"], acc["clipped"], float(batch.rewards.sum()), float(batch.rewards.numel()),
+             acc["index_loss"]],
+            dtype=torch.float64, device=dev,
+        )).tolist()
+        acc["loss"], acc["kl"] = summed[0] / self.world_size, summed[1] / self.world_size
+        acc["index_loss"] = summed[6] / self.world_size
+        acc["entropy"], acc["clipped"] = summed[2], summed[3]
+        reward_mean = summed[4] / max(summed[5], 1.0)
         gap = [(o.cpu().double() - s).abs()[m.bool()] for o, s, m in zip(old, batch.sampler_logprobs, batch.masks)]
         gap_all = torch.cat(gap) if gap else torch.zeros(1)
         metrics = {
             "train/loss": acc["loss"], "train/entropy": acc["entropy"] / tokens,
-            "train/clip_fraction": acc["clipped"] / tokens, "train/reward_mean": float(batch.rewards.mean()),
+            "train/clip_fraction": acc["clipped"] / tokens, "train/reward_mean": reward_mean,
             "train/loss_tokens": tokens, "train/sequences": totals["seqs"],
             "train/token_ratio": sum(len(s) for s in batch.sequences) / max(1, sum(mb.tokens for mb in mbs)),
             "train/micro_batches": float(len(mbs)),
@@ -217,13 +230,17 @@ class Trainer:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def _index_norm(self, sequences: list[list[int]]) -> float | None:
-        """Tokens x MSA layers of this rank's batch, which turn the summed index KL into a mean;
-        None when there is no index loss to train."""
+        """Tokens x MSA layers of the step (all ranks) over the world size, which turn the summed
+        index KL into a mean; None when there is no index loss to train."""
         cfg = self.model.config
         if not cfg.msa.enabled or cfg.msa.index_loss_weight == 0:
             return None
         layers = sum(cfg.is_msa_layer(i) for i in range(cfg.num_layers))
-        return float(max(1, sum(len(s) for s in sequences)) * layers)
+        # The step's tokens over all ranks, over the world size: DeepSpeed averages gradients,
+        # so each rank's sum over this norm adds up to the global mean.
+        dev = next(self.model.parameters()).device
+        tokens = all_reduce_sum(torch.tensor(float(sum(len(s) for s in sequences)), dtype=torch.float64, device=dev))
+        return max(1.0, float(tokens)) * layers / self.world_size
 
     def _local_grad_norm(self) -> float | None:
         # Without ZeRO every rank holds the full (all-reduced at step) gradient; DeepSpeed
@@ -253,15 +270,22 @@ class Trainer:
         model.train(was_training)
         return out
 
+    def _reduction(self) -> str:
+        return DEFAULT_REDUCTION[self.algo.loss] if self.algo.reduction == "default" else self.algo.reduction
+
     def _share(self, idx: list[int], masks: list[torch.Tensor], totals: dict[str, float]) -> float:
-        if self.algo.loss in _SEQ_MEAN_LOSSES:
+        """This micro-batch's weight in the step's loss: a micro-batch's loss is reduced over its
+        own sequences, so it is scaled by its part of the sequences (sequence means) or of the
+        loss tokens (token mean)."""
+        if self._reduction() in ("seq_mean", "dr_grpo"):
             return len(idx) / totals["seqs"]
         return float(sum(m.sum() for m in masks)) / totals["tokens"]
 
     def _clip_kwargs(self) -> dict[str, Any]:
+        common = {"reduction": self._reduction(), "dr_grpo_constant": self.algo.dr_grpo_constant}
         if self.algo.loss == "cispo":
-            return {"clip_high": 1.0 + self.algo.clip_high}
-        return {"clip_low": self.algo.clip_low, "clip_high": self.algo.clip_high}
+            return {"clip_high": 1.0 + self.algo.clip_high, **common}
+        return {"clip_low": self.algo.clip_low, "clip_high": self.algo.clip_high, **common}
 
 
 def _kl_k3(logprobs: list[torch.Tensor], ref: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:

@@ -1,18 +1,29 @@
-"""Triton sparse attention for MSA: query-outer forward (prefill and paged decode), KV-outer backward.
+"""Triton sparse attention for MSA: KV-outer prefill forward and backward, query-outer decode.
 
-Forward, query-outer: one program per (query, KV group) holds the group's query heads as the
-rows of its tiles and walks the query's kept blocks with an online softmax, so each output row
-is written once with no merging. The same kernel reads a paged KV cache (USE_PAGES): a page is
-one MSA block, so decoding is this kernel with a page table. Its cost is that a block chosen by
-many queries is read once per query (from L2 when neighbours agree, from HBM when selections
-are scattered).
+Every forward here cuts a query's softmax into one partial per kept block (or per kept page)
+and merges the partials in a combine kernel, except the plain query-outer forward kept for
+comparison. A partial is the block's normalised output `P @ V / l` in the input dtype and its
+log-sum-exp (log2 units, fp32); the combine weights each partial by `2^(lse_s - lse)`.
 
-Backward, KV-outer: the forward's kept-block lists are inverted into, for each (group, block),
-the queries that kept it (a sort on the host side). One program takes one block and a chunk of
-those queries: it reads K and V once, accumulates dK and dV in registers, and adds each query's
-dQ share with fp32 atomics (a query gets at most top_k of them). Query-outer backward would
-instead need atomics on dK and dV for every (query, block) pair: top_k * block_size * D of them
-per query and group, against rep * D for dQ here. docs/msa.md records the measurements.
+Prefill forward, KV-outer (the default): the kept-block lists are inverted into, for each
+(query range, batch, group, block), the queries that kept the block (one sort). One program
+takes one block and up to `ITEM_QUERIES` of those queries: it reads K and V once, computes
+the block's partial for every (query, head) row with plain stores, no atomics, and a combine
+kernel merges each query's partials. The partial buffer is [T, Hkv, top_k, rep, D]; at 1M
+tokens that would be 200 GB, so the queries are processed in ranges whose partials fit
+`PARTIAL_BYTES`, each range its own pair of launches. Before this, the KV-outer forward added
+every partial into an fp32 output by atomics (two launches, an atomic max then atomic adds):
+103 G scalar atomics at 1M tokens, 4.2x slower (docs/msa.md).
+
+Query-outer: one program per (query, KV group) holds the group's query heads as the rows of
+its tiles and walks the query's kept blocks. With SPLIT, each program takes one kept slot and
+writes a partial (decoding: 16 pages per KV group spread over 16 programs instead of one,
+flash-decoding style); without, it runs an online softmax over all slots and writes the output
+(the prefill comparison). It reads a kept block once per query that kept it.
+
+Backward, KV-outer over the same work list: one program loads a block's K and V once,
+accumulates dK and dV in registers and adds each query's dQ share with fp32 atomics (a query
+gets at most top_k of them). docs/msa.md records the measurements.
 """
 
 from __future__ import annotations
@@ -27,10 +38,18 @@ IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
+# Queries per KV-outer work item: one K/V load serves up to this many queries (x rep rows).
+ITEM_QUERIES = 128
+# Bytes of per-slot partial outputs held at once by the KV-outer prefill forward.
+PARTIAL_BYTES = 6 << 30
+# Launch settings of the KV-outer forward (rows per tile, warps, pipeline depth), chosen with
+# `benchmarks/msa.py --sweep` on an H100; the interpreter runs 16-row tiles.
+KV_FORWARD = dict(BLOCK_M=64, num_warps=4, num_stages=3)
+
 
 @triton.jit
 def msa_attn_fwd_kernel(
-    Q, K, V, SEL, O, LSE, KV_LEN, PAGES, scale, TQ,
+    Q, K, V, SEL, O, LSE, OP, LP, KV_LEN, PAGES, scale, TQ,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -39,7 +58,7 @@ def msa_attn_fwd_kernel(
     stride_lb, stride_lt,
     stride_pb,
     HKV: tl.constexpr, REP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, USE_PAGES: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, USE_PAGES: tl.constexpr, SPLIT: tl.constexpr,
     IS_INTERPRET: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -64,9 +83,15 @@ def msa_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
     sel_row = SEL + b * stride_sb + t.to(tl.int64) * stride_st + g * stride_sh
+    if SPLIT:
+        s_lo = tl.program_id(2)
+        s_hi = s_lo + 1
+    else:
+        s_lo = 0
+        s_hi = TOPK
     # No branch on empty slots (-1): they load nothing and add nothing, and a branch-free loop
     # lets the compiler pipeline the next block's loads behind this block's math.
-    for s in range(TOPK):
+    for s in range(s_lo, s_hi):
         blk = tl.load(sel_row + s)
         blk_safe = tl.maximum(blk, 0)
         if USE_PAGES:
@@ -95,36 +120,40 @@ def msa_attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    out = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=h_ok[:, None])
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + b * stride_lb + t.to(tl.int64) * stride_lt + heads, lse, mask=h_ok)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse2 = m_i + tl.math.log2(l_safe)  # -inf for an empty slot, which the combine skips
+    if SPLIT:
+        part = ((b * TQ + t) * HKV + g) * TOPK + s_lo  # [B, TQ, HKV, TOPK] partial index
+        p_rows = part * REP + offs_h  # [BLOCK_H]
+        tl.store(OP + p_rows[:, None] * D + offs_d[None, :], out.to(OP.dtype.element_ty), mask=h_ok[:, None])
+        tl.store(LP + p_rows, lse2, mask=h_ok)
+    else:
+        o_ptrs = O + b * stride_ob + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=h_ok[:, None])
+        tl.store(LSE + b * stride_lb + t.to(tl.int64) * stride_lt + heads, lse2 * 0.6931471805599453, mask=h_ok)
 
 
 @triton.jit
 def msa_attn_fwd_kv_kernel(
-    Q, K, V, M, L, O, QIDX, WORK, scale, T,
+    Q, K, V, OP, LP, QS, WORK, scale, T, Q0, TC, NB, NBATCH,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
-    stride_mb, stride_mt,
-    stride_ob, stride_ot, stride_oh,
     HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, N_BLOCKS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    IS_INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, TOPK: tl.constexpr, IS_INTERPRET: tl.constexpr,
 ):
-    # KV-outer forward, two launches over the same work list as the backward. First
-    # (ACCUMULATE=False): each row's max score, by atomic max into M (log2 units). Second: with
-    # M fixed, every block's share of the softmax sum and of P @ V is final, so the shares add
-    # up by atomics into L and O (fp32) and no rescaling between blocks is needed.
+    # WORK[i] = (key, start, count): `count` entries QS[start:start+count] of the query range
+    # starting at Q0 kept the block `key = ((range * B + b) * HKV + g) * NB + blk`; an entry is
+    # `t * TOPK + slot`. A row of the tiles is an (entry, head) pair; each row's partial over
+    # this one block is final, so it needs no running max: one pass, plain stores.
     item = tl.program_id(0)
     key = tl.load(WORK + item * 3)
     start = tl.load(WORK + item * 3 + 1)
     count = tl.load(WORK + item * 3 + 2)
-    blk = key % N_BLOCKS
-    g = (key // N_BLOCKS) % HKV
-    b = (key // (N_BLOCKS * HKV)).to(tl.int64)
+    blk = key % NB
+    g = (key // NB) % HKV
+    b = ((key // (NB * HKV)) % NBATCH).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_SIZE)
     offs_d = tl.arange(0, D)
     offs_m = tl.arange(0, BLOCK_M)
@@ -132,40 +161,87 @@ def msa_attn_fwd_kv_kernel(
     k_ok = keys < T
     k = tl.load(K + b * stride_kb + keys[:, None].to(tl.int64) * stride_kt + g * stride_kh + offs_d[None, :],
                 mask=k_ok[:, None], other=0.0)  # [BLOCK_SIZE, D]
+    v = tl.load(V + b * stride_vb + keys[:, None].to(tl.int64) * stride_vt + g * stride_vh + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)  # [BLOCK_SIZE, D]
     if IS_INTERPRET:
         k = k.to(tl.float32)
-    if ACCUMULATE:
-        v = tl.load(V + b * stride_vb + keys[:, None].to(tl.int64) * stride_vt + g * stride_vh + offs_d[None, :],
-                    mask=k_ok[:, None], other=0.0)  # [BLOCK_SIZE, D]
-        if IS_INTERPRET:
-            v = v.to(tl.float32)
+        v = v.to(tl.float32)
     qk_scale = scale * 1.4426950408889634
     for r0 in range(0, count * REP, BLOCK_M):
         rows = r0 + offs_m
         r_ok = rows < count * REP
-        t = tl.load(QIDX + start + rows // REP, mask=r_ok, other=0).to(tl.int64)  # [BLOCK_M]
-        head = g * REP + rows % REP
-        q = tl.load(Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=r_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        # Padding rows get a late query, which sees every key: no -inf rows, no NaN.
+        qs = tl.load(QS + start + rows // REP, mask=r_ok, other=2**30)  # [BLOCK_M]
+        t = (qs // TOPK).to(tl.int64)
+        slot = qs % TOPK
+        h = rows % REP
+        q = tl.load(Q + b * stride_qb + t[:, None] * stride_qt + (g * REP + h)[:, None] * stride_qh
+                    + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # [BLOCK_M, D]
         if IS_INTERPRET:
             q = q.to(tl.float32)
-        visible = r_ok[:, None] & (keys[None, :] <= t[:, None])  # [BLOCK_M, BLOCK_SIZE]
-        s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_ptrs = M + b * stride_mb + t * stride_mt + head  # [BLOCK_M]
-        if ACCUMULATE:
-            m = tl.load(m_ptrs, mask=r_ok, other=0.0)
-            p = tl.where(visible, tl.math.exp2(s - m[:, None]), 0.0)  # [BLOCK_M, BLOCK_SIZE]
-            tl.atomic_add(L + b * stride_mb + t * stride_mt + head, tl.sum(p, 1), mask=r_ok)
-            o = tl.dot(p.to(v.dtype), v)  # [BLOCK_M, D]
-            tl.atomic_add(O + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                          o, mask=r_ok[:, None])
-        else:
-            tl.atomic_max(m_ptrs, tl.max(s, 1), mask=r_ok)
+        # Only the query's own block (and the tail past T) holds keys after t.
+        s = tl.where(keys[None, :] <= t[:, None], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m = tl.max(s, 1)  # [BLOCK_M]; finite: a kept block holds a key <= t
+        p = tl.math.exp2(s - m[:, None])  # [BLOCK_M, BLOCK_SIZE]
+        l_sum = tl.sum(p, 1)
+        o = tl.dot(p.to(v.dtype), v) / l_sum[:, None]  # [BLOCK_M, D]
+        part = ((b * TC + (t - Q0)) * HKV + g) * TOPK + slot  # [BLOCK_M]
+        p_rows = part * REP + h
+        tl.store(OP + p_rows[:, None] * D + offs_d[None, :], o.to(OP.dtype.element_ty), mask=r_ok[:, None])
+        tl.store(LP + p_rows, m + tl.math.log2(l_sum), mask=r_ok)
+
+
+@triton.jit
+def msa_attn_combine_kernel(
+    OP, LP, SEL, O, LSE, Q0, TC, TQ,
+    stride_sb, stride_st, stride_sh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lt,
+    HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # Rows are (query, head) pairs of one KV group: row r is query Q0 + r // REP, head r % REP.
+    # Partials of slots that hold no block (-1) were never written and are skipped.
+    pid_r = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = pid_bg % HKV
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, D)
+    slot = tl.arange(0, KP)
+    r_ok = rows < TQ * REP
+    tc = (rows // REP).to(tl.int64)  # [BLOCK_R] query within the range
+    h = rows % REP
+    t = Q0 + tc
+    # Every slot's selection and log-sum-exp in one tile: the loads below depend on no loop.
+    ok = r_ok[:, None] & (slot[None, :] < TOPK)
+    sel = tl.load(SEL + b * stride_sb + t[:, None] * stride_st + g * stride_sh + slot[None, :], mask=ok, other=-1)
+    ok = ok & (sel >= 0)  # [BLOCK_R, KP]
+    p_rows = (((b * TC + tc) * HKV + g) * TOPK)[:, None] * REP + slot[None, :] * REP + h[:, None]  # [BLOCK_R, KP]
+    lse_s = tl.load(LP + p_rows, mask=ok, other=float("-inf"))
+    lse_max = tl.max(lse_s, 1)
+    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.math.exp2(lse_s - lse_ref[:, None])  # [BLOCK_R, KP], 0 where skipped
+    w_sum = tl.sum(w, 1)
+    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    # Unrolled: the TOPK partial loads are independent and can all be in flight at once.
+    for s in tl.static_range(TOPK):
+        w_s = tl.sum(tl.where(slot[None, :] == s, w, 0.0), 1)  # [BLOCK_R]
+        row_s = tl.sum(tl.where(slot[None, :] == s, p_rows, 0), 1)
+        o = tl.load(OP + row_s[:, None] * D + offs_d[None, :], mask=(w_s > 0)[:, None], other=0.0)  # [BLOCK_R, D]
+        acc += w_s[:, None] * o.to(tl.float32)
+    w_safe = tl.where(w_sum > 0, w_sum, 1.0)
+    out = acc / w_safe[:, None]
+    heads = g * REP + h
+    tl.store(O + b * stride_ob + t[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=r_ok[:, None])
+    tl.store(LSE + b * stride_lb + t * stride_lt + heads, (lse_ref + tl.math.log2(w_safe)) * 0.6931471805599453,
+             mask=r_ok)
 
 
 @triton.jit
 def msa_attn_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, QIDX, WORK, scale, T,
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, QS, WORK, scale, T, NB, NBATCH,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -174,17 +250,16 @@ def msa_attn_bwd_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     stride_dkb, stride_dkt, stride_dkh,
     HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, N_BLOCKS: tl.constexpr, IS_INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, TOPK: tl.constexpr, IS_INTERPRET: tl.constexpr,
 ):
-    # WORK[i] = (key, start, count): `count` queries QIDX[start:start+count] kept the block
-    # `key = (b * HKV + g) * N_BLOCKS + blk`.
+    # The forward's work list: WORK[i] = (key, start, count), entries QS = t * TOPK + slot.
     item = tl.program_id(0)
     key = tl.load(WORK + item * 3)
     start = tl.load(WORK + item * 3 + 1)
     count = tl.load(WORK + item * 3 + 2)
-    blk = key % N_BLOCKS
-    g = (key // N_BLOCKS) % HKV
-    b = (key // (N_BLOCKS * HKV)).to(tl.int64)
+    blk = key % NB
+    g = (key // NB) % HKV
+    b = ((key // (NB * HKV)) % NBATCH).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_SIZE)
     offs_d = tl.arange(0, D)
     offs_m = tl.arange(0, BLOCK_M)
@@ -201,11 +276,11 @@ def msa_attn_bwd_kernel(
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_SIZE, D], tl.float32)
     dv = tl.zeros([BLOCK_SIZE, D], tl.float32)
-    # Rows are (query, head) pairs: row r is query r // REP of the chunk, head g * REP + r % REP.
+    # Rows are (query, head) pairs: row r is entry r // REP of the item, head g * REP + r % REP.
     for r0 in range(0, count * REP, BLOCK_M):
         rows = r0 + offs_m
         r_ok = rows < count * REP
-        t = tl.load(QIDX + start + rows // REP, mask=r_ok, other=0).to(tl.int64)  # [BLOCK_M]
+        t = (tl.load(QS + start + rows // REP, mask=r_ok, other=0) // TOPK).to(tl.int64)  # [BLOCK_M]
         head = g * REP + rows % REP
         q = tl.load(Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                     mask=r_ok[:, None], other=0.0)  # [BLOCK_M, D]
@@ -237,16 +312,37 @@ def _head_block(rep: int) -> int:
     return max(16, triton.next_power_of_2(rep))
 
 
+def _rows_block() -> int:
+    # (query, head) rows per tile of the KV-outer kernels; the interpreter pays per element.
+    return 16 if IS_INTERPRET else 64
+
+
+def _combine(op: torch.Tensor, lp: torch.Tensor, selected: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+             *, q0: int, tq: int) -> None:
+    """Merge the per-slot partials of queries [q0, q0 + tq) into out and lse (natural log)."""
+    b, tc, hkv, top_k, rep, d = op.shape
+    # 16 rows: the 16 unrolled partial loads of a program stay in registers (8 each).
+    block_r = 16
+    msa_attn_combine_kernel[(triton.cdiv(tq * rep, block_r), b * hkv)](
+        op, lp, selected, out, lse, q0, tc, tq,
+        selected.stride(0), selected.stride(1), selected.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        HKV=hkv, REP=rep, D=d, TOPK=top_k, KP=triton.next_power_of_2(top_k), BLOCK_R=block_r, num_warps=4,
+    )
+
+
 def msa_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, *,
     block_size: int, scale: float, kv_len: torch.Tensor | None = None,
-    page_table: torch.Tensor | None = None,
+    page_table: torch.Tensor | None = None, split: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward over kept blocks. Returns (out [B, Tq, Hq, D] in q's dtype, lse [B, Tq, Hq] fp32).
+    """Query-outer forward over kept blocks. Returns (out [B, Tq, Hq, D] in q's dtype, lse [B, Tq, Hq] fp32).
 
     Prefill: k, v [B, T, Hkv, D], Tq = T. Paged (decode): k, v [n_pages, block_size, Hkv, D],
     page_table [B, max_pages] int32 (logical block -> page), kv_len [B] int32 tokens in the
-    cache counting the Tq new ones, which are its last Tq tokens.
+    cache counting the Tq new ones, which are its last Tq tokens. `split`: one program per kept
+    slot, each writing a partial, then the combine (decoding: 16x the programs).
     """
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
@@ -257,8 +353,13 @@ def msa_attention_fwd(
     pages = page_table if page_table is not None else kv_len  # unused when not paged
     out = torch.empty_like(q)
     lse = torch.empty(b, tq, hq, dtype=torch.float32, device=q.device)
-    msa_attn_fwd_kernel[(tq, b * hkv)](
-        q, k, v, selected, out, lse, kv_len, pages, scale, tq,
+    if split:
+        op = torch.empty(b, tq, hkv, top_k, rep, d, dtype=q.dtype, device=q.device)
+        lp = torch.empty(b, tq, hkv, top_k, rep, dtype=torch.float32, device=q.device)
+    else:
+        op, lp = out, lse  # unused
+    msa_attn_fwd_kernel[(tq, b * hkv, top_k if split else 1)](
+        q, k, v, selected, out, lse, op, lp, kv_len, pages, scale, tq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -267,90 +368,106 @@ def msa_attention_fwd(
         lse.stride(0), lse.stride(1),
         pages.stride(0),
         HKV=hkv, REP=rep, BLOCK_H=_head_block(rep), D=d, BLOCK_SIZE=block_size, TOPK=top_k,
-        USE_PAGES=page_table is not None, IS_INTERPRET=IS_INTERPRET,
-        num_warps=4, num_stages=3,
+        USE_PAGES=page_table is not None, SPLIT=split, IS_INTERPRET=IS_INTERPRET,
+        num_warps=4, num_stages=3 if not split else 1,
     )
+    if split:
+        _combine(op, lp, selected, out, lse, q0=0, tq=tq)
     return out, lse
+
+
+class WorkList:
+    """The KV-outer work list of a selection: per (query range, batch, group, block), its entries.
+
+    qs [n_entries] int32: `t * top_k + slot` of every kept (query, group, slot), sorted by key.
+    work [n_items, 3] int32: (key, start, count) items of <= ITEM_QUERIES entries, sorted by
+    key, with key = ((range * B + b) * Hkv + g) * n_blocks + block. range_items: item offsets
+    of each query range of `q_range` queries (n_ranges + 1 ints, on the host).
+    """
+
+    def __init__(self, selected: torch.Tensor, n_blocks: int, q_range: int, item_queries: int):
+        b, t, hkv, top_k = selected.shape
+        dev = selected.device
+        n_ranges = triton.cdiv(t, q_range)
+        n_keys = n_ranges * b * hkv * n_blocks
+        if b * t * hkv * top_k >= 2**31 or n_keys >= 2**31 - 1:
+            raise ValueError(f"{b * t * hkv * top_k} kept slots: the KV-outer kernels index them with int32;"
+                             " split the batch")
+        sel = selected.to(torch.int32)
+        pos = torch.arange(t, device=dev, dtype=torch.int32)
+        key = ((pos // q_range).view(1, t, 1, 1) * b + torch.arange(b, device=dev, dtype=torch.int32).view(b, 1, 1, 1))
+        key = (key * hkv + torch.arange(hkv, device=dev, dtype=torch.int32).view(1, 1, hkv, 1)) * n_blocks + sel
+        # Empty slots get key n_keys and sort after every real one; a stable sort keeps each
+        # key's entries in query order.
+        key = torch.where(sel < 0, n_keys, key).view(-1)
+        key, order = torch.sort(key, stable=True)
+        # The flat index of [B, T, Hkv, top_k] -> t * top_k + slot.
+        self.qs = ((order // (hkv * top_k) % t) * top_k + order % top_k).to(torch.int32)
+        del order
+        bounds = torch.searchsorted(key, torch.arange(n_keys + 1, device=dev, dtype=torch.int32))
+        counts = bounds[1:] - bounds[:-1]
+        n_items = (counts + item_queries - 1) // item_queries
+        per_range = n_items.view(n_ranges, -1).sum(1)
+        total = int(per_range.sum())
+        item_key = torch.repeat_interleave(torch.arange(n_keys, device=dev), n_items, output_size=total)
+        first = torch.cumsum(n_items, 0) - n_items
+        within = torch.arange(total, device=dev) - first[item_key]
+        item_start = bounds[item_key] + within * item_queries
+        item_count = torch.clamp(counts[item_key] - within * item_queries, max=item_queries)
+        self.work = torch.stack([item_key, item_start, item_count], dim=1).to(torch.int32).contiguous()
+        self.range_items = [0] + torch.cumsum(per_range, 0).tolist()
+        self.q_range, self.n_blocks, self.batch = q_range, n_blocks, b
+
+
+def build_work_list(selected: torch.Tensor, block_size: int, rep: int, head_dim: int, elt_bytes: int,
+                    *, q_range: int | None = None, item_queries: int | None = None) -> WorkList:
+    """The work list of `selected [B, T, Hkv, top_k]`, its query ranges sized to PARTIAL_BYTES."""
+    b, t, hkv, top_k = selected.shape
+    item_queries = ITEM_QUERIES if item_queries is None else item_queries
+    if q_range is None:
+        per_query = b * hkv * top_k * rep * (head_dim * elt_bytes + 4)
+        # Equal ranges of whole blocks, as few as the budget allows.
+        n_ranges = triton.cdiv(t, max(block_size, PARTIAL_BYTES // per_query))
+        q_range = triton.cdiv(triton.cdiv(t, n_ranges), block_size) * block_size
+    return WorkList(selected, triton.cdiv(t, block_size), min(q_range, t), item_queries)
 
 
 def msa_attention_fwd_kv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qidx: torch.Tensor, work: torch.Tensor, *,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, wl: WorkList, *,
     block_size: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KV-outer prefill forward over the inverted selection (`_invert_selection`).
+    """KV-outer prefill forward over a work list, range by range: partials, then the combine.
 
-    Returns (out [B, T, Hq, D] in q's dtype, lse [B, T, Hq] fp32). Holds an fp32 copy of the
-    output while it accumulates.
+    Returns (out [B, T, Hq, D] in q's dtype, lse [B, T, Hq] fp32).
     """
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    m = torch.full((b, t, hq), float("-inf"), dtype=torch.float32, device=q.device)
-    l_sum = torch.zeros_like(m)
-    acc = torch.zeros(b, t, hq, d, dtype=torch.float32, device=q.device)
-    for accumulate in (False, True):
-        if not work.shape[0]:
-            break
-        msa_attn_fwd_kv_kernel[(work.shape[0],)](
-            q, k, v, m, l_sum, acc, qidx, work, scale, t,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            m.stride(0), m.stride(1),
-            acc.stride(0), acc.stride(1), acc.stride(2),
-            HKV=hkv, REP=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_M=_rows_block(),
-            N_BLOCKS=triton.cdiv(t, block_size), ACCUMULATE=accumulate, IS_INTERPRET=IS_INTERPRET,
-            num_warps=8 if accumulate else 4, num_stages=2,
-        )
-    # In place: a second fp32 copy would be 24 GiB at 1M tokens and 48 heads.
-    out = acc.div_(l_sum.unsqueeze(-1)).to(q.dtype)
-    lse = (m + torch.log2(l_sum)) * LN2
+    hkv, top_k = k.shape[2], selected.shape[-1]
+    rep = hq // hkv
+    out = torch.empty_like(q)
+    lse = torch.empty(b, t, hq, dtype=torch.float32, device=q.device)
+    tc = wl.q_range
+    op = torch.empty(b, tc, hkv, top_k, rep, d, dtype=q.dtype, device=q.device)
+    lp = torch.empty(b, tc, hkv, top_k, rep, dtype=torch.float32, device=q.device)
+    for r, q0 in enumerate(range(0, t, tc)):
+        i0, i1 = wl.range_items[r], wl.range_items[r + 1]
+        if i1 > i0:
+            msa_attn_fwd_kv_kernel[(i1 - i0,)](
+                q, k, v, op, lp, wl.qs, wl.work[i0:], scale, t, q0, tc, wl.n_blocks, b,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                HKV=hkv, REP=rep, D=d, BLOCK_SIZE=block_size, TOPK=top_k, IS_INTERPRET=IS_INTERPRET,
+                **(dict(KV_FORWARD, BLOCK_M=16) if IS_INTERPRET else KV_FORWARD),
+            )
+        _combine(op, lp, selected, out, lse, q0=q0, tq=min(tc, t - q0))
     return out, lse
 
 
-def _rows_block() -> int:
-    # (query, head) rows per tile of the KV-outer kernels; the interpreter pays per element.
-    return 16 if IS_INTERPRET else 64
-
-
-def _invert_selection(selected: torch.Tensor, n_blocks: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (batch, group, block) the queries that kept it, cut into chunks of <= `chunk` queries.
-
-    Returns (qidx [n_entries] int32 query positions sorted by key, work [n_items, 3] int32).
-    """
-    b, t, hkv, top_k = selected.shape
-    sel = selected.long()
-    bg = (torch.arange(b, device=sel.device).view(b, 1, 1, 1) * hkv
-          + torch.arange(hkv, device=sel.device).view(1, 1, hkv, 1))
-    keys = (bg * n_blocks + sel).masked_fill(sel < 0, -1).reshape(-1)
-    pos = torch.arange(t, device=sel.device).view(1, t, 1, 1).expand(b, t, hkv, top_k).reshape(-1)
-    keep = keys >= 0
-    keys, pos = keys[keep], pos[keep]
-    keys, order = torch.sort(keys, stable=True)
-    qidx = pos[order].to(torch.int32)
-    counts = torch.bincount(keys, minlength=b * hkv * n_blocks)
-    starts = torch.cumsum(counts, 0) - counts
-    n_chunks = (counts + chunk - 1) // chunk
-    item_key = torch.repeat_interleave(torch.arange(counts.numel(), device=sel.device), n_chunks)
-    first = torch.cumsum(n_chunks, 0) - n_chunks
-    within = torch.arange(item_key.numel(), device=sel.device) - first[item_key]
-    item_start = starts[item_key] + within * chunk
-    item_count = torch.minimum(counts[item_key] - within * chunk, torch.full_like(item_key, chunk))
-    work = torch.stack([item_key, item_start, item_count], dim=1).to(torch.int32).contiguous()
-    return qidx, work
-
-
-def invert_selection(selected: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The KV-outer work list of a selection `[B, T, Hkv, top_k]`: (qidx, work), see `_invert_selection`."""
-    # 64 queries per work item on a GPU (6 row tiles at 6 heads a group): long lists split evenly.
-    chunk = max(_rows_block() // 8, 1) * 8
-    return _invert_selection(selected, triton.cdiv(selected.shape[1], block_size), chunk=chunk)
-
-
 def msa_attention_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qidx: torch.Tensor, work: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wl: WorkList, top_k: int,
     out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, *, block_size: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) in the inputs' dtypes, KV-outer over the inverted selection."""
+    """Gradients (dq, dk, dv) in the inputs' dtypes, KV-outer over the forward's work list."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
@@ -358,9 +475,9 @@ def msa_attention_bwd(
     dq = torch.zeros(b, t, hq, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
-    if work.shape[0]:
-        msa_attn_bwd_kernel[(work.shape[0],)](
-            q, k, v, dout, lse, delta, dq, dk, dv, qidx, work, scale, t,
+    if wl.work.shape[0]:
+        msa_attn_bwd_kernel[(wl.work.shape[0],)](
+            q, k, v, dout, lse, delta, dq, dk, dv, wl.qs, wl.work, scale, t, wl.n_blocks, b,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -368,8 +485,8 @@ def msa_attention_bwd(
             lse.stride(0), lse.stride(1),
             dq.stride(0), dq.stride(1), dq.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
-            HKV=hkv, REP=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_M=_rows_block(),
-            N_BLOCKS=triton.cdiv(t, block_size), IS_INTERPRET=IS_INTERPRET, num_warps=8, num_stages=2,
+            HKV=hkv, REP=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_M=_rows_block(), TOPK=top_k,
+            IS_INTERPRET=IS_INTERPRET, num_warps=8, num_stages=2,
         )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -384,20 +501,22 @@ class MSAAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, selected, block_size: int, scale: float, order: str):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        needs_list = order == "kv" or any(ctx.needs_input_grad[:3])
-        qidx, work = invert_selection(selected, block_size) if needs_list else (None, None)
+        wl = None
+        if order == "kv" or any(ctx.needs_input_grad[:3]):
+            wl = build_work_list(selected, block_size, q.shape[2] // k.shape[2], q.shape[3], q.element_size())
         if order == "kv":
-            out, lse = msa_attention_fwd_kv(q, k, v, qidx, work, block_size=block_size, scale=scale)
+            out, lse = msa_attention_fwd_kv(q, k, v, selected, wl, block_size=block_size, scale=scale)
         else:
             out, lse = msa_attention_fwd(q, k, v, selected, block_size=block_size, scale=scale)
-        ctx.save_for_backward(q, k, v, qidx, work, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.wl, ctx.top_k = wl, selected.shape[-1]
         ctx.block_size, ctx.scale = block_size, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, qidx, work, out, lse = ctx.saved_tensors
-        dq, dk, dv = msa_attention_bwd(q, k, v, qidx, work, out, lse, dout,
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = msa_attention_bwd(q, k, v, ctx.wl, ctx.top_k, out, lse, dout,
                                        block_size=ctx.block_size, scale=ctx.scale)
         return dq, dk, dv, None, None, None, None
 

@@ -24,6 +24,25 @@ import triton
 import triton.language as tl
 
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Warps and pipeline depth of the prefill indexer (benchmarks/msa.py --sweep times others).
+INDEX_FORWARD = dict(num_warps=8, num_stages=2)
+
+
+@triton.jit
+def insert_block(top_s, top_i, block_score, n, slot, KP: tl.constexpr):
+    """Offer block `n` with scores `block_score [R]` to running top lists `top_s, top_i [R, KP]`.
+
+    Blocks come in increasing order: a block must beat the lowest slot strictly, and among
+    equal lowest slots the one holding the highest block index goes, so ties keep lower blocks.
+    """
+    low = tl.min(top_s, 1)  # [R]
+    # One victim per row (empty slots hold -1 and are told apart by their slot number).
+    tag = tl.where(top_s == low[:, None], top_i * KP + slot[None, :], -(2**31 - 1))
+    victim = tl.max(tag, 1)
+    swap = (tag == victim[:, None]) & (block_score > low)[:, None]
+    top_s = tl.where(swap, block_score[:, None], top_s)
+    top_i = tl.where(swap, n, top_i)
+    return top_s, top_i
 
 
 @triton.jit
@@ -66,15 +85,7 @@ def msa_index_fwd_kernel(
         if IS_INTERPRET:
             ik = ik.to(tl.float32)
         s = tl.dot(iq, ik)  # [BLOCK_Q, BLOCK_SIZE]
-        block_score = tl.max(s, 1)  # [BLOCK_Q]
-        low = tl.min(top_s, 1)  # [BLOCK_Q]
-        # One victim per query: among the lowest slots, the one holding the highest block index
-        # (empty slots hold -1 and are told apart by their slot number).
-        tag = tl.where(top_s == low[:, None], top_i * KP + slot[None, :], -(2**31 - 1))
-        victim = tl.max(tag, 1)
-        swap = (tag == victim[:, None]) & (block_score > low)[:, None]
-        top_s = tl.where(swap, block_score[:, None], top_s)
-        top_i = tl.where(swap, n, top_i)
+        top_s, top_i = insert_block(top_s, top_i, tl.max(s, 1), n, slot, KP)
 
     sel_row = SEL + b * stride_sb + offs_q.to(tl.int64) * stride_st + g * stride_sh  # [BLOCK_Q]
     tl.store(sel_row[:, None] + slot[None, :], top_i,
@@ -120,6 +131,6 @@ def select_blocks_triton(
         sel.stride(0), sel.stride(1), sel.stride(2),
         HKV=hkv, DI=di, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
         TOPK=top_k, KP=triton.next_power_of_2(max(top_k - 1, 1)), IS_INTERPRET=IS_INTERPRET,
-        num_warps=8 if block_q * block_size >= 8192 else 4, num_stages=3,
+        **(INDEX_FORWARD if block_q * block_size >= 8192 else dict(INDEX_FORWARD, num_warps=4)),
     )
     return sel

@@ -13,7 +13,9 @@ partial ones. The dK/dV kernel walks, per key block, the query tiles in [block s
 
 Departures from FlashAttention-2: no dropout, no bias; softmax statistics in the log2 domain;
 GQA by reading the shared key/value head (forward, dQ) and by looping the query heads of a
-group inside the dK/dV program, so no atomics. Departure from the first version of this file:
+group inside the dK/dV program, so no atomics. With `pack_gqa` a program's rows are the tokens
+of all query heads of one K/V head (BLOCK_M // group tokens each), so a K/V tile is loaded once
+per group in the forward and dQ, and the dK/dV steps hold every head of the group at once. Departure from the first version of this file:
 the full/partial/skip test per (tile, block) ran inside the loop, one branch per key block; the
 branch kept Triton from pipelining the loads and made the kernel 2.4x slower than
 FlexAttention on an H100 (docs/benchmarks.md), so the classification now runs as a pre-pass
@@ -35,6 +37,14 @@ def _load_rows(ptr, offs_t, offs_d, stride_t, T, D):
     # [len(offs_t), BLOCK_D], zero outside the sequence and the head dimension.
     mask = (offs_t[:, None] < T) & (offs_d[None, :] < D)
     return tl.load(ptr + offs_t[:, None].to(tl.int64) * stride_t + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_heads(ptr, offs_t, heads, offs_d, stride_t, stride_h, T, D):
+    # [len(offs_t), BLOCK_D]: row i is token offs_t[i] of head heads[i]; zero outside T and D.
+    mask = (offs_t[:, None] < T) & (offs_d[None, :] < D)
+    off = offs_t[:, None].to(tl.int64) * stride_t + heads[:, None] * stride_h + offs_d[None, :]
+    return tl.load(ptr + off, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -74,20 +84,24 @@ def tree_attention_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     T, HQ, REP, D, NUM_M, WIDTH, scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PACK: tl.constexpr,
 ):
+    # A program owns BLOCK_M rows: BLOCK_M // PACK tokens of PACK query heads that share one
+    # key/value head (PACK > 1 loads each K/V tile once for the whole group).
+    TOK: tl.constexpr = BLOCK_M // PACK
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    hk = h // REP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // (HQ // PACK)
+    g = pid_bg % (HQ // PACK)
+    hk = (g * PACK) // REP
+    rows = tl.arange(0, BLOCK_M)
+    heads = g * PACK + rows // TOK  # [BLOCK_M]
+    offs_m = pid_m * TOK + rows % TOK  # [BLOCK_M] the token of each row
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_kb + hk * stride_kh
     se_base = SE + b.to(tl.int64) * T
-    q = _load_rows(q_base, offs_m, offs_d, stride_qt, T, D)  # [BLOCK_M, BLOCK_D]
+    q = _load_heads(Q + b.to(tl.int64) * stride_qb, offs_m, heads, offs_d, stride_qt, stride_qh, T, D)
     if IS_INTERPRET:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -107,25 +121,30 @@ def tree_attention_fwd_kernel(
     # Every real query sees itself, so l_i > 0 there; padded rows are masked on store.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh
+    o_ptr = O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
     o_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
     tl.store(o_ptr + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty), mask=o_mask)
     # Log-sum-exp in the log2 domain of the scaled scores, [B, HQ, T].
-    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=offs_m < T)
+    tl.store(LSE + (b * HQ + heads).to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=offs_m < T)
 
 
 @triton.jit
-def _dkdv_step(q_base, do_base, lse_base, delta_base, m0, k, v, se, offs_n, offs_d, dk, dv, stride_qt, T, D,
-               scale_log2, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IS_INTERPRET: tl.constexpr,
-               PRECISION: tl.constexpr):
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_base, offs_m, offs_d, stride_qt, T, D)  # [BLOCK_M, BLOCK_D]
-    do = _load_rows(do_base, offs_m, offs_d, stride_qt, T, D)
+def _dkdv_step(q_base, do_base, lse_base, delta_base, h0, m0, k, v, se, offs_n, offs_d, dk, dv, stride_qt,
+               stride_qh, T, D, scale_log2, BLOCK_M: tl.constexpr, PACK: tl.constexpr, MASKED: tl.constexpr,
+               IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    # BLOCK_M rows: BLOCK_M // PACK tokens from m0 of the query heads h0 .. h0 + PACK - 1.
+    TOK: tl.constexpr = BLOCK_M // PACK
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows % TOK  # [BLOCK_M]
+    heads = h0 + rows // TOK
+    q = _load_heads(q_base, offs_m, heads, offs_d, stride_qt, stride_qh, T, D)  # [BLOCK_M, BLOCK_D]
+    do = _load_heads(do_base, offs_m, heads, offs_d, stride_qt, stride_qh, T, D)
     if IS_INTERPRET:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=float("inf"))  # [BLOCK_M]
-    delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
+    row_t = heads.to(tl.int64) * T + offs_m
+    lse = tl.load(lse_base + row_t, mask=offs_m < T, other=float("inf"))  # [BLOCK_M]
+    delta = tl.load(delta_base + row_t, mask=offs_m < T, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
     p = tl.exp2(s - lse[:, None])
     if MASKED:
@@ -144,8 +163,10 @@ def tree_attention_bwd_dkdv_kernel(
     stride_kb, stride_kt, stride_kh,
     T, HQ, HKV, REP, D, scale, scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PACK: tl.constexpr,
 ):
+    # Query steps of TOK tokens; with PACK > 1 a step holds PACK query heads of the group.
+    TOK: tl.constexpr = BLOCK_M // PACK
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -162,29 +183,32 @@ def tree_attention_bwd_dkdv_kernel(
     se = tl.load(SE + b.to(tl.int64) * T + offs_n, mask=offs_n < T, other=0)  # [BLOCK_N]
     se_max = tl.max(se, axis=0)
     se_min = tl.min(se, axis=0)
-    # Queries that see this block lie in [n0, se_max): the union of its keys' subtrees. Tiles
+    # Queries that see this block lie in [n0, se_max): the union of its keys' subtrees. Steps
     # from the first one wholly at or after the block's last key up to se_min see all of it.
-    lo = (n0 // BLOCK_M) * BLOCK_M
-    hi = tl.cdiv(se_max, BLOCK_M) * BLOCK_M
-    full_lo = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, hi)
-    full_hi = tl.maximum(full_lo, tl.minimum((se_min // BLOCK_M) * BLOCK_M, hi))
+    lo = (n0 // TOK) * TOK
+    hi = tl.cdiv(se_max, TOK) * TOK
+    full_lo = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, TOK) * TOK, hi)
+    full_hi = tl.maximum(full_lo, tl.minimum((se_min // TOK) * TOK, hi))
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for r in range(0, REP):
-        h = hk * REP + r
-        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_qb + h * stride_qh
-        lse_base = LSE + (b * HQ + h).to(tl.int64) * T
-        delta_base = DELTA + (b * HQ + h).to(tl.int64) * T
-        for m0 in range(lo, full_lo, BLOCK_M):
-            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, m0, k, v, se, offs_n, offs_d, dk, dv,
-                                stride_qt, T, D, scale_log2, BLOCK_M, True, IS_INTERPRET, PRECISION)
-        for m0 in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, m0, k, v, se, offs_n, offs_d, dk, dv,
-                                stride_qt, T, D, scale_log2, BLOCK_M, False, IS_INTERPRET, PRECISION)
-        for m0 in range(full_hi, hi, BLOCK_M):
-            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, m0, k, v, se, offs_n, offs_d, dk, dv,
-                                stride_qt, T, D, scale_log2, BLOCK_M, True, IS_INTERPRET, PRECISION)
+    q_base = Q + b.to(tl.int64) * stride_qb
+    do_base = DO + b.to(tl.int64) * stride_qb
+    lse_base = LSE + (b * HQ).to(tl.int64) * T
+    delta_base = DELTA + (b * HQ).to(tl.int64) * T
+    for r in range(0, REP // PACK):
+        h0 = hk * REP + r * PACK
+        for m0 in range(lo, full_lo, TOK):
+            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, h0, m0, k, v, se, offs_n, offs_d, dk, dv,
+                                stride_qt, stride_qh, T, D, scale_log2, BLOCK_M, PACK, True, IS_INTERPRET,
+                                PRECISION)
+        for m0 in range(full_lo, full_hi, TOK):
+            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, h0, m0, k, v, se, offs_n, offs_d, dk, dv,
+                                stride_qt, stride_qh, T, D, scale_log2, BLOCK_M, PACK, False, IS_INTERPRET,
+                                PRECISION)
+        for m0 in range(full_hi, hi, TOK):
+            dk, dv = _dkdv_step(q_base, do_base, lse_base, delta_base, h0, m0, k, v, se, offs_n, offs_d, dk, dv,
+                                stride_qt, stride_qh, T, D, scale_log2, BLOCK_M, PACK, True, IS_INTERPRET,
+                                PRECISION)
     dk = dk * scale
     st_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
     st_off = offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
@@ -218,26 +242,31 @@ def tree_attention_bwd_dq_kernel(
     stride_kb, stride_kt, stride_kh,
     T, HQ, REP, D, NUM_M, WIDTH, scale, scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr, PACK: tl.constexpr,
 ):
+    # Rows as in the forward: BLOCK_M // PACK tokens of PACK query heads of one K/V head.
+    TOK: tl.constexpr = BLOCK_M // PACK
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    hk = h // REP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // (HQ // PACK)
+    g = pid_bg % (HQ // PACK)
+    hk = (g * PACK) // REP
+    rows = tl.arange(0, BLOCK_M)
+    heads = g * PACK + rows // TOK  # [BLOCK_M]
+    offs_m = pid_m * TOK + rows % TOK  # [BLOCK_M]
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = b.to(tl.int64) * stride_qb + h * stride_qh
+    q_base = b.to(tl.int64) * stride_qb
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_kb + hk * stride_kh
     se_base = SE + b.to(tl.int64) * T
-    q = _load_rows(Q + q_off, offs_m, offs_d, stride_qt, T, D)  # [BLOCK_M, BLOCK_D]
-    do = _load_rows(DO + q_off, offs_m, offs_d, stride_qt, T, D)
+    q = _load_heads(Q + q_base, offs_m, heads, offs_d, stride_qt, stride_qh, T, D)  # [BLOCK_M, BLOCK_D]
+    do = _load_heads(DO + q_base, offs_m, heads, offs_d, stride_qt, stride_qh, T, D)
     if IS_INTERPRET:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    row_t = (b * HQ + heads).to(tl.int64) * T + offs_m  # [BLOCK_M] index into [B, HQ, T]
+    lse = tl.load(LSE + row_t, mask=offs_m < T, other=float("inf"))
+    delta = tl.load(DELTA + row_t, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row = b.to(tl.int64) * NUM_M + pid_m
     n_full = tl.load(FULL_CNT + row)
@@ -252,8 +281,8 @@ def tree_attention_bwd_dq_kernel(
                       scale_log2, BLOCK_N, True, IS_INTERPRET, PRECISION)
     dq = dq * scale
     st_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    tl.store(DQ + q_off + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=st_mask)
+    dq_off = q_base + offs_m[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    tl.store(DQ + dq_off, dq.to(DQ.dtype.element_ty), mask=st_mask)
 
 
 _LOG2E = 1.4426950408889634
@@ -282,6 +311,15 @@ class TreeAttentionBlocks:
     """Warps per program."""
     num_stages: int = 3
     """Software-pipelining depth of the inner loops."""
+    pack_gqa: bool = False
+    """Forward and dQ programs take the tokens of all query heads of a K/V head at once
+    (fwd_m // group tokens per program), so each K/V tile is loaded once per group; dK/dV
+    steps hold bwd_m // group tokens of every head of the group."""
+
+    def pack(self, rep: int) -> int:
+        """Query heads per program: the GQA group when packing applies, else 1."""
+        ok = self.pack_gqa and rep & (rep - 1) == 0 and self.fwd_m % rep == 0 and self.bwd_m % rep == 0
+        return rep if ok else 1
 
 
 def default_blocks(d: int) -> TreeAttentionBlocks:
@@ -356,7 +394,8 @@ def _fwd(q, k, v, se, scale, cfg: TreeAttentionBlocks, lists: BlockLists):
     hkv = k.shape[2]
     o = _empty_like(q)
     lse = _empty(b, hq, t, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(t, cfg.fwd_m), b * hq)
+    pack = cfg.pack(hq // hkv)
+    grid = (triton.cdiv(t, cfg.fwd_m // pack), b * hq // pack)
     tree_attention_fwd_kernel[grid](
         q, k, v, se, o, lse, lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt,
         q.stride(0), q.stride(1), q.stride(2),
@@ -364,7 +403,7 @@ def _fwd(q, k, v, se, scale, cfg: TreeAttentionBlocks, lists: BlockLists):
         o.stride(0), o.stride(1), o.stride(2),
         t, hq, hq // hkv, d, grid[0], lists.full_idx.shape[-1], scale * _LOG2E,
         BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=triton.next_power_of_2(max(d, 16)),
-        IS_INTERPRET=_interpret(), PRECISION=_precision(q.dtype),
+        IS_INTERPRET=_interpret(), PRECISION=_precision(q.dtype), PACK=pack,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
@@ -383,14 +422,15 @@ def _bwd(q, k, v, se, o, lse, do, scale, cfg: TreeAttentionBlocks, lists: BlockL
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    pack = cfg.pack(hq // hkv)
     tree_attention_bwd_dkdv_kernel[(triton.cdiv(t, cfg.bwd_n), b * hkv)](
         q, k, v, se, do, lse, delta, dk, dv, *strides,
-        t, hq, hkv, hq // hkv, d, scale, scale * _LOG2E, **common,
+        t, hq, hkv, hq // hkv, d, scale, scale * _LOG2E, PACK=pack, **common,
     )
-    num_m = triton.cdiv(t, cfg.bwd_m)
-    tree_attention_bwd_dq_kernel[(num_m, b * hq)](
+    num_m = triton.cdiv(t, cfg.bwd_m // pack)
+    tree_attention_bwd_dq_kernel[(num_m, b * hq // pack)](
         q, k, v, se, do, lse, delta, dq, lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt,
-        *strides, t, hq, hq // hkv, d, num_m, lists.full_idx.shape[-1], scale, scale * _LOG2E, **common,
+        *strides, t, hq, hq // hkv, d, num_m, lists.full_idx.shape[-1], scale, scale * _LOG2E, PACK=pack, **common,
     )
     return dq, dk, dv
 
@@ -400,7 +440,8 @@ class TreeAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, subtree_end, scale, blocks):
         se = subtree_end.to(torch.int32).contiguous()
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        lists = block_lists(se, blocks.fwd_m, blocks.fwd_n)
+        pack = blocks.pack(q.shape[2] // k.shape[2])
+        lists = block_lists(se, blocks.fwd_m // pack, blocks.fwd_n)
         o, lse = _fwd(q, k, v, se, scale, blocks, lists)
         ctx.save_for_backward(q, k, v, se, o, lse)
         ctx.scale, ctx.blocks = scale, blocks
@@ -412,7 +453,8 @@ class TreeAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, se, o, lse = ctx.saved_tensors
         blocks = ctx.blocks
-        lists = ctx.lists or block_lists(se, blocks.bwd_m, blocks.bwd_n)
+        pack = blocks.pack(q.shape[2] // k.shape[2])
+        lists = ctx.lists or block_lists(se, blocks.bwd_m // pack, blocks.bwd_n)
         dq, dk, dv = _bwd(q, k, v, se, o, lse, do, ctx.scale, blocks, lists)
         return dq, dk, dv, None, None, None
 

@@ -1,0 +1,173 @@
+"""Tree attention as causal and dense pieces combined by log-sum-exp (`decomposed.py`).
+
+On the CPU the pieces run through `ReferenceBackend` in fp64, so the split of the mask, the
+log-sum-exp combination and the backward with the final output and log-sum-exp are checked
+against `naive.py` to fp64 rounding. Marked `gpu`: torch's flash attention at full size in bf16,
+within a small multiple of the error of the reference run in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forge.kernels.tree_attention import tree_attention, tree_attention_naive, tree_mask
+from forge.kernels.tree_attention.decomposed import ReferenceBackend, plan_tree, tree_attention_pieces
+from forge.prefix_tree import build_tree, concat_trees
+from test_tree_attention import rel, tree_subtree_end
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def grpo(prompt: int, resp: int, n: int) -> list[list[int]]:
+    return [[1] * prompt + [10 + i] * resp for i in range(n)]
+
+
+def chain(turns: int, step: int) -> list[list[int]]:
+    return [[7] * (step * (i + 1)) for i in range(turns)]
+
+
+def trees() -> dict[str, torch.Tensor]:
+    """subtree_end [B, T] cases: id -> tensor."""
+    two_groups = concat_trees([build_tree(grpo(9, 4, 3)), build_tree(grpo(5, 6, 2))]).subtree_end
+    return {
+        # Branching at two levels, a duplicate, a sequence ending at a branch point, an
+        # independent chain after it; two rows.
+        "nested-two-rows": torch.stack([tree_subtree_end(61, s, prompt=20, branch=5) for s in range(2)]),
+        "grpo-one-piece": build_tree(grpo(13, 5, 4)).subtree_end[None],
+        "chain-no-piece": build_tree(chain(6, 5)).subtree_end[None],
+        "two-trees-gathered": two_groups[None],
+    }
+
+
+def pieces_vs_naive(se: torch.Tensor, hq: int, hkv: int, d: int, dtype, device, backend=None, seed=0):
+    torch.manual_seed(seed)
+    b, t = se.shape
+    se = se.to(device)
+    x = [torch.randn(b, t, h, d, device=device, dtype=dtype, requires_grad=True) for h in (hq, hkv, hkv)]
+    do = torch.randn(b, t, hq, d, device=device, dtype=dtype)
+    o = tree_attention_pieces(*x, se, backend=backend)
+    got = (o, *torch.autograd.grad(o, x, do))
+    x64 = [y.detach().double().requires_grad_() for y in x]
+    o64 = tree_attention_naive(*x64, se)
+    ref = (o64, *torch.autograd.grad(o64, x64, do.double()))
+    xlo = [y.detach().clone().requires_grad_() for y in x]
+    olo = tree_attention_naive(*xlo, se)
+    low = (olo, *torch.autograd.grad(olo, xlo, do))
+    return got, ref, low
+
+
+@pytest.mark.parametrize("case", list(trees()), ids=list(trees()))
+def test_pieces_match_naive_fp64(case):
+    se = trees()[case]
+    got, ref, _ = pieces_vs_naive(se, 4, 2, 8, torch.float64, "cpu", backend=ReferenceBackend())
+    for name, g, r in zip(["out", "dq", "dk", "dv"], got, ref):
+        assert rel(g, r) < 1e-12, f"{name}: {rel(g, r):.2e}"
+
+
+def test_plan_covers_every_visible_pair_once():
+    for case, se in trees().items():
+        plan = plan_tree(se)
+        b, t = se.shape
+        cover = torch.zeros(b * t, b * t, dtype=torch.int64)
+        cu = plan.runs.cu_q.tolist()
+        for a, e in zip(cu[:-1], cu[1:]):
+            cover[a:e, a:e] += torch.ones(e - a, e - a, dtype=torch.int64).tril()
+        if plan.num_dense == 1:
+            (q0, q1), (k0, k1) = plan.q_span, plan.k_span
+            cover[q0:q1, k0:k1] += 1
+        elif plan.num_dense > 1:
+            cq, ck = plan.dense.cu_q.tolist(), plan.dense.cu_k.tolist()
+            for i in range(plan.num_dense):
+                qs = plan.q_rows[cq[i]:cq[i + 1]]
+                ks = plan.k_rows[ck[i]:ck[i + 1]]
+                cover[qs[:, None], ks[None, :]] += 1
+        want = torch.block_diag(*tree_mask(se).to(torch.int64))
+        assert torch.equal(cover, want), case
+
+
+def test_plan_shapes_of_the_benchmark_batches():
+    # A GRPO group: one causal call over prompt and responses, one dense responses x prompt.
+    plan = plan_tree(build_tree(grpo(64, 16, 4)).subtree_end[None])
+    assert plan.runs.cu_q.tolist() == [0, 64, 80, 96, 112, 128]
+    assert (plan.q_span, plan.k_span) == ((64, 128), (0, 64))
+    # The four equal responses form one group (one batched call for backends without varlen).
+    assert plan.runs.groups == [(0, 0, 1, 64, 64), (64, 64, 4, 16, 16)]
+    # Nested turns of one conversation are one chain: a single causal piece.
+    plan = plan_tree(build_tree(chain(64, 4)).subtree_end[None])
+    assert plan.runs.cu_q.tolist() == [0, 256] and plan.num_dense == 0
+
+
+def test_cost_rule_prefers_triton_for_tiny_runs():
+    # Long runs pay; a tree that branches every couple of tokens wastes flash tiles.
+    assert plan_tree(build_tree(grpo(4096, 512, 8)).subtree_end[None]).pays
+    assert plan_tree(build_tree(chain(32, 128)).subtree_end[None]).pays
+    seqs, prefix = [], []
+    for i in range(600):
+        seqs.append(prefix + [1000 + i] * 2)
+        prefix = prefix + [i] * 3
+    plan = plan_tree(build_tree(seqs).subtree_end[None])
+    assert plan.num_dense > 500 and not plan.pays
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "cudnn_expand"])
+@pytest.mark.parametrize("case", ["nested-two-rows", "grpo-full", "chain-full", "two-groups-full"])
+def test_pieces_full_size(case, backend):
+    if case == "nested-two-rows":
+        se = torch.stack([tree_subtree_end(4099, s, prompt=1200, branch=250) for s in range(2)])
+    elif case == "grpo-full":
+        se = build_tree(grpo(2048, 512, 6)).subtree_end[None]
+    elif case == "chain-full":
+        se = build_tree(chain(16, 256)).subtree_end[None]
+    else:
+        se = concat_trees([build_tree(grpo(1500, 300, 4)), build_tree(grpo(700, 400, 3))]).subtree_end[None]
+    got, ref, low = pieces_vs_naive(se, 8, 2, 128, torch.bfloat16, "cuda", backend=backend)
+    for name, g, r, lo in zip(["out", "dq", "dk", "dv"], got, ref, low):
+        assert not torch.isnan(g).any(), name
+        assert rel(g, r) <= 3 * rel(lo, r) + 1e-6, f"{name}: pieces {rel(g, r):.2e} vs reference {rel(lo, r):.2e}"
+
+
+@pytest.mark.gpu
+def test_entry_point_takes_pieces_when_they_pay():
+    se = build_tree(grpo(1024, 256, 4)).subtree_end[None].cuda()
+    q = torch.randn(1, se.shape[1], 4, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, se.shape[1], 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    torch.testing.assert_close(tree_attention(q, k, v, se), tree_attention_pieces(q, k, v, se), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", ["span", "gathered"])
+def test_triton_combine_matches_logaddexp(rows):
+    # Under the interpreter on the CPU, at full size on a GPU: the fused in-place combination
+    # of two pieces against the same formula in PyTorch.
+    from forge.kernels.tree_attention.triton_combine import lse_combine_
+
+    torch.manual_seed(0)
+    n, nq, h, d = 50, 19, 3, 24
+    o = torch.randn(n, h, d, device=DEVICE)
+    lse = torch.randn(h, n, device=DEVICE) * 3
+    o_d = torch.randn(nq, h, d, device=DEVICE)
+    lse_d = torch.randn(h, nq, device=DEVICE) * 3
+    idx = torch.randperm(n, device=DEVICE)[:nq] if rows == "gathered" else torch.arange(7, 7 + nq, device=DEVICE)
+    want_l = lse.clone()
+    want_l[:, idx] = torch.logaddexp(lse[:, idx], lse_d)
+    want_o = o.clone()
+    want_o[idx] = (o[idx] * torch.exp(lse[:, idx] - want_l[:, idx]).t()[..., None]
+                   + o_d * torch.exp(lse_d - want_l[:, idx]).t()[..., None])
+    lse_combine_(o, lse, o_d, lse_d, idx if rows == "gathered" else None, 7)
+    torch.testing.assert_close(o, want_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_l, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_cache_follows_the_tensor_and_its_contents():
+    from forge.kernels.tree_attention import _plan
+
+    se = build_tree(grpo(13, 5, 4)).subtree_end[None].clone()
+    p1 = _plan(se, se.device)
+    assert _plan(se, se.device) is p1
+    # Modified in place: the version counter moves, the plan is rebuilt from the new contents.
+    se.copy_(build_tree(chain(3, 11)).subtree_end[None][:, : se.shape[1]].clamp(max=se.shape[1]))
+    p2 = _plan(se, se.device)
+    assert p2 is not p1 and p2.num_dense == 0
+    # Another tensor with equal contents shares the plan.
+    assert _plan(se.clone(), se.device) is p2
