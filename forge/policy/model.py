@@ -5,6 +5,10 @@ Blocks are pre-norm: RMSNorm, grouped-query attention with (partial) RoPE and op
 QK-norm, RMSNorm, then a SwiGLU MLP or a Mixture-of-Experts (forge.policy.moe). Attention has
 three paths over the same projections: causal (torch SDPA) for plain batches, the prefix-tree
 mask (forge.kernels.tree_attention) for merged trajectories, and a KV cache for generation.
+Layers from `config.msa.dense_layers` on may attend through MiniMax Sparse Attention instead
+(forge.kernels.msa; docs/msa.md, "In the model"): an index branch on the detached input picks
+blocks of positions, with the same three paths (Triton kernels for plain batches and decode
+steps on CUDA, forge.kernels.msa.tree for trees and elsewhere).
 RoPE rotates the leading `rotary_dim` dims of each head in the rotate-half layout of the
 Hugging Face Llama/Qwen code, so imported checkpoints need no permutation. Unlike those
 implementations, RoPE and RMSNorm always compute in fp32 and cast back.
@@ -136,12 +140,18 @@ class _Pass:
     """The dense warm-up: MSA layers attend densely, the index loss covers every visible key."""
     msa_all_dense: bool = False
     """Every query of the pass is dense (warm-up, or every position below msa.dense_below_tokens)."""
+    msa_blocks: int = 1
+    """More than the largest block index of the pass (read from the device once per pass)."""
+    first_position: int = 0
+    last_position: int = 0
     with_index_loss: bool = False
     index_losses: list[torch.Tensor] = field(default_factory=list)
     cache_mask: torch.Tensor | None = None
     """[B, 1, T, S'] visibility of the left-padded slots (dense layers, generation)."""
     new_valid: torch.Tensor | None = None
     """[B, T] bool, False for padding tokens (generation)."""
+    new_all_valid: bool = True
+    """No padding among the new tokens (decode steps): their keys are written without a gather."""
 
 
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -250,7 +260,7 @@ class Attention(nn.Module):
         scale = self.head_dim**-0.5
         subtree_end = p.subtree_end if p.subtree_end is not None else torch.full_like(p.position, t)
         kw = dict(block_size=m.block_size, top_k=m.top_k, dense_below=m.dense_below_tokens, dense=p.msa_dense,
-                  scale=scale, token_weight=p.token_weight)
+                  scale=scale, token_weight=p.token_weight, n_blocks=p.msa_blocks)
         loss = None
         if p.msa_all_dense:
             # Every row keeps every visible key: the dense kernels compute it faster.
@@ -279,15 +289,17 @@ class Attention(nn.Module):
         """MSA of new tokens against a position-indexed cache, after writing their keys at their positions."""
         m = self.msa
         k_cache, v_cache, ik_cache, _ = cache
-        rows, cols = p.new_valid.nonzero(as_tuple=True)
-        slots = p.position[rows, cols]
-        k_cache[rows, slots] = k[rows, cols]
-        v_cache[rows, slots] = v[rows, cols]
-        ik_cache[rows, slots] = ik[rows, cols]
         b, t = q.shape[:2]
-        last = p.position.amax()
-        decode = (t == 1 and not p.msa_dense and self._triton_ok(q)
-                  and bool((p.position >= m.dense_below_tokens).all()))
+        if p.new_all_valid:
+            rows, slots = torch.arange(b, device=q.device)[:, None].expand(b, t), p.position
+            k_cache[rows, slots], v_cache[rows, slots], ik_cache[rows, slots] = k, v, ik
+        else:
+            rows, cols = p.new_valid.nonzero(as_tuple=True)
+            slots = p.position[rows, cols]
+            k_cache[rows, slots] = k[rows, cols]
+            v_cache[rows, slots] = v[rows, cols]
+            ik_cache[rows, slots] = ik[rows, cols]
+        decode = (t == 1 and not p.msa_dense and self._triton_ok(q) and p.first_position >= m.dense_below_tokens)
         if decode:
             pages = k_cache.shape[1] // m.block_size
             page_table = torch.arange(b * pages, device=q.device, dtype=torch.int32).view(b, pages)
@@ -297,7 +309,7 @@ class Attention(nn.Module):
 
             return msa_decode(q, iq, paged(k_cache), paged(v_cache), paged(ik_cache), page_table,
                               p.position[:, 0] + 1, top_k=m.top_k, scale=self.head_dim**-0.5)
-        s = int(last) + 1
+        s = p.last_position + 1
         return msa_cache_attention(q, iq, k_cache[:, :s], v_cache[:, :s], ik_cache[:, :s], p.position,
                                    block_size=m.block_size, top_k=m.top_k, dense_below=m.dense_below_tokens,
                                    dense=p.msa_dense, scale=self.head_dim**-0.5)
@@ -377,7 +389,9 @@ class Transformer(nn.Module):
             p.index_cos, p.index_sin = (cos, sin) if rotary == c.rotary_dim else rope_tables(
                 position_ids, rotary, c.rope_theta)
             p.msa_dense = self.msa_warming_up()
-            p.msa_all_dense = p.msa_dense or int(position_ids.max()) < c.msa.dense_below_tokens
+            p.first_position, p.last_position = int(position_ids.min()), int(position_ids.max())
+            p.msa_all_dense = p.msa_dense or p.last_position < c.msa.dense_below_tokens
+            p.msa_blocks = p.last_position // c.msa.block_size + 1
         return p
 
     def forward(
@@ -436,7 +450,9 @@ class Transformer(nn.Module):
         query_slot = cache.length + torch.arange(t, device=input_ids.device)  # [T]
         causal = slots[None, :] <= query_slot[:, None]  # [T, S']
         mask = (key_valid[:, None, :] & causal) | (slots[None, :] == query_slot[:, None])  # [B, T, S']
-        p = self._pass(position_ids, cache_mask=mask[:, None], new_valid=key_valid[:, cache.length :])
+        new_valid = key_valid[:, cache.length :]
+        p = self._pass(position_ids, cache_mask=mask[:, None], new_valid=new_valid,
+                       new_all_valid=not self.config.msa.enabled or bool(new_valid.all()))
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, p, (cache.k[i], cache.v[i], cache.ik[i] if cache.ik else None, cache.length))

@@ -2,8 +2,9 @@
 
 `msa_attention` and `select_blocks` run the Triton kernels on CUDA and the plain-PyTorch
 reference (`naive.py`) elsewhere; `msa_decode` reads a paged KV cache (Triton only);
-`msa_index_loss` trains the index branch. docs/msa.md gives the definition and where Forge
-departs from the paper.
+`msa_index_loss` trains the index branch. `msa_tree_attention` and `msa_tree_index_loss`
+(`tree.py`, plain PyTorch) are MSA over a flattened prefix tree, blocks counted in position
+space. docs/msa.md gives the definition and where Forge departs from the paper.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from forge.kernels.msa.naive import (
     select_blocks_naive,
     sparse_attention_naive,
 )
+from forge.kernels.msa.tree import msa_tree_attention, msa_tree_index_loss
 
 
 def select_blocks(iq: torch.Tensor, ik: torch.Tensor, *, block_size: int = 128, top_k: int = 16) -> torch.Tensor:
@@ -109,6 +111,8 @@ __all__ = [
     "msa_decode",
     "msa_index_loss",
     "msa_index_loss_naive",
+    "msa_tree_attention",
+    "msa_tree_index_loss",
     "select_blocks",
     "select_blocks_naive",
     "sparse_attention_naive",

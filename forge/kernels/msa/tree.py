@@ -25,9 +25,11 @@ group) over the kept keys, averaged over groups, weighted per query by `token_we
 multiplicity in the batch) and summed: for a chain of length T with unit weights it is `B * T`
 times `msa_index_loss_naive`; in a tree it equals the sum over the unmerged sequences.
 
-Memory: work runs in chunks of queries (`chunk`), each holding `[B, Hq, chunk, T]` scores; with
-gradients on, each chunk is recomputed in the backward pass (activation checkpointing), so the
-whole pass holds O(T * chunk) activations, never a `[T, T]` tensor. Compute is O(T^2): every
+Memory: work runs in chunks of queries, each holding `[B, Hq, chunk, T]` scores (the chunk is
+sized so that this stays near 2^24 elements: few chunks, so few kernel launches, at the
+lengths the model trains on); with gradients on, each chunk is recomputed in the backward
+pass (activation checkpointing), so the whole pass holds O(T * chunk) activations, never a
+`[T, T]` tensor. Compute is O(T^2): every
 query scores every key, as the reference does. Everything runs in the inputs' dtype but at
 least fp32 (fp64 stays fp64, so the merged-vs-unmerged tests hold to 1e-10).
 """
@@ -52,6 +54,7 @@ def kept_keys(
     *,
     top_k: int,
     selected: torch.Tensor | None = None,
+    n_blocks: int | None = None,
 ) -> torch.Tensor:
     """Which keys each (query, group) attends to: `[B, Hkv, C, S]` bool.
 
@@ -59,11 +62,12 @@ def kept_keys(
     visible: [B, C, S] bool; key_block: [B, S] long, each key's block; own_block: [B, C] long;
     dense_rows: [B, C] bool, rows that keep every visible key. `selected` [B, C, Hkv, K] (block
     indices, -1 for empty slots, any order) replaces the selection, e.g. the Triton indexer's.
+    `n_blocks` (more than any block index) spares reading the maximum back from the device.
     """
     b, c, hkv, _ = iq.shape
     s = ik.shape[1]
-    n_blocks = int(key_block.max()) + 1 if s else 1
-    n_blocks = max(n_blocks, int(own_block.max()) + 1 if c else 1)
+    if n_blocks is None:
+        n_blocks = max(int(key_block.max()) + 1 if s else 1, int(own_block.max()) + 1 if c else 1)
     kept_blocks = torch.zeros(b, hkv, c, n_blocks + 1, dtype=torch.bool, device=iq.device)
     if selected is not None:
         sel = selected.long().permute(0, 2, 1, 3)  # [B, Hkv, C, K]
@@ -88,8 +92,14 @@ def kept_keys(
     return kept & visible[:, None]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention of q [B, C, Hq, D] over k, v [B, S, Hkv, D] where kept [B, Hkv, C, S]."""
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q [B, C, Hq, D] over k, v [B, S, Hkv, D] where kept [B, Hkv, C, S].
+
+    Returns the output [B, C, Hq, D] and the probabilities [B, Hkv, rep, C, S] (the index
+    loss's teacher, so that it is not computed twice).
+    """
     b, c, hq, d = q.shape
     hkv = k.shape[2]
     ct = _compute_dtype(q)
@@ -97,25 +107,29 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tenso
     s = torch.einsum("bcgrd,bsgd->bgrcs", qg, k.to(ct)) * scale  # [B, Hkv, rep, C, S]
     p = torch.softmax(s.masked_fill(~kept[:, :, None], float("-inf")), dim=-1)
     out = torch.einsum("bgrcs,bsgd->bcgrd", p, v.to(ct))
-    return out.reshape(b, c, hq, d).to(q.dtype)
+    return out.reshape(b, c, hq, d).to(q.dtype), p
 
 
 def _index_kl(
-    q: torch.Tensor, k: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor, kept: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor, kept: torch.Tensor, scale: float,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(main-branch attention over kept keys || index distribution) per query, mean over groups: [B, C].
 
     The teacher is the softmax of q . k over the kept keys averaged over the group's heads, with q
-    and k detached; the student is the softmax of `iq . ik * Di^-0.5` over the same keys.
+    and k detached (or `probs`, those softmax probabilities [B, Hkv, rep, C, S] if already
+    computed); the student is the softmax of `iq . ik * Di^-0.5` over the same keys.
     """
     b, c, hq, d = q.shape
     hkv = k.shape[2]
     ct = _compute_dtype(iq)
     neg = float("-inf")
     with torch.no_grad():
-        qg = q.detach().to(ct).view(b, c, hkv, hq // hkv, d)
-        s = torch.einsum("bcgrd,bsgd->bgrcs", qg, k.detach().to(ct)) * scale
-        target = torch.softmax(s.masked_fill(~kept[:, :, None], neg), dim=-1).mean(dim=2)  # [B, Hkv, C, S]
+        if probs is None:
+            qg = q.detach().to(ct).view(b, c, hkv, hq // hkv, d)
+            s = torch.einsum("bcgrd,bsgd->bgrcs", qg, k.detach().to(ct)) * scale
+            probs = torch.softmax(s.masked_fill(~kept[:, :, None], neg), dim=-1)
+        target = probs.detach().to(ct).mean(dim=2)  # [B, Hkv, C, S]
         log_target = torch.log(target.clamp_min(torch.finfo(ct).tiny))
     logits = torch.einsum("bcgd,bsd->bgcs", iq.to(ct), ik.to(ct)) * iq.shape[-1] ** -0.5
     log_student = torch.log_softmax(logits.masked_fill(~kept, neg), dim=-1)
@@ -126,6 +140,7 @@ def _index_kl(
 def _tree_chunk(
     q, k, v, iq, ik, subtree_end, position, token_weight, t0: int, block_size: int, top_k: int,
     dense_below: int, dense: bool, scale: float, with_attention: bool, with_loss: bool, selected,
+    n_blocks: int,
 ):
     """Output rows t0 : t0 + C and the chunk's weighted index-loss sum (or None for either)."""
     c = q.shape[1]
@@ -137,11 +152,11 @@ def _tree_chunk(
     dense_rows = (pos_rows < dense_below) | dense
     with torch.no_grad():
         kept = kept_keys(iq, ik, visible, position // block_size, pos_rows // block_size, dense_rows,
-                         top_k=top_k, selected=selected)
-    out = _attend(q, k, v, kept, scale) if with_attention else None
+                         top_k=top_k, selected=selected, n_blocks=n_blocks)
+    out, probs = _attend(q, k, v, kept, scale) if with_attention else (None, None)
     loss = None
     if with_loss:
-        loss = (_index_kl(q, k, iq, ik, kept, scale) * token_weight[:, t0 : t0 + c]).sum()
+        loss = (_index_kl(q, k, iq, ik, kept, scale, probs) * token_weight[:, t0 : t0 + c]).sum()
     return out, loss
 
 
@@ -163,7 +178,8 @@ def msa_tree(
     with_attention: bool = True,
     with_index_loss: bool = False,
     selected: torch.Tensor | None = None,
-    chunk: int = 128,
+    chunk: int | None = None,
+    n_blocks: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """MSA attention output and/or index-loss sum over a flattened prefix tree.
 
@@ -171,7 +187,9 @@ def msa_tree(
     subtree_end, position: [B, T] integer (a causal row: subtree_end = T, position = arange(T));
     token_weight: [B, T] or None (1). Returns (out [B, T, Hq, D] in q's dtype or None,
     index-loss sum (a scalar, at least fp32) or None). The output is differentiable in q, k, v;
-    the loss only in iq and ik. `selected` [B, T, Hkv, K] imposes a selection.
+    the loss only in iq and ik. `selected` [B, T, Hkv, K] imposes a selection. `chunk`: queries
+    per chunk (default: sized to the length); `n_blocks`: more than any block index (default:
+    read from `position`).
     """
     b, t, hq, d = q.shape
     if t == 0:
@@ -181,13 +199,17 @@ def msa_tree(
         token_weight = torch.ones(b, t, dtype=_compute_dtype(q), device=q.device)
     if v is None:
         v = k
+    if chunk is None:
+        chunk = max(64, (1 << 24) // max(1, b * hq * t))
+    if n_blocks is None:
+        n_blocks = int(position.max()) // block_size + 1
     outs, total = [], None
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, iq, ik))
     for t0 in range(0, t, chunk):
         t1 = min(t0 + chunk, t)
         args = (q[:, t0:t1], k, v, iq[:, t0:t1], ik, subtree_end, position, token_weight, t0, block_size, top_k,
                 dense_below, dense, scale, with_attention, with_index_loss,
-                None if selected is None else selected[:, t0:t1])
+                None if selected is None else selected[:, t0:t1], n_blocks)
         out, loss = checkpoint(_tree_chunk, *args, use_reentrant=False) if grad else _tree_chunk(*args)
         if out is not None:
             outs.append(out)
@@ -232,19 +254,25 @@ def msa_cache_attention(
     dense_below: int = 0,
     dense: bool = False,
     scale: float | None = None,
+    chunk: int = 128,
 ) -> torch.Tensor:
     """MSA of new queries over a position-indexed cache (slot j of a row holds position j).
 
     q: [B, C, Hq, D]; iq: [B, C, Hkv, Di]; k_cache, v_cache: [B, S, Hkv, D]; ik_cache: [B, S, Di];
     position: [B, C], each query's position; its keys (slots 0..position) must be written. The
-    selection is the causal one of naive.py: a query sees slots up to its position.
-    Returns [B, C, Hq, D].
+    selection is the causal one of naive.py: a query sees slots up to its position. Runs in
+    chunks of `chunk` queries. Returns [B, C, Hq, D].
     """
+    b, c = q.shape[:2]
     s = k_cache.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     slots = torch.arange(s, device=q.device)
-    visible = slots[None, None, :] <= position[:, :, None]  # [B, C, S]
-    key_block = (slots // block_size).expand(q.shape[0], s)
-    dense_rows = (position < dense_below) | dense
-    kept = kept_keys(iq, ik_cache, visible, key_block, position // block_size, dense_rows, top_k=top_k)
-    return _attend(q, k_cache, v_cache, kept, scale)
+    key_block = (slots // block_size).expand(b, s)
+    outs = []
+    for c0 in range(0, c, chunk):
+        pos = position[:, c0 : c0 + chunk]
+        visible = slots[None, None, :] <= pos[:, :, None]  # [B, C', S]
+        kept = kept_keys(iq[:, c0 : c0 + chunk], ik_cache, visible, key_block, pos // block_size,
+                         (pos < dense_below) | dense, top_k=top_k)
+        outs.append(_attend(q[:, c0 : c0 + chunk], k_cache, v_cache, kept, scale)[0])
+    return torch.cat(outs, dim=1)
