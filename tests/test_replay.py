@@ -53,3 +53,41 @@ def test_two_ranks_match_one(tmp_path):
     # Adam steps are about lr in size; the two runs differ only by the all-reduce's rounding.
     diff = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
     assert diff < 1e-5, diff
+
+
+def _sft_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK="0")
+    from forge.policy.config import ModelConfig
+    from forge.policy.model import Transformer
+    from forge.trainer.config import AlgorithmConfig, TrainerConfig
+    from forge.trainer.trainer import Trainer
+
+    torch.manual_seed(0)
+    init = Transformer(ModelConfig.tiny()).state_dict()
+    trainer = Trainer(ModelConfig.tiny(), TrainerConfig(lr=1e-2, zero_stage=2), AlgorithmConfig(), seed=0,
+                      rank=rank, world_size=world, init_weights=init)
+    # Demonstrations of very different lengths: split over two ranks, each holds a different
+    # number of loss tokens, so each rank must scale by the global count.
+    seqs = [[256] + list(range(1, 40)), [256] + list(range(50, 60)), [256] + list(range(70, 75)),
+            [256] + list(range(100, 130))]
+    masks = [[0] * 4 + [1] * (len(s) - 4) for s in seqs]
+    metrics = trainer.sft_step(seqs[rank::world], masks[rank::world], lr=1e-2)
+    if rank == 0:
+        torch.save({"metrics": metrics, "weights": trainer.weights()}, out)
+
+
+def test_sft_step_on_two_ranks_matches_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = {}
+    for world, port in ((1, 29563), (2, 29564)):
+        out = tmp_path / f"sft-{world}.pt"
+        mp.spawn(_sft_worker, args=(world, port, str(out)), nprocs=world, join=True)
+        results[world] = torch.load(out)
+    one, two = results[1], results[2]
+    assert one["metrics"]["warmstart/loss"] == pytest.approx(two["metrics"]["warmstart/loss"], rel=1e-5)
+    assert one["metrics"]["warmstart/tokens"] == two["metrics"]["warmstart/tokens"]
+    diff = max((one["weights"][k].float() - two["weights"][k].float()).abs().max().item() for k in one["weights"])
+    assert diff < 1e-5, diff

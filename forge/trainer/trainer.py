@@ -171,7 +171,9 @@ class Trainer:
                         sampler_logprobs=[], advantages=torch.zeros(len(sequences), dtype=torch.float64),
                         rewards=torch.zeros(len(sequences), dtype=torch.float64), group_sizes=[1] * len(sequences),
                         min_policy_version=0)
-        tokens = max(batch.num_loss_tokens, 1)
+        # The step's loss tokens over all ranks, times the world size (DeepSpeed averages
+        # gradients): the step is the token mean of the global batch, as in train_step.
+        tokens = max(float(all_reduce_sum(torch.tensor(float(batch.num_loss_tokens), dtype=torch.float64, device=dev))), 1.0)
         mbs = self._plan(batch)
         self.model.train()
         total = index_total = 0.0
@@ -180,7 +182,7 @@ class Trainer:
             scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, tree=mb.tree,
                                      with_index_loss=index_norm is not None)
             lps = scores.logprobs
-            loss = -sum((lp * batch.masks[j].to(dev, lp.dtype)).sum() for j, lp in zip(mb.idx, lps)) / tokens
+            loss = -sum((lp * batch.masks[j].to(dev, lp.dtype)).sum() for j, lp in zip(mb.idx, lps)) / tokens * self.world_size
             if index_norm is not None:
                 index_loss = scores.index_loss / index_norm
                 loss = loss + self.model.config.msa.index_loss_weight * index_loss
@@ -193,6 +195,8 @@ class Trainer:
         update_expert_bias(self.model, all_reduce=all_reduce_sum)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self.cfg.lr
+        summed = all_reduce_sum(torch.tensor([total, index_total], dtype=torch.float64, device=dev)).tolist()
+        total, index_total = summed[0] / self.world_size, summed[1] / self.world_size
         metrics = {"warmstart/loss": total, "warmstart/tokens": float(tokens), "warmstart/micro_batches": float(len(mbs)),
                    "warmstart/step_s": time.perf_counter() - t0}
         if index_norm is not None:
