@@ -91,11 +91,12 @@ class Trainer:
         # times the world size, since DeepSpeed averages gradients over ranks: the step then
         # equals one rank training on the whole global batch, whatever share each rank got.
         counts = all_reduce_sum(torch.tensor(
-            [float(len(batch.sequences)), float(batch.num_loss_tokens)], dtype=torch.float64, device=dev))
-        totals = {"seqs": float(counts[0]), "tokens": float(max(counts[1].item(), 1.0))}
+            [float(len(batch.sequences)), float(batch.num_loss_tokens), float(sum(len(s) for s in batch.sequences))],
+            dtype=torch.float64, device=dev)).tolist()
+        totals = {"seqs": counts[0], "tokens": max(counts[1], 1.0)}
         acc: dict[str, float] = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "unique_tokens": 0.0, "index_loss": 0.0}
         self.model.train()
-        index_norm = self._index_norm(batch.sequences)
+        index_norm = self._index_norm(counts[2])
         for i, mb in enumerate(mbs):
             idx = mb.idx
             scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, with_entropy=True, tree=mb.tree,
@@ -103,7 +104,7 @@ class Trainer:
             masks = [batch.masks[j].to(dev, scores.logprobs[0].dtype) for j in idx]
             olds = [old[j] for j in idx]
             adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
-            loss = LOSSES[self.algo.loss](scores.logprobs, olds, masks, adv, **self._clip_kwargs())
+            loss = LOSSES[self.algo.loss](scores.logprobs, olds, masks, adv, **self._loss_kwargs())
             loss = loss * self._share(idx, masks, totals) * self.world_size
             if ref is not None:
                 kl = _kl_k3(scores.logprobs, [ref[j] for j in idx], masks) / totals["tokens"] * self.world_size
@@ -173,11 +174,14 @@ class Trainer:
                         min_policy_version=0)
         # The step's loss tokens over all ranks, times the world size (DeepSpeed averages
         # gradients): the step is the token mean of the global batch, as in train_step.
-        tokens = max(float(all_reduce_sum(torch.tensor(float(batch.num_loss_tokens), dtype=torch.float64, device=dev))), 1.0)
+        counts = all_reduce_sum(torch.tensor(
+            [float(batch.num_loss_tokens), float(sum(len(s) for s in batch.sequences))], dtype=torch.float64, device=dev
+        )).tolist()
+        tokens = max(counts[0], 1.0)
         mbs = self._plan(batch)
         self.model.train()
         total = index_total = 0.0
-        index_norm = self._index_norm(batch.sequences)
+        index_norm = self._index_norm(counts[1])
         for i, mb in enumerate(mbs):
             scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, tree=mb.tree,
                                      with_index_loss=index_norm is not None)
@@ -233,18 +237,16 @@ class Trainer:
                 return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def _index_norm(self, sequences: list[list[int]]) -> float | None:
-        """Tokens x MSA layers of the step (all ranks) over the world size, which turn the summed
-        index KL into a mean; None when there is no index loss to train."""
+    def _index_norm(self, step_tokens: float) -> float | None:
+        """Tokens x MSA layers of the step (`step_tokens`, summed over all ranks) over the world
+        size, which turn the summed index KL into a mean; None when there is no index loss to train."""
         cfg = self.model.config
         if not cfg.msa.enabled or cfg.msa.index_loss_weight == 0:
             return None
         layers = sum(cfg.is_msa_layer(i) for i in range(cfg.num_layers))
-        # The step's tokens over all ranks, over the world size: DeepSpeed averages gradients,
-        # so each rank's sum over this norm adds up to the global mean.
-        dev = next(self.model.parameters()).device
-        tokens = all_reduce_sum(torch.tensor(float(sum(len(s) for s in sequences)), dtype=torch.float64, device=dev))
-        return max(1.0, float(tokens)) * layers / self.world_size
+        # Over the world size: DeepSpeed averages gradients, so each rank's sum over this norm
+        # adds up to the global mean.
+        return max(1.0, step_tokens) * layers / self.world_size
 
     def _local_grad_norm(self) -> float | None:
         # Without ZeRO every rank holds the full (all-reduced at step) gradient; DeepSpeed
@@ -285,7 +287,7 @@ class Trainer:
             return len(idx) / totals["seqs"]
         return float(sum(m.sum() for m in masks)) / totals["tokens"]
 
-    def _clip_kwargs(self) -> dict[str, Any]:
+    def _loss_kwargs(self) -> dict[str, Any]:
         common = {"reduction": self._reduction(), "dr_grpo_constant": self.algo.dr_grpo_constant}
         if self.algo.loss == "cispo":
             return {"clip_high": 1.0 + self.algo.clip_high, **common}
