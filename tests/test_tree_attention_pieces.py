@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from forge.kernels.tree_attention import tree_attention, tree_attention_naive, tree_mask
-from forge.kernels.tree_attention.decomposed import ReferenceBackend, plan_tree, tree_attention_pieces
+from forge.kernels.tree_attention.decomposed import (
+    ReferenceBackend,
+    Segments,
+    _single_key_bwd,
+    _single_key_fwd,
+    plan_tree,
+    tree_attention_pieces,
+)
 from forge.prefix_tree import build_tree, concat_trees
 from test_tree_attention import rel, tree_subtree_end
 
@@ -110,11 +117,45 @@ def test_cost_rule_prefers_triton_for_tiny_runs():
     assert plan.num_dense > 500 and not plan.pays
 
 
+def one_token_runs(prompt: int, resp: int, pairs: int) -> list[list[int]]:
+    """Pairs of responses that share one token after the prompt, then part: runs of length 1."""
+    return [[1] * prompt + [50 + i // 2] + [100 + i] * resp for i in range(2 * pairs)]
+
+
+def test_single_key_pieces_match_reference():
+    # cuDNN refuses a causal piece of one query and one key; CudnnBackend does those in closed
+    # form, and its backward must use the whole row's o and lse like every other piece.
+    torch.manual_seed(0)
+    n, hq, hkv, d, scale = 5, 4, 2, 8, 0.3
+    q, do, o = (torch.randn(n, hq, d, dtype=torch.float64) for _ in range(3))
+    k, v = (torch.randn(n, hkv, d, dtype=torch.float64) for _ in range(2))
+    seg = Segments.of(torch.ones(n, dtype=torch.long), torch.ones(n, dtype=torch.long))
+    ref_o, ref_lse, _ = ReferenceBackend().fwd(q, k, v, seg, True, scale)
+    got_o, got_lse = _single_key_fwd(q, k, v, scale)
+    torch.testing.assert_close(got_o, ref_o)
+    torch.testing.assert_close(got_lse, ref_lse.float())
+    lse = ref_lse + torch.rand(hq, n, dtype=torch.float64)  # the row also sees other pieces
+    ref = ReferenceBackend().bwd(do, q, k, v, o, lse, seg, True, scale, None)
+    got = _single_key_bwd(do, q, k, v, o, lse, scale)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r.to(g.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_pieces_with_one_token_runs_match_naive_fp64():
+    se = build_tree(one_token_runs(9, 4, 3)).subtree_end[None]
+    assert (plan_tree(se).runs.groups[0][3:] == (9, 9)) and any(g[3:] == (1, 1) for g in plan_tree(se).runs.groups)
+    got, ref, _ = pieces_vs_naive(se, 4, 2, 8, torch.float64, "cpu", backend=ReferenceBackend())
+    for g, r in zip(got, ref):
+        assert rel(g, r) < 1e-10
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flash", "cudnn", "cudnn_expand"])
-@pytest.mark.parametrize("case", ["nested-two-rows", "grpo-full", "chain-full", "two-groups-full"])
+@pytest.mark.parametrize("case", ["nested-two-rows", "grpo-full", "chain-full", "two-groups-full", "one-token-runs"])
 def test_pieces_full_size(case, backend):
-    if case == "nested-two-rows":
+    if case == "one-token-runs":
+        se = build_tree(one_token_runs(1000, 300, 4)).subtree_end[None]
+    elif case == "nested-two-rows":
         se = torch.stack([tree_subtree_end(4099, s, prompt=1200, branch=250) for s in range(2)])
     elif case == "grpo-full":
         se = build_tree(grpo(2048, 512, 6)).subtree_end[None]

@@ -223,6 +223,29 @@ class FlashBackend:
             do, q, k, v, o, lse, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, 0.0, causal, rng, unused, scale=scale)
 
 
+def _single_key_fwd(q, k, v, scale):
+    """Row i of q [n, Hq, D] against its one key k[i], v[i] [n, Hkv, D]: out = v, lse = the score."""
+    rep = q.shape[1] // k.shape[1]
+    ki, vi = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = (q.float() * ki.float()).sum(-1) * scale  # [n, Hq]
+    return vi, s.t()
+
+
+def _single_key_bwd(do, q, k, v, o, lse, scale):
+    """The backward of `_single_key_fwd` given the whole row's o and lse (as every piece's)."""
+    rep = q.shape[1] // k.shape[1]
+    ki, vi = k.repeat_interleave(rep, dim=1).float(), v.repeat_interleave(rep, dim=1).float()
+    dof, qf = do.float(), q.float()
+    p = torch.exp((qf * ki).sum(-1) * scale - lse.t())  # [n, Hq]
+    ds = p * ((dof * vi).sum(-1) - (dof * o.float()).sum(-1))
+
+    def per_kv(x):  # [n, Hq, D] -> [n, Hkv, D]
+        return x.unflatten(1, (k.shape[1], rep)).sum(2)
+
+    dq = (ds[..., None] * ki * scale).to(q.dtype)
+    return dq, per_kv(ds[..., None] * qf * scale).to(k.dtype), per_kv(p[..., None] * dof).to(v.dtype)
+
+
 class CudnnBackend:
     """cuDNN's fused attention through torch, one call per group of equal-shape sequences
     (`Segments.groups`), on [n, H, L, D] views of the packed rows (no copy of q, k, v)."""
@@ -256,6 +279,11 @@ class CudnnBackend:
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
         states = []
         for qa, ka, n, lq, lk in seg.groups:
+            if lq == lk == 1:  # cuDNN refuses s_q = s_kv = 1: one key per row, done in closed form
+                o1, l1 = _single_key_fwd(q[qa:qa + n], k[ka:ka + n], v[ka:ka + n], scale)
+                out[qa:qa + n], lse[:, qa:qa + n] = o1, l1
+                states.append(None)
+                continue
             qg = self._view(q, qa, n, lq)
             kg, vg = self._kv(q, k, v, ka, n, lk)
             try:
@@ -279,7 +307,12 @@ class CudnnBackend:
 
     def bwd(self, do, q, k, v, o, lse, seg, causal, scale, states):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for (qa, ka, n, lq, lk), (lshape, seed, offset) in zip(seg.groups, states):
+        for (qa, ka, n, lq, lk), state in zip(seg.groups, states):
+            if state is None:
+                dq[qa:qa + n], dk[ka:ka + n], dv[ka:ka + n] = _single_key_bwd(
+                    do[qa:qa + n], q[qa:qa + n], k[ka:ka + n], v[ka:ka + n], o[qa:qa + n], lse[:, qa:qa + n], scale)
+                continue
+            lshape, seed, offset = state
             qg = self._view(q, qa, n, lq)
             kg, vg = self._kv(q, k, v, ka, n, lk)
             og, dog = self._view(o, qa, n, lq), self._view(do, qa, n, lq)
