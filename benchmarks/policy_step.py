@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--no-msa", action="store_true", help="the same shape with every layer dense")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--skip-train", action="store_true", help="time generation only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -79,7 +80,7 @@ def main() -> None:
     seqs = batch(args.groups, args.group_size, args.prompt, args.response)
     tokens = sum(len(s) for s in seqs)
     rows = []
-    for name, merge in (("train_merged", True), ("train_unmerged", False)):
+    for name, merge in () if args.skip_train else (("train_merged", True), ("train_unmerged", False)):
         ms = timed(train_call(model, seqs, merge), args.reps)
         rows.append({"variant": name, "ms": ms, "tokens": tokens, "tokens_per_s": tokens / ms * 1e3})
     gen = ModelGenerator(model.eval(), ByteTokenizer(), seed=0)
@@ -98,7 +99,9 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        for name, fn in (("train_merged", train_call(model, seqs, True)), ("generate", generate)):
+        calls = [("generate", generate)] if args.skip_train else [
+            ("train_merged", train_call(model, seqs, True)), ("generate", generate)]
+        for name, fn in calls:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 with torch.set_grad_enabled(name != "generate"):
                     fn()
