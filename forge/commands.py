@@ -63,9 +63,15 @@ def train(args: argparse.Namespace) -> int:
         state = train_loop(cfg, run, monitor, state, checkpointer)
         first, last = state.evals[0], state.evals[-1]
         summary = {"eval/reward_first": first[1], "eval/reward_last": last[1], "rl_steps": state.step}
+        if state.greedy_evals:
+            summary.update({"eval/greedy_reward_first": state.greedy_evals[0][1],
+                            "eval/greedy_reward_last": state.greedy_evals[-1][1]})
         monitor.summary(summary)
     print(f"eval/reward_mean: {first[1]:.3f} at step {first[0]} (after warm-start) -> {last[1]:.3f} at step "
           f"{last[0]} (after RL); run folder {run.path}")
+    if state.greedy_evals:
+        g0, g1 = state.greedy_evals[0], state.greedy_evals[-1]
+        print(f"eval/greedy_reward_mean: {g0[1]:.3f} at step {g0[0]} -> {g1[1]:.3f} at step {g1[0]}")
     return 0
 
 

@@ -220,14 +220,24 @@ def _warm_start(cfg: Any, ranks: list, monitor) -> None:
 def _evaluate(cfg: Any, evaluator: Any, monitor, state: DriverState, base: int) -> None:
     seeds = [cfg.eval.seed_offset + i for i in range(cfg.eval.num_tasks)]
     t0 = time.perf_counter()
-    result = ray.get(evaluator.run.remote(seeds))
-    rewards = [t.reward for g in result.groups for t in g.trajectories]
-    mean = sum(rewards) / max(1, len(rewards))
-    metrics = {"eval/reward_mean": mean, "eval/pass_rate": sum(r >= 1.0 for r in rewards) / max(1, len(rewards)),
-               "eval/tasks": float(len(rewards)), "eval/time_s": time.perf_counter() - t0}
+    mean, metrics = _eval_rewards(ray.get(evaluator.run.remote(seeds)), "eval/")
+    note = ""
+    if cfg.eval.greedy_too and cfg.eval.temperature > 0:
+        greedy, more = _eval_rewards(ray.get(evaluator.run.remote(seeds, None, 0.0)), "eval/greedy_")
+        metrics.update(more)
+        state.greedy_evals.append((state.step, greedy))
+        note = f" (greedy {greedy:.3f})"
+    metrics["eval/time_s"] = time.perf_counter() - t0
     monitor.log(metrics, step=base + state.step)
     state.evals.append((state.step, mean))
-    log.info("eval at step %d: reward %.3f on %d held-out tasks", state.step, mean, len(rewards))
+    log.info("eval at step %d: reward %.3f%s on %d held-out tasks", state.step, mean, note, len(seeds))
+
+
+def _eval_rewards(result: Any, prefix: str) -> tuple[float, dict[str, float]]:
+    rewards = [t.reward for g in result.groups for t in g.trajectories]
+    mean = sum(rewards) / max(1, len(rewards))
+    return mean, {f"{prefix}reward_mean": mean, f"{prefix}pass_rate": sum(r >= 1.0 for r in rewards) / max(1, len(rewards)),
+                  f"{prefix}tasks": float(len(rewards))}
 
 
 def _log_samples(monitor, groups: list, step: int, cfg: Any) -> None:

@@ -35,6 +35,8 @@ class DriverState:
     """Whether warm-start has run."""
     evals: list[tuple[int, float]] = field(default_factory=list)
     """(step, eval/reward_mean) of every evaluation so far."""
+    greedy_evals: list[tuple[int, float]] = field(default_factory=list)
+    """(step, eval/greedy_reward_mean) of every evaluation so far, with eval.greedy_too."""
 
     @property
     def tag(self) -> str:
@@ -65,7 +67,8 @@ class Checkpointer:
             raise FileNotFoundError(f"checkpoint {self.dir / tag} has no model states; it is incomplete")
         saved = torch.load(files[0], map_location="cpu", weights_only=False)
         driver = saved["driver"]
-        state = DriverState(**{**driver, "evals": [tuple(e) for e in driver["evals"]]})
+        state = DriverState(**{**driver, "evals": [tuple(e) for e in driver["evals"]],
+                               "greedy_evals": [tuple(e) for e in driver.get("greedy_evals", [])]})
         random.setstate(_as_rng_state(saved["python_rng"]))
         return state
 

@@ -340,3 +340,33 @@ def test_with_the_model_generator_stored_logprobs_match_a_forward_pass():
             # Token p is predicted by the logits at p - 1.
             expected = logprobs[start - 1 : end - 1].gather(-1, ids[0, start:end, None]).squeeze(-1)
             torch.testing.assert_close(torch.tensor(turn.logprobs), expected, atol=1e-4, rtol=1e-4)
+
+
+class TemperatureLog(ScriptedGenerator):
+    """Records the temperature of every generate call."""
+
+    def __init__(self) -> None:
+        super().__init__(reverse_policy)
+        self.temperatures: list[float] = []
+
+    def generate(self, prompts, params):
+        self.temperatures.append(params.temperature)
+        return super().generate(prompts, params)
+
+
+def test_actor_temperature_override_is_for_one_call():
+    # The evaluator's greedy pass (eval.greedy_too) reuses the sampling evaluator's actor.
+    from forge.agent_side.rollout_actor import RolloutActor
+
+    gen = TemperatureLog()
+    actor = RolloutActor(EnvConfig(cls="envs.reverse:ReverseEnv"), RolloutConfig(group_size=1, temperature=0.7),
+                         lambda: gen)
+    actor.run([0])
+    sampled = len(gen.temperatures)
+    actor.run([0], None, 0.0)
+    greedy = len(gen.temperatures) - sampled
+    actor.run([1])
+    assert sampled and greedy
+    assert gen.temperatures[:sampled] == [0.7] * sampled
+    assert gen.temperatures[sampled:sampled + greedy] == [0.0] * greedy
+    assert set(gen.temperatures[sampled + greedy:]) == {0.7}

@@ -40,7 +40,9 @@ def only_run(out: Path) -> Path:
 
 def test_stop_midway_and_resume_loses_no_step(tmp_path):
     out = tmp_path / "runs"
-    args = ("train", str(RECIPE), f"run.output_dir={out}", "train.steps=4")
+    # Evaluation samples at the rollout temperature and also runs greedily (eval.greedy_too).
+    args = ("train", str(RECIPE), f"run.output_dir={out}", "train.steps=4", "eval.temperature=1.0",
+            "eval.greedy_too=true")
     proc = forge(*args, cwd=tmp_path, wait=False)
     deadline = time.time() + 400
     run = None
@@ -70,6 +72,10 @@ def test_stop_midway_and_resume_loses_no_step(tmp_path):
     assert [r["step"] for r in metrics if "warmstart/loss" in r] == [1, 2]
     evals = [r for r in metrics if "eval/reward_mean" in r]
     assert evals[0]["step"] == 2 and evals[-1]["step"] == 6
+    assert all("eval/greedy_reward_mean" in r and r["eval/greedy_tasks"] == r["eval/tasks"] for r in evals)
+    # The greedy evaluations before the stop come back with the checkpoint: the summary's first
+    # one is still the one after warm-start.
+    assert "eval/greedy_reward_mean: " in resumed.stdout and " at step 0 -> " in resumed.stdout.split("greedy")[-1]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000004"
     # Histograms leave their summary in metrics.jsonl: advantages and the MoE layer's expert load.
     last = [r for r in metrics if "train/rl_step" in r][-1]

@@ -7,6 +7,7 @@ only `Group`s and `RolloutStats` come back.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import ray
@@ -31,9 +32,16 @@ class RolloutActor:
         self.worker = RolloutWorker(env_cfg.make, make_generator(), make_tokenizer(), rollout_cfg, env_name=name)
         self.stats = RolloutStats()
 
-    def run(self, seeds: Sequence[int], pool: Any = None) -> RolloutResult:
-        """Run a group per seed; with `pool` (a DataPool actor handle) groups go there as they finish."""
-        result = self.worker.run(seeds, _PoolSink(pool) if pool is not None else None)
+    def run(self, seeds: Sequence[int], pool: Any = None, temperature: float | None = None) -> RolloutResult:
+        """Run a group per seed; with `pool` (a DataPool actor handle) groups go there as they finish.
+        `temperature` overrides the recipe's for this call only (the evaluator's greedy pass)."""
+        params = self.worker.params
+        if temperature is not None:
+            self.worker.params = replace(params, temperature=float(temperature))
+        try:
+            result = self.worker.run(seeds, _PoolSink(pool) if pool is not None else None)
+        finally:
+            self.worker.params = params
         self.stats.merge(result.stats)
         return result
 

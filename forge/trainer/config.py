@@ -88,7 +88,7 @@ class WarmStartConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation: greedy episodes on tasks never trained on."""
+    """Held-out evaluation: episodes on tasks never trained on (greedy by default)."""
 
     every: int = 10
     """Evaluate every this many RL steps (and before the first and after the last)."""
@@ -97,4 +97,6 @@ class EvalConfig:
     seed_offset: int = 10_000_000
     """Held-out task seeds start here."""
     temperature: float = 0.0
-    """Sampling temperature in evaluation; 0 is greedy."""
+    """Sampling temperature in evaluation; 0 is greedy. `eval/reward_mean` is measured at it."""
+    greedy_too: bool = False
+    """With temperature > 0, also run the same tasks greedily, logged as `eval/greedy_reward_mean`."""
