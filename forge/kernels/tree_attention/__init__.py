@@ -29,7 +29,7 @@ def _plan(subtree_end: torch.Tensor, device: torch.device):
             return plan
     # A new tensor: one device-to-host copy (the Triton path's block lists synchronise too).
     se = subtree_end.detach().to("cpu", torch.int64, copy=True)
-    plan = next((p for _, _, key, p in _PLANS if key.shape == se.shape and p.runs.cu_q.device == device
+    plan = next((p for _, _, key, p in _PLANS if key.shape == se.shape and p.base.seg.cu_q.device == device
                  and torch.equal(key, se)), None) or plan_tree(se).to(device)
     _PLANS.insert(0, (subtree_end, subtree_end._version, se, plan))
     del _PLANS[_PLAN_CACHE:]
