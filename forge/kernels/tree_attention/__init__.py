@@ -1,7 +1,7 @@
 """Attention under a prefix-tree mask: query q sees key k iff k <= q < subtree_end[k].
 
 `tree_attention` is the entry point the policy calls. CUDA tensors in fp16 or bf16 go through
-dense pieces on torch's flash attention (`decomposed.py`) when its cost rule says they pay, and
+dense pieces on torch's cuDNN or flash attention (`decomposed.py`) when its cost rule says they pay, and
 through the Triton kernels (`triton_tree.py`) otherwise; CUDA fp32 always through the Triton
 kernels; everything else (the CPU, fp64) through the plain-PyTorch reference (`naive.py`).
 `flex.py` holds the FlexAttention baseline.

@@ -263,7 +263,7 @@ def plan_tree(subtree_end: torch.Tensor, *, fused: bool | None = None) -> TreePl
         for plan, tiles in ((split, tiles_split), (fused_plan, tiles_fused)):
             if fused is not None and plan.fused != fused:
                 continue
-            if plan.fused and not fused and (name not in TOP_LEFT or not cudnn_top_left()):
+            if plan.fused and (name not in TOP_LEFT or not fused and not cudnn_top_left()):
                 continue
             options.append((_cost(plan, tiles, name), name, plan))
     cost, name, plan = min(options, key=lambda o: o[0])
