@@ -486,15 +486,7 @@ def _combine(o, lse, o_x, lse_x, call: PieceCall):
         lse_combine_(o, lse, o_x, lse_x, None if span else rows, rows[0] if span else 0)
         return o, lse
     if isinstance(rows, tuple):
-        a, b = rows
-        lc = lse[:, a:b]
-        new = torch.logaddexp(lc, lse_x)  # [H, NQ]
-        wc = torch.exp(lc - new).t()[..., None]  # [NQ, H, 1]
-        wx = torch.exp(lse_x - new).t()[..., None]
-        # o is fresh from the base call: write the combined rows in place.
-        o[a:b] = (o[a:b].to(wc.dtype) * wc + o_x.to(wx.dtype) * wx).to(o.dtype)
-        lse[:, a:b] = new
-        return o, lse
+        rows = torch.arange(*rows, device=o.device)
     h = lse.shape[0]
     # A token may lie in several extra pieces (one per ancestor run): reduce over all of them.
     m = lse.scatter_reduce(1, rows.expand(h, -1), lse_x, "amax")  # [H, N]
