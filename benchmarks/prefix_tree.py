@@ -11,12 +11,14 @@ attention-pair ratios, then time (median, fwd+bwd, bf16) and peak memory of
   build time reported apart);
 - forge: the merged tree through `forge.kernels.tree_attention`, what the policy calls (the
   pieces on cuDNN or flash attention where the cost rule says they pay, else the Triton kernel);
-  attention alone also times each path forced (forge_triton, forge_pieces_<backend>) and the
-  forward alone;
+  attention alone also times each path forced (forge_triton, forge_pieces_<backend>_<layout>,
+  layout split or fused) and the forward alone;
 first attention alone, then a full transformer layer with MoE (forge.policy's Block).
-`--backends` times torch's dense attention backends on (a)'s two big pieces, `--profile` lists
-the CUDA kernels of one forge and one unmerged layer on (a), `--ratio-sweep` times the layer
-against the token ratio (where merging starts to pay), `--sweep` the Triton kernel's tiles.
+`--backends` times torch's dense attention backends on (a)'s pieces (and a response with the
+prompt's keys, bottom-right causal) and checks how cuDNN aligns a causal mask of unequal
+lengths, `--profile` lists the CUDA kernels of forge's attention alone and of one forge and one
+unmerged layer on (a), `--ratio-sweep` times the layer against the token ratio (where merging
+starts to pay), `--sweep` the Triton kernel's tiles.
 
 Run on a GPU: `PYTHONPATH=. python benchmarks/prefix_tree.py --json out.json`. `--tiny` runs
 small sizes for a smoke test (the CPU runs the kernel through Triton's interpreter).
@@ -121,7 +123,7 @@ def timed(fn: Callable[[], None], dev: str, grads: list[torch.Tensor]) -> tuple[
 
 def attention_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tuple[Callable, list]]:
     from forge.kernels.tree_attention import tree_attention
-    from forge.kernels.tree_attention.decomposed import BACKENDS, plan_tree, tree_attention_pieces
+    from forge.kernels.tree_attention.decomposed import BACKENDS, TOP_LEFT, plan_tree, tree_attention_pieces
     from forge.kernels.tree_attention.flex import tree_attention_flex
     from forge.kernels.tree_attention.triton_tree import tree_attention_triton
 
@@ -192,11 +194,14 @@ def attention_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tu
     out["forge_fwd_only"] = (lambda: tree_attention(q.detach(), k.detach(), v.detach(), se), [])
     out["forge_triton_fwd_only"] = (lambda: tree_attention_triton(q.detach(), k.detach(), v.detach(), se), [])
     if dev == "cuda":
-        plan = plan_tree(t.subtree_end[None]).to(dev)
-        for backend in BACKENDS:
-            if backend != "reference":
-                out[f"forge_pieces_{backend}"] = (
-                    lambda b=backend: tree_attention_pieces(q, k, v, se, plan=plan, backend=b).backward(do), [q, k, v])
+        # Each backend on the split pieces, and those with a top-left causal mask on the fused ones.
+        for layout in ("split", "fused"):
+            plan = plan_tree(t.subtree_end[None], fused=layout == "fused").to(dev)
+            for backend in BACKENDS:
+                if backend != "reference" and (layout == "split" or backend in TOP_LEFT):
+                    out[f"forge_pieces_{backend}_{layout}"] = (
+                        lambda b=backend, p=plan: tree_attention_pieces(q, k, v, se, plan=p, backend=b).backward(do),
+                        [q, k, v])
     return out
 
 
@@ -210,25 +215,26 @@ def layer_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tuple[
         num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, rotary_dim=shape.head_dim // 2,
         qk_norm=True, num_experts=shape.num_experts, top_k=shape.top_k, expert_width=shape.expert_width,
     )
-    block = pm.Transformer(cfg).layers[0].to(dev, torch.bfloat16).train()
+    model = pm.Transformer(cfg)
+    block = model.layers[0].to(dev, torch.bfloat16).train()
     params = list(block.parameters())
     t = sc.tree
     n = t.num_tokens
     x = torch.randn(1, n, shape.hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    cos, sin = pm.rope_tables(t.position[None].to(dev), cfg.rotary_dim, cfg.rope_theta)
-    se, tw = t.subtree_end[None].to(dev), t.multiplicity[None].to(dev, torch.float32)
+    # What the model's forward hands every layer: rotary tables, the tree, the multiplicities.
+    tree_pass = model._pass(t.position[None].to(dev), subtree_end=t.subtree_end[None].to(dev),
+                            token_weight=t.multiplicity[None].to(dev, torch.float32))
     groups = []
     for L, c in by_length(sc.sequences):
         gx = torch.randn(c, L, shape.hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        pos = torch.arange(L, device=dev).expand(c, L)
-        groups.append((gx, *pm.rope_tables(pos, cfg.rotary_dim, cfg.rope_theta)))
+        groups.append((gx, model._pass(torch.arange(L, device=dev).expand(c, L), plain_causal=True)))
 
     def unmerged():
-        for gx, gc, gs in groups:
-            block(gx, gc, gs).sum().backward()
+        for gx, gp in groups:
+            block(gx, gp).sum().backward()
 
     def merged():
-        block(x, cos, sin, subtree_end=se, token_weight=tw).sum().backward()
+        block(x, tree_pass).sum().backward()
 
     def flex():
         real = pm.tree_attention
@@ -272,8 +278,7 @@ def check(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, float]:
 # (fwd_m, fwd_n, bwd_m, bwd_n, warps, stages[, pack_gqa]); the first is the default.
 SWEEP = [(64, 64, 64, 64, 4, 3), (128, 64, 128, 64, 8, 3),
          # GQA packed: a program holds the tokens of all query heads of a K/V head.
-         (64, 64, 64, 64, 4, 3, True), (128, 64, 128, 64, 8, 3, True), (128, 64, 64, 64, 8, 3, True),
-         (128, 128, 128, 64, 8, 3, True)]
+         (64, 64, 64, 64, 4, 3, True), (128, 64, 128, 64, 8, 3, True), (128, 64, 64, 64, 8, 3, True)]
 
 
 def sweep(sc: Scenario, shape: Shape, dev: str) -> dict[str, float]:
@@ -294,6 +299,7 @@ def sweep(sc: Scenario, shape: Shape, dev: str) -> dict[str, float]:
                                   dev, [q, k, v])[0]
         except Exception as e:  # noqa: BLE001 - a setting that fails to compile is reported
             out[str(cfg)] = repr(e)[:200]
+        print("tile sweep:", cfg, out[str(cfg)])
     return out
 
 
@@ -314,11 +320,10 @@ def ratio_sweep(shape: Shape, dev: str) -> list[dict]:
     return points
 
 
-def profile_layer(sc: Scenario, shape: Shape, dev: str, variant: str = "forge", top: int = 25) -> list[dict]:
-    """CUDA kernel time of one fwd+bwd of the layer, by kernel, from torch.profiler (mean of 3)."""
+def _profile(fn: Callable[[], None], grads: list[torch.Tensor], label: str, top: int) -> list[dict]:
+    """CUDA kernel time of fn by kernel, from torch.profiler (mean of 3 calls)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn, grads = layer_variants(sc, shape, dev, None)[variant]
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
@@ -335,31 +340,103 @@ def profile_layer(sc: Scenario, shape: Shape, dev: str, variant: str = "forge", 
             rows.append({"kernel": e.key[:90], "ms": us / 3e3, "calls": e.count / 3})
     rows.sort(key=lambda r: -r["ms"])
     total = sum(r["ms"] for r in rows)
-    print(f"profile {sc.name} layer {variant}: {total:.2f} ms of kernels")
+    print(f"profile {label}: {total:.2f} ms of kernels")
     for r in rows[:top]:
         print(f"  {r['ms']:8.3f} ms {r['calls']:5.0f}x  {r['kernel']}")
     return [{"total_ms": total}] + rows[:top]
 
 
+def profile_layer(sc: Scenario, shape: Shape, dev: str, variant: str = "forge", top: int = 25) -> list[dict]:
+    """Kernels of one fwd+bwd of the layer (`layer_variants`)."""
+    fn, grads = layer_variants(sc, shape, dev, None)[variant]
+    return _profile(fn, grads, f"{sc.name} layer {variant}", top)
+
+
+def profile_attention(sc: Scenario, shape: Shape, dev: str, bm, variant: str = "forge", top: int = 40) -> list[dict]:
+    """Kernels of one fwd+bwd of attention alone (`attention_variants`), every small one listed."""
+    fn, grads = attention_variants(sc, shape, dev, bm)[variant]
+    return _profile(fn, grads, f"{sc.name} attention {variant}", top)
+
+
+def _cudnn_fwd_bwd(q, k, v, causal: bool, bias=None):
+    """One forward and backward through ATen's cuDNN attention op, as decomposed.py calls it."""
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, causal, False)
+    o, lse = res[0], res[1]
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        torch.ones_like(o), q, k, v, o, lse, res[6], res[7], bias, None, None, q.shape[2], k.shape[2], 0.0, causal)
+
+
+def cudnn_causal_alignment(dev: str) -> dict[str, str]:
+    """How ATen's cuDNN op aligns `is_causal` when a piece has fewer or more queries than keys:
+    the fused pieces (more queries) need top-left, a leaf with its ancestors' keys (fewer
+    queries) bottom-right."""
+    torch.manual_seed(0)
+    res = {}
+    for lq, lk in ((64, 192), (192, 64)):
+        q = torch.randn(1, 4, lq, 64, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 4, lk, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        got = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)[0].float()
+        err = {}
+        for name, diag in (("top_left", 0), ("bottom_right", lk - lq)):
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=dev).tril(diag)
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).nan_to_num()
+            err[name] = ((got.nan_to_num() - ref).norm() / ref.norm()).item()
+        best = min(err, key=err.get)
+        res[f"{lq}x{lk}"] = best if err[best] < 2e-2 else f"neither {err}"
+    return res
+
+
 def dense_backends(shape: Shape, dev: str) -> dict[str, float]:
-    """fwd+bwd ms of (a)'s two big pieces through each SDPA backend: which dense kernel is fastest."""
+    """fwd+bwd ms of (a)'s pieces through each dense backend: which kernel is fastest, and what a
+    leaf response with the prompt's keys (bottom-right causal, 16 x 1K queries x 9K keys) costs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
 
     hq, hkv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    out = {}
-    for piece, (lq, lk, causal) in {"causal_8K": (8192, 8192, True), "dense_16Kx8K": (16384, 8192, False)}.items():
-        q = torch.randn(1, hq, lq, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        k, v = (torch.randn(1, hkv, lk, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                         ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-            def fn():
+    out: dict = {"cudnn_causal_alignment": cudnn_causal_alignment(dev)}
+    pieces = {"causal_8K": (1, 8192, 8192, True), "dense_16Kx8K": (1, 16384, 8192, False),
+              "causal_16x1K": (16, 1024, 1024, True), "fused_24Kx8K": (1, 24576, 8192, True),
+              "path_16x(1Kx9K)": (16, 1024, 9216, True)}
+    for piece, (n, lq, lk, causal) in pieces.items():
+        # Token-major storage as in decomposed.py: [n, L, H, D] seen as [n, H, L, D].
+        q = torch.randn(n, lq, hq, d, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+        k, v = (torch.randn(n, lk, hkv, d, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+                for _ in range(2))
+        # Fewer queries than keys: a leaf with its ancestors' keys, bottom-right causal; more:
+        # the fused piece, top-left causal (SDPA's is_causal).
+        mask = causal_lower_right(lq, lk) if causal and lq < lk else None
+        runs = {}
+        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def fn(be=be):
                 with sdpa_kernel(be):
-                    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+                    if mask is not None:
+                        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                    else:
+                        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
                 o.backward(torch.ones_like(o))
+            runs[name] = (fn, [q, k, v])
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        runs["aten_cudnn"] = (lambda: _cudnn_fwd_bwd(qd, kd, vd, causal), [])
+        if mask is not None:
+            # Bottom-right causal as an additive bias broadcast over batch and heads.
+            bias = torch.zeros(lq, lk, device=dev, dtype=torch.bfloat16).masked_fill(
+                ~torch.ones(lq, lk, dtype=torch.bool, device=dev).tril(lk - lq), float("-inf"))
+            runs["aten_cudnn_bias"] = (
+                lambda: _cudnn_fwd_bwd(qd, kd, vd, False, bias[None, None].expand(n, hq, lq, lk)), [])
+        for name, (fn, grads) in runs.items():
             try:
-                out[f"{piece}_{name}"] = timed(fn, dev, [q, k, v])[0]
+                out[f"{piece}_{name}"] = timed(fn, dev, grads)[0]
             except Exception as e:  # noqa: BLE001 - a backend that refuses the shape is reported
                 out[f"{piece}_{name}"] = repr(e)[:120]
+    # The copies a path piece adds: gather the prompt's keys and values for 16 leaves, sum their
+    # key/value gradients back.
+    kv = torch.randn(24576, hkv, d, device=dev, dtype=torch.bfloat16)
+    rows = torch.cat([torch.cat([torch.arange(8192), 8192 + i * 1024 + torch.arange(1024)]) for i in range(16)]).to(dev)
+    out["gather_kv_16x9K"] = timed(lambda: (kv.index_select(0, rows), kv.index_select(0, rows)), dev, [])[0]
+    g = torch.randn(16, 9216, hkv, d, device=dev, dtype=torch.bfloat16)
+    acc = torch.zeros(24576, hkv, d, device=dev, dtype=torch.float32)
+    out["reduce_dkv_16x9K_index_add"] = timed(lambda: acc.index_add_(0, rows, g.view(-1, hkv, d).float()), dev, [])[0]
+    out["reduce_dkv_16x9K_sum"] = timed(lambda: g[:, :8192].sum(0, dtype=torch.float32), dev, [])[0]
     print("dense backends (ms):", out)
     return out
 
@@ -369,9 +446,9 @@ def plan_stats(sc: Scenario) -> dict:
     from forge.kernels.tree_attention.decomposed import plan_tree
 
     plan = plan_tree(sc.tree.subtree_end[None])
-    return {"runs": len(plan.runs.cu_q) - 1, "dense_pieces": plan.num_dense, "backend": plan.backend,
-            "cost_pieces": plan.cost_pieces,
-            "cost_triton": plan.cost_triton, "pays": plan.pays}
+    return {"fused": plan.fused, "base_groups": plan.base.seg.groups,
+            "extra_groups": None if plan.extra is None else plan.extra.seg.groups, "backend": plan.backend,
+            "cost_pieces": plan.cost_pieces, "cost_triton": plan.cost_triton, "pays": plan.pays}
 
 
 def main() -> None:
@@ -438,6 +515,8 @@ def main() -> None:
             if fl and "ms" in res.get("forge", {}):
                 res["forge"]["speedup_vs_flex"] = fl / res["forge"]["ms"]
         if args.profile and sc.name.startswith("a") and dev == "cuda":
+            entry["profile_attention"] = {v: profile_attention(sc, shape, dev, bm, v)
+                                         for v in ("forge", "forge_pieces_cudnn_split")}
             entry["profile_layer"] = {v: profile_layer(sc, shape, dev, v) for v in ("forge", "unmerged_sdpa")}
         if args.sweep and sc.name.startswith("a") and dev == "cuda":
             entry["forge_tile_sweep_ms"] = sweep(sc, shape, dev)

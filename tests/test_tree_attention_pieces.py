@@ -13,6 +13,7 @@ import torch
 
 from forge.kernels.tree_attention import tree_attention, tree_attention_naive, tree_mask
 from forge.kernels.tree_attention.decomposed import (
+    CudnnBackend,
     ReferenceBackend,
     Segments,
     _single_key_bwd,
@@ -34,6 +35,11 @@ def chain(turns: int, step: int) -> list[list[int]]:
     return [[7] * (step * (i + 1)) for i in range(turns)]
 
 
+def one_token_runs(prompt: int, resp: int, pairs: int) -> list[list[int]]:
+    """Pairs of responses that share one token after the prompt, then part: runs of length 1."""
+    return [[1] * prompt + [50 + i // 2] + [100 + i] * resp for i in range(2 * pairs)]
+
+
 def trees() -> dict[str, torch.Tensor]:
     """subtree_end [B, T] cases: id -> tensor."""
     two_groups = concat_trees([build_tree(grpo(9, 4, 3)), build_tree(grpo(5, 6, 2))]).subtree_end
@@ -44,16 +50,18 @@ def trees() -> dict[str, torch.Tensor]:
         "grpo-one-piece": build_tree(grpo(13, 5, 4)).subtree_end[None],
         "chain-no-piece": build_tree(chain(6, 5)).subtree_end[None],
         "two-trees-gathered": two_groups[None],
+        # Pairs of responses that share a single token: runs of length 1, pieces of one key.
+        "one-token-runs": build_tree(one_token_runs(9, 4, 3)).subtree_end[None],
     }
 
 
-def pieces_vs_naive(se: torch.Tensor, hq: int, hkv: int, d: int, dtype, device, backend=None, seed=0):
+def pieces_vs_naive(se: torch.Tensor, hq: int, hkv: int, d: int, dtype, device, backend=None, seed=0, plan=None):
     torch.manual_seed(seed)
     b, t = se.shape
     se = se.to(device)
     x = [torch.randn(b, t, h, d, device=device, dtype=dtype, requires_grad=True) for h in (hq, hkv, hkv)]
     do = torch.randn(b, t, hq, d, device=device, dtype=dtype)
-    o = tree_attention_pieces(*x, se, backend=backend)
+    o = tree_attention_pieces(*x, se, backend=backend, plan=None if plan is None else plan.to(device))
     got = (o, *torch.autograd.grad(o, x, do))
     x64 = [y.detach().double().requires_grad_() for y in x]
     o64 = tree_attention_naive(*x64, se)
@@ -64,45 +72,63 @@ def pieces_vs_naive(se: torch.Tensor, hq: int, hkv: int, d: int, dtype, device, 
     return got, ref, low
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
 @pytest.mark.parametrize("case", list(trees()), ids=list(trees()))
-def test_pieces_match_naive_fp64(case):
+def test_pieces_match_naive_fp64(case, fused):
     se = trees()[case]
-    got, ref, _ = pieces_vs_naive(se, 4, 2, 8, torch.float64, "cpu", backend=ReferenceBackend())
+    plan = plan_tree(se, fused=fused)
+    got, ref, _ = pieces_vs_naive(se, 4, 2, 8, torch.float64, "cpu", backend=ReferenceBackend(), plan=plan)
     for name, g, r in zip(["out", "dq", "dk", "dv"], got, ref):
         assert rel(g, r) < 1e-12, f"{name}: {rel(g, r):.2e}"
 
 
-def test_plan_covers_every_visible_pair_once():
+def _rows(r) -> torch.Tensor:
+    return torch.arange(*r) if isinstance(r, tuple) else r
+
+
+def coverage(plan, n: int) -> torch.Tensor:
+    """[n, n] count of the pieces that hold each (query, key) pair of the flattened rows."""
+    cover = torch.zeros(n, n, dtype=torch.int64)
+    for call in (plan.base, plan.extra):
+        if call is None:
+            continue
+        qs, ks = _rows(call.q), _rows(call.k)
+        cq, ck = call.seg.cu_q.tolist(), call.seg.cu_k.tolist()
+        for i in range(len(cq) - 1):
+            qi, ki = qs[cq[i]:cq[i + 1]], ks[ck[i]:ck[i + 1]]
+            seen = torch.ones(len(qi), len(ki), dtype=torch.int64)
+            cover[qi[:, None], ki[None, :]] += seen.tril() if call.causal else seen
+    return cover
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
+def test_plan_covers_every_visible_pair_once(fused):
     for case, se in trees().items():
-        plan = plan_tree(se)
-        b, t = se.shape
-        cover = torch.zeros(b * t, b * t, dtype=torch.int64)
-        cu = plan.runs.cu_q.tolist()
-        for a, e in zip(cu[:-1], cu[1:]):
-            cover[a:e, a:e] += torch.ones(e - a, e - a, dtype=torch.int64).tril()
-        if plan.num_dense == 1:
-            (q0, q1), (k0, k1) = plan.q_span, plan.k_span
-            cover[q0:q1, k0:k1] += 1
-        elif plan.num_dense > 1:
-            cq, ck = plan.dense.cu_q.tolist(), plan.dense.cu_k.tolist()
-            for i in range(plan.num_dense):
-                qs = plan.q_rows[cq[i]:cq[i + 1]]
-                ks = plan.k_rows[ck[i]:ck[i + 1]]
-                cover[qs[:, None], ks[None, :]] += 1
+        plan = plan_tree(se, fused=fused)
+        assert plan.fused == fused
+        # The base call holds every query row once, in order.
+        assert plan.base.q == (0, se.numel())
         want = torch.block_diag(*tree_mask(se).to(torch.int64))
-        assert torch.equal(cover, want), case
+        assert torch.equal(coverage(plan, se.numel()), want), case
 
 
 def test_plan_shapes_of_the_benchmark_batches():
-    # A GRPO group: one causal call over prompt and responses, one dense responses x prompt.
-    plan = plan_tree(build_tree(grpo(64, 16, 4)).subtree_end[None])
-    assert plan.runs.cu_q.tolist() == [0, 64, 80, 96, 112, 128]
-    assert (plan.q_span, plan.k_span) == ((64, 128), (0, 64))
+    se = build_tree(grpo(64, 16, 4)).subtree_end[None]
+    # Split: one causal call over prompt and responses, one dense responses x prompt.
+    plan = plan_tree(se, fused=False)
+    assert plan.base.seg.cu_q.tolist() == [0, 64, 80, 96, 112, 128]
+    assert (plan.extra.q, plan.extra.k, plan.extra.causal) == ((64, 128), (0, 64), False)
     # The four equal responses form one group (one batched call for backends without varlen).
-    assert plan.runs.groups == [(0, 0, 1, 64, 64), (64, 64, 4, 16, 16)]
-    # Nested turns of one conversation are one chain: a single causal piece.
-    plan = plan_tree(build_tree(chain(64, 4)).subtree_end[None])
-    assert plan.runs.cu_q.tolist() == [0, 256] and plan.num_dense == 0
+    assert plan.base.seg.groups == [(0, 0, 1, 64, 64), (64, 64, 4, 16, 16)]
+    # Fused: the prompt's causal and dense parts as one top-left causal call of all 128 queries
+    # against its 64 keys, then the responses' causal self-attention combined into it.
+    plan = plan_tree(se, fused=True)
+    assert (plan.base.q, plan.base.k, plan.base.seg.groups) == ((0, 128), (0, 64), [(0, 0, 1, 128, 64)])
+    assert (plan.extra.q, plan.extra.k, plan.extra.seg.groups) == ((64, 128), (64, 128), [(0, 0, 4, 16, 16)])
+    # Nested turns of one conversation are one chain: a single causal piece either way.
+    for fused in (False, True):
+        plan = plan_tree(build_tree(chain(64, 4)).subtree_end[None], fused=fused)
+        assert plan.base.seg.cu_q.tolist() == [0, 256] and plan.extra is None
 
 
 def test_cost_rule_prefers_triton_for_tiny_runs():
@@ -114,12 +140,7 @@ def test_cost_rule_prefers_triton_for_tiny_runs():
         seqs.append(prefix + [1000 + i] * 2)
         prefix = prefix + [i] * 3
     plan = plan_tree(build_tree(seqs).subtree_end[None])
-    assert plan.num_dense > 500 and not plan.pays
-
-
-def one_token_runs(prompt: int, resp: int, pairs: int) -> list[list[int]]:
-    """Pairs of responses that share one token after the prompt, then part: runs of length 1."""
-    return [[1] * prompt + [50 + i // 2] + [100 + i] * resp for i in range(2 * pairs)]
+    assert plan.extra.seg.cu_q.numel() > 500 and not plan.pays
 
 
 def test_single_key_pieces_match_reference():
@@ -141,18 +162,40 @@ def test_single_key_pieces_match_reference():
         torch.testing.assert_close(g, r.to(g.dtype), rtol=1e-5, atol=1e-6)
 
 
-def test_pieces_with_one_token_runs_match_naive_fp64():
-    se = build_tree(one_token_runs(9, 4, 3)).subtree_end[None]
-    assert (plan_tree(se).runs.groups[0][3:] == (9, 9)) and any(g[3:] == (1, 1) for g in plan_tree(se).runs.groups)
-    got, ref, _ = pieces_vs_naive(se, 4, 2, 8, torch.float64, "cpu", backend=ReferenceBackend())
-    for g, r in zip(got, ref):
-        assert rel(g, r) < 1e-10
+@pytest.mark.parametrize("lqs", [[1, 1, 3, 3, 3], [4, 4]], ids=["groups", "one-group"])
+def test_cudnn_backend_one_key_segments_on_cpu(lqs):
+    # Segments of one key never reach cuDNN (it refuses s_q = s_kv = 1), so CudnnBackend runs
+    # them on any device: compare it with the reference, one group and several.
+    torch.manual_seed(1)
+    lq = torch.tensor(lqs)
+    seg = Segments.of(lq, torch.ones_like(lq))
+    q, do, o = (torch.randn(int(lq.sum()), 4, 8, dtype=torch.float64) for _ in range(3))
+    k, v = (torch.randn(len(lqs), 2, 8, dtype=torch.float64) for _ in range(2))
+    for causal in (True, False):
+        ref_o, ref_lse, _ = ReferenceBackend().fwd(q, k, v, seg, causal, 0.5)
+        got_o, got_lse, states = CudnnBackend().fwd(q, k, v, seg, causal, 0.5)
+        torch.testing.assert_close(got_o, ref_o)
+        torch.testing.assert_close(got_lse, ref_lse.float())
+        lse = ref_lse + 0.3
+        ref = ReferenceBackend().bwd(do, q, k, v, o, lse, seg, causal, 0.5, None)
+        got = CudnnBackend().bwd(do, q, k, v, o, lse, seg, causal, 0.5, states)
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
+def test_one_token_runs_make_one_key_pieces(fused):
+    # The "one-token-runs" case of trees() exercises them through the whole path.
+    plan = plan_tree(trees()["one-token-runs"], fused=fused)
+    groups = plan.base.seg.groups + (plan.extra.seg.groups if plan.extra is not None else [])
+    assert any(lk == 1 for *_, lk in groups)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["flash", "cudnn", "cudnn_expand"])
+@pytest.mark.parametrize("backend,fused", [("flash", False), ("cudnn", False), ("cudnn", True),
+                                           ("cudnn_expand", True)])
 @pytest.mark.parametrize("case", ["nested-two-rows", "grpo-full", "chain-full", "two-groups-full", "one-token-runs"])
-def test_pieces_full_size(case, backend):
+def test_pieces_full_size(case, backend, fused):
     if case == "one-token-runs":
         se = build_tree(one_token_runs(1000, 300, 4)).subtree_end[None]
     elif case == "nested-two-rows":
@@ -163,7 +206,8 @@ def test_pieces_full_size(case, backend):
         se = build_tree(chain(16, 256)).subtree_end[None]
     else:
         se = concat_trees([build_tree(grpo(1500, 300, 4)), build_tree(grpo(700, 400, 3))]).subtree_end[None]
-    got, ref, low = pieces_vs_naive(se, 8, 2, 128, torch.bfloat16, "cuda", backend=backend)
+    got, ref, low = pieces_vs_naive(se, 8, 2, 128, torch.bfloat16, "cuda", backend=backend,
+                                    plan=plan_tree(se, fused=fused))
     for name, g, r, lo in zip(["out", "dq", "dk", "dv"], got, ref, low):
         assert not torch.isnan(g).any(), name
         assert rel(g, r) <= 3 * rel(lo, r) + 1e-6, f"{name}: pieces {rel(g, r):.2e} vs reference {rel(lo, r):.2e}"
@@ -209,6 +253,14 @@ def test_plan_cache_follows_the_tensor_and_its_contents():
     # Modified in place: the version counter moves, the plan is rebuilt from the new contents.
     se.copy_(build_tree(chain(3, 11)).subtree_end[None][:, : se.shape[1]].clamp(max=se.shape[1]))
     p2 = _plan(se, se.device)
-    assert p2 is not p1 and p2.num_dense == 0
+    assert p2 is not p1 and p2.extra is None
     # Another tensor with equal contents shares the plan.
     assert _plan(se.clone(), se.device) is p2
+
+
+@pytest.mark.gpu
+def test_cudnn_aligns_fused_pieces_top_left():
+    # The fused pieces rely on it; the planner checks it once and falls back to the split pieces.
+    from forge.kernels.tree_attention.decomposed import cudnn_top_left
+
+    assert cudnn_top_left()

@@ -1,7 +1,7 @@
 """Attention under a prefix-tree mask: query q sees key k iff k <= q < subtree_end[k].
 
 `tree_attention` is the entry point the policy calls. CUDA tensors in fp16 or bf16 go through
-dense pieces on torch's flash attention (`decomposed.py`) when its cost rule says they pay, and
+dense pieces on torch's cuDNN or flash attention (`decomposed.py`) when its cost rule says they pay, and
 through the Triton kernels (`triton_tree.py`) otherwise; CUDA fp32 always through the Triton
 kernels; everything else (the CPU, fp64) through the plain-PyTorch reference (`naive.py`).
 `flex.py` holds the FlexAttention baseline.
@@ -29,7 +29,7 @@ def _plan(subtree_end: torch.Tensor, device: torch.device):
             return plan
     # A new tensor: one device-to-host copy (the Triton path's block lists synchronise too).
     se = subtree_end.detach().to("cpu", torch.int64, copy=True)
-    plan = next((p for _, _, key, p in _PLANS if key.shape == se.shape and p.runs.cu_q.device == device
+    plan = next((p for _, _, key, p in _PLANS if key.shape == se.shape and p.base.seg.cu_q.device == device
                  and torch.equal(key, se)), None) or plan_tree(se).to(device)
     _PLANS.insert(0, (subtree_end, subtree_end._version, se, plan))
     del _PLANS[_PLAN_CACHE:]

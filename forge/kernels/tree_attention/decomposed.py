@@ -13,6 +13,14 @@ combination of its pieces by their log-sum-exps. For a GRPO group that is a caus
 causal responses and one responses-by-prompt piece; for a conversation whose samples form one
 chain, one causal piece.
 
+Fused layout: a run's causal piece and its dense piece are one top-left causal attention of the
+queries [s, E) against the keys [s, e) (query i sees keys up to i, all of them once past the
+run), so a GRPO group becomes one call of all queries against the prompt's keys plus the
+responses' causal call, and the root runs' calls cover every row once (no copy into the
+result). It needs a library whose causal mask is top-left aligned when queries outnumber keys
+(cuDNN, checked once by `cudnn_top_left`; flash attention aligns it bottom-right); the cost
+rule picks the layout with the backend.
+
 Backward, as ring attention does it: each piece's backward runs with the final output and the
 final log-sum-exp, so its softmax probabilities and its row term rowsum(dO * O) are those of the
 whole row, and the gradients of the pieces add up to the exact gradient; no piece needs the
@@ -33,6 +41,7 @@ input dtype, rounded once.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,36 +79,58 @@ class Segments:
                         self.max_q, self.max_k, self.groups)
 
 
+Rows = tuple[int, int] | torch.Tensor
+"""Flat rows a call reads: a contiguous span (start, end), or an int64 tensor of row indices."""
+
+
+@dataclass
+class PieceCall:
+    """One attention call over several pieces: `seg` lays them out over the query rows `q` and
+    the key rows `k` (each a span or gathered rows of the flattened tokens)."""
+
+    seg: Segments
+    causal: bool
+    """Top-left causal: query i of a piece sees its keys 0 .. i (all of them from i >= Lk on)."""
+    q: Rows
+    k: Rows
+    q_disjoint: bool = True
+    """No flat row appears twice among `q` (else their results are added in fp32)."""
+
+    def to(self, device) -> "PieceCall":
+        mv = lambda r: r if isinstance(r, tuple) else r.to(device, non_blocking=True)  # noqa: E731
+        return PieceCall(self.seg.to(device), self.causal, mv(self.q), mv(self.k), self.q_disjoint)
+
+
 @dataclass
 class TreePlan:
-    """The pieces of one `subtree_end [B, T]`, over the flattened token axis (row b at b*T)."""
+    """The pieces of one `subtree_end [B, T]`, over the flattened token axis (row b at b*T).
+
+    `base` holds every query row exactly once, in order, so its output is the start of the
+    result; `extra` (None when there is nothing more) holds the pieces whose rows are combined
+    into it by log-sum-exp."""
 
     num_rows: int
     """B * T."""
-    runs: Segments
-    """The runs (chains of equal subtree_end) as causal self-attention pieces."""
-    dense: Segments | None
-    """The dense pieces (each run with descendants: its descendants' queries x its keys); None
-    for a single chain."""
-    q_span: tuple[int, int] | None = None
-    """The query range when there is exactly one dense piece (no gather), else None."""
-    k_span: tuple[int, int] | None = None
-    q_rows: torch.Tensor | None = None
-    """[NQ] int64 flat query row of every gathered dense-piece row (several pieces), else None."""
-    k_rows: torch.Tensor | None = None
-    """[NK] int64 flat key row of every gathered dense-piece key."""
-    dense_disjoint: bool = True
-    """No query row lies in two dense pieces (no run has an ancestor run with descendants)."""
+    base: PieceCall
+    extra: PieceCall | None
+    fused: bool = False
+    """The split (False): every run's causal self-attention as `base`, each run's descendants x
+    its keys as dense `extra` pieces. Fused (True): each run with descendants as ONE top-left
+    causal piece of queries [run start, subtree end) x the run's keys (its causal part and its
+    dense part in one call); the root runs' pieces are `base`, the other runs' are `extra`."""
     backend: str = "flash"
     """The attention library the cost rule picked for the pieces (a name in BACKENDS)."""
     cost_pieces: float = 0.0
     """Estimated cost of the pieces, in Triton-kernel tile-pair units (see `plan_tree`)."""
     cost_triton: float = 0.0
     """Estimated cost of the Triton kernel on the same mask, same units."""
+    split: "TreePlan | None" = None
+    """For a fused plan, the cheapest split plan (for a backend without top-left alignment)."""
 
     @property
-    def num_dense(self) -> int:
-        return 0 if self.dense is None else len(self.dense.cu_q) - 1
+    def num_calls(self) -> int:
+        """Attention calls on a backend taking one call per group of equal-shape pieces."""
+        return len(self.base.seg.groups) + (0 if self.extra is None else len(self.extra.seg.groups))
 
     @property
     def pays(self) -> bool:
@@ -107,26 +138,28 @@ class TreePlan:
         return self.cost_pieces < self.cost_triton
 
     def to(self, device) -> "TreePlan":
-        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        dense = None if self.dense is None else self.dense.to(device)
-        return TreePlan(self.num_rows, self.runs.to(device), dense, self.q_span, self.k_span,
-                        mv(self.q_rows), mv(self.k_rows), self.dense_disjoint, self.backend, self.cost_pieces,
-                        self.cost_triton)
+        extra = None if self.extra is None else self.extra.to(device)
+        split = None if self.split is None else self.split.to(device)
+        return TreePlan(self.num_rows, self.base.to(device), extra, self.fused, self.backend, self.cost_pieces,
+                        self.cost_triton, split)
 
 
 # Cost rule, in units of one 64x64 (query, key) tile pair of the Triton kernel (fwd+bwd). The
 # attention libraries run 128x128 tiles: per visited tile pair, 4 units of Triton work at
 # SPEEDUP[backend] times the rate. Each library call (forward and backward of one group of
-# sequences) costs CALL_COST units, each gathered dense row ROW_COST units (gather, scatter,
-# combination). SPEEDUP was measured on an H100, bf16, 16 query heads of size 128, 4 key/value
-# heads (docs/benchmarks.md, 2026-11-27: cuDNN 1.95-2.16, flash 1.20-1.29 times the Triton
-# kernel's rate per unit on batches (a) and (b)); CALL_COST (about 10 us) and ROW_COST are
-# estimates, not measured.
+# sequences) costs CALL_COST units, each gathered or combined row ROW_COST units (gather,
+# scatter, combination, copies into the result). SPEEDUP was measured on an H100, bf16, 16 query
+# heads of size 128, 4 key/value heads (docs/benchmarks.md, 2026-11-27: cuDNN 1.95-2.16, flash
+# 1.20-1.29 times the Triton kernel's rate per unit on batches (a) and (b)); CALL_COST (about
+# 10 us) and ROW_COST are estimates, not measured.
 SPEEDUP = {"flash": 1.25, "cudnn": 2.0}
 CALL_COST = 20.0
 ROW_COST = 0.02
 LIB_TILE = 128
 TRITON_TILE = 64
+# Backends whose causal mask is top-left aligned when a piece has more queries than keys (the
+# fused pieces need it); flash attention aligns it bottom-right.
+TOP_LEFT = ("cudnn", "cudnn_expand", "reference")
 
 
 def cudnn_usable() -> bool:
@@ -152,40 +185,92 @@ def _triton_tiles(se: torch.Tensor) -> int:
     return int(((n0 <= m_last) & (bmax > m0)).sum())
 
 
-def plan_tree(subtree_end: torch.Tensor) -> TreePlan:
-    """Split the tree mask of `subtree_end [B, T]` (any device; read on the host) into pieces."""
+def _lib_tiles(lq: torch.Tensor, lk: torch.Tensor, causal: bool) -> int:
+    """128 x 128 tiles a library visits: a top-left causal piece skips the tiles wholly above
+    the diagonal of its first Lk queries."""
+    nq, nk = _ceil(lq, LIB_TILE), _ceil(lk, LIB_TILE)
+    if not causal:
+        return int((nq * nk).sum())
+    tri = torch.minimum(nq, nk)
+    return int((tri * (tri + 1) // 2 + (nq - tri) * nk).sum())
+
+
+def _rows(start: torch.Tensor, length: torch.Tensor) -> tuple[Rows, bool]:
+    """The rows of pieces [start, start + length) in order: a span when they are contiguous;
+    and whether no row repeats."""
+    rows = _ranges(start, length)
+    if len(rows) and bool((rows[1:] - rows[:-1] == 1).all()):
+        return (int(rows[0]), int(rows[-1]) + 1), True
+    return rows, len(rows) == 0 or bool(torch.bincount(rows).max() <= 1)
+
+
+def _call(q0: torch.Tensor, lq: torch.Tensor, k0: torch.Tensor, lk: torch.Tensor, causal: bool) -> PieceCall | None:
+    if len(lq) == 0:
+        return None
+    q, q_disjoint = _rows(q0, lq)
+    k, _ = _rows(k0, lk)
+    return PieceCall(Segments.of(lq, lk), causal, q, k, q_disjoint)
+
+
+def _cost(plan: TreePlan, tiles: int, name: str) -> float:
+    gathered = sum(len(r) for c in (plan.base, plan.extra) if c is not None for r in (c.q, c.k)
+                   if not isinstance(r, tuple))
+    combined = 0 if plan.extra is None else plan.extra.seg.cu_q[-1].item()
+    # Backends with one call per group copy each group's rows into the result when there are several.
+    calls = 1 + (plan.extra is not None) if name == "flash" else plan.num_calls
+    copied = plan.num_rows if name != "flash" and len(plan.base.seg.groups) > 1 else 0
+    return (tiles * (LIB_TILE // TRITON_TILE) ** 2 / SPEEDUP[name] + CALL_COST * calls
+            + ROW_COST * (gathered + combined + copied))
+
+
+def plan_tree(subtree_end: torch.Tensor, *, fused: bool | None = None) -> TreePlan:
+    """Split the tree mask of `subtree_end [B, T]` (any device; read on the host) into pieces.
+
+    `fused` forces the fused (True) or split (False) layout; None lets the cost rule choose it
+    together with the backend."""
     se = subtree_end.detach().to("cpu", torch.int64)
     b, t = se.shape
+    n = b * t
     flat = se.reshape(-1)  # [B*T], values local to each row
-    idx = torch.arange(b * t)
-    start = torch.ones(b * t, dtype=torch.bool)
+    idx = torch.arange(n)
+    start = torch.ones(n, dtype=torch.bool)
     start[1:] = flat[1:] != flat[:-1]
     start[::t] = True
     run_start = idx[start]  # [R]
-    run_end = torch.cat([run_start[1:], torch.tensor([b * t])])
+    run_end = torch.cat([run_start[1:], torch.tensor([n])])
     run_len = run_end - run_start
     row0 = (run_start // t) * t
     desc_end = row0 + flat[run_end - 1]  # flat end of each run's subtree
     has = desc_end > run_end
-    q0, q1, k0, k1 = run_end[has], desc_end[has], run_start[has], run_end[has]
-    lq, lk = q1 - q0, k1 - k0
-    n_causal = _ceil(run_len, LIB_TILE)
-    lib_tiles = int((n_causal * (n_causal + 1) // 2).sum() + (_ceil(lq, LIB_TILE) * _ceil(lk, LIB_TILE)).sum())
-    num_dense = int(has.sum())
-    gathered = int(lq.sum()) if num_dense > 1 else 0
-    runs, dense = Segments.of(run_len, run_len), Segments.of(lq, lk) if num_dense else None
-    calls = {"flash": 1 + (dense is not None), "cudnn": len(runs.groups) + (len(dense.groups) if dense else 0)}
-    cost = {name: lib_tiles * (LIB_TILE // TRITON_TILE) ** 2 / SPEEDUP[name] + CALL_COST * calls[name]
-            + ROW_COST * gathered for name in SPEEDUP if name != "cudnn" or cudnn_usable()}
-    backend = min(cost, key=cost.get)
-    plan = TreePlan(b * t, runs, dense, backend=backend, cost_pieces=cost[backend],
-                    cost_triton=float(_triton_tiles(se)))
-    if num_dense == 1:
-        plan.q_span, plan.k_span = (int(q0[0]), int(q1[0])), (int(k0[0]), int(k1[0]))
-    elif num_dense > 1:
-        plan.q_rows = _ranges(q0, lq)
-        plan.k_rows = _ranges(k0, lk)
-        plan.dense_disjoint = bool(torch.bincount(plan.q_rows).max() <= 1)
+    # A root run lies in no earlier run's subtree: no earlier token of its row ends past it.
+    reach = torch.nn.functional.pad(se.cummax(-1).values[:, :-1], (1, 0)).reshape(-1)  # [B*T]
+    root = reach[run_start] <= run_start - row0
+    whole = (0, n)
+    split = TreePlan(n, PieceCall(Segments.of(run_len, run_len), True, whole, whole),
+                     _call(run_end[has], desc_end[has] - run_end[has], run_start[has], run_len[has], False))
+    tiles_split = _lib_tiles(run_len, run_len, True) + _lib_tiles(desc_end[has] - run_end[has], run_len[has], False)
+    piece_end = torch.where(has, desc_end, run_end)
+    lq = piece_end - run_start
+    base = _call(run_start[root], lq[root], run_start[root], run_len[root], True)
+    fused_plan = TreePlan(n, base, _call(run_start[~root], lq[~root], run_start[~root], run_len[~root], True),
+                          fused=True)
+    tiles_fused = _lib_tiles(lq, run_len, True)
+    options = []
+    for name in SPEEDUP:
+        # Forced fused pieces are priced as cuDNN's even where it is missing (the reference backend runs them).
+        if name == "cudnn" and not cudnn_usable() and not fused:
+            continue
+        for plan, tiles in ((split, tiles_split), (fused_plan, tiles_fused)):
+            if fused is not None and plan.fused != fused:
+                continue
+            if plan.fused and (name not in TOP_LEFT or not fused and not cudnn_top_left()):
+                continue
+            options.append((_cost(plan, tiles, name), name, plan))
+    cost, name, plan = min(options, key=lambda o: o[0])
+    plan.backend, plan.cost_pieces, plan.cost_triton = name, cost, float(_triton_tiles(se))
+    if plan.fused and fused is None:
+        cost, name, plan.split = min((o for o in options if not o[2].fused), key=lambda o: o[0])
+        plan.split.backend, plan.split.cost_pieces, plan.split.cost_triton = name, cost, plan.cost_triton
     return plan
 
 
@@ -207,7 +292,10 @@ class PieceBackend(Protocol):
 
 class FlashBackend:
     """torch's flash attention (FlashAttention-2 inside ATen), variable-length form, with GQA:
-    one call for all sequences of a Segments."""
+    one call for all sequences of a Segments. Its causal mask is aligned bottom-right, so it
+    takes no fused plan (pieces with more queries than keys)."""
+
+    top_left = False
 
     def fwd(self, q, k, v, seg, causal, scale):
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
@@ -223,27 +311,28 @@ class FlashBackend:
             do, q, k, v, o, lse, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, 0.0, causal, rng, unused, scale=scale)
 
 
-def _single_key_fwd(q, k, v, scale):
-    """Row i of q [n, Hq, D] against its one key k[i], v[i] [n, Hkv, D]: out = v, lse = the score."""
+def _single_key_fwd(q, k, v, scale, lq=1):
+    """Segments of one key: q [n * lq, Hq, D], k, v [n, Hkv, D]. Every query of segment i sees key
+    i alone (dense, or causal aligned top-left), so out = v and lse = the score."""
     rep = q.shape[1] // k.shape[1]
-    ki, vi = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    s = (q.float() * ki.float()).sum(-1) * scale  # [n, Hq]
+    ki, vi = (x.repeat_interleave(rep, dim=1).repeat_interleave(lq, dim=0) for x in (k, v))
+    s = (q.float() * ki.float()).sum(-1) * scale  # [n * lq, Hq]
     return vi, s.t()
 
 
-def _single_key_bwd(do, q, k, v, o, lse, scale):
+def _single_key_bwd(do, q, k, v, o, lse, scale, lq=1):
     """The backward of `_single_key_fwd` given the whole row's o and lse (as every piece's)."""
     rep = q.shape[1] // k.shape[1]
-    ki, vi = k.repeat_interleave(rep, dim=1).float(), v.repeat_interleave(rep, dim=1).float()
+    ki, vi = (x.repeat_interleave(rep, dim=1).repeat_interleave(lq, dim=0).float() for x in (k, v))
     dof, qf = do.float(), q.float()
-    p = torch.exp((qf * ki).sum(-1) * scale - lse.t())  # [n, Hq]
+    p = torch.exp((qf * ki).sum(-1) * scale - lse.t())  # [n * lq, Hq]
     ds = p * ((dof * vi).sum(-1) - (dof * o.float()).sum(-1))
 
-    def per_kv(x):  # [n, Hq, D] -> [n, Hkv, D]
-        return x.unflatten(1, (k.shape[1], rep)).sum(2)
+    def per_key(x):  # [n * lq, Hq, D] -> [n, Hkv, D], summed in fp32
+        return x.unflatten(0, (k.shape[0], lq)).sum(1).unflatten(1, (k.shape[1], rep)).sum(2)
 
     dq = (ds[..., None] * ki * scale).to(q.dtype)
-    return dq, per_kv(ds[..., None] * qf * scale).to(k.dtype), per_kv(p[..., None] * dof).to(v.dtype)
+    return dq, per_key(ds[..., None] * qf * scale).to(k.dtype), per_key(p[..., None] * dof).to(v.dtype)
 
 
 class CudnnBackend:
@@ -252,6 +341,7 @@ class CudnnBackend:
 
     # Whether this cuDNN takes fewer key/value heads than query heads; learnt on the first call.
     native_gqa: bool | None = None
+    top_left = True
 
     def __init__(self, expand_kv: bool = False) -> None:
         # GQA by repeating the key/value heads, for a cuDNN that takes only equal head counts.
@@ -274,31 +364,42 @@ class CudnnBackend:
             return g
         return g.unflatten(1, (k.shape[1], -1)).sum(2)
 
+    def _attend(self, q, k, v, qa, ka, n, lq, lk, causal, scale):
+        qg = self._view(q, qa, n, lq)
+        kg, vg = self._kv(q, k, v, ka, n, lk)
+        try:
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                qg, kg, vg, None, True, 0.0, causal, False, scale=scale)
+        except RuntimeError:
+            if kg.shape[1] == qg.shape[1] or CudnnBackend.native_gqa:
+                raise
+            # This cuDNN refuses GQA: repeat the key/value heads from now on.
+            CudnnBackend.native_gqa, self.expand_kv = False, True
+            kg, vg = self._kv(q, k, v, ka, n, lk)
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                qg, kg, vg, None, True, 0.0, causal, False, scale=scale)
+        if kg.shape[1] != qg.shape[1]:
+            CudnnBackend.native_gqa = True
+        return res
+
     def fwd(self, q, k, v, seg, causal, scale):
+        if len(seg.groups) == 1 and seg.groups[0][4] > 1:
+            # One group holds every row: cuDNN's own output (token-major, as q) is the result.
+            qa, ka, n, lq, lk = seg.groups[0]
+            res = self._attend(q, k, v, qa, ka, n, lq, lk, causal, scale)
+            out = res[0].transpose(1, 2).reshape(q.shape)  # [n, Lq, H, D] -> rows: a view
+            lse = res[1].reshape(n, -1, lq).transpose(0, 1).reshape(q.shape[1], -1)  # [H, n*Lq]
+            return out, lse, [(res[1].shape, res[6], res[7])]
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
         states = []
         for qa, ka, n, lq, lk in seg.groups:
-            if lq == lk == 1:  # cuDNN refuses s_q = s_kv = 1: one key per row, done in closed form
-                o1, l1 = _single_key_fwd(q[qa:qa + n], k[ka:ka + n], v[ka:ka + n], scale)
-                out[qa:qa + n], lse[:, qa:qa + n] = o1, l1
+            if lk == 1:  # cuDNN refuses s_q = s_kv = 1; one key per segment has a closed form
+                rows = slice(qa, qa + n * lq)
+                out[rows], lse[:, rows] = _single_key_fwd(q[rows], k[ka:ka + n], v[ka:ka + n], scale, lq)
                 states.append(None)
                 continue
-            qg = self._view(q, qa, n, lq)
-            kg, vg = self._kv(q, k, v, ka, n, lk)
-            try:
-                res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                    qg, kg, vg, None, True, 0.0, causal, False, scale=scale)
-            except RuntimeError:
-                if kg.shape[1] == qg.shape[1] or CudnnBackend.native_gqa:
-                    raise
-                # This cuDNN refuses GQA: repeat the key/value heads from now on.
-                CudnnBackend.native_gqa, self.expand_kv = False, True
-                kg, vg = self._kv(q, k, v, ka, n, lk)
-                res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                    qg, kg, vg, None, True, 0.0, causal, False, scale=scale)
-            if kg.shape[1] != qg.shape[1]:
-                CudnnBackend.native_gqa = True
+            res = self._attend(q, k, v, qa, ka, n, lq, lk, causal, scale)
             o, l = res[0], res[1]
             self._view(out, qa, n, lq).copy_(o)
             lse[:, qa:qa + n * lq].view(-1, n, lq).copy_(l.reshape(n, -1, lq).transpose(0, 1))
@@ -306,11 +407,14 @@ class CudnnBackend:
         return out, lse, states
 
     def bwd(self, do, q, k, v, o, lse, seg, causal, scale, states):
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        single = len(seg.groups) == 1 and states[0] is not None
+        if not single:
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for (qa, ka, n, lq, lk), state in zip(seg.groups, states):
             if state is None:
-                dq[qa:qa + n], dk[ka:ka + n], dv[ka:ka + n] = _single_key_bwd(
-                    do[qa:qa + n], q[qa:qa + n], k[ka:ka + n], v[ka:ka + n], o[qa:qa + n], lse[:, qa:qa + n], scale)
+                rows = slice(qa, qa + n * lq)
+                dq[rows], dk[ka:ka + n], dv[ka:ka + n] = _single_key_bwd(
+                    do[rows], q[rows], k[ka:ka + n], v[ka:ka + n], o[rows], lse[:, rows], scale, lq)
                 continue
             lshape, seed, offset = state
             qg = self._view(q, qa, n, lq)
@@ -319,14 +423,21 @@ class CudnnBackend:
             lg = lse[:, qa:qa + n * lq].view(-1, n, lq).transpose(0, 1).contiguous().view(lshape)
             g = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
                 dog, qg, kg, vg, og, lg, seed, offset, None, None, None, lq, lk, 0.0, causal, scale=scale)
+            gk, gv = self._reduce(g[1], k), self._reduce(g[2], k)
+            if single:
+                # cuDNN's gradients take q's and k's token-major layout: views, no copies.
+                return (g[0].transpose(1, 2).reshape(q.shape), gk.transpose(1, 2).reshape(k.shape),
+                        gv.transpose(1, 2).reshape(v.shape))
             self._view(dq, qa, n, lq).copy_(g[0])
-            self._view(dk, ka, n, lk).copy_(self._reduce(g[1], k))
-            self._view(dv, ka, n, lk).copy_(self._reduce(g[2], k))
+            self._view(dk, ka, n, lk).copy_(gk)
+            self._view(dv, ka, n, lk).copy_(gv)
         return dq, dk, dv
 
 
 class ReferenceBackend:
     """The same two operations in plain PyTorch, sequence by sequence (tests, any dtype/device)."""
+
+    top_left = True
 
     @staticmethod
     def _scores(q, k, i, seg, causal, scale):
@@ -371,46 +482,63 @@ BACKENDS = {"flash": FlashBackend, "cudnn": CudnnBackend, "cudnn_expand": lambda
             "reference": ReferenceBackend}
 
 
-def _take(x: torch.Tensor, rows: torch.Tensor | None, span: tuple[int, int] | None) -> torch.Tensor:
-    return x[span[0]:span[1]] if rows is None else x.index_select(0, rows)
+@functools.cache
+def cudnn_top_left() -> bool:
+    """Whether ATen's cuDNN attention aligns its causal mask top-left on a piece with more
+    queries than keys, forward and backward, as the fused pieces need. torch does not document
+    it, so it is checked once, on a small GQA piece, against the reference backend."""
+    if not cudnn_usable():
+        return False
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(n, h, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   for n, h in ((192, 2), (64, 1), (64, 1), (192, 2)))
+    seg = Segments.of(torch.tensor([192]), torch.tensor([64])).to("cuda")
+    try:
+        be = CudnnBackend()
+        o, lse, st = be.fwd(q, k, v, seg, True, 0.125)
+        got = (o, *be.bwd(do, q, k, v, o, lse, seg, True, 0.125, st))
+    except RuntimeError:
+        return False
+    ref = ReferenceBackend()
+    x32 = [t.float() for t in (q, k, v)]
+    o32, lse32, _ = ref.fwd(*x32, seg, True, 0.125)
+    want = (o32, *ref.bwd(do.float(), *x32, o32, lse32, seg, True, 0.125, None))
+    return all(((a.float() - b).norm() / b.norm()).item() < 2e-2 for a, b in zip(got, want))
 
 
-def _combine(o_c, lse_c, o_d, lse_d, plan: TreePlan):
-    """Merge the causal pieces' (o_c [N, H, D], lse_c [H, N]) with the dense pieces' rows."""
-    if plan.dense_disjoint and o_c.is_cuda:
+def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    return x[rows[0]:rows[1]] if isinstance(rows, tuple) else x.index_select(0, rows)
+
+
+def _combine(o, lse, o_x, lse_x, call: PieceCall):
+    """Merge the extra pieces' (o_x [NQ, H, D], lse_x [H, NQ]) into the base's (o [N, H, D],
+    lse [H, N]) at the rows `call.q`."""
+    rows = call.q
+    if call.q_disjoint and o.is_cuda:
         from forge.kernels.tree_attention.triton_combine import lse_combine_
 
-        lse_combine_(o_c, lse_c, o_d, lse_d, plan.q_rows, plan.q_span[0] if plan.q_span else 0)
-        return o_c, lse_c
-    if plan.q_span is not None:
-        a, b = plan.q_span
-        lc = lse_c[:, a:b]
-        lse = torch.logaddexp(lc, lse_d)  # [H, NQ]
-        wc = torch.exp(lc - lse).t()[..., None]  # [NQ, H, 1]
-        wd = torch.exp(lse_d - lse).t()[..., None]
-        o = o_c  # fresh from the causal call: write the combined rows in place
-        o[a:b] = (o_c[a:b].to(wc.dtype) * wc + o_d.to(wd.dtype) * wd).to(o.dtype)
-        lse_c[:, a:b] = lse
-        return o, lse_c
-    rows = plan.q_rows
-    h = lse_c.shape[0]
-    # A token may lie in several dense pieces (one per ancestor run): reduce over all of them.
-    m = lse_c.scatter_reduce(1, rows.expand(h, -1), lse_d, "amax")  # [H, N]
-    wc = torch.exp(lse_c - m)
-    wd = torch.exp(lse_d - m[:, rows])  # [H, NQ]
-    s = wc.index_add(1, rows, wd)
-    acc = o_c.to(wc.dtype) * (wc / s).t()[..., None]  # [N, H, D]
-    acc.index_add_(0, rows, o_d.to(wd.dtype) * (wd / s[:, rows]).t()[..., None])
-    return acc.to(o_c.dtype), m + torch.log(s)
+        span = isinstance(rows, tuple)
+        lse_combine_(o, lse, o_x, lse_x, None if span else rows, rows[0] if span else 0)
+        return o, lse
+    if isinstance(rows, tuple):
+        rows = torch.arange(*rows, device=o.device)
+    h = lse.shape[0]
+    # A token may lie in several extra pieces (one per ancestor run): reduce over all of them.
+    m = lse.scatter_reduce(1, rows.expand(h, -1), lse_x, "amax")  # [H, N]
+    wc = torch.exp(lse - m)
+    wx = torch.exp(lse_x - m[:, rows])  # [H, NQ]
+    tot = wc.index_add(1, rows, wx)
+    acc = o.to(wc.dtype) * (wc / tot).t()[..., None]  # [N, H, D]
+    acc.index_add_(0, rows, o_x.to(wx.dtype) * (wx / tot[:, rows]).t()[..., None])
+    return acc.to(o.dtype), m + torch.log(tot)
 
 
-def _add_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None, span: tuple[int, int] | None,
-              disjoint: bool):
+def _add_rows(dst: torch.Tensor, src: torch.Tensor, rows: Rows, disjoint: bool) -> torch.Tensor:
     """dst[rows] += src. Each row of dst takes one addition when `disjoint` (both operands
     already rounded to dst's dtype, so an in-place add rounds once, as an fp32 sum would);
-    rows in several pieces accumulate in fp32 and round once."""
-    if rows is None:
-        dst[span[0]:span[1]] += src
+    rows listed several times accumulate in fp32 and round once."""
+    if isinstance(rows, tuple):
+        dst[rows[0]:rows[1]] += src
         return dst
     if disjoint:
         return dst.index_add_(0, rows, src)
@@ -418,32 +546,46 @@ def _add_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None, s
     return dst.to(acc_t).index_add_(0, rows, src.to(acc_t)).to(dst.dtype)
 
 
+def _place_rows(src: torch.Tensor, rows: Rows, n: int) -> torch.Tensor:
+    """[n, ...] holding src at `rows` (each at most once) and zeros elsewhere; src itself when
+    rows are all n rows in order."""
+    if isinstance(rows, tuple) and rows == (0, n):
+        return src
+    out = src.new_zeros(n, *src.shape[1:])
+    if isinstance(rows, tuple):
+        out[rows[0]:rows[1]] = src
+        return out
+    return out.index_copy_(0, rows, src)
+
+
 def pieces_fwd(q, k, v, plan: TreePlan, scale: float, backend: PieceBackend):
     """q [N, Hq, D], k, v [N, Hkv, D] (flattened rows) -> (o [N, Hq, D], lse [Hq, N], states)."""
-    o, lse, st_c = backend.fwd(q, k, v, plan.runs, True, scale)
-    if plan.num_dense == 0:
-        return o, lse, (st_c, None)
-    qd = _take(q, plan.q_rows, plan.q_span)
-    kd, vd = _take(k, plan.k_rows, plan.k_span), _take(v, plan.k_rows, plan.k_span)
-    o_d, lse_d, st_d = backend.fwd(qd, kd, vd, plan.dense, False, scale)
-    o, lse = _combine(o, lse, o_d, lse_d, plan)
-    return o, lse, (st_c, st_d)
+    base, extra = plan.base, plan.extra
+    o, lse, st_b = backend.fwd(q, _take(k, base.k), _take(v, base.k), base.seg, base.causal, scale)
+    if extra is None:
+        return o, lse, (st_b, None)
+    o_x, lse_x, st_x = backend.fwd(_take(q, extra.q), _take(k, extra.k), _take(v, extra.k), extra.seg,
+                                   extra.causal, scale)
+    o, lse = _combine(o, lse, o_x, lse_x, extra)
+    return o, lse, (st_b, st_x)
 
 
 def pieces_bwd(do, q, k, v, o, lse, plan: TreePlan, scale: float, backend: PieceBackend, states):
-    st_c, st_d = states
-    dq, dk, dv = backend.bwd(do, q, k, v, o, lse, plan.runs, True, scale, st_c)
-    if plan.num_dense == 0:
+    st_b, st_x = states
+    base, extra = plan.base, plan.extra
+    n = q.shape[0]
+    dq, dk, dv = backend.bwd(do, q, _take(k, base.k), _take(v, base.k), o, lse, base.seg, base.causal, scale, st_b)
+    dk, dv = _place_rows(dk, base.k, n), _place_rows(dv, base.k, n)
+    if extra is None:
         return dq, dk, dv
-    qr, kr = plan.q_rows, plan.k_rows
-    qd, kd, vd = _take(q, qr, plan.q_span), _take(k, kr, plan.k_span), _take(v, kr, plan.k_span)
-    dod, od = _take(do, qr, plan.q_span), _take(o, qr, plan.q_span)
-    lsed = (lse[:, plan.q_span[0]:plan.q_span[1]] if qr is None else lse[:, qr]).contiguous()
-    dqd, dkd, dvd = backend.bwd(dod, qd, kd, vd, od, lsed, plan.dense, False, scale, st_d)
-    dq = _add_rows(dq, dqd, qr, plan.q_span, plan.dense_disjoint)
-    # Every run is the key side of at most one dense piece.
-    dk = _add_rows(dk, dkd, kr, plan.k_span, True)
-    dv = _add_rows(dv, dvd, kr, plan.k_span, True)
+    rows = extra.q
+    lse_x = (lse[:, rows[0]:rows[1]] if isinstance(rows, tuple) else lse[:, rows]).contiguous()
+    dqx, dkx, dvx = backend.bwd(_take(do, rows), _take(q, rows), _take(k, extra.k), _take(v, extra.k),
+                                _take(o, rows), lse_x, extra.seg, extra.causal, scale, st_x)
+    dq = _add_rows(dq, dqx, rows, extra.q_disjoint)
+    # Every run is the key side of at most one extra piece.
+    dk = _add_rows(dk, dkx, extra.k, True)
+    dv = _add_rows(dv, dvx, extra.k, True)
     return dq, dk, dv
 
 
@@ -501,5 +643,12 @@ def tree_attention_pieces(
             raise ValueError(f"flash attention takes CUDA fp16/bf16 with head size a multiple of 8 up to 256; got "
                              f"{q.device} {q.dtype} head size {q.shape[-1]} (use tree_attention)")
         # cuDNN's fused attention is taken up to head size 128 only (what has been tested).
-        backend = BACKENDS[backend or (plan.backend if q.shape[-1] <= 128 else "flash")]()
+        name = backend or (plan.backend if q.shape[-1] <= 128 else "flash")
+        if plan.fused and name not in TOP_LEFT:
+            # cuDNN is not taken here (head size): the split pieces instead.
+            plan = plan.split if plan.split is not None else plan_tree(subtree_end, fused=False).to(q.device)
+        backend = BACKENDS[name]()
+    if plan.fused and not getattr(backend, "top_left", False):
+        raise ValueError(f"{type(backend).__name__} aligns its causal mask bottom-right; the fused pieces need "
+                         "top-left (cuDNN, reference): pass plan_tree(subtree_end, fused=False)")
     return TreePiecesFunction.apply(q, k, v, plan, float(scale), backend)
