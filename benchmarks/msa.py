@@ -269,8 +269,9 @@ def sweep_kv(t, args, q, k, v, sel, emit):
     triton_attention.KV_FORWARD, triton_attention.ITEM_QUERIES, triton_attention.PARTIAL_BYTES = saved
 
 
-# Decode scan settings: (programs per multiprocessor, KiB of index-key pages in flight per program).
-SCAN_CONFIGS = [(1, 128), (1, 192), (2, 64), (2, 96), (4, 48)]
+# Decode settings: (scan programs per multiprocessor, KiB of index-key pages in flight per scan
+# program, warps of the attention programs).
+DECODE_CONFIGS = [(2, 96, 8), (2, 96, 4), (4, 48, 8), (1, 192, 8)]
 
 
 def sweep_decode(t, args, q, k, v, ik, emit):
@@ -280,23 +281,24 @@ def sweep_decode(t, args, q, k, v, ik, emit):
     pages = torch.arange(t // bs, device="cuda", dtype=torch.int32).view(1, -1)
     kv_len = torch.tensor([t], device="cuda", dtype=torch.int32)
     qd = q[:, -1:].contiguous()
-    saved = (triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT)
+    saved = (triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT, triton_decode.DECODE_WARPS)
     variants = [(di, torch.bfloat16) for di in args.index_dims] + [(di, torch.float8_e4m3fn) for di in args.fp8_index_dims]
     for di, ik_dtype in variants:
         ikc = ik[0, :, :di].to(ik_dtype).contiguous().view(t // bs, bs, di)
         iqd = torch.randn(1, 1, HKV, di, device="cuda", dtype=torch.bfloat16)
         moved = t * di * ikc.element_size() + HKV * top_k * bs * D * 2 * 2
         step_fn = lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k)  # noqa: E731
-        for per_sm, kib in SCAN_CONFIGS:
+        for per_sm, kib, warps in DECODE_CONFIGS:
             triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT = per_sm, kib << 10
+            triton_decode.DECODE_WARPS = warps
             try:
                 ms = timed(graphed(step_fn), reps=50, warmup=5)
             except Exception as err:  # a pipeline deeper than shared memory holds does not launch
                 print(f"decode Di={di} {ik_dtype}: {per_sm}/SM {kib} KiB: {str(err).splitlines()[0][:160]}")
                 continue
             emit(dict(kind="sweep_decode", T=t, Di=di, index_dtype=str(ik_dtype).split(".")[-1],
-                      programs_per_sm=per_sm, kib_in_flight=kib, ms=ms, tb_s=moved / ms / 1e9))
-        triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT = saved
+                      programs_per_sm=per_sm, kib_in_flight=kib, warps=warps, ms=ms, tb_s=moved / ms / 1e9))
+        triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT, triton_decode.DECODE_WARPS = saved
         profile(t, f"decode Di={di} {ik_dtype}", step_fn)
 
 
@@ -432,7 +434,8 @@ def print_table(rows) -> None:
                   f"warps {r['num_warps']} stages {r['num_stages']}")
         elif r["kind"] == "sweep_decode":
             print(f"{'sweep decode':14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.3f}  {r['index_dtype']} "
-                  f"{r['tb_s']:.2f} TB/s, scan programs/SM {r['programs_per_sm']}, {r['kib_in_flight']} KiB in flight")
+                  f"{r['tb_s']:.2f} TB/s, scan programs/SM {r['programs_per_sm']}, {r['kib_in_flight']} KiB in flight, "
+                  f"attention warps {r['warps']}")
         elif r["kind"] == "retrieval":
             print(f"{'retrieval':14} {r['T']:>8} {r['Di']:>4} recall {r['recall']:.3f}")
 

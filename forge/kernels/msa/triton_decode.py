@@ -48,6 +48,8 @@ SCAN_BYTES_IN_FLIGHT = 96 << 10
 # Groups of scan programs whose maxima bound the merge, and the most candidates it ranks at once.
 MERGE_GROUPS = 64
 MERGE_CAP = 64
+# Warps of the attention programs (merge, one page, combine).
+DECODE_WARPS = 8
 
 
 @triton.jit
@@ -93,55 +95,52 @@ def msa_decode_scan_kernel(
         # Each token's own page is always kept: it does not compete.
         score = tl.where(pos // BLOCK_SIZE == n, float("-inf"), tl.max(s, 1))  # [BLOCK_R]
         top_s, top_i = insert_block(top_s, top_i, score, n, slot, KP)
-    cand = ((b * N_PROG + pid) * BLOCK_R + rows) * KP  # [BLOCK_R]
+    # A row's candidates are contiguous, program after program: [B, BLOCK_R, N_PROG * NKEEP].
+    cand = (b * BLOCK_R + rows) * (N_PROG * NKEEP) + pid * NKEEP  # [BLOCK_R]
     keep = r_ok[:, None] & (slot[None, :] < NKEEP)
-    tl.store(CS + cand[:, None] + slot[None, :], tl.where(keep, top_s, float("-inf")), mask=r_ok[:, None])
-    tl.store(CI + cand[:, None] + slot[None, :], tl.where(keep, top_i, -1), mask=r_ok[:, None])
+    tl.store(CS + cand[:, None] + slot[None, :], top_s, mask=keep)
+    tl.store(CI + cand[:, None] + slot[None, :], top_i, mask=keep)
 
 
 @triton.jit
 def merge_candidates(
-    CS, CI, SCR_S, SCR_I, row, N_PROG,
-    ROW_STRIDE: tl.constexpr, KP: tl.constexpr, NPG: tl.constexpr, NG: tl.constexpr, CAP: tl.constexpr,
-    NSEL: tl.constexpr, KSEL: tl.constexpr,
+    CS, CI, SCR_S, SCR_I, row, N_CAND,
+    NC: tl.constexpr, NG: tl.constexpr, CAP: tl.constexpr, NSEL: tl.constexpr, KSEL: tl.constexpr,
 ):
-    """The NSEL best of one row's scan candidates: blocks [KSEL] int32 by descending score, -1 past the last.
+    """The NSEL best of one row's N_CAND scan candidates: blocks [KSEL] int32 by descending score, -1 past the last.
 
-    Program p's KP candidates of the row start at `row + p * ROW_STRIDE`; -inf scores are empty.
-    SCR_S, SCR_I: CAP scratch scores and blocks of this program. Ties go to the lower block.
+    The row's candidates are CS[row:row + N_CAND] (scores, -inf for empty) and CI (distinct
+    blocks); SCR_S, SCR_I: CAP scratch scores and blocks of this program. Ties go to the lower block.
     """
-    p = tl.arange(0, NPG)
-    j = tl.arange(0, KP)
-    addr = row + p[:, None] * ROW_STRIDE + j[None, :]  # [NPG, KP]
-    cs = tl.load(CS + addr, mask=(p < N_PROG)[:, None], other=float("-inf"))
-    ci = tl.load(CI + addr, mask=(p < N_PROG)[:, None], other=-1)
-    # Group g holds programs g, g + NG, ...: the NSEL-th best group maximum is reached by NSEL
-    # distinct blocks, so no block below it is among the NSEL best.
-    g_max = tl.max(tl.max(tl.reshape(cs, [NPG // NG, NG, KP]), 2), 0)  # [NG]
+    c = tl.arange(0, NC)
+    cs = tl.load(CS + row + c, mask=c < N_CAND, other=float("-inf"))  # [NC]
+    ci = tl.load(CI + row + c, mask=c < N_CAND, other=-1)
+    # The NSEL-th best maximum of NG disjoint groups of candidates is reached by NSEL distinct
+    # blocks, so no block below it is among the NSEL best.
+    g_max = tl.max(tl.reshape(cs, [NG, NC // NG]), 1)  # [NG]
     n_ge = tl.sum((g_max[None, :] >= g_max[:, None]).to(tl.int32), 1)  # [NG]
     bound = tl.max(tl.where(n_ge >= NSEL, g_max, float("-inf")), 0)
-    reach = (cs >= bound) & (cs > float("-inf"))  # [NPG, KP]
-    n_reach = tl.sum(tl.sum(reach.to(tl.int32), 1), 0)
+    reach = (cs >= bound) & (cs > float("-inf"))  # [NC]
+    n_reach = tl.sum(reach.to(tl.int32), 0)
     slot = tl.arange(0, KSEL)
     if n_reach <= CAP:
-        flat = tl.reshape(reach, [NPG * KP])
-        at = tl.cumsum(flat.to(tl.int32), 0) - 1
-        tl.store(SCR_S + at, tl.reshape(cs, [NPG * KP]), mask=flat)
-        tl.store(SCR_I + at, tl.reshape(ci, [NPG * KP]), mask=flat)
+        at = tl.cumsum(reach.to(tl.int32), 0) - 1
+        tl.store(SCR_S + at, cs, mask=reach)
+        tl.store(SCR_I + at, ci, mask=reach)
         tl.debug_barrier()
-        c = tl.arange(0, CAP)
-        c_ok = c < n_reach
-        ss = tl.load(SCR_S + c, mask=c_ok, other=float("-inf"))
-        si = tl.load(SCR_I + c, mask=c_ok, other=2**31 - 1)
+        k = tl.arange(0, CAP)
+        k_ok = k < n_reach
+        ss = tl.load(SCR_S + k, mask=k_ok, other=float("-inf"))
+        si = tl.load(SCR_I + k, mask=k_ok, other=2**31 - 1)
         # Rank of candidate x: how many candidates y come before it (higher, or equal and lower block).
         before = (ss[None, :] > ss[:, None]) | ((ss[None, :] == ss[:, None]) & (si[None, :] < si[:, None]))
-        rank = tl.where(c_ok, tl.sum((before & c_ok[None, :]).to(tl.int32), 1), CAP)  # [CAP]
+        rank = tl.where(k_ok, tl.sum((before & k_ok[None, :]).to(tl.int32), 1), CAP)  # [CAP]
         best = tl.max(tl.where(rank[None, :] == slot[:, None], si[None, :], -1), 1)  # [KSEL]
     else:
         best = tl.full([KSEL], -1, tl.int32)
         for s in range(NSEL):
-            top = tl.max(tl.max(cs, 1), 0)
-            blk = tl.min(tl.min(tl.where(cs == top, ci, 2**31 - 1), 1), 0)
+            top = tl.max(cs, 0)
+            blk = tl.min(tl.where(cs == top, ci, 2**31 - 1), 0)
             best = tl.where(slot == s, tl.where(top > float("-inf"), blk, -1), best)
             cs = tl.where(ci == blk, float("-inf"), cs)
     return best
@@ -149,9 +148,9 @@ def merge_candidates(
 
 @triton.jit
 def msa_decode_merge_kernel(
-    CS, CI, SCR_S, SCR_I, SEL, KV_LEN, TN, N_PROG,
+    CS, CI, SCR_S, SCR_I, SEL, KV_LEN, TN, N_CAND,
     stride_sb, stride_st, stride_sh,
-    HKV: tl.constexpr, BLOCK_R: tl.constexpr, KP: tl.constexpr, NPG: tl.constexpr, NG: tl.constexpr,
+    HKV: tl.constexpr, BLOCK_R: tl.constexpr, NC: tl.constexpr, NG: tl.constexpr,
     CAP: tl.constexpr, KSEL: tl.constexpr, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     # The selection alone (select_blocks_decode): one program per (token, group).
@@ -160,8 +159,8 @@ def msa_decode_merge_kernel(
     sel_row = SEL + b * stride_sb + (r // HKV) * stride_st + (r % HKV) * stride_sh
     if TOPK > 1:
         scr = (b * BLOCK_R + r) * CAP
-        best = merge_candidates(CS, CI, SCR_S + scr, SCR_I + scr, (b * N_PROG * BLOCK_R + r) * KP, N_PROG,
-                                ROW_STRIDE=BLOCK_R * KP, KP=KP, NPG=NPG, NG=NG, CAP=CAP, NSEL=TOPK - 1, KSEL=KSEL)
+        best = merge_candidates(CS, CI, SCR_S + scr, SCR_I + scr, (b * BLOCK_R + r) * N_CAND, N_CAND,
+                                NC=NC, NG=NG, CAP=CAP, NSEL=TOPK - 1, KSEL=KSEL)
         slot = tl.arange(0, KSEL)
         tl.store(sel_row + slot, best, mask=slot < TOPK - 1)
     pos = tl.load(KV_LEN + b) - TN + r // HKV
@@ -170,7 +169,7 @@ def msa_decode_merge_kernel(
 
 @triton.jit
 def msa_decode_fwd_kernel(
-    Q, K, V, PAGES, KV_LEN, CS, CI, SCR_S, SCR_I, SEL, OP, LP, CNT, O, scale, TN, N_PROG,
+    Q, K, V, PAGES, KV_LEN, CS, CI, SCR_S, SCR_I, SEL, OP, LP, CNT, O, scale, TN, N_CAND,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -179,8 +178,7 @@ def msa_decode_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     HKV: tl.constexpr, REP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-    KP: tl.constexpr, NPG: tl.constexpr, NG: tl.constexpr, CAP: tl.constexpr, KSEL: tl.constexpr,
-    IS_INTERPRET: tl.constexpr,
+    NC: tl.constexpr, NG: tl.constexpr, CAP: tl.constexpr, KSEL: tl.constexpr, IS_INTERPRET: tl.constexpr,
 ):
     r = tl.program_id(0)  # row: token r // HKV, group r % HKV
     b = tl.program_id(1).to(tl.int64)
@@ -192,8 +190,8 @@ def msa_decode_fwd_kernel(
     row_part = (b * BLOCK_R + r) * TOPK  # this row's first partial
     if s < TOPK - 1:
         scr = (row_part + s) * CAP
-        best = merge_candidates(CS, CI, SCR_S + scr, SCR_I + scr, (b * N_PROG * BLOCK_R + r) * KP, N_PROG,
-                                ROW_STRIDE=BLOCK_R * KP, KP=KP, NPG=NPG, NG=NG, CAP=CAP, NSEL=TOPK - 1, KSEL=KSEL)
+        best = merge_candidates(CS, CI, SCR_S + scr, SCR_I + scr, (b * BLOCK_R + r) * N_CAND, N_CAND,
+                                NC=NC, NG=NG, CAP=CAP, NSEL=TOPK - 1, KSEL=KSEL)
         blk = tl.sum(tl.where(tl.arange(0, KSEL) == s, best, 0), 0)
     tl.store(SEL + b * stride_sb + tok * stride_st + g * stride_sh + s, blk)
 
@@ -213,8 +211,8 @@ def msa_decode_fwd_kernel(
         D=D, BLOCK_SIZE=BLOCK_SIZE, USE_PAGES=True, IS_INTERPRET=IS_INTERPRET)
     out, lse2 = finish_block(m_i, l_i, acc)  # an empty slot (-1): lse2 = -inf, out = 0
     p_rows = (row_part + s) * BLOCK_H + offs_h  # [BLOCK_H] rows of OP [B, BLOCK_R, TOPK, BLOCK_H, D]
-    tl.store(OP + p_rows[:, None] * D + offs_d[None, :], out)
-    tl.store(LP + p_rows, lse2)
+    tl.store(OP + p_rows[:, None] * D + offs_d[None, :], out, mask=h_ok[:, None])
+    tl.store(LP + p_rows, lse2, mask=h_ok)
 
     # Every thread's partial is stored before the arrival is counted (release); the last
     # program reads the others' partials from L2 after its count (acquire).
@@ -223,7 +221,8 @@ def msa_decode_fwd_kernel(
     if arrived == TOPK - 1:
         slots = tl.arange(0, TOPK_P)
         rows_all = (row_part + slots)[:, None] * BLOCK_H + offs_h[None, :]  # [TOPK_P, BLOCK_H]
-        lse_s = tl.load(LP + rows_all, mask=(slots < TOPK)[:, None], other=float("-inf"), cache_modifier=".cg")
+        lse_s = tl.load(LP + rows_all, mask=(slots < TOPK)[:, None] & h_ok[None, :], other=float("-inf"),
+                        cache_modifier=".cg")
         lse_max = tl.max(lse_s, 0)
         lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
         w = tl.math.exp2(lse_s - lse_ref[None, :])  # [TOPK_P, BLOCK_H], 0 for empty slots
@@ -232,7 +231,7 @@ def msa_decode_fwd_kernel(
         for i in tl.static_range(TOPK):
             w_i = tl.sum(tl.where(slots[:, None] == i, w, 0.0), 0)  # [BLOCK_H]
             o_i = tl.load(OP + ((row_part + i) * BLOCK_H + offs_h)[:, None] * D + offs_d[None, :],
-                          cache_modifier=".cg")  # [BLOCK_H, D]
+                          mask=h_ok[:, None], other=0.0, cache_modifier=".cg")  # [BLOCK_H, D]
             o += w_i[:, None] * o_i
         w_sum = tl.sum(w, 0)
         o = o / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
@@ -241,7 +240,7 @@ def msa_decode_fwd_kernel(
 
 
 class _Scan:
-    """The scan's candidates for a step: cs, ci [B, n_prog, block_r, kp] and zeroed counters cnt [B, block_r]."""
+    """The scan's candidates for a step: cs, ci [B, block_r, n_cand] and zeroed counters cnt [B, block_r]."""
 
     def __init__(self, iq, ik_cache, page_table, kv_len, *, block_size: int, top_k: int,
                  pages_per_program: int | None):
@@ -256,11 +255,11 @@ class _Scan:
         ppp = max(1, pages_per_program)
         self.n_prog = triton.cdiv(max_pages, ppp)
         nkeep = min(top_k - 1, ppp)
-        self.kp = triton.next_power_of_2(max(nkeep, 1))
+        self.n_cand = self.n_prog * nkeep
         self.block_r = max(16, triton.next_power_of_2(tn * hkv))
         dev = iq.device
-        self.cs = torch.empty(b, self.n_prog, self.block_r, self.kp, dtype=torch.float32, device=dev)
-        self.ci = torch.empty(b, self.n_prog, self.block_r, self.kp, dtype=torch.int32, device=dev)
+        self.cs = torch.empty(b, self.block_r, self.n_cand, dtype=torch.float32, device=dev)
+        self.ci = torch.empty(b, self.block_r, self.n_cand, dtype=torch.int32, device=dev)
         self.cnt = torch.empty(b, self.block_r, dtype=torch.int32, device=dev)
         stages = max(2, min(8, SCAN_BYTES_IN_FLIGHT // (block_size * di * ik_cache.element_size())))
         msa_decode_scan_kernel[(self.n_prog, b)](
@@ -268,11 +267,12 @@ class _Scan:
             iq.stride(0), iq.stride(1), iq.stride(2),
             ik_cache.stride(0), ik_cache.stride(1),
             page_table.stride(0),
-            HKV=hkv, DI=di, BLOCK_SIZE=block_size, BLOCK_R=self.block_r, KP=self.kp, NKEEP=nkeep,
+            HKV=hkv, DI=di, BLOCK_SIZE=block_size, BLOCK_R=self.block_r,
+            KP=triton.next_power_of_2(max(nkeep, 1)), NKEEP=nkeep,
             IS_INTERPRET=IS_INTERPRET, num_warps=4, num_stages=stages,
         )
-        npg = triton.next_power_of_2(self.n_prog)
-        self.merge = dict(KP=self.kp, NPG=npg, NG=min(MERGE_GROUPS, npg), CAP=MERGE_CAP,
+        nc = triton.next_power_of_2(max(self.n_cand, 1))
+        self.merge = dict(NC=nc, NG=min(MERGE_GROUPS, nc), CAP=MERGE_CAP,
                           KSEL=triton.next_power_of_2(max(top_k - 1, 1)))
 
 
@@ -293,7 +293,7 @@ def select_blocks_decode(
     scr_s = torch.empty(b, scan.block_r, MERGE_CAP, dtype=torch.float32, device=iq.device)
     scr_i = torch.empty(b, scan.block_r, MERGE_CAP, dtype=torch.int32, device=iq.device)
     msa_decode_merge_kernel[(tn * hkv, b)](
-        scan.cs, scan.ci, scr_s, scr_i, sel, kv_len, tn, scan.n_prog,
+        scan.cs, scan.ci, scr_s, scr_i, sel, kv_len, tn, scan.n_cand,
         sel.stride(0), sel.stride(1), sel.stride(2),
         HKV=hkv, BLOCK_R=scan.block_r, TOPK=top_k, BLOCK_SIZE=block_size, **scan.merge, num_warps=8,
     )
@@ -329,7 +329,7 @@ def decode_with_selection(
     out = torch.empty_like(q)
     msa_decode_fwd_kernel[(tn * hkv, b, top_k)](
         q, k_cache, v_cache, page_table, kv_len, scan.cs, scan.ci, scr_s, scr_i, sel, op, lp, scan.cnt, out,
-        scale, tn, scan.n_prog,
+        scale, tn, scan.n_cand,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -338,7 +338,7 @@ def decode_with_selection(
         out.stride(0), out.stride(1), out.stride(2),
         HKV=hkv, REP=rep, BLOCK_H=block_h, D=d, BLOCK_SIZE=block_size, TOPK=top_k,
         TOPK_P=triton.next_power_of_2(top_k), BLOCK_R=scan.block_r, **scan.merge,
-        IS_INTERPRET=IS_INTERPRET, num_warps=8, num_stages=1,
+        IS_INTERPRET=IS_INTERPRET, num_warps=DECODE_WARPS, num_stages=1,
     )
     return out, sel
 
