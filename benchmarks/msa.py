@@ -5,13 +5,14 @@ Per length: prefill forward (indexer + sparse attention, each also alone, KV-out
 the fastest dense SDPA backend that runs; forward+backward up to --bwd-max; one decoding step
 over a full paged cache (bf16 index keys, and fp8 ones at --fp8-index-dims) against dense SDPA
 decoding with GQA; and at the first length, the needle retrieval rate of the Triton indexer.
-`--sweep T` times the kernels' launch settings at length T and profiles one call of each.
-Times are medians of CUDA-event timings; from --few-reps-from tokens every prefill variant gets
-one timed call (dense without warm-up). Every row goes to the JSON as soon as it is measured,
-so a run cut short still leaves its numbers. All four lengths took 92 s on an H100.
+`--sweep T` times the kernels' launch settings at length T (`--sweep-parts` picks which) and
+profiles one call of each. Times are medians of CUDA-event timings; from --few-reps-from tokens
+every prefill variant gets one timed call (dense without warm-up). Every row goes to the JSON as
+soon as it is measured, so a run cut short still leaves its numbers. All four lengths with
+--profile took about 2 minutes on an H100.
 
-    PYTHONPATH=. python benchmarks/msa.py --out msa.json
-    PYTHONPATH=. python benchmarks/msa.py --sweep 1048576 --out msa_sweep.json
+    PYTHONPATH=. python benchmarks/msa.py --profile --out msa.json
+    PYTHONPATH=. python benchmarks/msa.py --sweep 1048576 --sweep-parts decode --out msa_sweep.json
 """
 
 from __future__ import annotations
@@ -190,21 +191,31 @@ def decode_selection_match(iq, ik, sel, t, bs, top_k):
     return (got[:, :, None] == ref[:, None, :]).any(-1).float().mean().item()
 
 
-def bench_decode(t, args, k, v, ik, emit):
-    bs, top_k = args.block_size, args.top_k
-    q = torch.randn(1, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
-    # A page is one block: the prefill layout [1, T, Hkv, D] viewed as [T / bs, bs, Hkv, D].
+def paged_cache(k, v, t, bs):
+    """The prefill layout [1, T, Hkv, D] viewed as a paged cache of one block a page, in order."""
     kc, vc = k.view(t // bs, bs, HKV, D), v.view(t // bs, bs, HKV, D)
     pages = torch.arange(t // bs, device="cuda", dtype=torch.int32).view(1, -1)
     kv_len = torch.tensor([t], device="cuda", dtype=torch.int32)
+    return kc, vc, pages, kv_len
+
+
+def decode_variants(args):
+    """(index dimension, index-key dtype) pairs timed in decoding."""
+    return ([(di, torch.bfloat16) for di in args.index_dims]
+            + [(di, torch.float8_e4m3fn) for di in args.fp8_index_dims])
+
+
+def bench_decode(t, args, k, v, ik, emit):
+    bs, top_k = args.block_size, args.top_k
+    q = torch.randn(1, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
+    kc, vc, pages, kv_len = paged_cache(k, v, t, bs)
     kd, vd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [1, Hkv, T, D]
     dense = graphed(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), kd, vd, enable_gqa=True))
     dense_ms = timed(dense, reps=50, warmup=5)
     dense_bytes = 2 * t * HKV * D * 2
     emit(dict(kind="decode_dense", T=t, ms=dense_ms, tb_s=dense_bytes / dense_ms / 1e9))
     del kd, vd
-    variants = [(di, torch.bfloat16) for di in args.index_dims] + [(di, torch.float8_e4m3fn) for di in args.fp8_index_dims]
-    for di, ik_dtype in variants:
+    for di, ik_dtype in decode_variants(args):
         ikc = ik[0, :, :di].to(ik_dtype).contiguous().view(t // bs, bs, di)
         iq = torch.randn(1, 1, HKV, di, device="cuda", dtype=torch.bfloat16)
         out, sel = decode_with_selection(q, iq, kc, vc, ikc, pages, kv_len, top_k=top_k)
@@ -277,13 +288,10 @@ DECODE_CONFIGS = [(2, 96, 8), (2, 96, 4), (4, 48, 8), (1, 192, 8)]
 def sweep_decode(t, args, q, k, v, ik, emit):
     """Decode steps (CUDA graphs) per scan setting, for each index dimension and the fp8 ones, then a profile."""
     bs, top_k = args.block_size, args.top_k
-    kc, vc = k.view(t // bs, bs, HKV, D), v.view(t // bs, bs, HKV, D)
-    pages = torch.arange(t // bs, device="cuda", dtype=torch.int32).view(1, -1)
-    kv_len = torch.tensor([t], device="cuda", dtype=torch.int32)
+    kc, vc, pages, kv_len = paged_cache(k, v, t, bs)
     qd = q[:, -1:].contiguous()
     saved = (triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT, triton_decode.DECODE_WARPS)
-    variants = [(di, torch.bfloat16) for di in args.index_dims] + [(di, torch.float8_e4m3fn) for di in args.fp8_index_dims]
-    for di, ik_dtype in variants:
+    for di, ik_dtype in decode_variants(args):
         ikc = ik[0, :, :di].to(ik_dtype).contiguous().view(t // bs, bs, di)
         iqd = torch.randn(1, 1, HKV, di, device="cuda", dtype=torch.bfloat16)
         moved = t * di * ikc.element_size() + HKV * top_k * bs * D * 2 * 2
@@ -324,9 +332,7 @@ def profile_at(t, args):
     q, k, v, iq, ik = mk(1, t, HQ, D), mk(1, t, HKV, D), mk(1, t, HKV, D), mk(1, t, HKV, 64), mk(1, t, 64)
     sel = select_blocks_triton(iq, ik, block_size=bs, top_k=top_k)
     profile(t, "attention", lambda: sparse_attention_triton(q, k, v, sel, block_size=bs))
-    kc, vc = k.view(t // bs, bs, HKV, D), v.view(t // bs, bs, HKV, D)
-    pages = torch.arange(t // bs, device="cuda", dtype=torch.int32).view(1, -1)
-    kv_len = torch.tensor([t], device="cuda", dtype=torch.int32)
+    kc, vc, pages, kv_len = paged_cache(k, v, t, bs)
     ikc = ik[0].contiguous().view(t // bs, bs, 64)
     qd, iqd = q[:, -1:].contiguous(), iq[:, -1:].contiguous()
     profile(t, "decode Di=64", lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k))
@@ -365,8 +371,8 @@ def main() -> None:
                         help="index dimensions also timed in decoding with float8_e4m3fn index keys in the cache")
     parser.add_argument("--sweep", type=int, default=0,
                         help="instead of the benchmark, time launch settings and profile at this length")
-    parser.add_argument("--sweep-parts", nargs="+", choices=["kv", "decode", "index"], default=["kv", "decode", "index"],
-                        help="which kernels --sweep times")
+    parser.add_argument("--sweep-parts", nargs="+", choices=["kv", "decode", "index"],
+                        default=["kv", "decode", "index"], help="which kernels --sweep times")
     parser.add_argument("--profile", action="store_true",
                         help="after the benchmark, profile one attention call and one decoding step at the last length")
     parser.add_argument("--out", default="msa_bench.json")
