@@ -22,7 +22,7 @@ output does not depend on which program comes last. The index keys may be stored
 
 The merge picks the k-1 best of the scan programs' candidates (about 15 x 264 per row at 1M
 tokens) without k-1 rounds of block-wide reductions: the (k-1)-th best maximum of `MERGE_GROUPS`
-disjoint groups of programs is a lower bound on the (k-1)-th best candidate (that many distinct
+disjoint groups of candidates is a lower bound on the (k-1)-th best candidate (that many distinct
 blocks reach it), few candidates reach it (about 17 on random scores), and those are compacted
 and ranked against each other in one step. If more than `MERGE_CAP` reach it (many equal
 scores), the merge takes the k-1 best one by one instead. Ties go to the lower block either way.
@@ -45,7 +45,7 @@ IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # on an H100.
 SCAN_PROGRAMS_PER_SM = 2
 SCAN_BYTES_IN_FLIGHT = 96 << 10
-# Groups of scan programs whose maxima bound the merge, and the most candidates it ranks at once.
+# Groups of candidates whose maxima bound the merge, and the most candidates it ranks at once.
 MERGE_GROUPS = 64
 MERGE_CAP = 64
 # Warps of the attention programs (merge, one page, combine).
