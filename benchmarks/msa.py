@@ -5,13 +5,14 @@ Per length: prefill forward (indexer + sparse attention, each also alone, KV-out
 the fastest dense SDPA backend that runs; forward+backward up to --bwd-max; one decoding step
 over a full paged cache (bf16 index keys, and fp8 ones at --fp8-index-dims) against dense SDPA
 decoding with GQA; and at the first length, the needle retrieval rate of the Triton indexer.
-`--sweep T` times the kernels' launch settings at length T and profiles one call of each.
-Times are medians of CUDA-event timings; from --few-reps-from tokens every prefill variant gets
-one timed call (dense without warm-up). Every row goes to the JSON as soon as it is measured,
-so a run cut short still leaves its numbers. All four lengths took 92 s on an H100.
+`--sweep T` times the kernels' launch settings at length T (`--sweep-parts` picks which) and
+profiles one call of each. Times are medians of CUDA-event timings; from --few-reps-from tokens
+every prefill variant gets one timed call (dense without warm-up). Every row goes to the JSON as
+soon as it is measured, so a run cut short still leaves its numbers. All four lengths with
+--profile took about 2 minutes on an H100.
 
-    PYTHONPATH=. python benchmarks/msa.py --out msa.json
-    PYTHONPATH=. python benchmarks/msa.py --sweep 1048576 --out msa_sweep.json
+    PYTHONPATH=. python benchmarks/msa.py --profile --out msa.json
+    PYTHONPATH=. python benchmarks/msa.py --sweep 1048576 --sweep-parts decode --out msa_sweep.json
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from _timing import timed
 from forge.kernels.msa import triton_attention, triton_decode, triton_indexer
 from forge.kernels.msa.synthetic import needle_case, needle_recall
 from forge.kernels.msa.triton_attention import build_work_list, sparse_attention_triton
-from forge.kernels.msa.triton_decode import msa_decode, select_blocks_decode
+from forge.kernels.msa.triton_decode import decode_with_selection, msa_decode
 from forge.kernels.msa.triton_indexer import select_blocks_triton
 
 HQ, HKV, D = 48, 8, 128
@@ -190,26 +191,35 @@ def decode_selection_match(iq, ik, sel, t, bs, top_k):
     return (got[:, :, None] == ref[:, None, :]).any(-1).float().mean().item()
 
 
-def bench_decode(t, args, k, v, ik, emit):
-    bs, top_k = args.block_size, args.top_k
-    q = torch.randn(1, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
-    # A page is one block: the prefill layout [1, T, Hkv, D] viewed as [T / bs, bs, Hkv, D].
+def paged_cache(k, v, t, bs):
+    """The prefill layout [1, T, Hkv, D] viewed as a paged cache of one block a page, in order."""
     kc, vc = k.view(t // bs, bs, HKV, D), v.view(t // bs, bs, HKV, D)
     pages = torch.arange(t // bs, device="cuda", dtype=torch.int32).view(1, -1)
     kv_len = torch.tensor([t], device="cuda", dtype=torch.int32)
+    return kc, vc, pages, kv_len
+
+
+def decode_variants(args):
+    """(index dimension, index-key dtype) pairs timed in decoding."""
+    return ([(di, torch.bfloat16) for di in args.index_dims]
+            + [(di, torch.float8_e4m3fn) for di in args.fp8_index_dims])
+
+
+def bench_decode(t, args, k, v, ik, emit):
+    bs, top_k = args.block_size, args.top_k
+    q = torch.randn(1, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
+    kc, vc, pages, kv_len = paged_cache(k, v, t, bs)
     kd, vd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [1, Hkv, T, D]
     dense = graphed(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), kd, vd, enable_gqa=True))
     dense_ms = timed(dense, reps=50, warmup=5)
     dense_bytes = 2 * t * HKV * D * 2
     emit(dict(kind="decode_dense", T=t, ms=dense_ms, tb_s=dense_bytes / dense_ms / 1e9))
     del kd, vd
-    variants = [(di, torch.bfloat16) for di in args.index_dims] + [(di, torch.float8_e4m3fn) for di in args.fp8_index_dims]
-    for di, ik_dtype in variants:
+    for di, ik_dtype in decode_variants(args):
         ikc = ik[0, :, :di].to(ik_dtype).contiguous().view(t // bs, bs, di)
         iq = torch.randn(1, 1, HKV, di, device="cuda", dtype=torch.bfloat16)
-        sel = select_blocks_decode(iq, ikc, pages, kv_len, block_size=bs, top_k=top_k)
+        out, sel = decode_with_selection(q, iq, kc, vc, ikc, pages, kv_len, top_k=top_k)
         match = decode_selection_match(iq, ikc.view(1, t, di), sel, t, bs, top_k)
-        out = msa_decode(q, iq, kc, vc, ikc, pages, kv_len, top_k=top_k)
         ref = torch.cat([attend_rows(_at_last(q, t), k, v, _at_last(sel, t), [t - 1], g, bs)[0] for g in range(HKV)])
         err = ((out[0, 0].float() - ref).norm() / ref.norm()).item()
         step = graphed(lambda: msa_decode(q, iq, kc, vc, ikc, pages, kv_len, top_k=top_k))
@@ -236,14 +246,27 @@ KV_CONFIGS = [dict(BLOCK_M=64, num_warps=4, num_stages=2), dict(BLOCK_M=64, num_
 
 
 def sweep(t, args, emit):
-    """Launch settings of the KV-outer forward and of the decode scan, timed at length t (Di=64)."""
+    """Launch settings of the KV-outer forward, the decode scan and the indexer, timed at length t."""
     bs, top_k = args.block_size, args.top_k
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    q, k, v, iq, ik = mk(1, t, HQ, D), mk(1, t, HKV, D), mk(1, t, HKV, D), mk(1, t, HKV, 64), mk(1, t, 64)
-    sel = select_blocks_triton(iq, ik, block_size=bs, top_k=top_k)
-    attn_flops = 4 * D * HQ * kept_pairs(t, bs, top_k)
-    saved = (dict(triton_attention.KV_FORWARD), triton_attention.ITEM_QUERIES, triton_attention.PARTIAL_BYTES,
-             triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_STAGES)
+    q, k, v, ik = mk(1, t, HQ, D), mk(1, t, HKV, D), mk(1, t, HKV, D), mk(1, t, max(args.index_dims))
+    if "kv" in args.sweep_parts:
+        iq = mk(1, t, HKV, 64)
+        sel = select_blocks_triton(iq, ik[..., :64], block_size=bs, top_k=top_k)
+        del iq
+        sweep_kv(t, args, q, k, v, sel, emit)
+        profile(t, "attention", lambda: sparse_attention_triton(q, k, v, sel, block_size=bs))
+        del sel
+    if "decode" in args.sweep_parts:
+        sweep_decode(t, args, q, k, v, ik, emit)
+    if "index" in args.sweep_parts:
+        sweep_index(t, args, emit)
+
+
+def sweep_kv(t, args, q, k, v, sel, emit):
+    bs = args.block_size
+    attn_flops = 4 * D * HQ * kept_pairs(t, bs, args.top_k)
+    saved = (dict(triton_attention.KV_FORWARD), triton_attention.ITEM_QUERIES, triton_attention.PARTIAL_BYTES)
     settings = [(cfg, items, saved[2]) for cfg in KV_CONFIGS for items in (64, 128)]
     settings += [(saved[0], 128, gib << 30) for gib in (3, 12)]
     with torch.no_grad():
@@ -254,23 +277,44 @@ def sweep(t, args, emit):
             ms = timed(lambda: sparse_attention_triton(q, k, v, sel, block_size=bs), reps=3)
             emit(dict(kind="sweep_kv", T=t, item_queries=items, partial_gib=partial_bytes / 2**30, ms=ms,
                       tflops=attn_flops / ms / 1e9, rel_err=err, **cfg))
-    triton_attention.KV_FORWARD, triton_attention.ITEM_QUERIES, triton_attention.PARTIAL_BYTES = saved[:3]
-    kc, vc = k.view(t // bs, bs, HKV, D), v.view(t // bs, bs, HKV, D)
-    pages = torch.arange(t // bs, device="cuda", dtype=torch.int32).view(1, -1)
-    kv_len = torch.tensor([t], device="cuda", dtype=torch.int32)
-    ikc = ik[0].contiguous().view(t // bs, bs, 64)
-    qd, iqd = q[:, -1:].contiguous(), iq[:, -1:].contiguous()
-    for per_sm in (1, 2, 4):
-        for stages in (3, 4, 6):
-            triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_STAGES = per_sm, stages
-            step = graphed(lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k))
-            scan = graphed(lambda: select_blocks_decode(iqd, ikc, pages, kv_len, block_size=bs, top_k=top_k))
-            emit(dict(kind="sweep_decode", T=t, programs_per_sm=per_sm, stages=stages,
-                      ms=timed(step, reps=50, warmup=5), select_ms=timed(scan, reps=50, warmup=5)))
-    triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_STAGES = saved[3:]
-    # The indexer is compute-bound and the same at every length: time it at 128K, Di=128.
+    triton_attention.KV_FORWARD, triton_attention.ITEM_QUERIES, triton_attention.PARTIAL_BYTES = saved
+
+
+# Decode settings: (scan programs per multiprocessor, KiB of index-key pages in flight per scan
+# program, warps of the attention programs).
+DECODE_CONFIGS = [(2, 96, 8), (2, 96, 4), (4, 48, 8), (1, 192, 8)]
+
+
+def sweep_decode(t, args, q, k, v, ik, emit):
+    """Decode steps (CUDA graphs) per scan setting, for each index dimension and the fp8 ones, then a profile."""
+    bs, top_k = args.block_size, args.top_k
+    kc, vc, pages, kv_len = paged_cache(k, v, t, bs)
+    qd = q[:, -1:].contiguous()
+    saved = (triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT, triton_decode.DECODE_WARPS)
+    for di, ik_dtype in decode_variants(args):
+        ikc = ik[0, :, :di].to(ik_dtype).contiguous().view(t // bs, bs, di)
+        iqd = torch.randn(1, 1, HKV, di, device="cuda", dtype=torch.bfloat16)
+        moved = t * di * ikc.element_size() + HKV * top_k * bs * D * 2 * 2
+        step_fn = lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k)  # noqa: E731
+        for per_sm, kib, warps in DECODE_CONFIGS:
+            triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT = per_sm, kib << 10
+            triton_decode.DECODE_WARPS = warps
+            try:
+                ms = timed(graphed(step_fn), reps=50, warmup=5)
+            except Exception as err:  # a pipeline deeper than shared memory holds does not launch
+                print(f"decode Di={di} {ik_dtype}: {per_sm}/SM {kib} KiB: {str(err).splitlines()[0][:160]}")
+                continue
+            emit(dict(kind="sweep_decode", T=t, Di=di, index_dtype=str(ik_dtype).split(".")[-1],
+                      programs_per_sm=per_sm, kib_in_flight=kib, warps=warps, ms=ms, tb_s=moved / ms / 1e9))
+        triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT, triton_decode.DECODE_WARPS = saved
+        profile(t, f"decode Di={di} {ik_dtype}", step_fn)
+
+
+def sweep_index(t, args, emit):
+    """The indexer is compute-bound and the same at every length: time it at 128K, Di=128."""
+    bs, top_k = args.block_size, args.top_k
     n = min(t, 131072)
-    iq_s, ik_s = mk(1, n, HKV, 128), mk(1, n, 128)
+    iq_s, ik_s = (torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in ((1, n, HKV, 128), (1, n, 128)))
     idx_flops = 2 * 128 * HKV * bs * bs * (n // bs) * (n // bs - 1) / 2
     saved_index = dict(triton_indexer.INDEX_FORWARD)
     for warps, stages in ((8, 3), (8, 2), (8, 4), (4, 3)):
@@ -279,41 +323,37 @@ def sweep(t, args, emit):
         emit(dict(kind="sweep_index", T=n, Di=128, num_warps=warps, num_stages=stages, ms=ms,
                   tflops=idx_flops / ms / 1e9))
     triton_indexer.INDEX_FORWARD = saved_index
-    profile(t, args, q, k, v, sel, lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k))
 
 
 def profile_at(t, args):
-    """The profile of `profile` on fresh inputs at length t (Di=64)."""
+    """Per-kernel GPU time of one sparse attention forward and one decoding step (Di=64) at length t."""
     bs, top_k = args.block_size, args.top_k
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     q, k, v, iq, ik = mk(1, t, HQ, D), mk(1, t, HKV, D), mk(1, t, HKV, D), mk(1, t, HKV, 64), mk(1, t, 64)
     sel = select_blocks_triton(iq, ik, block_size=bs, top_k=top_k)
-    kc, vc = k.view(t // bs, bs, HKV, D), v.view(t // bs, bs, HKV, D)
-    pages = torch.arange(t // bs, device="cuda", dtype=torch.int32).view(1, -1)
-    kv_len = torch.tensor([t], device="cuda", dtype=torch.int32)
+    profile(t, "attention", lambda: sparse_attention_triton(q, k, v, sel, block_size=bs))
+    kc, vc, pages, kv_len = paged_cache(k, v, t, bs)
     ikc = ik[0].contiguous().view(t // bs, bs, 64)
     qd, iqd = q[:, -1:].contiguous(), iq[:, -1:].contiguous()
-    profile(t, args, q, k, v, sel, lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k))
+    profile(t, "decode Di=64", lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k))
 
 
-def profile(t, args, q, k, v, sel, decode_step):
-    """GPU time per kernel of one sparse attention forward and of one decoding step."""
+def profile(t, name, fn):
+    """GPU time per kernel of one call of fn."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    for name, fn in (("attention", lambda: sparse_attention_triton(q, k, v, sel, block_size=args.block_size)),
-                     ("decode", decode_step)):
-        with torch.no_grad():
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
-            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                fn()
-                torch.cuda.synchronize()
-        print(f"profile of one {name} call at T={t}:")
-        try:
-            print(prof.key_averages().table(sort_by="device_time_total", row_limit=10, max_name_column_width=60))
-        except (AttributeError, KeyError, ValueError):
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
+    print(f"profile of one {name} call at T={t}:")
+    try:
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=10, max_name_column_width=60))
+    except (AttributeError, KeyError, ValueError):
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
 
 
 def main() -> None:
@@ -331,6 +371,8 @@ def main() -> None:
                         help="index dimensions also timed in decoding with float8_e4m3fn index keys in the cache")
     parser.add_argument("--sweep", type=int, default=0,
                         help="instead of the benchmark, time launch settings and profile at this length")
+    parser.add_argument("--sweep-parts", nargs="+", choices=["kv", "decode", "index"],
+                        default=["kv", "decode", "index"], help="which kernels --sweep times")
     parser.add_argument("--profile", action="store_true",
                         help="after the benchmark, profile one attention call and one decoding step at the last length")
     parser.add_argument("--out", default="msa_bench.json")
@@ -397,8 +439,9 @@ def print_table(rows) -> None:
             print(f"{'sweep index':14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.2f}  {r['tflops']:.0f} TF/s "
                   f"warps {r['num_warps']} stages {r['num_stages']}")
         elif r["kind"] == "sweep_decode":
-            print(f"{'sweep decode':14} {r['T']:>8} {'':>4} {r['ms']:>10.3f}  programs/SM {r['programs_per_sm']} "
-                  f"stages {r['stages']} select {r['select_ms']:.3f} ms")
+            print(f"{'sweep decode':14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.3f}  {r['index_dtype']} "
+                  f"{r['tb_s']:.2f} TB/s, scan programs/SM {r['programs_per_sm']}, {r['kib_in_flight']} KiB in flight, "
+                  f"attention warps {r['warps']}")
         elif r["kind"] == "retrieval":
             print(f"{'retrieval':14} {r['T']:>8} {r['Di']:>4} recall {r['recall']:.3f}")
 

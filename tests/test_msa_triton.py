@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from forge.kernels.msa import triton_attention
+from forge.kernels.msa import triton_attention, triton_decode
 from forge.kernels.msa.naive import select_blocks_naive, sparse_attention_naive
 from forge.kernels.msa.triton_attention import sparse_attention_triton
-from forge.kernels.msa.triton_decode import msa_decode, select_blocks_decode
+from forge.kernels.msa.triton_decode import decode_with_selection, msa_decode, select_blocks_decode
 from forge.kernels.msa.triton_indexer import select_blocks_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,17 +166,25 @@ def test_decode_over_a_paged_cache_matches_naive(dtype, n_new, monkeypatch):
     with monkeypatch.context() as m:
         _nan_outputs(m)
         m.setattr(torch, "empty", _nan_empty(torch.empty))
-        out = msa_decode(q_new, iq_new, kc, vc, ikc, pages, kv_len, top_k=2)
+        out, got_sel = decode_with_selection(q_new, iq_new, kc, vc, ikc, pages, kv_len, top_k=2)
     for i, n in enumerate(lens):
         sel = select_blocks_naive(iq[i:i + 1, :n], ik[i:i + 1, :n], block_size=16, top_k=2)
+        assert torch.equal(_canonical(got_sel[i]).cpu(), sel[0, -n_new:].cpu()), f"sequence {i}"
         ref = sparse_attention_naive(*(x[i:i + 1, :n].float() for x in (q, k, v)), sel, block_size=16)
         torch.testing.assert_close(out[i].float(), ref[0, -n_new:], **_tol(dtype))
 
 
+@pytest.mark.parametrize("merge", ["ranked", "ranked-bound-of-2-groups", "one-by-one"])
 @pytest.mark.parametrize("pages_per_program", [1, 2, 3], ids=lambda n: f"{n}-pages-a-scan-program")
-def test_decode_selection_equals_naive(pages_per_program):
+def test_decode_selection_equals_naive(pages_per_program, merge, monkeypatch):
     # The scan keeps a top list per program and the merge picks among them: the result must be
-    # the prefill definition's (ties to the lower block) whatever the split.
+    # the prefill definition's (ties to the lower block) whatever the split. The merge's bound
+    # comes from one group per scan program, or from 2 groups of several; "one-by-one" is its
+    # fallback, taken when more candidates reach the bound than it ranks at once.
+    if merge == "ranked-bound-of-2-groups":
+        monkeypatch.setattr(triton_decode, "MERGE_GROUPS", 2)
+    if merge == "one-by-one":
+        monkeypatch.setattr(triton_decode, "MERGE_CAP", 2)
     gen = torch.Generator().manual_seed(5)
     b, t, hkv, di, n_new = 2, 16 * 7 + 3, 2, 16, 3
     iq, ik = _randn(b, t, hkv, di, dtype=torch.float32, gen=gen), _randn(b, t, di, dtype=torch.float32, gen=gen)
@@ -269,8 +277,10 @@ def test_gpu_decode_full_size(n_new):
     iq, ik = _randn(b, t, hkv, di, dtype=torch.bfloat16, gen=gen), _randn(b, t, di, dtype=torch.bfloat16, gen=gen)
     (kc, vc, ikc), pages = _paged_cache(k, v, ik, 128, gen)
     kv_len = torch.full((b,), t, dtype=torch.int32, device=DEV)
-    out = msa_decode(q[:, -n_new:], iq[:, -n_new:], kc, vc, ikc, pages, kv_len, top_k=16)
+    out, got_sel = decode_with_selection(q[:, -n_new:], iq[:, -n_new:], kc, vc, ikc, pages, kv_len, top_k=16)
     sel = select_blocks_triton(iq, ik, block_size=128, top_k=16)
+    # Both select in bf16 and may round near-equal block scores apart.
+    assert (_canonical(got_sel) == _canonical(sel[:, -n_new:])).float().mean() > 0.99
     # Reference over the full sequence, last n_new rows (selection by the same prefill indexer).
     full = sparse_attention_naive(q.float(), k.float(), v.float(), sel.long(), block_size=128)
     assert _rel_err(out, full[:, -n_new:]) < 1e-2

@@ -1,8 +1,7 @@
-"""Triton sparse attention for MSA: KV-outer prefill forward and backward, query-outer decode.
+"""Triton sparse attention for MSA: KV-outer prefill forward and backward, query-outer comparison.
 
-Every forward here cuts a query's softmax into one partial per kept block (or per kept page)
-and merges the partials in a combine kernel, except the plain query-outer forward kept for
-comparison. A partial is the block's normalised output `P @ V / l` in the input dtype and its
+The KV-outer forward cuts a query's softmax into one partial per kept block and merges the
+partials in a combine kernel. A partial is the block's normalised output `P @ V / l` in the input dtype and its
 log-sum-exp (log2 units, fp32); the combine weights each partial by `2^(lse_s - lse)`.
 
 Prefill forward, KV-outer (the default): the kept-block lists are inverted into, for each
@@ -15,11 +14,10 @@ tokens that would be 200 GB, so the queries are processed in ranges whose partia
 every partial into an fp32 output by atomics (two launches, an atomic max then atomic adds):
 103 G scalar atomics at 1M tokens, 4.2x slower (docs/msa.md).
 
-Query-outer: one program per (query, KV group) holds the group's query heads as the rows of
-its tiles and walks the query's kept blocks. With SPLIT, each program takes one kept slot and
-writes a partial (decoding: 16 pages per KV group spread over 16 programs instead of one,
-flash-decoding style); without, it runs an online softmax over all slots and writes the output
-(the prefill comparison). It reads a kept block once per query that kept it.
+Query-outer (the comparison, `order="query"`): one program per (query, KV group) holds the
+group's query heads as the rows of its tiles, runs an online softmax over the query's kept
+blocks and writes the output; it reads a kept block once per query that kept it. Its
+per-block step, `attend_block`, is also the decode kernel's (`triton_decode`), over a page.
 
 Backward, KV-outer over the same work list: one program loads a block's K and V once,
 accumulates dK and dV in registers and adds each query's dQ share with fp32 atomics (a query
@@ -48,28 +46,72 @@ KV_FORWARD = dict(BLOCK_M=64, num_warps=4, num_stages=3)
 
 
 @triton.jit
+def attend_block(
+    q, K, V, PAGE_ROW, off_kb, off_vb, blk, pos, m_i, l_i, acc, off_kh, off_vh,
+    stride_kb, stride_kt, stride_vb, stride_vt, qk_scale,
+    D: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_PAGES: tl.constexpr, IS_INTERPRET: tl.constexpr,
+):
+    """One online-softmax step of the rows `q [BLOCK_H, D]` (log2 units) over kept block `blk`.
+
+    `blk` -1 (an empty slot) loads and adds nothing. Keys after `pos` are masked. Paged: the
+    block's page is PAGE_ROW[blk]; else the block is rows blk * BLOCK_SIZE... of the sequence
+    at offsets off_kb, off_vb. off_kh, off_vh select the KV group.
+    """
+    offs_n = tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, D)
+    blk_safe = tl.maximum(blk, 0)
+    if USE_PAGES:
+        page = tl.load(PAGE_ROW + blk_safe).to(tl.int64)
+        k_base = K + page * stride_kb
+        v_base = V + page * stride_vb
+    else:
+        k_base = K + off_kb + (blk_safe * BLOCK_SIZE).to(tl.int64) * stride_kt
+        v_base = V + off_vb + (blk_safe * BLOCK_SIZE).to(tl.int64) * stride_vt
+    last = tl.where(blk >= 0, pos, -1)  # an empty slot sees no key
+    k_ok = blk_safe * BLOCK_SIZE + offs_n <= last  # [BLOCK_SIZE]
+    k = tl.load(k_base + offs_n[None, :] * stride_kt + off_kh + offs_d[:, None],
+                mask=k_ok[None, :], other=0.0)  # [D, BLOCK_SIZE]
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + off_vh + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)  # [BLOCK_SIZE, D]
+    if IS_INTERPRET:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk = tl.where(k_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))  # [BLOCK_H, BLOCK_SIZE]
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # Until a row has seen a key its max stays -inf; keep exp2 away from (-inf) - (-inf).
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def finish_block(m_i, l_i, acc):
+    """Normalised output [BLOCK_H, D] and log-sum-exp (log2 units, -inf where no key was seen)."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    return acc / l_safe[:, None], m_i + tl.math.log2(l_safe)
+
+
+@triton.jit
 def msa_attn_fwd_kernel(
-    Q, K, V, SEL, O, LSE, OP, LP, KV_LEN, PAGES, scale, TQ,
+    Q, K, V, SEL, O, LSE, scale,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_sb, stride_st, stride_sh,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lt,
-    stride_pb,
     HKV: tl.constexpr, REP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, USE_PAGES: tl.constexpr, SPLIT: tl.constexpr,
-    IS_INTERPRET: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, IS_INTERPRET: tl.constexpr,
 ):
     t = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     g = pid_bg % HKV
-    # Queries are the last TQ tokens of the sequence (TQ = T in prefill).
-    pos = tl.load(KV_LEN + b) - TQ + t
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_SIZE)
     h_ok = offs_h < REP
     heads = g * REP + offs_h
 
@@ -83,55 +125,18 @@ def msa_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
     sel_row = SEL + b * stride_sb + t.to(tl.int64) * stride_st + g * stride_sh
-    if SPLIT:
-        s_lo = tl.program_id(2)
-        s_hi = s_lo + 1
-    else:
-        s_lo = 0
-        s_hi = TOPK
     # No branch on empty slots (-1): they load nothing and add nothing, and a branch-free loop
     # lets the compiler pipeline the next block's loads behind this block's math.
-    for s in range(s_lo, s_hi):
+    for s in range(0, TOPK):
         blk = tl.load(sel_row + s)
-        blk_safe = tl.maximum(blk, 0)
-        if USE_PAGES:
-            page = tl.load(PAGES + b * stride_pb + blk_safe).to(tl.int64)
-            k_base = K + page * stride_kb
-            v_base = V + page * stride_vb
-        else:
-            k_base = K + b * stride_kb + (blk_safe * BLOCK_SIZE).to(tl.int64) * stride_kt
-            v_base = V + b * stride_vb + (blk_safe * BLOCK_SIZE).to(tl.int64) * stride_vt
-        last = tl.where(blk >= 0, pos, -1)  # an empty slot sees no key
-        k_ok = blk_safe * BLOCK_SIZE + offs_n <= last  # [BLOCK_SIZE]
-        k = tl.load(k_base + offs_n[None, :] * stride_kt + g * stride_kh + offs_d[:, None],
-                    mask=k_ok[None, :], other=0.0)  # [D, BLOCK_SIZE]
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
-                    mask=k_ok[:, None], other=0.0)  # [BLOCK_SIZE, D]
-        if IS_INTERPRET:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.where(k_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))  # [BLOCK_H, BLOCK_SIZE]
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # Until a row has seen a key its max stays -inf; keep exp2 away from (-inf) - (-inf).
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse2 = m_i + tl.math.log2(l_safe)  # -inf for an empty slot, which the combine skips
-    if SPLIT:
-        part = ((b * TQ + t) * HKV + g) * TOPK + s_lo  # [B, TQ, HKV, TOPK] partial index
-        p_rows = part * REP + offs_h  # [BLOCK_H]
-        tl.store(OP + p_rows[:, None] * D + offs_d[None, :], out.to(OP.dtype.element_ty), mask=h_ok[:, None])
-        tl.store(LP + p_rows, lse2, mask=h_ok)
-    else:
-        o_ptrs = O + b * stride_ob + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=h_ok[:, None])
-        tl.store(LSE + b * stride_lb + t.to(tl.int64) * stride_lt + heads, lse2 * 0.6931471805599453, mask=h_ok)
+        m_i, l_i, acc = attend_block(
+            q, K, V, SEL, b * stride_kb, b * stride_vb, blk, t, m_i, l_i, acc,
+            g * stride_kh, g * stride_vh, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale,
+            D=D, BLOCK_SIZE=BLOCK_SIZE, USE_PAGES=False, IS_INTERPRET=IS_INTERPRET)
+    out, lse2 = finish_block(m_i, l_i, acc)
+    o_ptrs = O + b * stride_ob + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=h_ok[:, None])
+    tl.store(LSE + b * stride_lb + t.to(tl.int64) * stride_lt + heads, lse2 * 0.6931471805599453, mask=h_ok)
 
 
 @triton.jit
@@ -307,7 +312,7 @@ def msa_attn_bwd_kernel(
     tl.atomic_add(DV + dk_ptrs, dv, mask=k_ok[:, None])
 
 
-def _head_block(rep: int) -> int:
+def head_block(rep: int) -> int:
     # tl.dot needs at least 16 rows.
     return max(16, triton.next_power_of_2(rep))
 
@@ -333,46 +338,28 @@ def _combine(op: torch.Tensor, lp: torch.Tensor, selected: torch.Tensor, out: to
 
 
 def msa_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, *,
-    block_size: int, scale: float, kv_len: torch.Tensor | None = None,
-    page_table: torch.Tensor | None = None, split: bool = False,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, *, block_size: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query-outer forward over kept blocks. Returns (out [B, Tq, Hq, D] in q's dtype, lse [B, Tq, Hq] fp32).
+    """Query-outer prefill forward over kept blocks: out [B, T, Hq, D] in q's dtype, lse [B, T, Hq] fp32.
 
-    Prefill: k, v [B, T, Hkv, D], Tq = T. Paged (decode): k, v [n_pages, block_size, Hkv, D],
-    page_table [B, max_pages] int32 (logical block -> page), kv_len [B] int32 tokens in the
-    cache counting the Tq new ones, which are its last Tq tokens. `split`: one program per kept
-    slot, each writing a partial, then the combine (decoding: 16x the programs).
+    k, v: [B, T, Hkv, D]. The comparison for the KV-outer default; decoding has its own kernel.
     """
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
     rep = hq // hkv
-    top_k = selected.shape[-1]
-    if kv_len is None:
-        kv_len = torch.full((b,), tq, dtype=torch.int32, device=q.device)
-    pages = page_table if page_table is not None else kv_len  # unused when not paged
     out = torch.empty_like(q)
     lse = torch.empty(b, tq, hq, dtype=torch.float32, device=q.device)
-    if split:
-        op = torch.empty(b, tq, hkv, top_k, rep, d, dtype=q.dtype, device=q.device)
-        lp = torch.empty(b, tq, hkv, top_k, rep, dtype=torch.float32, device=q.device)
-    else:
-        op, lp = out, lse  # unused
-    msa_attn_fwd_kernel[(tq, b * hkv, top_k if split else 1)](
-        q, k, v, selected, out, lse, op, lp, kv_len, pages, scale, tq,
+    msa_attn_fwd_kernel[(tq, b * hkv)](
+        q, k, v, selected, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         selected.stride(0), selected.stride(1), selected.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        pages.stride(0),
-        HKV=hkv, REP=rep, BLOCK_H=_head_block(rep), D=d, BLOCK_SIZE=block_size, TOPK=top_k,
-        USE_PAGES=page_table is not None, SPLIT=split, IS_INTERPRET=IS_INTERPRET,
-        num_warps=4, num_stages=3 if not split else 1,
+        HKV=hkv, REP=rep, BLOCK_H=head_block(rep), D=d, BLOCK_SIZE=block_size, TOPK=selected.shape[-1],
+        IS_INTERPRET=IS_INTERPRET, num_warps=4, num_stages=3,
     )
-    if split:
-        _combine(op, lp, selected, out, lse, q0=0, tq=tq)
     return out, lse
 
 
