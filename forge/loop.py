@@ -82,7 +82,7 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
     load_env_class(cfg.env.cls)
     pool = ray.remote(DataPool).options(num_cpus=0).remote(cfg.pool)
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
-    ranks = start_trainer_ranks(cfg.model, cfg.trainer, cfg.algorithm, cfg.run.seed)
+    ranks = start_trainer_ranks(cfg.model, cfg.trainer, cfg.algorithm, init_seed(cfg))
     if state.step > 0 or state.warm_start_done:
         client = ray.get([r.call.remote("load", str(run.checkpoints), state.tag) for r in ranks])[0]
         ray.get(pool.load_state_dict.remote(client["pool"]))
@@ -158,6 +158,11 @@ def _record_placement(run, ranks: list, workers: list) -> None:
     (run.path / "placement.json").write_text(json.dumps(placement, indent=2))
     nodes = len(set(placement["trainer"]) | set(placement["rollout"]))
     log.info("placed %d trainer ranks and %d rollout workers on %d node(s)", len(ranks), len(workers), nodes)
+
+
+def init_seed(cfg: Any) -> int:
+    """The seed of the model's initial weights: trainer.init_seed, else run.seed."""
+    return cfg.run.seed if cfg.trainer.init_seed is None else cfg.trainer.init_seed
 
 
 def _start_evaluator(cfg: Any, store: Any):

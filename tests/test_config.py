@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -173,3 +174,12 @@ def test_apply_override_rejects_value_where_section_expected():
     data = {"inner": 3}
     with pytest.raises(ConfigError, match="sets 'inner' to a value"):
         apply_override(data, "inner.steps=1", Outer)
+
+
+def test_init_seed_defaults_to_the_run_seed():
+    from forge.loop import init_seed
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    assert init_seed(load_recipe(recipe, ["run.seed=3"])) == 3
+    # Fixed: every run.seed starts from the same weights; run.seed still drives the RL side.
+    assert init_seed(load_recipe(recipe, ["run.seed=3", "trainer.init_seed=0"])) == 0

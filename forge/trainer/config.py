@@ -37,6 +37,9 @@ class TrainerConfig:
 
     groups_per_step: int = 8
     """Groups (tasks x G samples) per optimizer step."""
+    init_seed: int | None = None
+    """Seed of the model's initial weights; None takes run.seed. Fix it to start every seed of
+    an experiment from the same weights, as runs from one pretrained checkpoint do."""
     lr: float = 1e-4
     """AdamW learning rate."""
     weight_decay: float = 0.0
