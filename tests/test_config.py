@@ -180,6 +180,7 @@ def test_init_seed_defaults_to_the_run_seed():
     from forge.loop import init_seed
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
-    assert init_seed(load_recipe(recipe, ["run.seed=3"])) == 3
-    # Fixed: every run.seed starts from the same weights; run.seed still drives the RL side.
-    assert init_seed(load_recipe(recipe, ["run.seed=3", "trainer.init_seed=0"])) == 0
+    assert init_seed(load_recipe(recipe, ["run.seed=3", "trainer.init_seed=null"])) == 3
+    # Fixed (the quickstart's own setting): every run.seed starts from the same weights; run.seed
+    # still drives the RL side.
+    assert init_seed(load_recipe(recipe, ["run.seed=3", "trainer.init_seed=5"])) == 5
