@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forge.kernels.moe import moe_experts, route
+from forge.kernels.moe import moe_experts, moe_experts_all, route
+from forge.kernels.moe.all_experts import ALL_EXPERTS_MAX_PAIRS
 from forge.kernels.moe.naive import moe_experts_naive, route_naive
 from forge.kernels.moe.triton_experts import moe_experts_triton
 from forge.kernels.moe.triton_grouped_gemm import BLOCK_M
@@ -188,6 +189,32 @@ def test_entry_points_take_the_reference_on_cpu():
     torch.testing.assert_close(moe_experts(*inputs).cpu(), moe_experts_naive(*inputs).cpu())
     logits = torch.randn(5, 4)
     assert torch.equal(route(logits, torch.zeros(4), 2)[1], route_naive(logits, torch.zeros(4), 2)[1])
+
+
+@pytest.mark.parametrize("n,h,f,e,k,skip", EXPERT_CASES)
+def test_all_experts_path_matches_naive(n, h, f, e, k, skip):
+    # The decoding path runs every expert on every token with zero weight where not routed.
+    inputs, _ = _expert_inputs(n, h, f, e, k, torch.float64, skip_expert=skip)
+    torch.testing.assert_close(moe_experts_all(*inputs), moe_experts_naive(*inputs), rtol=1e-12, atol=1e-12)
+    # bf16: no further from the fp32 truth than twice the bf16 loop is.
+    low, _ = _expert_inputs(n, h, f, e, k, torch.bfloat16, skip_expert=skip)
+    truth = moe_experts_naive(*[t.float() if t.is_floating_point() else t for t in low])
+    assert rel_err(moe_experts_all(*low), truth) <= 2 * rel_err(moe_experts_naive(*low), truth) + 1e-6
+
+
+@pytest.mark.gpu
+def test_all_experts_path_never_synchronises_with_the_host():
+    inputs, _ = _expert_inputs(32, 512, 192, 32, 4, torch.bfloat16)
+    assert 32 * 32 <= ALL_EXPERTS_MAX_PAIRS
+    with torch.no_grad():
+        moe_experts_all(*inputs)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = moe_experts_all(*inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    truth = moe_experts_naive(*[t.float() if t.is_floating_point() else t for t in inputs])
+    assert rel_err(out, truth) <= 2 * rel_err(moe_experts_naive(*inputs), truth) + 1e-6
 
 
 def test_moe_experts_names_the_fix_for_mixed_dtypes():

@@ -331,7 +331,9 @@ class Block(nn.Module):
         """x [B, T, H] -> [B, T, H]; `p` and `cache` are Attention's, p.token_weight the MoE's."""
         x = x + self.attn(self.attn_norm(x), p, cache)
         h = self.mlp_norm(x)
-        return x + (self.mlp(h, p.token_weight) if isinstance(self.mlp, MoE) else self.mlp(h))
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(h, p.token_weight, generating=cache is not None)
+        return x + self.mlp(h)
 
 
 class Transformer(nn.Module):

@@ -24,7 +24,8 @@ from forge.kernels.dtypes import at_least_fp32
 import torch.nn.functional as F
 from torch import nn
 
-from forge.kernels.moe import moe_experts, route
+from forge.kernels.moe import moe_experts, moe_experts_all, route
+from forge.kernels.moe.all_experts import ALL_EXPERTS_MAX_PAIRS
 from forge.policy.config import ModelConfig
 
 
@@ -70,8 +71,11 @@ class MoE(nn.Module):
     def num_experts(self) -> int:
         return self.router.shape[0]
 
-    def forward(self, x: torch.Tensor, token_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, H], token_weight [B, T] or None -> [B, T, H]."""
+    def forward(
+        self, x: torch.Tensor, token_weight: torch.Tensor | None = None, *, generating: bool = False
+    ) -> torch.Tensor:
+        """x [B, T, H], token_weight [B, T] or None -> [B, T, H]. `generating` (a KV-cached pass)
+        lets a CUDA decoding step run every expert on its few tokens (kernels/moe/all_experts.py)."""
         b, t, h = x.shape
         flat = x.reshape(b * t, h)  # [N, H]
         # The router runs in fp32: in bf16, near-tied scores flip the top-k choice between the
@@ -86,7 +90,10 @@ class MoE(nn.Module):
         # trainer's old-policy logprobs, a reference pass) would otherwise count them again.
         if self.training and torch.is_grad_enabled():
             self.load += load
-        out = moe_experts(flat, weights, experts, self.w_gate, self.w_up, self.w_down)  # [N, H]
+        if generating and flat.is_cuda and not torch.is_grad_enabled() and b * t * self.num_experts <= ALL_EXPERTS_MAX_PAIRS:
+            out = moe_experts_all(flat, weights, experts, self.w_gate, self.w_up, self.w_down)
+        else:
+            out = moe_experts(flat, weights, experts, self.w_gate, self.w_up, self.w_down)  # [N, H]
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.reshape(b, t, h)
