@@ -31,6 +31,7 @@ import inspect
 import json
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -463,6 +464,8 @@ def main() -> None:
     ap.add_argument("--backends", action="store_true", help="time SDPA backends on (a)'s dense pieces")
     ap.add_argument("--profile", action="store_true", help="profile the forge layer's kernels on (a)")
     ap.add_argument("--parts", default="attention,layer_moe", help="which of attention,layer_moe to time")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every variant this many times, interleaved; report medians and per-round ratios")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shape = Shape() if not args.tiny else Shape(4, 2, 16, 64, 8, 2, 32)
@@ -494,26 +497,39 @@ def main() -> None:
             if part not in args.parts.split(","):
                 continue
             res = entry.setdefault(part, {})
-            for name, (fn, grads) in make(sc, shape, dev, bm).items():
-                if args.variants and name not in args.variants.split(","):
-                    continue
-                if time.time() - start > args.budget_s:
-                    res[name] = {"skipped": "time budget"}
-                    continue
-                try:
-                    ms, mib = timed(fn, dev, grads)
-                    res[name] = {"ms": ms, "peak_mib": mib}
-                except Exception as e:  # noqa: BLE001
-                    res[name] = {"error": repr(e)[:300]}
-                if dev == "cuda":
-                    torch.cuda.empty_cache()
+            variants = {name: v for name, v in make(sc, shape, dev, bm).items()
+                        if not args.variants or name in args.variants.split(",")}
+            # Rounds interleave the variants, so a drift of the machine's speed reaches them all
+            # alike; each variant's figure is its median over the rounds.
+            for _ in range(args.rounds):
+                for name, (fn, grads) in variants.items():
+                    if "error" in res.get(name, {}):
+                        continue
+                    if time.time() - start > args.budget_s:
+                        res.setdefault(name, {"skipped": "time budget"})
+                        continue
+                    try:
+                        ms, mib = timed(fn, dev, grads)
+                        r = res.setdefault(name, {"peak_mib": mib, "ms_rounds": []})
+                        r["ms_rounds"].append(ms)
+                        r["ms"] = statistics.median(r["ms_rounds"])
+                    except Exception as e:  # noqa: BLE001
+                        res[name] = {"error": repr(e)[:300]}
+                    if dev == "cuda":
+                        torch.cuda.empty_cache()
             base = min((r["ms"] for k, r in res.items() if k.startswith("unmerged") and "ms" in r), default=None)
             for r in res.values():
                 if base and "ms" in r:
                     r["speedup_vs_unmerged"] = base / r["ms"]
-            fl = res.get("flex", {}).get("ms")
-            if fl and "ms" in res.get("forge", {}):
-                res["forge"]["speedup_vs_flex"] = fl / res["forge"]["ms"]
+            fl, fo = res.get("flex", {}), res.get("forge", {})
+            if "ms" in fl and "ms" in fo:
+                fo["speedup_vs_flex"] = fl["ms"] / fo["ms"]
+                # Paired per round: how far the ratio moves between rounds of the same run.
+                paired = [a / b for a, b in zip(fl["ms_rounds"], fo["ms_rounds"])]
+                fo["speedup_vs_flex_rounds"] = paired
+            ub, fo = res.get("unmerged_sdpa", {}), res.get("forge", {})
+            if "ms" in ub and "ms" in fo:
+                fo["speedup_vs_unmerged_rounds"] = [a / b for a, b in zip(ub["ms_rounds"], fo["ms_rounds"])]
         if args.profile and sc.name.startswith("a") and dev == "cuda":
             entry["profile_attention"] = {v: profile_attention(sc, shape, dev, bm, v)
                                          for v in ("forge", "forge_pieces_cudnn_split")}
@@ -541,6 +557,10 @@ def print_table(report: dict) -> None:
                 if "ms" in r:
                     print(f"{sname:22} {ratios:>15} {part:10} {v:16} {r['ms']:9.2f} {r['peak_mib']:8.0f} "
                           f"{r.get('speedup_vs_unmerged', float('nan')):10.2f} {r.get('speedup_vs_flex', float('nan')):7.2f}")
+                    for key in ("speedup_vs_flex_rounds", "speedup_vs_unmerged_rounds"):
+                        if len(r.get(key, [])) > 1:
+                            print(f"{'':22} {'':>15} {part:10} {v:16} {key}: min {min(r[key]):.3f} "
+                                  f"median {statistics.median(r[key]):.3f} max {max(r[key]):.3f}")
                 else:
                     print(f"{sname:22} {ratios:>15} {part:10} {v:16} {str(r)[:60]}")
         print(f"{sname:22} check forge vs flex: {e.get('check_forge_vs_flex')}")
