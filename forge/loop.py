@@ -235,7 +235,7 @@ def _evaluate(cfg: Any, evaluator: Any, monitor, state: DriverState, base: int) 
     metrics["eval/time_s"] = time.perf_counter() - t0
     monitor.log(metrics, step=base + state.step)
     state.evals.append((state.step, mean))
-    log.info("eval at step %d: reward %.3f%s on %d held-out tasks", state.step, mean, note, len(seeds))
+    log.info("eval at step %d: reward %.3f%s on %d held-out tasks", state.step, mean, note, int(metrics["eval/tasks"]))
 
 
 def _eval_rewards(result: Any, prefix: str) -> tuple[float, dict[str, float]]:

@@ -36,8 +36,6 @@ from forge.trainer.engine import all_reduce_sum, init_process_group, make_engine
 from forge.trainer.logprobs import sequence_scores
 from forge.trainer.losses import DEFAULT_REDUCTION, LOSSES
 
-# How each loss averages, so that a micro-batch's loss can be weighted by its share.
-
 
 @dataclass
 class _MicroBatch:
