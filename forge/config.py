@@ -102,6 +102,12 @@ class RecipeConfig:
     """Length of the RL loop and its bookkeeping."""
 
 
+def init_seed(cfg: RecipeConfig) -> int:
+    """The seed of the model's initial weights: trainer.init_seed, else run.seed. `forge train`
+    and `forge.replay` both start from it, so a replay starts from the run's weights."""
+    return cfg.run.seed if cfg.trainer.init_seed is None else cfg.trainer.init_seed
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), cls: type[T] = RecipeConfig) -> T:
     """Load a YAML recipe into `cls`, then apply `a.b.c=value` overrides."""
     path = Path(path)

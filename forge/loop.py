@@ -23,6 +23,7 @@ import torch
 from forge.agent_side.config import EnvConfig, RolloutConfig, load_env_class
 from forge.agent_side.demos import oracle_batch
 from forge.agent_side.rollout_actor import RolloutActor
+from forge.config import init_seed
 from forge.middleware.arrow import write_parquet
 from forge.middleware.pool import DataPool
 from forge.middleware.weights import WeightStore
@@ -158,11 +159,6 @@ def _record_placement(run, ranks: list, workers: list) -> None:
     (run.path / "placement.json").write_text(json.dumps(placement, indent=2))
     nodes = len(set(placement["trainer"]) | set(placement["rollout"]))
     log.info("placed %d trainer ranks and %d rollout workers on %d node(s)", len(ranks), len(workers), nodes)
-
-
-def init_seed(cfg: Any) -> int:
-    """The seed of the model's initial weights: trainer.init_seed, else run.seed."""
-    return cfg.run.seed if cfg.trainer.init_seed is None else cfg.trainer.init_seed
 
 
 def _start_evaluator(cfg: Any, store: Any):

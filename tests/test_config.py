@@ -15,6 +15,7 @@ from forge.config import (
     apply_override,
     dump_yaml,
     from_dict,
+    init_seed,
     load_recipe,
     resolve_ref,
 )
@@ -177,8 +178,6 @@ def test_apply_override_rejects_value_where_section_expected():
 
 
 def test_init_seed_defaults_to_the_run_seed():
-    from forge.loop import init_seed
-
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
     assert init_seed(load_recipe(recipe, ["run.seed=3", "trainer.init_seed=null"])) == 3
     # Fixed (the quickstart's own setting): every run.seed starts from the same weights; run.seed
