@@ -8,7 +8,8 @@ meets: groups of sequences that share a prompt.
 
 - train_merged / train_unmerged: `sequence_scores` (the trainer's forward) with the MSA index
   loss, then backward, in bf16; merged through the prefix tree, or each sequence alone.
-- generate: `ModelGenerator.generate` over prompts of the given length, new tokens sampled.
+- generate: `ModelGenerator.generate` over prompts of the given length, new tokens sampled, once
+  per decoding mode (`--decode`, eager and CUDA graph by default); `prefill` samples one token.
 
 Times are medians of CUDA-event timings after a warm-up call (the first call compiles the Triton
 kernels). Tokens per second count every token of the batch (training) or sampled tokens
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--gen-prompt", type=int, default=2048)
     parser.add_argument("--gen-rows", type=int, default=8)
     parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--decode", default="eager,graph",
+                        help="comma-separated ModelGenerator decode modes to time side by side")
     parser.add_argument("--no-msa", action="store_true", help="the same shape with every layer dense")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
@@ -83,17 +86,28 @@ def main() -> None:
     for name, merge in () if args.skip_train else (("train_merged", True), ("train_unmerged", False)):
         ms = timed(train_call(model, seqs, merge), args.reps)
         rows.append({"variant": name, "ms": ms, "tokens": tokens, "tokens_per_s": tokens / ms * 1e3})
-    gen = ModelGenerator(model.eval(), ByteTokenizer(), seed=0)
     prompts = [[random.Random(i).randrange(256) for _ in range(args.gen_prompt)] for i in range(args.gen_rows)]
-    params = SamplingParams(max_new_tokens=args.gen_tokens, temperature=1.0)
-    sampled = []
+    model.eval()
+    generators = {}
 
-    def generate() -> None:
-        sampled.append(sum(len(c.token_ids) for c in gen.generate(prompts, params)))
+    def generate_with(mode: str, max_new_tokens: int):
+        gen = generators.setdefault(mode, ModelGenerator(model, ByteTokenizer(), seed=0, decode=mode))
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0)
+        sampled = []
 
-    with torch.no_grad():
-        ms = timed(generate, args.reps)
-    rows.append({"variant": "generate", "ms": ms, "tokens": sampled[-1], "tokens_per_s": sampled[-1] / ms * 1e3})
+        def generate() -> None:
+            sampled.append(sum(len(c.token_ids) for c in gen.generate(prompts, params)))
+
+        return generate, sampled
+
+    # The prefill alone (one sampled token per row), then whole calls per decoding mode.
+    for name, mode, new in [("prefill", "eager", 1)] + [(f"generate_{m}", m, args.gen_tokens)
+                                                        for m in args.decode.split(",")]:
+        fn, sampled = generate_with(mode, new)
+        with torch.no_grad():
+            ms = timed(fn, args.reps)
+        rows.append({"variant": name, "ms": ms, "tokens": sampled[-1], "tokens_per_s": sampled[-1] / ms * 1e3})
+    generate = generate_with(args.decode.split(",")[-1], args.gen_tokens)[0]
     model.train()
 
     if args.profile:

@@ -102,3 +102,28 @@ def test_errors_name_the_fix(model):
 
     with pytest.raises(ValueError, match="vocab_size"):
         ModelGenerator(model, Big())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_fixed_shape_decoding_step_equals_the_eager_one(model, temperature):
+    """decode="static" (the step a CUDA graph captures: one cache-wide masked attention, slots and
+    positions advanced on the device) gives the eager loop's tokens and logprobs, with left
+    padding, a shared group prompt and rows that stop early."""
+    g = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randint(0, 256, (n,), generator=g).tolist() for n in (2, 9, 5))
+    prompts = [a, b, b, c]
+    params = SamplingParams(temperature=temperature, max_new_tokens=16, stop_token_ids=(7, 200))
+    eager = ModelGenerator(model, seed=1, decode="eager").generate(prompts, params)
+    static = ModelGenerator(model, seed=1, decode="static").generate(prompts, params)
+    for e, s, prompt in zip(eager, static, prompts):
+        assert s.token_ids == e.token_ids and s.finish_reason == e.finish_reason
+        torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(e.logprobs), rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(s.logprobs), _forward_logprobs(model, prompt, s.token_ids),
+                                   rtol=0, atol=1e-5)
+
+
+def test_decode_mode_is_checked(model):
+    with pytest.raises(ValueError, match="decode must be one of"):
+        ModelGenerator(model, decode="fast")
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        ModelGenerator(model, decode="graph")

@@ -278,6 +278,26 @@ def test_generation_logprobs_equal_the_training_forward_past_the_dense_prefix():
         torch.testing.assert_close(torch.tensor(completion.logprobs), expected, rtol=0, atol=1e-5)
 
 
+def test_fixed_shape_decoding_step_equals_the_eager_one_across_the_dense_threshold():
+    """decode="static" runs `msa_decode` for every row (Triton's interpreter here) and dense
+    attention where a row is still below dense_below_tokens; rows of a batch cross that position
+    and top_k * block_size at different steps. Its tokens and logprobs are the eager loop's."""
+    from forge.policy.generation import ModelGenerator
+    from forge.policy.sampling import SamplingParams
+
+    cfg = msa_config(block_size=16, top_k=2, index_dim=16, dense_below_tokens=40)
+    torch.manual_seed(0)
+    m = Transformer(dataclasses.replace(cfg, head_dim=16, rotary_dim=16)).eval()
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (30, 36, 45)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=12)
+    eager = ModelGenerator(m, seed=2, decode="eager").generate(prompts, params)
+    static = ModelGenerator(m, seed=2, decode="static").generate(prompts, params)
+    for e, s in zip(eager, static):
+        assert s.token_ids == e.token_ids
+        torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(e.logprobs), rtol=0, atol=1e-5)
+
+
 # Checkpoints and the preset
 
 

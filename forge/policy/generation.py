@@ -7,6 +7,14 @@ prompts run through the model, then their cache rows are copied to every request
 them. The copy costs memory, not compute; a paged cache that shares the blocks is the next step
 if memory becomes the limit.
 
+Decoding steps: on CUDA the step after the prefill runs `Transformer.forward_decode`, whose
+shapes are fixed for the whole call and which never reads the device from the host, captured
+once per call in a CUDA graph and replayed for every later token. A small model's decoding
+step is otherwise bound by the host (about 1,200 kernel launches per step for the 100M MoE + MSA
+preset, docs/benchmarks.md "One H100"); the replay is one launch. Sampling stays outside the
+graph, so the random stream is the eager one. `decode="eager"` turns it off; `"static"` runs
+the fixed-shape step without a graph (on any device: the tests compare it with the eager one).
+
 Reported logprobs: for each sampled token, its log-probability under the model's own
 distribution, log_softmax(logits) at temperature 1 with no top-p truncation, computed in fp32
 from the same logits that were sampled from. That is what `Transformer.forward` gives the
@@ -17,11 +25,17 @@ truncated sampling distribution's probability must recompute it from its own par
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
 from forge.policy.model import KVCache, Transformer
+
+DecodeMode = Literal["auto", "eager", "static", "graph"]
+_DECODE_MODES = ("auto", "eager", "static", "graph")
+GRAPH_MIN_NEW_TOKENS = 8
+"""`decode="auto"` captures a graph only for calls that may sample at least this many tokens:
+the capture costs about two eager steps."""
 from forge.policy.sampling import Completion, SamplingParams
 from forge.policy.tokenizer import Tokenizer
 
@@ -55,7 +69,10 @@ class ModelGenerator:
         *,
         seed: int | None = None,
         policy_version: int = 0,
+        decode: DecodeMode = "auto",
     ) -> None:
+        if decode not in _DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(_DECODE_MODES)}, got {decode!r}")
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size} "
@@ -66,6 +83,10 @@ class ModelGenerator:
         self.policy_version = policy_version
         """Version stamped on every Completion; the weight-sync code sets it when it loads weights."""
         device = next(model.parameters()).device
+        if decode == "graph" and device.type != "cuda":
+            raise ValueError(f"decode='graph' needs the model on a CUDA device, it is on {device}; use 'auto'")
+        self.decode = decode
+        """How decoding steps run: see the module docstring."""
         self._rng = torch.Generator(device=device)
         if seed is not None:
             self._rng.manual_seed(seed)
@@ -120,6 +141,9 @@ class ModelGenerator:
         tokens_out: list[torch.Tensor] = []
         logprobs_out: list[torch.Tensor] = []
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        mode = self._mode(params)
+        static = None if mode == "eager" else _StaticDecode(
+            self.model, cache, valid, next_position, width + params.max_new_tokens, graph=mode == "graph")
         for step in range(params.max_new_tokens):
             tokens, logprobs = sample_next(logits, params, self._rng)
             tokens_out.append(tokens)
@@ -127,10 +151,25 @@ class ModelGenerator:
             done = done | torch.isin(tokens, stop)
             if step + 1 == params.max_new_tokens or bool(done.all()):
                 break
+            if static is not None:
+                logits = static.step(tokens)
+                continue
             valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
             logits = self.model.forward_cached(tokens[:, None], next_position[:, None], cache, valid)[:, -1]
             next_position = next_position + 1
         return self._completions(torch.stack(tokens_out, 1), torch.stack(logprobs_out, 1), params)
+
+    def _mode(self, params: SamplingParams) -> str:
+        """The decoding mode of one call: "auto" becomes "graph" on CUDA past the MSA warm-up
+        (whose dense path reads the step counter) for calls long enough to pay for a capture."""
+        if self.decode != "auto":
+            if self.decode in ("static", "graph") and self.model.msa_warming_up():
+                return "eager"
+            return self.decode
+        cuda = self.model.embed.weight.is_cuda
+        if not cuda or params.max_new_tokens < GRAPH_MIN_NEW_TOKENS or self.model.msa_warming_up():
+            return "eager"
+        return "graph"
 
     def _completions(self, tokens: torch.Tensor, logprobs: torch.Tensor, params: SamplingParams) -> list[Completion]:
         """Cut each row after its first stop token. tokens, logprobs: [B, steps]."""
@@ -142,3 +181,52 @@ class ModelGenerator:
             end = len(ids) if end is None else end
             out.append(Completion(ids[:end], lps[:end], reason, self.policy_version))
         return out
+
+
+class _StaticDecode:
+    """The decoding loop's state in tensors of fixed shape, advanced on the device, stepped by
+    `Transformer.forward_decode`: eagerly, or (graph=True) by replaying one CUDA graph captured
+    after a first eager step, which also compiles and warms every kernel the graph records."""
+
+    def __init__(self, model: Transformer, cache: KVCache, valid: torch.Tensor, next_position: torch.Tensor,
+                 capacity: int, *, graph: bool) -> None:
+        b, width = valid.shape
+        self.model, self.cache = model, cache
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=valid.device)
+        self.position = next_position[:, None].clone()  # [B, 1]
+        self.slot = torch.full((1,), width, dtype=torch.long, device=valid.device)
+        self.valid = torch.zeros(b, capacity, dtype=torch.bool, device=valid.device)  # [B, C] dense slots seen
+        self.valid[:, :width] = valid
+        self.valid[:, width] = True
+        self.use_graph = graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.steps = 0
+
+    def _forward(self) -> torch.Tensor:
+        return self.model.forward_decode(self.ids, self.position, self.slot, self.valid, self.cache)[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed the sampled tokens [B]; the logits [B, V] for the next ones (valid until the next step)."""
+        if self.steps:
+            self.position += 1
+            self.slot += 1
+            self.valid.index_fill_(1, self.slot, True)
+        self.steps += 1
+        self.ids.copy_(tokens[:, None])
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        if not self.use_graph:
+            return self._forward()
+        # Warm up on a side stream as torch asks before a capture, then capture the same step.
+        # The step is idempotent (it rewrites the same cache slots), and the capture runs nothing.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            first = self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = self._forward()
+        return first

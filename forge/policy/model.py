@@ -16,6 +16,7 @@ implementations, RoPE and RMSNorm always compute in fp32 and cast back.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +153,9 @@ class _Pass:
     """[B, T] bool, False for padding tokens (generation)."""
     new_all_valid: bool = True
     """No padding among the new tokens (decode steps): their keys are written without a gather."""
+    decode_slot: torch.Tensor | None = None
+    """[1] long: a fixed-shape decoding step (`Transformer.forward_decode`), the dense layers'
+    cache slot of the new token; then cache_mask is [B, 1, 1, capacity] and no host read happens."""
 
 
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -243,6 +247,13 @@ class Attention(nn.Module):
         if cache is None:
             return _causal_sdpa(q, k, v)
         k_cache, v_cache, _, length = cache
+        if p.decode_slot is not None:
+            # Fixed shapes: write at a slot held on the device, attend over every slot, masked.
+            k_cache.index_copy_(2, p.decode_slot, k.transpose(1, 2))
+            v_cache.index_copy_(2, p.decode_slot, v.transpose(1, 2))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache, v_cache, attn_mask=p.cache_mask,
+                                                 enable_gqa=True)
+            return out.transpose(1, 2)
         k_cache[:, :, length : length + t] = k.transpose(1, 2)
         v_cache[:, :, length : length + t] = v.transpose(1, 2)
         k, v = k_cache[:, :, : length + t], v_cache[:, :, : length + t]  # [B, Hkv, S', D]
@@ -299,20 +310,51 @@ class Attention(nn.Module):
             k_cache[rows, slots] = k[rows, cols]
             v_cache[rows, slots] = v[rows, cols]
             ik_cache[rows, slots] = ik[rows, cols]
+        if p.decode_slot is not None:
+            return self._msa_decode_static(q, iq, k_cache, v_cache, ik_cache, p)
         decode = (t == 1 and not p.msa_dense and self._triton_ok(q) and p.first_position >= m.dense_below_tokens)
         if decode:
-            pages = k_cache.shape[1] // m.block_size
-            page_table = torch.arange(b * pages, device=q.device, dtype=torch.int32).view(b, pages)
-
-            def paged(x: torch.Tensor) -> torch.Tensor:
-                return x.view(b * pages, m.block_size, *x.shape[2:])
-
-            return msa_decode(q, iq, paged(k_cache), paged(v_cache), paged(ik_cache), page_table,
-                              p.position[:, 0] + 1, top_k=m.top_k, scale=self.head_dim**-0.5)
+            return self._paged_decode(q, iq, k_cache, v_cache, ik_cache, p)
         s = p.last_position + 1
         return msa_cache_attention(q, iq, k_cache[:, :s], v_cache[:, :s], ik_cache[:, :s], p.position,
                                    block_size=m.block_size, top_k=m.top_k, dense_below=m.dense_below_tokens,
                                    dense=p.msa_dense, scale=self.head_dim**-0.5)
+
+
+    def _paged_decode(self, q, iq, k_cache, v_cache, ik_cache, p: _Pass) -> torch.Tensor:
+        """`msa_decode` over the position-indexed cache seen as pages of one block each."""
+        m, b = self.msa, q.shape[0]
+        pages = k_cache.shape[1] // m.block_size
+        page_table = torch.arange(b * pages, device=q.device, dtype=torch.int32).view(b, pages)
+
+        def paged(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b * pages, m.block_size, *x.shape[2:])
+
+        return msa_decode(q, iq, paged(k_cache), paged(v_cache), paged(ik_cache), page_table,
+                          p.position[:, 0] + 1, top_k=m.top_k, scale=self.head_dim**-0.5)
+
+    def _msa_decode_static(self, q, iq, k_cache, v_cache, ik_cache, p: _Pass) -> torch.Tensor:
+        """One new token per row, keys already written, with no host read: `msa_decode` for every
+        row, and where a row is below `dense_below_tokens`, dense attention over the first slots."""
+        m = self.msa
+        interpreted = _interpreting() and q.dtype == torch.float32 and m.triton_ok() and _pow2_at_least_16(self.head_dim)
+        if not (self._triton_ok(q) or interpreted):
+            return msa_cache_attention(q, iq, k_cache, v_cache, ik_cache, p.position, block_size=m.block_size,
+                                       top_k=m.top_k, dense_below=m.dense_below_tokens,
+                                       scale=self.head_dim**-0.5)
+        out = self._paged_decode(q, iq, k_cache, v_cache, ik_cache, p)
+        n = min(m.dense_below_tokens, k_cache.shape[1])
+        if n == 0:
+            return out
+        visible = torch.arange(n, device=q.device)[None, :] <= p.position  # [B, n]
+        dense = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k_cache[:, :n].transpose(1, 2), v_cache[:, :n].transpose(1, 2),
+            attn_mask=visible[:, None, None, :], enable_gqa=True).transpose(1, 2)
+        return torch.where((p.position < m.dense_below_tokens)[:, :, None, None], dense, out)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class Block(nn.Module):
@@ -382,7 +424,8 @@ class Transformer(nn.Module):
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return at_least_fp32(F.linear(h, weight))
 
-    def _pass(self, position_ids: torch.Tensor, **fields) -> _Pass:
+    def _pass(self, position_ids: torch.Tensor, *, static: bool = False, **fields) -> _Pass:
+        """The pass's shared tables; `static` reads nothing from the device (a graph-captured step)."""
         c = self.config
         cos, sin = rope_tables(position_ids, c.rotary_dim, c.rope_theta)
         p = _Pass(cos, sin, position_ids, **fields)
@@ -390,6 +433,8 @@ class Transformer(nn.Module):
             rotary = min(c.rotary_dim, c.msa.index_dim)
             p.index_cos, p.index_sin = (cos, sin) if rotary == c.rotary_dim else rope_tables(
                 position_ids, rotary, c.rope_theta)
+            if static:
+                return p
             p.msa_dense = self.msa_warming_up()
             p.first_position, p.last_position = int(position_ids.min()), int(position_ids.max())
             p.msa_all_dense = p.msa_dense or p.last_position < c.msa.dense_below_tokens
@@ -459,6 +504,31 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, p, (cache.k[i], cache.v[i], cache.ik[i] if cache.ik else None, cache.length))
         cache.length = total
+        return self._head(h)
+
+    def forward_decode(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor, slot_valid: torch.Tensor,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """One new token per row with fixed shapes and no host synchronisation: the decoding step
+        that `ModelGenerator` captures in a CUDA graph. Computes what `forward_cached` does.
+
+        input_ids, position_ids: [B, 1]; slot: [1] long, the dense layers' cache slot of the new
+        tokens (one column of the left-padded batch); slot_valid: [B, capacity] bool, the dense
+        slots each row sees, True at `slot` and at the row's earlier real tokens. MSA layers
+        write at the positions. Returns logits [B, 1, V]; `cache.length` is left alone. Needs the
+        MSA dense warm-up to be over (`msa_warming_up()`, which the caller checks once: reading
+        the step counter here would synchronise).
+        """
+        b, t = input_ids.shape
+        if t != 1 or slot.shape != (1,) or slot_valid.shape[0] != b:
+            raise ValueError(f"forward_decode takes one token per row ([B, 1] ids, a [1] slot, [B, capacity] "
+                             f"slot_valid); got ids {list(input_ids.shape)}, slot {list(slot.shape)}, "
+                             f"slot_valid {list(slot_valid.shape)}")
+        p = self._pass(position_ids, static=True, cache_mask=slot_valid[:, None, None, :], decode_slot=slot)
+        h = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, p, (cache.k[i], cache.v[i], cache.ik[i] if cache.ik else None, None))
         return self._head(h)
 
 
