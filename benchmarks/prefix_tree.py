@@ -124,7 +124,8 @@ def timed(fn: Callable[[], None], dev: str, grads: list[torch.Tensor]) -> tuple[
 
 def attention_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tuple[Callable, list]]:
     from forge.kernels.tree_attention import tree_attention
-    from forge.kernels.tree_attention.decomposed import BACKENDS, TOP_LEFT, plan_tree, tree_attention_pieces
+    from forge.kernels.tree_attention.decomposed import plan_tree, tree_attention_pieces
+    from forge.kernels.tree_attention.piece_backends import BACKENDS, TOP_LEFT
     from forge.kernels.tree_attention.flex import tree_attention_flex
     from forge.kernels.tree_attention.triton_tree import tree_attention_triton
 
@@ -188,8 +189,19 @@ def attention_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tu
     def forge_triton():
         tree_attention_triton(q, k, v, se).backward(do)
 
+    def forge_serial():
+        # The extra pieces after the base call on the same stream, instead of beside it.
+        import forge.kernels.tree_attention.decomposed as dec
+
+        dec.OVERLAP_EXTRA = False
+        try:
+            forge()
+        finally:
+            dec.OVERLAP_EXTRA = True
+
     out["flex"] = (flex, [q, k, v])
     out["forge"] = (forge, [q, k, v])
+    out["forge_serial"] = (forge_serial, [q, k, v])
     out["forge_triton"] = (forge_triton, [q, k, v])
     # Forward alone (inference, old/reference logprobs), for the split of the time.
     out["forge_fwd_only"] = (lambda: tree_attention(q.detach(), k.detach(), v.detach(), se), [])
@@ -246,8 +258,18 @@ def layer_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tuple[
         finally:
             pm.tree_attention = real
 
+    def merged_serial():
+        import forge.kernels.tree_attention.decomposed as dec
+
+        dec.OVERLAP_EXTRA = False
+        try:
+            merged()
+        finally:
+            dec.OVERLAP_EXTRA = True
+
     return {"unmerged_sdpa": (unmerged, params + [g[0] for g in groups]),
-            "flex": (flex, params + [x]), "forge": (merged, params + [x])}
+            "flex": (flex, params + [x]), "forge": (merged, params + [x]),
+            "forge_serial": (merged_serial, params + [x])}
 
 
 def check(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, float]:
