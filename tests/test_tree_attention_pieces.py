@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from forge.kernels.tree_attention import tree_attention, tree_attention_naive, tree_mask
-from forge.kernels.tree_attention.decomposed import (
+from forge.kernels.tree_attention.decomposed import plan_tree, tree_attention_pieces
+from forge.kernels.tree_attention.piece_backends import (
     CudnnBackend,
     ReferenceBackend,
     Segments,
     _single_key_bwd,
     _single_key_fwd,
-    plan_tree,
-    tree_attention_pieces,
 )
 from forge.prefix_tree import build_tree, concat_trees
 from test_tree_attention import rel, tree_subtree_end
@@ -261,6 +260,6 @@ def test_plan_cache_follows_the_tensor_and_its_contents():
 @pytest.mark.gpu
 def test_cudnn_aligns_fused_pieces_top_left():
     # The fused pieces rely on it; the planner checks it once and falls back to the split pieces.
-    from forge.kernels.tree_attention.decomposed import cudnn_top_left
+    from forge.kernels.tree_attention.piece_backends import cudnn_top_left
 
     assert cudnn_top_left()
