@@ -278,6 +278,28 @@ def test_generation_logprobs_equal_the_training_forward_past_the_dense_prefix():
         torch.testing.assert_close(torch.tensor(completion.logprobs), expected, rtol=0, atol=1e-5)
 
 
+def test_padded_unmerged_batches_keep_the_index_loss_and_its_gradients():
+    """Right padding never enters a real token's attention or block selection, and its zero
+    token weight keeps it out of the index loss: padded=True equals one sequence at a time."""
+    m = model(torch.float64, dense_below_tokens=6)
+    seqs, _ = batch()
+
+    def run(padded: bool):
+        m.zero_grad()
+        sc = sequence_scores(m, seqs, merge=False, with_index_loss=True, padded=padded)
+        (sum((lp * (i + 1)).sum() for i, lp in enumerate(sc.logprobs)) + sc.index_loss).backward()
+        return sc, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    alone, g_alone = run(False)
+    padded, g_padded = run(True)
+    assert rel(padded.index_loss, alone.index_loss) <= TOL[torch.float64] and alone.index_loss > 0
+    for a, b in zip(padded.logprobs, alone.logprobs):
+        assert rel(a, b) <= TOL[torch.float64]
+    assert any(any(k in n for k in INDEX) for n in g_alone)
+    for name in g_alone:
+        assert rel(g_padded[name], g_alone[name]) <= TOL[torch.float64], name
+
+
 def test_fixed_shape_decoding_step_equals_the_eager_one_across_the_dense_threshold():
     """decode="static" runs `msa_decode` for every row (Triton's interpreter here) and dense
     attention where a row is still below dense_below_tokens; rows of a batch cross that position

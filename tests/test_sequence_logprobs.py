@@ -161,3 +161,48 @@ def test_single_token_and_empty_batch():
     out = sequence_logprobs(m, [[5], [5, 6]])
     assert out[0].shape == (0,) and out[1].shape == (1,)
     assert sequence_logprobs(m, []) == []
+
+
+def test_length_batches_bound_the_padding_and_cover_every_sequence():
+    from forge.trainer.logprobs import PAD_WASTE, _length_batches
+
+    lengths = [12, 3, 11, 5, 10, 1, 30, 29, 4]
+    batches = _length_batches(lengths)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= (1 + PAD_WASTE) * sum(lengths[i] for i in b)
+    assert [tuple(b) for b in batches] == [(6, 7), (0, 2, 4), (3, 8, 1), (5,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_padded_unmerged_batches_equal_one_sequence_at_a_time(dtype, monkeypatch):
+    """merge=False with padded=True (the CUDA default) runs sequences of similar length as one
+    right-padded batch: logprobs, entropies, every gradient and the MoE loads are those of one
+    forward per sequence."""
+    m = model(dtype).train()
+    seqs, _ = batch()
+    calls = []
+    real = m.forward
+    monkeypatch.setattr(m, "forward", lambda ids, **kw: calls.append(ids.shape[0]) or real(ids, **kw))
+
+    def run(padded: bool):
+        for _, moe in moe_layers(m):
+            moe.load.zero_()
+        m.zero_grad()
+        calls.clear()
+        sc = sequence_scores(m, seqs, merge=False, with_entropy=True, padded=padded)
+        loss = sum((lp * (i + 1)).sum() + e.sum() for i, (lp, e) in enumerate(zip(sc.logprobs, sc.entropies)))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        return sc, grads, loads(m), list(calls)
+
+    alone, g_alone, l_alone, c_alone = run(False)
+    padded, g_padded, l_padded, c_padded = run(True)
+    assert c_alone == [1] * len(seqs) and len(c_padded) < len(seqs) and max(c_padded) > 1
+    for a, b, ea, eb in zip(padded.logprobs, alone.logprobs, padded.entropies, alone.entropies):
+        assert a.shape == b.shape and rel(a, b) <= TOL[dtype] and rel(ea, eb) <= TOL[dtype]
+    assert g_alone.keys() == g_padded.keys()
+    for name in g_alone:
+        assert rel(g_padded[name], g_alone[name]) <= TOL[dtype], name
+    for a, b in zip(l_padded, l_alone):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)

@@ -94,21 +94,58 @@ def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, wi
     return SequenceScores(list(flat_lp.split(sizes)), entropies, index_loss)
 
 
-def _unmerged(model, seqs: list[list[int]], with_entropy: bool, with_index_loss: bool) -> SequenceScores:
+PAD_WASTE = 0.25
+"""Padded rows of unmerged sequences may hold at most this share of padding over their tokens."""
+
+
+def _length_batches(lengths: list[int], waste: float = PAD_WASTE) -> list[list[int]]:
+    """Indices of the sequences grouped, longest first, into batches whose right-padded size
+    (count x longest) stays within (1 + waste) x their tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            b = batches[-1]
+            tokens = sum(lengths[j] for j in b) + lengths[i]
+            if (len(b) + 1) * lengths[b[0]] <= (1 + waste) * tokens:
+                b.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+def _unmerged(model, seqs: list[list[int]], with_entropy: bool, with_index_loss: bool,
+              padded: bool | None = None) -> SequenceScores:
+    """Each sequence as if alone: one forward per sequence, or (`padded`, the default on CUDA,
+    where a small model's forwards are bound by kernel launches) sequences of similar length
+    right-padded into one causal batch. Padding comes after every real token, so causal
+    attention (dense or MSA) never lets a real token see it; its `token_weight` of 0 keeps it
+    out of the MoE load counts and the index loss."""
     dev = _device(model)
-    logprobs, entropies = [], []
+    if padded is None:
+        padded = dev.type == "cuda"
+    logprobs: list = [None] * len(seqs)
+    entropies: list = [None] * len(seqs)
     index_loss = None
-    for s in seqs:
-        ids = torch.as_tensor(s, dtype=torch.long, device=dev)
+    for batch in _length_batches([len(s) for s in seqs]) if padded else [[i] for i in range(len(seqs))]:
+        width = len(seqs[batch[0]])
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        weight = torch.zeros(len(batch), width)
+        for row, i in enumerate(batch):
+            ids[row, : len(seqs[i])] = torch.as_tensor(seqs[i], dtype=torch.long)
+            weight[row, : len(seqs[i])] = 1.0
+        ids = ids.to(dev)
+        kw = {"token_weight": weight.to(dev)} if len(batch) > 1 else {}
         if with_index_loss:
-            logits, part = model(ids[None], return_index_loss=True)
+            logits, part = model(ids, return_index_loss=True, **kw)
             index_loss = part if index_loss is None else index_loss + part
         else:
-            logits = model(ids[None])
-        logits = logits[0, :-1]  # [L - 1, V]
-        lse, ent = _row_scores(logits, with_entropy)
-        logprobs.append(_at_least_fp32(logits.gather(-1, ids[1:, None])[:, 0]) - lse)
-        entropies.append(ent)
+            logits = model(ids, **kw)
+        for row, i in enumerate(batch):
+            n = len(seqs[i])
+            lse, ent = _row_scores(logits[row, : n - 1], with_entropy)  # [n - 1]
+            logprobs[i] = _at_least_fp32(logits[row, : n - 1].gather(-1, ids[row, 1:n, None])[:, 0]) - lse
+            entropies[i] = ent
     return SequenceScores(logprobs, entropies if with_entropy else None, index_loss)
 
 
@@ -121,6 +158,7 @@ def sequence_scores(
     token_budget: int | None = None,
     tree: FlatTree | None = None,
     with_index_loss: bool = False,
+    padded: bool | None = None,
 ) -> SequenceScores:
     """Logprobs (and entropies) of every sequence's tokens after the first; see sequence_logprobs.
 
@@ -130,12 +168,14 @@ def sequence_scores(
     micro-batch up to three times a step); ignored with a token_budget.
     with_index_loss: also return the model's MSA index loss (`SequenceScores.index_loss`),
     summed over sequences; the model must take `return_index_loss`.
+    padded: with merge=False, run sequences of similar length as one right-padded batch
+    (default: on CUDA) instead of one forward each; the results are the same up to rounding.
     """
     seqs = [as_token_list(s) for s in sequences]
     if not seqs:
         return SequenceScores([], [] if with_entropy else None)
     if not merge:
-        return _unmerged(model, seqs, with_entropy, with_index_loss)
+        return _unmerged(model, seqs, with_entropy, with_index_loss, padded)
     if token_budget is None:
         return _merged(model, seqs, tree if tree is not None else build_tree(seqs), with_entropy, with_index_loss)
     logprobs: list = [None] * len(seqs)
