@@ -24,6 +24,8 @@ class MergeConfig:
     """Merge each batch (training forward, old and reference logprobs); False runs every sequence alone."""
     min_token_ratio: float = 1.1
     """Below this token ratio (sum of sequence lengths over unique tokens) the batch runs unmerged."""
+    pad_unmerged: bool = True
+    """On CUDA, unmerged sequences of similar length share one right-padded forward (exact); False: one forward each."""
 
 
 def should_merge(tree: FlatTree, config: MergeConfig) -> bool:

@@ -98,7 +98,7 @@ class Trainer:
         for i, mb in enumerate(mbs):
             idx = mb.idx
             scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, with_entropy=True, tree=mb.tree,
-                                     with_index_loss=index_norm is not None)
+                                     with_index_loss=index_norm is not None, padded=self._padded)
             masks = [batch.masks[j].to(dev, scores.logprobs[0].dtype) for j in idx]
             olds = [old[j] for j in idx]
             adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
@@ -181,7 +181,7 @@ class Trainer:
         total = index_total = 0.0
         index_norm = self._index_norm(counts[1])
         for i, mb in enumerate(mbs):
-            scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, tree=mb.tree,
+            scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, tree=mb.tree, padded=self._padded,
                                      with_index_loss=index_norm is not None)
             lps = scores.logprobs
             loss = -sum((lp * batch.masks[j].to(dev, lp.dtype)).sum() for j, lp in zip(mb.idx, lps)) / tokens * self.world_size
@@ -252,6 +252,11 @@ class Trainer:
         grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else None
 
+    @property
+    def _padded(self) -> bool | None:
+        """sequence_scores' `padded` for unmerged micro-batches: its CUDA default, or never."""
+        return None if self.cfg.merge.pad_unmerged else False
+
     def _plan(self, batch: RLBatch) -> list[_MicroBatch]:
         """Micro-batches, each merged only where its token ratio pays for it (should_merge)."""
         plans = []
@@ -269,7 +274,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         for mb in mbs:
-            for j, lp in zip(mb.idx, sequence_scores(model, mb.seqs, merge=mb.merge, tree=mb.tree).logprobs):
+            scores = sequence_scores(model, mb.seqs, merge=mb.merge, tree=mb.tree, padded=self._padded)
+            for j, lp in zip(mb.idx, scores.logprobs):
                 out[j] = lp.detach()
         model.train(was_training)
         return out
