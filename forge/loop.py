@@ -40,7 +40,8 @@ log = logging.getLogger("forge")
 class SyncingGenerator:
     """A `ModelGenerator` that pulls newer weights from the store before each batch of turns."""
 
-    def __init__(self, model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32") -> None:
+    def __init__(self, model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32",
+                 prefix_cache_tokens: int = 0) -> None:
         self.store = store
         model = Transformer(model_cfg)
         if torch.cuda.is_available():
@@ -48,7 +49,8 @@ class SyncingGenerator:
             # On a GPU the policy samples in the trainer's precision, so that the sampler's
             # logprobs and the trainer's differ as little as the two code paths allow.
             model = model.cuda().to(torch.bfloat16 if precision == "bf16" else torch.float32)
-        self.inner = ModelGenerator(model, ByteTokenizer(), seed=seed, policy_version=-1)
+        self.inner = ModelGenerator(model, ByteTokenizer(), seed=seed, policy_version=-1,
+                                    prefix_cache_tokens=prefix_cache_tokens)
         self.sync_s = 0.0
 
     def generate(self, prompts, params):
@@ -62,8 +64,9 @@ class SyncingGenerator:
         return self.inner.generate(prompts, params)
 
 
-def _make_generator(model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32") -> SyncingGenerator:
-    return SyncingGenerator(model_cfg, store, seed, precision)
+def _make_generator(model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32",
+                    prefix_cache_tokens: int = 0) -> SyncingGenerator:
+    return SyncingGenerator(model_cfg, store, seed, precision, prefix_cache_tokens)
 
 
 @dataclass
@@ -145,7 +148,8 @@ def _start_rollouts(cfg: Any, store: Any, state: DriverState) -> _Rollouts:
                         resources=cfg.rollout.actor_resources or None)(RolloutActor)
     seeds = [cfg.run.seed * 1000 + i + 7919 * state.step for i in range(cfg.rollout.num_workers)]
     workers = [
-        remote.remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, seed, cfg.trainer.precision))
+        remote.remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, seed, cfg.trainer.precision,
+                                                        cfg.rollout.prefix_cache_tokens))
         for seed in seeds
     ]
     per_call = max(1, cfg.rollout.concurrency // cfg.rollout.group_size)
@@ -165,7 +169,8 @@ def _start_evaluator(cfg: Any, store: Any):
     eval_rollout = RolloutConfig(**{**vars(cfg.rollout), "group_size": 1, "temperature": cfg.eval.temperature,
                                     "concurrency": max(1, cfg.eval.num_tasks), "max_retries": 1})
     remote = ray.remote(num_cpus=0, num_gpus=cfg.rollout.actor_num_gpus)(RolloutActor)
-    generator = partial(_make_generator, cfg.model, store, cfg.run.seed + 17, cfg.trainer.precision)
+    generator = partial(_make_generator, cfg.model, store, cfg.run.seed + 17, cfg.trainer.precision,
+                        cfg.rollout.prefix_cache_tokens)
     return remote.remote(cfg.env, eval_rollout, generator)
 
 

@@ -40,9 +40,10 @@ def only_run(out: Path) -> Path:
 
 def test_stop_midway_and_resume_loses_no_step(tmp_path):
     out = tmp_path / "runs"
-    # Evaluation samples at the rollout temperature and also runs greedily (eval.greedy_too).
+    # Evaluation samples at the rollout temperature and also runs greedily (eval.greedy_too);
+    # generators keep the conversations' keys between turns (rollout.prefix_cache_tokens).
     args = ("train", str(RECIPE), f"run.output_dir={out}", "train.steps=4", "eval.temperature=1.0",
-            "eval.greedy_too=true")
+            "eval.greedy_too=true", "rollout.prefix_cache_tokens=4096")
     proc = forge(*args, cwd=tmp_path, wait=False)
     deadline = time.time() + 400
     run = None

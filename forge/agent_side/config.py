@@ -68,6 +68,8 @@ class RolloutConfig:
     """Seconds a worker with nothing running waits before asking a full data pool again."""
     max_context_tokens: int = 32768
     """An episode whose context would pass this ends truncated (status ok, no more turns)."""
+    prefix_cache_tokens: int = 0
+    """Tokens of recent conversations whose keys each generator keeps, so a turn prefills only what is new; 0: off."""
 
     def sampling_params(self, stop_token_ids: tuple[int, ...]) -> SamplingParams:
         """The generator's settings for one turn, stopping at the given ids."""

@@ -30,6 +30,7 @@ from typing import Literal, Sequence
 import torch
 
 from forge.policy.model import KVCache, Transformer
+from forge.policy.prefix_cache import CachedPrefix, PrefixCache
 
 DecodeMode = Literal["auto", "eager", "static", "graph"]
 _DECODE_MODES = ("auto", "eager", "static", "graph")
@@ -70,6 +71,7 @@ class ModelGenerator:
         seed: int | None = None,
         policy_version: int = 0,
         decode: DecodeMode = "auto",
+        prefix_cache_tokens: int = 0,
     ) -> None:
         if decode not in _DECODE_MODES:
             raise ValueError(f"decode must be one of {', '.join(_DECODE_MODES)}, got {decode!r}")
@@ -87,6 +89,10 @@ class ModelGenerator:
             raise ValueError(f"decode='graph' needs the model on a CUDA device, it is on {device}; use 'auto'")
         self.decode = decode
         """How decoding steps run: see the module docstring."""
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        """Keys of recent sequences, so a conversation's next turn prefills only its new tokens
+        (forge.policy.prefix_cache); None unless `prefix_cache_tokens` > 0."""
+        self._cache_version = policy_version
         self._rng = torch.Generator(device=device)
         if seed is not None:
             self._rng.manual_seed(seed)
@@ -100,6 +106,10 @@ class ModelGenerator:
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} is empty; start every prompt with at least one token (e.g. <bos>)")
+        if self.prefix_cache is not None and self._cache_version != self.policy_version:
+            # New weights: every kept key is stale.
+            self.prefix_cache.clear()
+            self._cache_version = self.policy_version
         was_training = self.model.training
         self.model.eval()
         try:
@@ -108,30 +118,67 @@ class ModelGenerator:
         finally:
             self.model.train(was_training)
 
-    def _prefill(self, unique: list[list[int]], capacity: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
-        """Run the unique prompts once. Returns their cache (`capacity` slots), key
-        validity [U, P] and the logits after each prompt's last token [U, V]."""
+    def _prefill(self, unique: list[list[int]]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        """Run the unique prompts once, after whatever prefix of each the prefix cache holds.
+        Returns their cache, key validity [U, W] and the logits after each prompt's last token [U, V].
+
+        Layout of the W = P + S dense slots: row r's cached prefix (p_r tokens) ends at slot P =
+        max p_r and its new tokens end at slot W, each left-padded; a row's positions count from
+        0 at its first real token. With nothing cached this is the plain left-padded batch.
+        """
         device = self.model.embed.weight.device
-        width = max(len(p) for p in unique)
-        ids = torch.zeros(len(unique), width, dtype=torch.long, device=device)
-        valid = torch.zeros(len(unique), width, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(unique):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
-            valid[row, width - len(prompt) :] = True
-        # Left padding: a row's first real token sits at position 0, padding positions clamp to 0.
-        positions = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)
+        hits = [self.prefix_cache.lookup(u) if self.prefix_cache is not None else (None, 0) for u in unique]
+        p = [n for _, n in hits]
+        big_p, big_s = max(p), max(len(u) - n for u, n in zip(unique, p))
+        ids = torch.zeros(len(unique), big_s, dtype=torch.long)
+        positions = torch.zeros(len(unique), big_s, dtype=torch.long)
+        valid = torch.zeros(len(unique), big_p + big_s, dtype=torch.bool)
+        for row, (prompt, n) in enumerate(zip(unique, p)):
+            s = len(prompt) - n
+            ids[row, big_s - s :] = torch.tensor(prompt[n:])
+            # Padding takes the row's first new position: masked in dense layers, never written in MSA ones.
+            positions[row] = n
+            positions[row, big_s - s :] = torch.arange(n, len(prompt))
+            valid[row, big_p - n : big_p] = True
+            valid[row, big_p + big_s - s :] = True
         cache = KVCache.allocate(
-            self.model.config, len(unique), capacity, device=device, dtype=self.model.embed.weight.dtype
+            self.model.config, len(unique), big_p + big_s, device=device, dtype=self.model.embed.weight.dtype
         )
-        logits = self.model.forward_cached(ids, positions, cache, valid)  # [U, P, V]
+        for row, ((entry, n), prompt) in enumerate(zip(hits, unique)):
+            if entry is not None:
+                _restore(cache, row, entry, n, big_p)
+        cache.length = big_p
+        valid = valid.to(device)
+        logits = self.model.forward_cached(ids.to(device), positions.to(device), cache, valid)  # [U, S, V]
         return cache, valid, logits[:, -1]
+
+    def _keep(self, prompts: list[list[int]], done: list[Completion], cache: KVCache, valid: torch.Tensor,
+              width: int, fed: int) -> None:
+        """Put every row's prompt and its fed-back sampled tokens, with their keys, in the prefix cache.
+        valid: [B, width] prefill key validity per row; fed: decoding steps that ran."""
+        cols = valid.cpu()
+        for r, (prompt, completion) in enumerate(zip(prompts, done)):
+            tail = completion.token_ids[: min(fed, max(len(completion.token_ids) - 1, 0))]
+            tokens = prompt + tail
+            dense_cols = torch.cat([cols[r].nonzero()[:, 0], width + torch.arange(len(tail))]).to(valid.device)
+            k, v, ik = [], [], []
+            for i in range(len(cache.k)):
+                if cache.ik and cache.ik[i] is not None:  # MSA layer: slot = position
+                    k.append(cache.k[i][r, : len(tokens)].clone())
+                    v.append(cache.v[i][r, : len(tokens)].clone())
+                    ik.append(cache.ik[i][r, : len(tokens)].clone())
+                else:  # dense layer: [Hkv, slots, D], this row's real slots in order
+                    k.append(cache.k[i][r][:, dense_cols].transpose(0, 1).contiguous())
+                    v.append(cache.v[i][r][:, dense_cols].transpose(0, 1).contiguous())
+                    ik.append(None)
+            self.prefix_cache.store(tokens, k, v, ik)
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         unique_index: dict[tuple[int, ...], int] = {}
         owner = [unique_index.setdefault(tuple(p), len(unique_index)) for p in prompts]
         unique = [list(p) for p in unique_index]
-        width = max(len(p) for p in unique)
-        cache, valid, last = self._prefill(unique, width)
+        cache, valid, last = self._prefill(unique)
+        width = valid.shape[1]
         device = last.device
         rows = torch.tensor(owner, device=device)
         cache = cache.select(rows, width + params.max_new_tokens)
@@ -157,7 +204,10 @@ class ModelGenerator:
             valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
             logits = self.model.forward_cached(tokens[:, None], next_position[:, None], cache, valid)[:, -1]
             next_position = next_position + 1
-        return self._completions(torch.stack(tokens_out, 1), torch.stack(logprobs_out, 1), params)
+        done_list = self._completions(torch.stack(tokens_out, 1), torch.stack(logprobs_out, 1), params)
+        if self.prefix_cache is not None:
+            self._keep(prompts, done_list, cache, valid[:, :width], width, len(tokens_out) - 1)
+        return done_list
 
     def _mode(self, params: SamplingParams) -> str:
         """The decoding mode of one call: "auto" becomes "graph" on CUDA past the MSA warm-up
@@ -230,3 +280,16 @@ class _StaticDecode:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = self._forward()
         return first
+
+
+def _restore(cache: KVCache, row: int, entry: CachedPrefix, n: int, end: int) -> None:
+    """Copy the first n tokens' keys of `entry` into `row` of a fresh cache: dense layers at the
+    slots [end - n, end), MSA layers at their positions [0, n)."""
+    for i in range(len(cache.k)):
+        if cache.ik and cache.ik[i] is not None:
+            cache.k[i][row, :n] = entry.k[i][:n]
+            cache.v[i][row, :n] = entry.v[i][:n]
+            cache.ik[i][row, :n] = entry.ik[i][:n]
+        else:
+            cache.k[i][row, :, end - n : end] = entry.k[i][:n].transpose(0, 1)
+            cache.v[i][row, :, end - n : end] = entry.v[i][:n].transpose(0, 1)
