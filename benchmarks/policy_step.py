@@ -10,6 +10,9 @@ meets: groups of sequences that share a prompt.
   loss, then backward, in bf16; merged through the prefix tree, or each sequence alone.
 - generate: `ModelGenerator.generate` over prompts of the given length, new tokens sampled, once
   per decoding mode (`--decode`, eager and CUDA graph by default); `prefill` samples one token.
+- turns_no_cache / turns_prefix_cache (`--turns N`): N-turn conversations from those prompts,
+  40 answer tokens appended a turn, without and with the generator's prefix cache.
+- train_unmerged_each: unmerged, one forward per sequence instead of padded batches.
 
 Times are medians of CUDA-event timings after a warm-up call (the first call compiles the Triton
 kernels). Tokens per second count every token of the batch (training) or sampled tokens
@@ -46,9 +49,9 @@ def batch(groups: int, group_size: int, prompt: int, response: int, seed: int = 
     return out
 
 
-def train_call(model: Transformer, seqs: list[list[int]], merge: bool):
+def train_call(model: Transformer, seqs: list[list[int]], merge: bool, padded: bool | None = None):
     def run() -> None:
-        scores = sequence_scores(model, seqs, merge=merge, with_entropy=True, with_index_loss=True)
+        scores = sequence_scores(model, seqs, merge=merge, with_entropy=True, with_index_loss=True, padded=padded)
         loss = -sum(lp.sum() for lp in scores.logprobs) / sum(len(s) for s in seqs)
         if scores.index_loss is not None:
             loss = loss + scores.index_loss / sum(len(s) for s in seqs)
@@ -68,6 +71,9 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--decode", default="eager,graph",
                         help="comma-separated ModelGenerator decode modes to time side by side")
+    parser.add_argument("--turns", type=int, default=0,
+                        help="also time conversations of this many turns (40 answer tokens a turn), "
+                             "with and without the prefix cache")
     parser.add_argument("--no-msa", action="store_true", help="the same shape with every layer dense")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
@@ -83,8 +89,10 @@ def main() -> None:
     seqs = batch(args.groups, args.group_size, args.prompt, args.response)
     tokens = sum(len(s) for s in seqs)
     rows = []
-    for name, merge in () if args.skip_train else (("train_merged", True), ("train_unmerged", False)):
-        ms = timed(train_call(model, seqs, merge), args.reps)
+    # Unmerged: right-padded batches of similar lengths (the CUDA default), and one forward per sequence.
+    train = (("train_merged", True, None), ("train_unmerged", False, None), ("train_unmerged_each", False, False))
+    for name, merge, padded in () if args.skip_train else train:
+        ms = timed(train_call(model, seqs, merge, padded), args.reps)
         rows.append({"variant": name, "ms": ms, "tokens": tokens, "tokens_per_s": tokens / ms * 1e3})
     prompts = [[random.Random(i).randrange(256) for _ in range(args.gen_prompt)] for i in range(args.gen_rows)]
     model.eval()
@@ -108,6 +116,22 @@ def main() -> None:
             ms = timed(fn, args.reps)
         rows.append({"variant": name, "ms": ms, "tokens": sampled[-1], "tokens_per_s": sampled[-1] / ms * 1e3})
     generate = generate_with(args.decode.split(",")[-1], args.gen_tokens)[0]
+    for name, cache_tokens in [("turns_no_cache", 0), ("turns_prefix_cache", 1 << 20)][: 2 if args.turns else 0]:
+        sampled = []
+
+        def conversation(cache_tokens=cache_tokens, sampled=sampled) -> None:
+            gen = ModelGenerator(model, ByteTokenizer(), seed=0, prefix_cache_tokens=cache_tokens)
+            params = SamplingParams(max_new_tokens=args.gen_tokens, temperature=1.0)
+            rng, turn, n = random.Random(0), list(prompts), 0
+            for _ in range(args.turns):
+                done = gen.generate(turn, params)
+                n += sum(len(c.token_ids) for c in done)
+                turn = [p + c.token_ids + [rng.randrange(256) for _ in range(40)] for p, c in zip(turn, done)]
+            sampled.append(n)
+
+        with torch.no_grad():
+            ms = timed(conversation, args.reps)
+        rows.append({"variant": name, "ms": ms, "tokens": sampled[-1], "tokens_per_s": sampled[-1] / ms * 1e3})
     model.train()
 
     if args.profile:
@@ -125,9 +149,9 @@ def main() -> None:
             print(f"--- {name}: by CPU time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60))
 
-    print(f"{'variant':<16} {'ms':>10} {'tokens':>8} {'tokens/s':>10}")
+    print(f"{'variant':<20} {'ms':>10} {'tokens':>8} {'tokens/s':>10}")
     for r in rows:
-        print(f"{r['variant']:<16} {r['ms']:>10.1f} {r['tokens']:>8} {r['tokens_per_s']:>10.0f}")
+        print(f"{r['variant']:<20} {r['ms']:>10.1f} {r['tokens']:>8} {r['tokens_per_s']:>10.0f}")
     if args.out:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                 "date": datetime.date.today().isoformat(), "args": vars(args), "msa": not args.no_msa}
