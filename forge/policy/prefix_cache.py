@@ -42,34 +42,44 @@ class PrefixCache:
         """Tokens held now."""
         self.hits = 0
         """Prompt tokens served from the cache since it was made (not prefilled again)."""
+        self._matrix: tuple[list[tuple[int, ...]], np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._matrix = None
         self.tokens = 0
+
+    def _table(self) -> tuple[list[tuple[int, ...]], np.ndarray]:
+        """The kept sequences' keys and their tokens as one [E, longest] matrix padded with -1,
+        rebuilt after a change, so a lookup compares against all of them in one operation."""
+        if self._matrix is None:
+            keys = list(self._entries)
+            width = max(len(k) for k in keys)
+            matrix = np.full((len(keys), width), -1, dtype=np.int64)
+            for row, key in enumerate(keys):
+                matrix[row, : len(key)] = self._entries[key].tokens
+            self._matrix = (keys, matrix)
+        return self._matrix
 
     def lookup(self, prompt: list[int]) -> tuple[CachedPrefix | None, int]:
         """The kept sequence sharing the longest prefix with `prompt`, and that length, at most
         len(prompt) - 1 (the last token always runs, for its logits); (None, 0) if none shares one."""
         if not self._entries or len(prompt) < 2:
             return None, 0
-        p = np.asarray(prompt, dtype=np.int64)
-        best, best_n = None, 0
-        for key, entry in self._entries.items():
-            m = min(len(entry.tokens), len(p) - 1)
-            if m <= best_n:
-                continue
-            differ = entry.tokens[:m] != p[:m]
-            n = int(differ.argmax()) if differ.any() else m
-            if n > best_n:
-                best, best_n = key, n
-        if best is None:
+        keys, matrix = self._table()
+        m = min(matrix.shape[1], len(prompt) - 1)
+        same = matrix[:, :m] == np.asarray(prompt[:m], dtype=np.int64)  # [E, m]; padding never matches
+        shared = np.where(same.all(axis=1), m, same.argmin(axis=1))  # [E]
+        best = int(shared.argmax())
+        n = int(shared[best])
+        if n == 0:
             return None, 0
-        self._entries.move_to_end(best)
-        self.hits += best_n
-        return self._entries[best], best_n
+        self._entries.move_to_end(keys[best])
+        self.hits += n
+        return self._entries[keys[best]], n
 
     def store(self, tokens: list[int], k: list[torch.Tensor], v: list[torch.Tensor],
               ik: list[torch.Tensor | None]) -> None:
@@ -82,6 +92,7 @@ class PrefixCache:
             self._entries.move_to_end(key)
             return
         self._entries[key] = CachedPrefix(np.asarray(tokens, dtype=np.int64), k, v, ik)
+        self._matrix = None
         self.tokens += n
         while self.tokens > self.budget_tokens:
             _, old = self._entries.popitem(last=False)
