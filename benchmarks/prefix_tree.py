@@ -122,6 +122,20 @@ def timed(fn: Callable[[], None], dev: str, grads: list[torch.Tensor]) -> tuple[
     return (time.perf_counter() - t0) * 1e3, float("nan")
 
 
+def one_stream(fn: Callable[[], None]) -> Callable[[], None]:
+    """fn with the tree's extra pieces after the base call on the same stream, not beside it."""
+    import forge.kernels.tree_attention.decomposed as dec
+
+    def run() -> None:
+        dec.OVERLAP_EXTRA = False
+        try:
+            fn()
+        finally:
+            dec.OVERLAP_EXTRA = True
+
+    return run
+
+
 def attention_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tuple[Callable, list]]:
     from forge.kernels.tree_attention import tree_attention
     from forge.kernels.tree_attention.decomposed import plan_tree, tree_attention_pieces
@@ -189,19 +203,9 @@ def attention_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tu
     def forge_triton():
         tree_attention_triton(q, k, v, se).backward(do)
 
-    def forge_serial():
-        # The extra pieces after the base call on the same stream, instead of beside it.
-        import forge.kernels.tree_attention.decomposed as dec
-
-        dec.OVERLAP_EXTRA = False
-        try:
-            forge()
-        finally:
-            dec.OVERLAP_EXTRA = True
-
     out["flex"] = (flex, [q, k, v])
     out["forge"] = (forge, [q, k, v])
-    out["forge_serial"] = (forge_serial, [q, k, v])
+    out["forge_serial"] = (one_stream(forge), [q, k, v])
     out["forge_triton"] = (forge_triton, [q, k, v])
     # Forward alone (inference, old/reference logprobs), for the split of the time.
     out["forge_fwd_only"] = (lambda: tree_attention(q.detach(), k.detach(), v.detach(), se), [])
@@ -258,18 +262,9 @@ def layer_variants(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, tuple[
         finally:
             pm.tree_attention = real
 
-    def merged_serial():
-        import forge.kernels.tree_attention.decomposed as dec
-
-        dec.OVERLAP_EXTRA = False
-        try:
-            merged()
-        finally:
-            dec.OVERLAP_EXTRA = True
-
     return {"unmerged_sdpa": (unmerged, params + [g[0] for g in groups]),
             "flex": (flex, params + [x]), "forge": (merged, params + [x]),
-            "forge_serial": (merged_serial, params + [x])}
+            "forge_serial": (one_stream(merged), params + [x])}
 
 
 def check(sc: Scenario, shape: Shape, dev: str, bm) -> dict[str, float]:

@@ -25,20 +25,19 @@ truncated sampling distribution's probability must recompute it from its own par
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 
 from forge.policy.model import KVCache, Transformer
 from forge.policy.prefix_cache import CachedPrefix, PrefixCache
+from forge.policy.sampling import Completion, SamplingParams
+from forge.policy.tokenizer import Tokenizer
 
 DecodeMode = Literal["auto", "eager", "static", "graph"]
-_DECODE_MODES = ("auto", "eager", "static", "graph")
 GRAPH_MIN_NEW_TOKENS = 8
 """`decode="auto"` captures a graph only for calls that may sample at least this many tokens:
 the capture costs about two eager steps."""
-from forge.policy.sampling import Completion, SamplingParams
-from forge.policy.tokenizer import Tokenizer
 
 
 def sample_next(
@@ -73,8 +72,8 @@ class ModelGenerator:
         decode: DecodeMode = "auto",
         prefix_cache_tokens: int = 0,
     ) -> None:
-        if decode not in _DECODE_MODES:
-            raise ValueError(f"decode must be one of {', '.join(_DECODE_MODES)}, got {decode!r}")
+        if decode not in get_args(DecodeMode):
+            raise ValueError(f"decode must be one of {', '.join(get_args(DecodeMode))}, got {decode!r}")
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size} "
@@ -210,16 +209,13 @@ class ModelGenerator:
         return done_list
 
     def _mode(self, params: SamplingParams) -> str:
-        """The decoding mode of one call: "auto" becomes "graph" on CUDA past the MSA warm-up
-        (whose dense path reads the step counter) for calls long enough to pay for a capture."""
-        if self.decode != "auto":
-            if self.decode in ("static", "graph") and self.model.msa_warming_up():
-                return "eager"
-            return self.decode
-        cuda = self.model.embed.weight.is_cuda
-        if not cuda or params.max_new_tokens < GRAPH_MIN_NEW_TOKENS or self.model.msa_warming_up():
-            return "eager"
-        return "graph"
+        """The decoding mode of one call: "auto" becomes "graph" on CUDA for calls long enough to
+        pay for a capture; the MSA warm-up (whose dense path reads the step counter) runs eagerly."""
+        mode = self.decode
+        if mode == "auto":
+            long_enough = params.max_new_tokens >= GRAPH_MIN_NEW_TOKENS
+            mode = "graph" if self.model.embed.weight.is_cuda and long_enough else "eager"
+        return "eager" if mode != "eager" and self.model.msa_warming_up() else mode
 
     def _completions(self, tokens: torch.Tensor, logprobs: torch.Tensor, params: SamplingParams) -> list[Completion]:
         """Cut each row after its first stop token. tokens, logprobs: [B, steps]."""

@@ -320,7 +320,6 @@ class Attention(nn.Module):
                                    block_size=m.block_size, top_k=m.top_k, dense_below=m.dense_below_tokens,
                                    dense=p.msa_dense, scale=self.head_dim**-0.5)
 
-
     def _paged_decode(self, q, iq, k_cache, v_cache, ik_cache, p: _Pass) -> torch.Tensor:
         """`msa_decode` over the position-indexed cache seen as pages of one block each."""
         m, b = self.msa, q.shape[0]
