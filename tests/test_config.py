@@ -183,3 +183,9 @@ def test_init_seed_defaults_to_the_run_seed():
     # Fixed (the quickstart's own setting): every run.seed starts from the same weights; run.seed
     # still drives the RL side.
     assert init_seed(load_recipe(recipe, ["run.seed=3", "trainer.init_seed=5"])) == 5
+
+
+def test_negative_prefix_cache_budget_names_the_key():
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match=r"rollout.prefix_cache_tokens must be >= 0 \(0 turns the cache off\), got -3"):
+        load_recipe(root / "recipes" / "quickstart.yaml", ["rollout.prefix_cache_tokens=-3"])

@@ -71,6 +71,11 @@ class RolloutConfig:
     prefix_cache_tokens: int = 0
     """Tokens of recent conversations whose keys each generator keeps, so a turn prefills only what is new; 0: off."""
 
+    def __post_init__(self) -> None:
+        if self.prefix_cache_tokens < 0:
+            raise ValueError(f"rollout.prefix_cache_tokens must be >= 0 (0 turns the cache off), "
+                             f"got {self.prefix_cache_tokens}")
+
     def sampling_params(self, stop_token_ids: tuple[int, ...]) -> SamplingParams:
         """The generator's settings for one turn, stopping at the given ids."""
         return SamplingParams(
