@@ -27,11 +27,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from _timing import timed
 
-from forge.kernels.msa import triton_attention, triton_decode, triton_indexer
+from forge.kernels.msa import triton_attention, triton_decode, triton_indexer, triton_tile
 from forge.kernels.msa.synthetic import needle_case, needle_recall
 from forge.kernels.msa.triton_attention import build_work_list, sparse_attention_triton
 from forge.kernels.msa.triton_decode import decode_with_selection, msa_decode
 from forge.kernels.msa.triton_indexer import select_blocks_triton
+from forge.kernels.msa.triton_tile import tile_work_ratio
 
 HQ, HKV, D = 48, 8, 128
 
@@ -149,10 +150,51 @@ def bench_length(t, args, dense_name, dense, emit):
                   speedup=dense_ms / total, attention_tflops=attn_flops / attn_ms / 1e9,
                   indexer_tflops=idx_flops / idx_ms / 1e9))
         del iq, sel
+    bench_patterns(t, args, q, k, v, ik, max(reps, 3), emit)
     if t <= args.bwd_max:
         bench_backward(t, args, q, k, v, ik, args.reps, emit)
     del q
     bench_decode(t, args, k, v, ik, emit)
+
+
+def pattern_iq(t, di, bs, noise, gen):
+    """Index queries of a selection pattern: random (noise None), or one per block of queries plus noise.
+
+    Random index inputs scatter every query's blocks. With one index query per block of queries
+    (noise 0), all queries of a block keep the same blocks, as the public MSA code's prefill
+    benchmark builds its selections; noise in between moves them apart.
+    """
+    iq = torch.randn(1, t, HKV, di, device="cuda", dtype=torch.bfloat16, generator=gen)
+    if noise is None:
+        return iq
+    base = iq[:, ::bs].repeat_interleave(bs, dim=1)[:, :t]
+    return (base + noise * iq).to(torch.bfloat16) if noise else base.contiguous()
+
+
+def bench_patterns(t, args, q, k, v, ik, reps, emit):
+    """The sparse attention forward alone, per selection pattern and forward order (Di=64 selections)."""
+    bs, top_k, di = args.block_size, args.top_k, 64
+    attn_flops = 4 * D * HQ * kept_pairs(t, bs, top_k)
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    for name in args.patterns:
+        noise = PATTERNS[name]
+        sel = select_blocks_triton(pattern_iq(t, di, bs, noise, gen), ik[..., :di], block_size=bs, top_k=top_k)
+        ratio = tile_work_ratio(sel)
+        row = dict(kind="attention_pattern", T=t, pattern=name, noise=noise, tile_work_ratio=ratio,
+                   auto_order=triton_attention.forward_order(sel, "auto"))
+        with torch.no_grad():
+            for order in ("kv", "tile"):
+                if order == "tile" and ratio > args.tile_ratio_max and t > 131072:
+                    continue  # seconds a call at long lengths, and never chosen
+                row[f"{order}_rel_err"] = row_error(
+                    sparse_attention_triton(q, k, v, sel, block_size=bs, order=order), q, k, v, sel, bs)
+                ms = timed(lambda: sparse_attention_triton(q, k, v, sel, block_size=bs, order=order),
+                           reps=reps, warmup=1)
+                row[f"{order}_ms"], row[f"{order}_tflops"] = ms, attn_flops / ms / 1e9
+            ms = timed(lambda: tile_work_ratio(sel), reps=reps, warmup=1)
+            row["auto_decision_ms"] = ms
+        emit(row)
+        del sel
 
 
 def bench_backward(t, args, q, k, v, ik, reps, emit):
@@ -241,6 +283,9 @@ def bench_retrieval(t, args, emit):
     emit(dict(kind="retrieval", T=t, Di=128, recall=needle_recall(case, sel, args.block_size)))
 
 
+# Selection patterns of bench_patterns: noise around one index query per block (None: random).
+PATTERNS = {"scattered": None, "coherent": 0.0, "noisy-0.1": 0.1, "noisy-0.3": 0.3}
+
 KV_CONFIGS = [dict(BLOCK_M=64, num_warps=4, num_stages=2), dict(BLOCK_M=64, num_warps=4, num_stages=3),
               dict(BLOCK_M=64, num_warps=8, num_stages=2), dict(BLOCK_M=128, num_warps=8, num_stages=2)]
 
@@ -256,6 +301,12 @@ def sweep(t, args, emit):
         del iq
         sweep_kv(t, args, q, k, v, sel, emit)
         profile(t, "attention", lambda: sparse_attention_triton(q, k, v, sel, block_size=bs))
+        del sel
+    if "tile" in args.sweep_parts:
+        gen = torch.Generator(device="cuda").manual_seed(t)
+        sel = select_blocks_triton(pattern_iq(t, 64, bs, 0.0, gen), ik[..., :64], block_size=bs, top_k=top_k)
+        sweep_tile(t, args, q, k, v, sel, emit)
+        profile(t, "tile attention", lambda: sparse_attention_triton(q, k, v, sel, block_size=bs, order="tile"))
         del sel
     if "decode" in args.sweep_parts:
         sweep_decode(t, args, q, k, v, ik, emit)
@@ -278,6 +329,32 @@ def sweep_kv(t, args, q, k, v, sel, emit):
             emit(dict(kind="sweep_kv", T=t, item_queries=items, partial_gib=partial_bytes / 2**30, ms=ms,
                       tflops=attn_flops / ms / 1e9, rel_err=err, **cfg))
     triton_attention.KV_FORWARD, triton_attention.ITEM_QUERIES, triton_attention.PARTIAL_BYTES = saved
+
+
+TILE_CONFIGS = [(128, dict(BLOCK_N=64, num_warps=8, num_stages=3)), (128, dict(BLOCK_N=64, num_warps=8, num_stages=4)),
+                (128, dict(BLOCK_N=64, num_warps=8, num_stages=2)),
+                (128, dict(BLOCK_N=128, num_warps=8, num_stages=2)), (128, dict(BLOCK_N=128, num_warps=8, num_stages=3)),
+                (128, dict(BLOCK_N=64, num_warps=4, num_stages=3)), (64, dict(BLOCK_N=64, num_warps=4, num_stages=3)),
+                (64, dict(BLOCK_N=128, num_warps=4, num_stages=2))]
+
+
+def sweep_tile(t, args, q, k, v, sel, emit):
+    """Launch settings of the tile forward on a coherent selection (queries of a block share blocks)."""
+    bs = args.block_size
+    attn_flops = 4 * D * HQ * kept_pairs(t, bs, args.top_k)
+    saved = (triton_tile.TILE_QUERIES, dict(triton_tile.TILE_FORWARD))
+    with torch.no_grad():
+        for tile, cfg in TILE_CONFIGS:
+            triton_tile.TILE_QUERIES, triton_tile.TILE_FORWARD = tile, cfg
+            try:
+                err = row_error(sparse_attention_triton(q, k, v, sel, block_size=bs, order="tile"), q, k, v, sel, bs)
+                ms = timed(lambda: sparse_attention_triton(q, k, v, sel, block_size=bs, order="tile"), reps=3)
+            except Exception as exc:  # a tile that does not fit shared memory does not launch
+                print(f"tile {tile} {cfg}: {str(exc).splitlines()[0][:160]}")
+                continue
+            emit(dict(kind="sweep_tile", T=t, tile_queries=tile, ms=ms, tflops=attn_flops / ms / 1e9, rel_err=err,
+                      work_ratio=tile_work_ratio(sel), **cfg))
+    triton_tile.TILE_QUERIES, triton_tile.TILE_FORWARD = saved
 
 
 # Decode settings: (scan programs per multiprocessor, KiB of index-key pages in flight per scan
@@ -371,8 +448,12 @@ def main() -> None:
                         help="index dimensions also timed in decoding with float8_e4m3fn index keys in the cache")
     parser.add_argument("--sweep", type=int, default=0,
                         help="instead of the benchmark, time launch settings and profile at this length")
-    parser.add_argument("--sweep-parts", nargs="+", choices=["kv", "decode", "index"],
-                        default=["kv", "decode", "index"], help="which kernels --sweep times")
+    parser.add_argument("--sweep-parts", nargs="+", choices=["kv", "tile", "decode", "index"],
+                        default=["kv", "tile", "decode", "index"], help="which kernels --sweep times")
+    parser.add_argument("--patterns", nargs="*", choices=list(PATTERNS), default=list(PATTERNS),
+                        help="selection patterns on which the sparse attention forward is timed alone")
+    parser.add_argument("--tile-ratio-max", type=float, default=4.0,
+                        help="above 128K, time the tile forward only where its work ratio is at most this")
     parser.add_argument("--profile", action="store_true",
                         help="after the benchmark, profile one attention call and one decoding step at the last length")
     parser.add_argument("--out", default="msa_bench.json")
@@ -435,6 +516,16 @@ def print_table(rows) -> None:
             print(f"{'sweep kv':14} {r['T']:>8} {'':>4} {r['ms']:>10.2f}  {r['tflops']:.0f} TF/s BLOCK_M {r['BLOCK_M']} warps {r['num_warps']} "
                   f"stages {r['num_stages']} items {r['item_queries']} partials {r['partial_gib']:.0f} GiB "
                   f"err {r['rel_err']:.1e}")
+        elif r["kind"] == "attention_pattern":
+            parts = [f"{o} {r[o + '_ms']:.1f} ms {r[o + '_tflops']:.0f} TF/s err {r[o + '_rel_err']:.1e}"
+                     for o in ("kv", "tile") if o + "_ms" in r]
+            print(f"{'attn ' + r['pattern']:14} {r['T']:>8} {'':>4} {'':>10} {'':>10} {'':>8}  tile work ratio "
+                  f"{r['tile_work_ratio']:.2f}, auto -> {r['auto_order']} ({r['auto_decision_ms']:.2f} ms); "
+                  + "; ".join(parts))
+        elif r["kind"] == "sweep_tile":
+            print(f"{'sweep tile':14} {r['T']:>8} {'':>4} {r['ms']:>10.2f}  {r['tflops']:.0f} TF/s tile {r['tile_queries']} "
+                  f"BLOCK_N {r['BLOCK_N']} warps {r['num_warps']} stages {r['num_stages']} err {r['rel_err']:.1e} "
+                  f"work ratio {r['work_ratio']:.2f}")
         elif r["kind"] == "sweep_index":
             print(f"{'sweep index':14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.2f}  {r['tflops']:.0f} TF/s "
                   f"warps {r['num_warps']} stages {r['num_stages']}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from forge.kernels.msa import triton_attention, triton_decode
+from forge.kernels.msa import triton_attention, triton_decode, triton_tile
 from forge.kernels.msa.naive import select_blocks_naive, sparse_attention_naive
 from forge.kernels.msa.triton_attention import sparse_attention_triton
 from forge.kernels.msa.triton_decode import decode_with_selection, msa_decode, select_blocks_decode
@@ -92,8 +92,12 @@ def test_sparse_attention_output_and_gradients_match_naive(dtype, work, monkeypa
             m.setattr(triton_attention, "ITEM_QUERIES", 3)
         out = sparse_attention_triton(q, k, v, sel, block_size=16, order="kv")
         grads = torch.autograd.grad(out, (q, k, v), dout)
-    # The reference in fp32 from the same (rounded) inputs: the tolerance is the kernel's error.
-    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    _assert_matches_naive(out, grads, (q, k, v), sel, dout, dtype)
+
+
+def _assert_matches_naive(out, grads, qkv, sel, dout, dtype):
+    """Output and input gradients against naive.py in fp32 from the same (rounded) inputs."""
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in qkv)
     ref = sparse_attention_naive(q32, k32, v32, sel.long(), block_size=16)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), dout.float())
     torch.testing.assert_close(out.float(), ref, **_tol(dtype))
@@ -115,6 +119,66 @@ def test_query_outer_forward_matches_naive(dtype, monkeypatch):
         out = sparse_attention_triton(q, k, v, sel, block_size=16, order="query")
     ref = sparse_attention_naive(q.float(), k.float(), v.float(), sel.long(), block_size=16)
     torch.testing.assert_close(out.float(), ref, **_tol(dtype))
+
+
+def _coherent(iq: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Index queries equal within each block of queries: every query of a block keeps the same blocks."""
+    b, t, hkv, di = iq.shape
+    first = iq[:, ::block_size]  # [B, n_blocks, Hkv, Di]
+    return first.repeat_interleave(block_size, dim=1)[:, :t].contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern,tile", [("scattered", 16), ("coherent", 16), ("scattered", 32)],
+                         ids=["scattered", "coherent", "scattered-tiles-of-two-blocks"])
+def test_tile_forward_output_and_gradients_match_naive(dtype, pattern, tile, monkeypatch):
+    # Scattered selections give tiles whose union holds blocks most rows did not keep: the
+    # per-row mask is what keeps them out. Tiles of 32 queries span two own blocks.
+    gen = torch.Generator().manual_seed(15)
+    b, t, hq, hkv, d = 2, 16 * 6 + 5, 6, 2, 16
+    q, k, v = (_randn(b, t, h, d, dtype=dtype, gen=gen).requires_grad_() for h in (hq, hkv, hkv))
+    iq, ik = _randn(b, t, hkv, 16, dtype=dtype, gen=gen), _randn(b, t, 16, dtype=dtype, gen=gen)
+    if pattern == "coherent":
+        iq = _coherent(iq, 16)
+    sel = select_blocks_triton(iq, ik, block_size=16, top_k=3)
+    dout = _randn(b, t, hq, d, dtype=dtype, gen=gen)
+    with monkeypatch.context() as m:
+        _nan_outputs(m)
+        m.setattr(triton_tile, "INTERPRET_TILE_QUERIES", tile)
+        out = sparse_attention_triton(q, k, v, sel, block_size=16, order="tile")
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    _assert_matches_naive(out, grads, (q, k, v), sel, dout, dtype)
+
+
+def test_tile_unions_and_work_ratio():
+    # One batch row, 2 tiles of 4 queries, one group, top 2; -1 is an empty slot.
+    sel = torch.tensor([[0, -1], [0, -1], [1, 0], [1, 0],  # tile 0: union {0, 1}
+                        [2, 0], [2, 1], [2, 0], [2, 1]], dtype=torch.int32).view(1, 8, 1, 2)
+    ptr, blocks = triton_tile.tile_unions(sel, 4)
+    assert ptr.tolist() == [0, 2, 5] and blocks.tolist() == [0, 1, 0, 1, 2]
+    # Tiles compute 4 rows x (2 + 3) blocks = 20 (query, block) pairs for 14 kept slots.
+    assert triton_tile.tile_work_ratio(sel, 4) == pytest.approx(20 / 14)
+    # Every query of a tile keeping the same blocks: the tile does only kept work.
+    same = torch.tensor([[0, 1]] * 4 + [[2, 0]] * 4, dtype=torch.int32).view(1, 8, 1, 2)
+    assert triton_tile.tile_work_ratio(same, 4) == 1.0
+    # A tail tile: 6 queries in tiles of 4, the padding rows count for nothing kept.
+    ptr, blocks = triton_tile.tile_unions(same[:, :6], 4)
+    assert ptr.tolist() == [0, 2, 4] and triton_tile.tile_work_ratio(same[:, :6], 4) == pytest.approx(16 / 12)
+
+
+def test_auto_order_takes_the_tile_forward_only_for_shared_selections():
+    gen = torch.Generator().manual_seed(16)
+    b, t, hkv = 1, 16 * 16, 2
+    iq, ik = _randn(b, t, hkv, 16, dtype=torch.float32, gen=gen), _randn(b, t, 16, dtype=torch.float32, gen=gen)
+    scattered = select_blocks_triton(iq, ik, block_size=16, top_k=3)
+    coherent = select_blocks_triton(_coherent(iq, 16), ik, block_size=16, top_k=3)
+    assert triton_tile.tile_work_ratio(coherent) == 1.0
+    assert triton_tile.tile_work_ratio(scattered) > triton_tile.TILE_WORK_LIMIT
+    assert triton_attention.forward_order(coherent, "auto") == "tile"
+    assert triton_attention.forward_order(scattered, "auto") == "kv"
+    assert triton_attention.forward_order(coherent, "kv") == "kv"
+    with pytest.raises(ValueError, match="'auto' picks"):
+        sparse_attention_triton(iq, iq, iq, coherent, block_size=16, order="tiles")
 
 
 def test_sparse_attention_equals_dense_causal_when_every_block_is_kept():
@@ -245,7 +309,7 @@ def test_gpu_indexer_full_size(di):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("order", ["kv", "kv-ranges", "query"])
+@pytest.mark.parametrize("order", ["kv", "kv-ranges", "query", "tile", "tile-coherent"])
 def test_gpu_sparse_attention_full_size_forward_backward(order, monkeypatch):
     if order == "kv-ranges":
         # Query ranges of 256 queries (9 of them) and items of at most 40 queries.
@@ -256,6 +320,8 @@ def test_gpu_sparse_attention_full_size_forward_backward(order, monkeypatch):
     b, t, hq, hkv, d = 1, 2048 + 77, 48, 8, 128
     q, k, v = (_randn(b, t, h, d, dtype=torch.bfloat16, gen=gen).requires_grad_() for h in (hq, hkv, hkv))
     iq, ik = _randn(b, t, hkv, 128, dtype=torch.bfloat16, gen=gen), _randn(b, t, 128, dtype=torch.bfloat16, gen=gen)
+    if order == "tile-coherent":
+        iq, order = _coherent(iq, 128), "tile"
     sel = select_blocks_triton(iq, ik, block_size=128, top_k=8)
     dout = _randn(b, t, hq, d, dtype=torch.bfloat16, gen=gen)
     out = sparse_attention_triton(q, k, v, sel, block_size=128, order=order)

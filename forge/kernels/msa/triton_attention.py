@@ -77,10 +77,16 @@ def attend_block(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     qk = tl.where(k_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))  # [BLOCK_H, BLOCK_SIZE]
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    return softmax_step(qk, v, m_i, l_i, acc)
+
+
+@triton.jit
+def softmax_step(s, v, m_i, l_i, acc):
+    """Online softmax over one more tile of scores `s [M, N]` (log2 units, -inf masked) and values `v [N, D]`."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
     # Until a row has seen a key its max stays -inf; keep exp2 away from (-inf) - (-inf).
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_ref[:, None])
+    p = tl.math.exp2(s - m_ref[:, None])
     alpha = tl.math.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -478,8 +484,20 @@ def msa_attention_bwd(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-# Prefill forward loop order, chosen by measurement on an H100 (docs/msa.md): "kv" or "query".
-PREFILL_FORWARD = "kv"
+# Prefill forward loop order, chosen by measurement on an H100 (docs/msa.md): "auto" takes the
+# tile-outer forward where a tile's queries share their blocks (triton_tile.TILE_WORK_LIMIT),
+# else KV-outer; "kv", "tile" and "query" force one.
+PREFILL_FORWARD = "auto"
+ORDERS = ("auto", "kv", "tile", "query")
+
+
+def forward_order(selected: torch.Tensor, order: str) -> str:
+    """The forward `order` runs for this selection: "auto" resolved by the tile work ratio."""
+    if order != "auto":
+        return order
+    from forge.kernels.msa import triton_tile
+
+    return "tile" if triton_tile.tile_work_ratio(selected) <= triton_tile.TILE_WORK_LIMIT else "kv"
 
 
 class MSAAttentionFunction(torch.autograd.Function):
@@ -488,11 +506,16 @@ class MSAAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, selected, block_size: int, scale: float, order: str):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        order = forward_order(selected, order)
         wl = None
         if order == "kv" or any(ctx.needs_input_grad[:3]):
             wl = build_work_list(selected, block_size, q.shape[2] // k.shape[2], q.shape[3], q.element_size())
         if order == "kv":
             out, lse = msa_attention_fwd_kv(q, k, v, selected, wl, block_size=block_size, scale=scale)
+        elif order == "tile":
+            from forge.kernels.msa.triton_tile import msa_attention_fwd_tile
+
+            out, lse = msa_attention_fwd_tile(q, k, v, selected, block_size=block_size, scale=scale)
         else:
             out, lse = msa_attention_fwd(q, k, v, selected, block_size=block_size, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -515,14 +538,15 @@ def sparse_attention_triton(
     """Attention over kept blocks `selected [B, T, Hkv, top_k]` (int32, -1 = empty slot).
 
     q: [B, T, Hq, D], k, v: [B, T, Hkv, D] (bf16/fp16/fp32; D a power of two >= 16).
-    Returns [B, T, Hq, D] in q's dtype; differentiable in q, k, v. `order` picks the forward's
-    loop order ("kv" or "query"), for the benchmark that chose the default.
+    Returns [B, T, Hq, D] in q's dtype; differentiable in q, k, v. `order` picks the forward:
+    "auto" (tile-outer where the queries of a tile share their blocks, else KV-outer), or one of
+    "kv", "tile", "query" for the benchmark that chose the rule. The backward is KV-outer.
     """
     d = q.shape[-1]
     if d < 16 or d & (d - 1):
         raise ValueError(f"head dimension {d} must be a power of two >= 16 for the Triton kernels")
-    if order not in ("kv", "query"):
-        raise ValueError(f"order is {order!r}; it must be 'kv' (KV-outer) or 'query' (query-outer)")
+    if order not in ORDERS:
+        raise ValueError(f"order is {order!r}; it must be one of {ORDERS} ('auto' picks by the selection)")
     scale = d**-0.5 if scale is None else scale
     selected = selected.to(torch.int32).contiguous()
     return MSAAttentionFunction.apply(q, k, v, selected, block_size, scale, order)

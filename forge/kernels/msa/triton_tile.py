@@ -1,0 +1,188 @@
+"""Triton sparse attention prefill forward, tile-outer: for selections that neighbouring queries share.
+
+One program takes a tile of `TILE_QUERIES` consecutive queries and one query head, and runs
+an online softmax over the union of the blocks the tile's queries kept for the head's KV
+group. Per union block it loads K and V once for the whole tile, scores every row against
+them, and masks the rows that did not keep the block (and, in a query's own block, the keys
+after it). Each output row is written once: no partials, no combine, no atomics.
+
+The tile does `|union| * TILE_QUERIES * block_size` (query, key) pairs where its queries keep
+`sum(kept slots) * block_size`. The two are equal when the tile's queries keep the same
+blocks, as an index branch whose neighbouring queries agree gives, and far apart when
+selections are scattered (random index inputs: about 16x at top 16), where the KV-outer
+forward (`triton_attention`) does less work. `tile_work_ratio` measures the ratio on a sample
+of tiles, and `sparse_attention_triton(order="auto")` picks the tile forward at or below
+`TILE_WORK_LIMIT` (docs/msa.md gives the measurements behind it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from forge.kernels.msa.triton_attention import softmax_step
+
+IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Queries per tile (rows of the tensor-core tiles): the union is taken over this many queries.
+# The interpreter pays per element, so it runs the smallest tiles tl.dot takes.
+TILE_QUERIES = 128
+INTERPRET_TILE_QUERIES = 16
+# Keys per inner step, warps and pipeline depth of the tile forward, from `benchmarks/msa.py
+# --sweep ... --sweep-parts tile` on an H100.
+TILE_FORWARD = dict(BLOCK_N=64, num_warps=8, num_stages=3)
+# `order="auto"` takes the tile forward when a tile's (query, key) pairs are at most this many
+# times the pairs its queries kept (1.0: every query of a tile keeps the same blocks).
+TILE_WORK_LIMIT = 2.0
+# Tiles (per batch row and group) sampled by tile_work_ratio.
+RATIO_SAMPLE_TILES = 64
+
+
+@triton.jit
+def msa_attn_fwd_tile_kernel(
+    Q, K, V, SEL, UPTR, UBLK, O, LSE, scale, T, NT,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_sb, stride_st, stride_sh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lt,
+    HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+    IS_INTERPRET: tl.constexpr,
+):
+    # Heads vary fastest in the launch order, so the REP programs of a group, which read the
+    # same K and V, run side by side and share them in L2.
+    h = tl.program_id(0)
+    tile = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = h // REP
+    rows = tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    r_ok = rows < T
+    t64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    slot = tl.arange(0, KP)
+    q = tl.load(Q + b * stride_qb + t64[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=r_ok[:, None], other=0.0)  # [BLOCK_Q, D]
+    if IS_INTERPRET:
+        q = q.to(tl.float32)
+    # Every row's kept blocks: a union block is tested against them with one compare.
+    sel = tl.load(SEL + b * stride_sb + t64[:, None] * stride_st + g * stride_sh + slot[None, :],
+                  mask=r_ok[:, None] & (slot[None, :] < TOPK), other=-1)  # [BLOCK_Q, KP]
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, D], tl.float32)
+    u = (b * NT + tile) * HKV + g
+    u0 = tl.load(UPTR + u)
+    u1 = tl.load(UPTR + u + 1)
+    for i in range(u0, u1):
+        blk = tl.load(UBLK + i)
+        kept = tl.max(tl.where(sel == blk, 1, 0), 1) > 0  # [BLOCK_Q]
+        for n0 in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+            keys = blk * BLOCK_SIZE + n0 + offs_n  # [BLOCK_N]
+            k_ok = keys < T
+            kv_rows = keys[:, None].to(tl.int64)
+            k = tl.load(K + b * stride_kb + kv_rows * stride_kt + g * stride_kh + offs_d[None, :],
+                        mask=k_ok[:, None], other=0.0)  # [BLOCK_N, D]
+            v = tl.load(V + b * stride_vb + kv_rows * stride_vt + g * stride_vh + offs_d[None, :],
+                        mask=k_ok[:, None], other=0.0)  # [BLOCK_N, D]
+            if IS_INTERPRET:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_Q, BLOCK_N]
+            s = tl.where(kept[:, None] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
+            m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc)
+    # Every real row kept its own block, so it saw at least its own key; padding rows saw none.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * stride_ob + t64[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=r_ok[:, None])
+    tl.store(LSE + b * stride_lb + t64 * stride_lt + h, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
+             mask=r_ok)
+
+
+def _tiles(selected: torch.Tensor, tile: int) -> torch.Tensor:
+    """`selected [B, T, Hkv, top_k]` as [B, n_tiles, Hkv, tile * top_k], padded with -1."""
+    b, t, hkv, top_k = selected.shape
+    nt = triton.cdiv(t, tile)
+    if nt * tile != t:
+        selected = F.pad(selected, (0, 0, 0, 0, 0, nt * tile - t), value=-1)
+    return selected.view(b, nt, tile, hkv, top_k).permute(0, 1, 3, 2, 4).reshape(b, nt, hkv, tile * top_k)
+
+
+def _distinct(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x sorted, and a mask of each row's first occurrence of every block (>= 0)."""
+    x = x.sort(dim=-1).values
+    first = x >= 0
+    first[..., 1:] &= x[..., 1:] != x[..., :-1]
+    return x, first
+
+
+def tile_work_ratio(selected: torch.Tensor, tile: int | None = None, samples: int = RATIO_SAMPLE_TILES) -> float:
+    """(query, key) pairs the tile forward computes over the pairs kept, on evenly spaced tiles.
+
+    Counted in blocks: a tile computes `|union| * tile` (query, block) pairs and its queries
+    kept their non-empty slots. 1.0 when every query of each tile keeps the same blocks.
+    """
+    tile = tile_queries() if tile is None else tile
+    x = _tiles(selected, tile)
+    nt = x.shape[1]
+    if nt > samples:
+        x = x[:, torch.linspace(0, nt - 1, samples, device=x.device).long()]
+    kept = (x >= 0).sum()
+    x, first = _distinct(x)
+    return float(first.sum()) * tile / max(float(kept), 1.0)
+
+
+def tile_unions(selected: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, tile, group), the blocks any of the tile's queries kept, ascending.
+
+    Returns (ptr [B * n_tiles * Hkv + 1] int32, blocks [n] int32): row u's blocks are
+    blocks[ptr[u]:ptr[u + 1]], with u = (b * n_tiles + tile) * Hkv + g.
+    """
+    x, first = _distinct(_tiles(selected, tile))
+    if first.sum() >= 2**31:
+        raise ValueError("more than 2^31 union blocks: the tile forward indexes them with int32; split the batch")
+    ptr = torch.zeros(first[..., 0].numel() + 1, dtype=torch.int32, device=selected.device)
+    torch.cumsum(first.sum(-1).flatten(), 0, out=ptr[1:])
+    return ptr, x[first].to(torch.int32).contiguous()
+
+
+def tile_queries() -> int:
+    return INTERPRET_TILE_QUERIES if IS_INTERPRET else TILE_QUERIES
+
+
+def msa_attention_fwd_tile(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, *, block_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile-outer prefill forward: out [B, T, Hq, D] in q's dtype, lse [B, T, Hq] fp32 (natural log).
+
+    k, v: [B, T, Hkv, D]; selected [B, T, Hkv, top_k] int32 (-1 = empty slot), contiguous.
+    """
+    b, t, hq, d = q.shape
+    hkv, top_k = k.shape[2], selected.shape[-1]
+    tile = tile_queries()
+    nt = triton.cdiv(t, tile)
+    ptr, blocks = tile_unions(selected, tile)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, t, hq, dtype=torch.float32, device=q.device)
+    cfg = dict(TILE_FORWARD)
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size, 16 if IS_INTERPRET else block_size)
+    msa_attn_fwd_tile_kernel[(hq, nt, b)](
+        q, k, v, selected, ptr, blocks, out, lse, scale, t, nt,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        selected.stride(0), selected.stride(1), selected.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        HKV=hkv, REP=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_Q=tile, TOPK=top_k,
+        KP=triton.next_power_of_2(top_k), IS_INTERPRET=IS_INTERPRET, **cfg,
+    )
+    return out, lse
