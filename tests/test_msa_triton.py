@@ -154,16 +154,18 @@ def test_tile_unions_and_work_ratio():
     # One batch row, 2 tiles of 4 queries, one group, top 2; -1 is an empty slot.
     sel = torch.tensor([[0, -1], [0, -1], [1, 0], [1, 0],  # tile 0: union {0, 1}
                         [2, 0], [2, 1], [2, 0], [2, 1]], dtype=torch.int32).view(1, 8, 1, 2)
-    ptr, blocks = triton_tile.tile_unions(sel, 4)
+    ptr, mid, blocks = triton_tile.tile_unions(sel, 4, block_size=4)
     assert ptr.tolist() == [0, 2, 5] and blocks.tolist() == [0, 1, 0, 1, 2]
+    # Tile 0's own block is 0: both of its blocks need the causal mask; tile 1's is 1.
+    assert mid.tolist() == [0, 3]
     # Tiles compute 4 rows x (2 + 3) blocks = 20 (query, block) pairs for 14 kept slots.
     assert triton_tile.tile_work_ratio(sel, 4) == pytest.approx(20 / 14)
     # Every query of a tile keeping the same blocks: the tile does only kept work.
     same = torch.tensor([[0, 1]] * 4 + [[2, 0]] * 4, dtype=torch.int32).view(1, 8, 1, 2)
     assert triton_tile.tile_work_ratio(same, 4) == 1.0
     # A tail tile: 6 queries in tiles of 4, the padding rows count for nothing kept.
-    ptr, blocks = triton_tile.tile_unions(same[:, :6], 4)
-    assert ptr.tolist() == [0, 2, 4] and triton_tile.tile_work_ratio(same[:, :6], 4) == pytest.approx(16 / 12)
+    ptr, mid, blocks = triton_tile.tile_unions(same[:, :6], 4, block_size=2)
+    assert ptr.tolist() == [0, 2, 4] and mid.tolist() == [0, 3]  # tile 1: block 0 before its own block 2 and triton_tile.tile_work_ratio(same[:, :6], 4) == pytest.approx(16 / 12)
 
 
 def test_auto_order_takes_the_tile_forward_only_for_shared_selections():

@@ -34,7 +34,7 @@ TILE_QUERIES = 128
 INTERPRET_TILE_QUERIES = 16
 # Keys per inner step, warps and pipeline depth of the tile forward, from `benchmarks/msa.py
 # --sweep ... --sweep-parts tile` on an H100.
-TILE_FORWARD = dict(BLOCK_N=64, num_warps=8, num_stages=3)
+TILE_FORWARD = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 # `order="auto"` takes the tile forward when a tile's (query, key) pairs are at most this many
 # times the pairs its queries kept (1.0: every query of a tile keeps the same blocks).
 TILE_WORK_LIMIT = 2.0
@@ -43,8 +43,45 @@ RATIO_SAMPLE_TILES = 64
 
 
 @triton.jit
+def tile_block_step(
+    q, K, V, b, g, blk, kept, rows, m_i, l_i, acc, qk_scale, T,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    IS_INTERPRET: tl.constexpr,
+):
+    """The tile's online softmax over union block `blk`, for the rows that kept it (`kept [BLOCK_Q]`).
+
+    CAUSAL: the block may hold keys after some rows (a tile's own blocks) or past T; else every
+    row sees the whole block and only the kept mask applies.
+    """
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+        keys = blk * BLOCK_SIZE + n0 + offs_n  # [BLOCK_N]
+        kv_rows = keys[:, None].to(tl.int64)
+        k_ptrs = K + b * stride_kb + kv_rows * stride_kt + g * stride_kh + offs_d[None, :]
+        v_ptrs = V + b * stride_vb + kv_rows * stride_vt + g * stride_vh + offs_d[None, :]
+        if CAUSAL:
+            k = tl.load(k_ptrs, mask=(keys < T)[:, None], other=0.0)  # [BLOCK_N, D]
+            v = tl.load(v_ptrs, mask=(keys < T)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if IS_INTERPRET:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_Q, BLOCK_N]
+        if CAUSAL:
+            s = tl.where(kept[:, None] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
+        else:
+            s = tl.where(kept[:, None], s, float("-inf"))
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def msa_attn_fwd_tile_kernel(
-    Q, K, V, SEL, UPTR, UBLK, O, LSE, scale, T, NT,
+    Q, K, V, SEL, UPTR, UMID, UBLK, O, LSE, scale, T, NT,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -65,7 +102,6 @@ def msa_attn_fwd_tile_kernel(
     r_ok = rows < T
     t64 = rows.to(tl.int64)
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
     slot = tl.arange(0, KP)
     q = tl.load(Q + b * stride_qb + t64[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=r_ok[:, None], other=0.0)  # [BLOCK_Q, D]
@@ -80,24 +116,24 @@ def msa_attn_fwd_tile_kernel(
     acc = tl.zeros([BLOCK_Q, D], tl.float32)
     u = (b * NT + tile) * HKV + g
     u0 = tl.load(UPTR + u)
+    u_mid = tl.load(UMID + u)
     u1 = tl.load(UPTR + u + 1)
-    for i in range(u0, u1):
+    # Union blocks ascend: those before the tile's first own block are whole and visible to
+    # every row, so they need no causal mask; the rest (the tile's own blocks) do.
+    for i in range(u0, u_mid):
         blk = tl.load(UBLK + i)
         kept = tl.max(tl.where(sel == blk, 1, 0), 1) > 0  # [BLOCK_Q]
-        for n0 in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-            keys = blk * BLOCK_SIZE + n0 + offs_n  # [BLOCK_N]
-            k_ok = keys < T
-            kv_rows = keys[:, None].to(tl.int64)
-            k = tl.load(K + b * stride_kb + kv_rows * stride_kt + g * stride_kh + offs_d[None, :],
-                        mask=k_ok[:, None], other=0.0)  # [BLOCK_N, D]
-            v = tl.load(V + b * stride_vb + kv_rows * stride_vt + g * stride_vh + offs_d[None, :],
-                        mask=k_ok[:, None], other=0.0)  # [BLOCK_N, D]
-            if IS_INTERPRET:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_Q, BLOCK_N]
-            s = tl.where(kept[:, None] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
-            m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = tile_block_step(
+            q, K, V, b, g, blk, kept, rows, m_i, l_i, acc, qk_scale, T,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            D=D, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, IS_INTERPRET=IS_INTERPRET)
+    for i in range(u_mid, u1):
+        blk = tl.load(UBLK + i)
+        kept = tl.max(tl.where(sel == blk, 1, 0), 1) > 0
+        m_i, l_i, acc = tile_block_step(
+            q, K, V, b, g, blk, kept, rows, m_i, l_i, acc, qk_scale, T,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            D=D, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=True, IS_INTERPRET=IS_INTERPRET)
     # Every real row kept its own block, so it saw at least its own key; padding rows saw none.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -140,18 +176,22 @@ def tile_work_ratio(selected: torch.Tensor, tile: int | None = None, samples: in
     return float(first.sum()) * tile / max(float(kept), 1.0)
 
 
-def tile_unions(selected: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_unions(selected: torch.Tensor, tile: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per (batch, tile, group), the blocks any of the tile's queries kept, ascending.
 
-    Returns (ptr [B * n_tiles * Hkv + 1] int32, blocks [n] int32): row u's blocks are
-    blocks[ptr[u]:ptr[u + 1]], with u = (b * n_tiles + tile) * Hkv + g.
+    Returns (ptr [B * n_tiles * Hkv + 1] int32, mid [B * n_tiles * Hkv] int32, blocks [n] int32):
+    row u's blocks are blocks[ptr[u]:ptr[u + 1]], with u = (b * n_tiles + tile) * Hkv + g, and
+    those from mid[u] on are at or after the tile's first own block (they need a causal mask).
     """
     x, first = _distinct(_tiles(selected, tile))
     if first.sum() >= 2**31:
         raise ValueError("more than 2^31 union blocks: the tile forward indexes them with int32; split the batch")
-    ptr = torch.zeros(first[..., 0].numel() + 1, dtype=torch.int32, device=selected.device)
-    torch.cumsum(first.sum(-1).flatten(), 0, out=ptr[1:])
-    return ptr, x[first].to(torch.int32).contiguous()
+    counts = first.sum(-1).flatten()
+    ptr = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=selected.device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    own_first = (torch.arange(x.shape[1], device=x.device) * tile // block_size).view(1, -1, 1, 1)
+    mid = ptr[:-1] + (first & (x < own_first)).sum(-1).flatten().to(torch.int32)
+    return ptr, mid, x[first].to(torch.int32).contiguous()
 
 
 def tile_queries() -> int:
@@ -169,13 +209,13 @@ def msa_attention_fwd_tile(
     hkv, top_k = k.shape[2], selected.shape[-1]
     tile = tile_queries()
     nt = triton.cdiv(t, tile)
-    ptr, blocks = tile_unions(selected, tile)
+    ptr, mid, blocks = tile_unions(selected, tile, block_size)
     out = torch.empty_like(q)
     lse = torch.empty(b, t, hq, dtype=torch.float32, device=q.device)
     cfg = dict(TILE_FORWARD)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size, 16 if IS_INTERPRET else block_size)
     msa_attn_fwd_tile_kernel[(hq, nt, b)](
-        q, k, v, selected, ptr, blocks, out, lse, scale, t, nt,
+        q, k, v, selected, ptr, mid, blocks, out, lse, scale, t, nt,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
