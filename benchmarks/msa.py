@@ -37,14 +37,26 @@ from forge.kernels.msa.triton_tile import tile_work_ratio
 HQ, HKV, D = 48, 8, 128
 
 
-def graphed(fn):
-    """Capture `fn` in a CUDA graph (decoding launches many small kernels); replay to time it."""
-    fn()
+def graphed(fns):
+    """Capture the calls `fns` back to back in one CUDA graph (decoding launches small kernels); its replay."""
+    for fn in fns:
+        fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for fn in fns:
+            fn()
     return graph.replay
+
+
+def per_call_ms(fns) -> tuple[float, float]:
+    """(ms per call with the calls `fns` in one graph, ms of a graph replay holding only the first).
+
+    A replay timed alone also holds the graph's launch from the host, about 10-17 us on an H100,
+    which a model's step graph pays once for all its layers; several calls in one graph, each on
+    its own inputs (so no call finds another's data in L2), divide it among them.
+    """
+    return timed(graphed(fns), reps=50, warmup=5) / len(fns), timed(graphed(fns[:1]), reps=50, warmup=5)
 
 
 def dense_fwd(backend, expand: bool):
@@ -247,28 +259,39 @@ def decode_variants(args):
             + [(di, torch.float8_e4m3fn) for di in args.fp8_index_dims])
 
 
+def decode_slots(t, di, ik_dtype, ik, bs, slots):
+    """Per call of a decoding graph: its own queries and index queries, and its own index-key cache
+    (the first is the prefill's, the others random), so no call reads another's data from L2."""
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    caches = [ik[0, :, :di]] + [mk(t, di) for _ in range(slots - 1)]
+    return [(mk(1, 1, HQ, D), mk(1, 1, HKV, di), c.to(ik_dtype).contiguous().view(t // bs, bs, di)) for c in caches]
+
+
 def bench_decode(t, args, k, v, ik, emit):
-    bs, top_k = args.block_size, args.top_k
-    q = torch.randn(1, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
+    bs, top_k, slots = args.block_size, args.top_k, args.decode_slots
     kc, vc, pages, kv_len = paged_cache(k, v, t, bs)
     kd, vd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [1, Hkv, T, D]
-    dense = graphed(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), kd, vd, enable_gqa=True))
-    dense_ms = timed(dense, reps=50, warmup=5)
+    qs = [torch.randn(1, 1, HQ, D, device="cuda", dtype=torch.bfloat16) for _ in range(slots)]
+    dense_ms, dense_single = per_call_ms(
+        [lambda q=q: F.scaled_dot_product_attention(q.transpose(1, 2), kd, vd, enable_gqa=True) for q in qs])
     dense_bytes = 2 * t * HKV * D * 2
-    emit(dict(kind="decode_dense", T=t, ms=dense_ms, tb_s=dense_bytes / dense_ms / 1e9))
+    emit(dict(kind="decode_dense", T=t, ms=dense_ms, ms_single_replay=dense_single, calls_per_graph=slots,
+              tb_s=dense_bytes / dense_ms / 1e9))
     del kd, vd
     for di, ik_dtype in decode_variants(args):
-        ikc = ik[0, :, :di].to(ik_dtype).contiguous().view(t // bs, bs, di)
-        iq = torch.randn(1, 1, HKV, di, device="cuda", dtype=torch.bfloat16)
+        inputs = decode_slots(t, di, ik_dtype, ik, bs, slots)
+        q, iq, ikc = inputs[0]
         out, sel = decode_with_selection(q, iq, kc, vc, ikc, pages, kv_len, top_k=top_k)
         match = decode_selection_match(iq, ikc.view(1, t, di), sel, t, bs, top_k)
         ref = torch.cat([attend_rows(_at_last(q, t), k, v, _at_last(sel, t), [t - 1], g, bs)[0] for g in range(HKV)])
         err = ((out[0, 0].float() - ref).norm() / ref.norm()).item()
-        step = graphed(lambda: msa_decode(q, iq, kc, vc, ikc, pages, kv_len, top_k=top_k))
-        ms = timed(step, reps=50, warmup=5)
+        ms, single = per_call_ms([lambda x=x: msa_decode(x[0], x[1], kc, vc, x[2], pages, kv_len, top_k=top_k)
+                                  for x in inputs])
         moved = t * di * ikc.element_size() + HKV * min(top_k, t // bs) * bs * D * 2 * 2
         emit(dict(kind="decode_msa", T=t, Di=di, index_dtype=str(ik_dtype).split(".")[-1], ms=ms,
-                  speedup=dense_ms / ms, tb_s=moved / ms / 1e9, selection_match=match, rel_err=err))
+                  ms_single_replay=single, calls_per_graph=slots, speedup=dense_ms / ms, tb_s=moved / ms / 1e9,
+                  tb_s_single_replay=moved / single / 1e9, selection_match=match, rel_err=err))
+        del inputs
 
 
 def _at_last(x, t):
@@ -366,25 +389,25 @@ def sweep_decode(t, args, q, k, v, ik, emit):
     """Decode steps (CUDA graphs) per scan setting, for each index dimension and the fp8 ones, then a profile."""
     bs, top_k = args.block_size, args.top_k
     kc, vc, pages, kv_len = paged_cache(k, v, t, bs)
-    qd = q[:, -1:].contiguous()
     saved = (triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT, triton_decode.DECODE_WARPS)
     for di, ik_dtype in decode_variants(args):
-        ikc = ik[0, :, :di].to(ik_dtype).contiguous().view(t // bs, bs, di)
-        iqd = torch.randn(1, 1, HKV, di, device="cuda", dtype=torch.bfloat16)
-        moved = t * di * ikc.element_size() + HKV * top_k * bs * D * 2 * 2
-        step_fn = lambda: msa_decode(qd, iqd, kc, vc, ikc, pages, kv_len, top_k=top_k)  # noqa: E731
+        inputs = decode_slots(t, di, ik_dtype, ik, bs, args.decode_slots)
+        moved = t * di * inputs[0][2].element_size() + HKV * top_k * bs * D * 2 * 2
+        steps = [lambda x=x: msa_decode(x[0], x[1], kc, vc, x[2], pages, kv_len, top_k=top_k) for x in inputs]
         for per_sm, kib, warps in DECODE_CONFIGS:
             triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT = per_sm, kib << 10
             triton_decode.DECODE_WARPS = warps
             try:
-                ms = timed(graphed(step_fn), reps=50, warmup=5)
+                ms, single = per_call_ms(steps)
             except Exception as err:  # a pipeline deeper than shared memory holds does not launch
                 print(f"decode Di={di} {ik_dtype}: {per_sm}/SM {kib} KiB: {str(err).splitlines()[0][:160]}")
                 continue
             emit(dict(kind="sweep_decode", T=t, Di=di, index_dtype=str(ik_dtype).split(".")[-1],
-                      programs_per_sm=per_sm, kib_in_flight=kib, warps=warps, ms=ms, tb_s=moved / ms / 1e9))
+                      programs_per_sm=per_sm, kib_in_flight=kib, warps=warps, ms=ms,
+                      ms_single_replay=single, tb_s=moved / ms / 1e9))
         triton_decode.SCAN_PROGRAMS_PER_SM, triton_decode.SCAN_BYTES_IN_FLIGHT, triton_decode.DECODE_WARPS = saved
-        profile(t, f"decode Di={di} {ik_dtype}", step_fn)
+        profile(t, f"decode Di={di} {ik_dtype}", steps[0])
+        del inputs, steps
 
 
 def sweep_index(t, args, emit):
@@ -446,6 +469,8 @@ def main() -> None:
                         help="longest length at which the query-outer forward is timed beside the KV-outer one")
     parser.add_argument("--fp8-index-dims", type=int, nargs="*", default=[128],
                         help="index dimensions also timed in decoding with float8_e4m3fn index keys in the cache")
+    parser.add_argument("--decode-slots", type=int, default=4,
+                        help="decoding calls per CUDA graph, each on its own index-key cache and queries")
     parser.add_argument("--sweep", type=int, default=0,
                         help="instead of the benchmark, time launch settings and profile at this length")
     parser.add_argument("--sweep-parts", nargs="+", choices=["kv", "tile", "decode", "index"],
@@ -510,7 +535,8 @@ def print_table(rows) -> None:
         elif r["kind"] == "decode_msa":
             d = dense[("decode_dense", r["T"])]
             print(f"{'decode ' + r['index_dtype']:14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.3f} {d['ms']:>10.3f} "
-                  f"{r['speedup']:>7.1f}x  {r['tb_s']:.2f} TB/s effective; dense {d['tb_s']:.2f} TB/s; "
+                  f"{r['speedup']:>7.1f}x  {r['tb_s']:.2f} TB/s effective ({r['tb_s_single_replay']:.2f} with one "
+                  f"call a graph); dense {d['tb_s']:.2f} TB/s; "
                   f"selection match {r['selection_match']:.3f}, err {r['rel_err']:.1e}")
         elif r["kind"] == "sweep_kv":
             print(f"{'sweep kv':14} {r['T']:>8} {'':>4} {r['ms']:>10.2f}  {r['tflops']:.0f} TF/s BLOCK_M {r['BLOCK_M']} warps {r['num_warps']} "
@@ -532,7 +558,7 @@ def print_table(rows) -> None:
         elif r["kind"] == "sweep_decode":
             print(f"{'sweep decode':14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.3f}  {r['index_dtype']} "
                   f"{r['tb_s']:.2f} TB/s, scan programs/SM {r['programs_per_sm']}, {r['kib_in_flight']} KiB in flight, "
-                  f"attention warps {r['warps']}")
+                  f"attention warps {r['warps']} (one call a graph: {r['ms_single_replay']:.3f} ms)")
         elif r["kind"] == "retrieval":
             print(f"{'retrieval':14} {r['T']:>8} {r['Di']:>4} recall {r['recall']:.3f}")
 

@@ -188,13 +188,6 @@ def msa_decode_fwd_kernel(
     pos = tl.load(KV_LEN + b) - TN + tok
     blk = pos // BLOCK_SIZE
     row_part = (b * BLOCK_R + r) * TOPK  # this row's first partial
-    if s < TOPK - 1:
-        scr = (row_part + s) * CAP
-        best = merge_candidates(CS, CI, SCR_S + scr, SCR_I + scr, (b * BLOCK_R + r) * N_CAND, N_CAND,
-                                NC=NC, NG=NG, CAP=CAP, NSEL=TOPK - 1, KSEL=KSEL)
-        blk = tl.sum(tl.where(tl.arange(0, KSEL) == s, best, 0), 0)
-    tl.store(SEL + b * stride_sb + tok * stride_st + g * stride_sh + s, blk)
-
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, D)
     h_ok = offs_h < REP
@@ -202,6 +195,13 @@ def msa_decode_fwd_kernel(
                 mask=h_ok[:, None], other=0.0)  # [BLOCK_H, D]
     if IS_INTERPRET:
         q = q.to(tl.float32)
+    if s < TOPK - 1:
+        scr = (row_part + s) * CAP
+        best = merge_candidates(CS, CI, SCR_S + scr, SCR_I + scr, (b * BLOCK_R + r) * N_CAND, N_CAND,
+                                NC=NC, NG=NG, CAP=CAP, NSEL=TOPK - 1, KSEL=KSEL)
+        blk = tl.sum(tl.where(tl.arange(0, KSEL) == s, best, 0), 0)
+    tl.store(SEL + b * stride_sb + tok * stride_st + g * stride_sh + s, blk)
+
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
