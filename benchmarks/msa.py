@@ -2,17 +2,22 @@
 
 Per length: prefill forward (indexer + sparse attention, each also alone, KV-outer and up to
 --query-outer-max query-outer, each checked on sampled rows against an fp32 reference) against
-the fastest dense SDPA backend that runs; forward+backward up to --bwd-max; one decoding step
-over a full paged cache (bf16 index keys, and fp8 ones at --fp8-index-dims) against dense SDPA
-decoding with GQA; and at the first length, the needle retrieval rate of the Triton indexer.
-`--sweep T` times the kernels' launch settings at length T (`--sweep-parts` picks which) and
-profiles one call of each. Times are medians of CUDA-event timings; from --few-reps-from tokens
-every prefill variant gets one timed call (dense without warm-up). Every row goes to the JSON as
-soon as it is measured, so a run cut short still leaves its numbers. All four lengths with
---profile took about 2 minutes on an H100.
+the fastest dense SDPA backend that runs; the sparse attention forward alone on selection
+patterns from scattered (random index queries) to coherent (one index query per block of
+queries, so a block's queries keep the same blocks), KV-outer and tile-outer, with the tile
+work ratio that `order="auto"` reads; forward+backward up to --bwd-max, on scattered and
+coherent selections; one decoding step over a full paged cache (bf16 index keys, and fp8 ones
+at --fp8-index-dims) against dense SDPA decoding with GQA, timed per call with
+--decode-slots calls in one CUDA graph (each on its own index cache) and as a lone replay;
+and at the first length, the needle retrieval rate of the Triton indexer. `--sweep T` times
+the kernels' launch settings at length T (`--sweep-parts` picks which) and profiles one call
+of each. Times are medians of CUDA-event timings; from --few-reps-from tokens every prefill
+variant gets one timed call (dense without warm-up). Every row goes to the JSON as soon as it
+is measured, so a run cut short still leaves its numbers. All four lengths with --profile
+took about 2.5 minutes on an H100.
 
     PYTHONPATH=. python benchmarks/msa.py --profile --out msa.json
-    PYTHONPATH=. python benchmarks/msa.py --sweep 1048576 --sweep-parts decode --out msa_sweep.json
+    PYTHONPATH=. python benchmarks/msa.py --sweep 1048576 --sweep-parts tile decode --out msa_sweep.json
 """
 
 from __future__ import annotations
@@ -162,7 +167,7 @@ def bench_length(t, args, dense_name, dense, emit):
                   speedup=dense_ms / total, attention_tflops=attn_flops / attn_ms / 1e9,
                   indexer_tflops=idx_flops / idx_ms / 1e9))
         del iq, sel
-    bench_patterns(t, args, q, k, v, ik, max(reps, 3), emit)
+    bench_patterns(t, args, q, k, v, ik, max(reps, 5), emit)
     if t <= args.bwd_max:
         bench_backward(t, args, q, k, v, ik, args.reps, emit)
     del q
@@ -213,7 +218,6 @@ def bench_backward(t, args, q, k, v, ik, reps, emit):
     bs, top_k, di = args.block_size, args.top_k, args.index_dims[0]
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     dout = torch.randn_like(q)
-    iq = torch.randn(1, t, HKV, di, device="cuda", dtype=torch.bfloat16)
     dense_ms, name = None, None
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
         def dense():
@@ -226,13 +230,18 @@ def bench_backward(t, args, q, k, v, ik, reps, emit):
         except RuntimeError as err:
             print(f"dense fwd+bwd {backend.name} does not run here: {str(err).splitlines()[0][:200]}")
 
-    def msa():
-        sel = select_blocks_triton(iq, ik[..., :di], block_size=bs, top_k=top_k)
-        sparse_attention_triton(qg, kg, vg, sel, block_size=bs).backward(dout)
+    gen = torch.Generator(device="cuda").manual_seed(t + 1)
+    # Scattered selections (random index queries), and coherent ones, where the forward is tile-outer.
+    for pattern in ("scattered", "coherent"):
+        iq = pattern_iq(t, di, bs, PATTERNS[pattern], gen)
 
-    msa_ms = timed(msa, reps=reps)
-    emit(dict(kind="fwd_bwd", T=t, Di=di, dense_backend=name, dense_ms=dense_ms, msa_ms=msa_ms,
-              speedup=dense_ms / msa_ms if dense_ms else None))
+        def msa():
+            sel = select_blocks_triton(iq, ik[..., :di], block_size=bs, top_k=top_k)
+            sparse_attention_triton(qg, kg, vg, sel, block_size=bs).backward(dout)
+
+        msa_ms = timed(msa, reps=reps)
+        emit(dict(kind="fwd_bwd", T=t, Di=di, pattern=pattern, dense_backend=name, dense_ms=dense_ms,
+                  msa_ms=msa_ms, speedup=dense_ms / msa_ms if dense_ms else None))
 
 
 def decode_selection_match(iq, ik, sel, t, bs, top_k):
@@ -531,7 +540,7 @@ def print_table(rows) -> None:
                 print(f"{'fwd+bwd':14} {r['T']:>8} {r['Di']:>4} {r['msa_ms']:>10.2f}  (no dense backend ran)")
                 continue
             print(f"{'fwd+bwd':14} {r['T']:>8} {r['Di']:>4} {r['msa_ms']:>10.2f} {r['dense_ms']:>10.2f} "
-                  f"{r['speedup']:>7.1f}x  dense {r['dense_backend']}")
+                  f"{r['speedup']:>7.1f}x  {r['pattern']} selections; dense {r['dense_backend']}")
         elif r["kind"] == "decode_msa":
             d = dense[("decode_dense", r["T"])]
             print(f"{'decode ' + r['index_dtype']:14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.3f} {d['ms']:>10.3f} "

@@ -170,7 +170,7 @@ def test_tile_unions_and_work_ratio():
 
 def test_auto_order_takes_the_tile_forward_only_for_shared_selections():
     gen = torch.Generator().manual_seed(16)
-    b, t, hkv = 1, 16 * 16, 2
+    b, t, hkv = 1, 16 * 32, 2
     iq, ik = _randn(b, t, hkv, 16, dtype=torch.float32, gen=gen), _randn(b, t, 16, dtype=torch.float32, gen=gen)
     scattered = select_blocks_triton(iq, ik, block_size=16, top_k=3)
     coherent = select_blocks_triton(_coherent(iq, 16), ik, block_size=16, top_k=3)
