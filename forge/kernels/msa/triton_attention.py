@@ -14,6 +14,11 @@ tokens that would be 200 GB, so the queries are processed in ranges whose partia
 every partial into an fp32 output by atomics (two launches, an atomic max then atomic adds):
 103 G scalar atomics at 1M tokens, 4.2x slower (docs/msa.md).
 
+Prefill forward, tile-outer (`triton_tile.py`): where the queries of a tile keep the same
+blocks, one program per (tile, head) attends to the union of their blocks and writes each row
+once. `order="auto"`, the default, measures how much a selection's tiles share
+(`forward_order`) and picks tile-outer or KV-outer.
+
 Query-outer (the comparison, `order="query"`): one program per (query, KV group) holds the
 group's query heads as the rows of its tiles, runs an online softmax over the query's kept
 blocks and writes the output; it reads a kept block once per query that kept it. Its
