@@ -370,6 +370,10 @@ TILE_CONFIGS = [(128, dict(BLOCK_N=64, num_warps=8, num_stages=3)), (128, dict(B
                 (64, dict(BLOCK_N=128, num_warps=4, num_stages=2))]
 
 
+TILE_BWD_CONFIGS = [dict(BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_N=64, num_warps=8, num_stages=3),
+                    dict(BLOCK_N=128, num_warps=8, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=3)]
+
+
 def sweep_tile(t, args, q, k, v, sel, emit):
     """Launch settings of the tile forward on a coherent selection (queries of a block share blocks)."""
     bs = args.block_size
@@ -387,6 +391,20 @@ def sweep_tile(t, args, q, k, v, sel, emit):
             emit(dict(kind="sweep_tile", T=t, tile_queries=tile, ms=ms, tflops=attn_flops / ms / 1e9, rel_err=err,
                       work_ratio=tile_work_ratio(sel), **cfg))
     triton_tile.TILE_QUERIES, triton_tile.TILE_FORWARD = saved
+    # The backward's tile-outer dQ kernel: forward and backward timed together (fwd + 2.5x fwd flops).
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    dout = torch.randn_like(q)
+    saved_bwd = dict(triton_tile.TILE_BACKWARD)
+    for cfg in TILE_BWD_CONFIGS:
+        triton_tile.TILE_BACKWARD = cfg
+        try:
+            ms = timed(lambda: sparse_attention_triton(qg, kg, vg, sel, block_size=bs, order="tile").backward(dout),
+                       reps=3)
+        except Exception as exc:
+            print(f"tile backward {cfg}: {str(exc).splitlines()[0][:160]}")
+            continue
+        emit(dict(kind="sweep_tile_bwd", T=t, ms=ms, tflops=3.5 * attn_flops / ms / 1e9, **cfg))
+    triton_tile.TILE_BACKWARD = saved_bwd
 
 
 # Decode settings: (scan programs per multiprocessor, KiB of index-key pages in flight per scan
@@ -561,6 +579,9 @@ def print_table(rows) -> None:
             print(f"{'sweep tile':14} {r['T']:>8} {'':>4} {r['ms']:>10.2f}  {r['tflops']:.0f} TF/s tile {r['tile_queries']} "
                   f"BLOCK_N {r['BLOCK_N']} warps {r['num_warps']} stages {r['num_stages']} err {r['rel_err']:.1e} "
                   f"work ratio {r['work_ratio']:.2f}")
+        elif r["kind"] == "sweep_tile_bwd":
+            print(f"{'sweep tile bwd':14} {r['T']:>8} {'':>4} {r['ms']:>10.2f}  fwd+bwd {r['tflops']:.0f} TF/s, dQ kernel "
+                  f"BLOCK_N {r['BLOCK_N']} warps {r['num_warps']} stages {r['num_stages']}")
         elif r["kind"] == "sweep_index":
             print(f"{'sweep index':14} {r['T']:>8} {r['Di']:>4} {r['ms']:>10.2f}  {r['tflops']:.0f} TF/s "
                   f"warps {r['num_warps']} stages {r['num_stages']}")

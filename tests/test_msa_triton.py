@@ -132,6 +132,7 @@ def _coherent(iq: torch.Tensor, block_size: int) -> torch.Tensor:
 @pytest.mark.parametrize("pattern,tile", [("scattered", 16), ("coherent", 16), ("scattered", 32)],
                          ids=["scattered", "coherent", "scattered-tiles-of-two-blocks"])
 def test_tile_forward_output_and_gradients_match_naive(dtype, pattern, tile, monkeypatch):
+    # The tile forward, and in the backward the tile-outer dQ beside KV-outer dK and dV.
     # Scattered selections give tiles whose union holds blocks most rows did not keep: the
     # per-row mask is what keeps them out. Tiles of 32 queries span two own blocks.
     gen = torch.Generator().manual_seed(15)

@@ -266,9 +266,10 @@ def msa_attn_bwd_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     stride_dkb, stride_dkt, stride_dkh,
     HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, TOPK: tl.constexpr, IS_INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, TOPK: tl.constexpr, WITH_DQ: tl.constexpr, IS_INTERPRET: tl.constexpr,
 ):
     # The forward's work list: WORK[i] = (key, start, count), entries QS = t * TOPK + slot.
+    # WITH_DQ False: dK and dV only (the tile-outer dQ kernel writes dQ, without atomics).
     item = tl.program_id(0)
     key = tl.load(WORK + item * 3)
     start = tl.load(WORK + item * 3 + 1)
@@ -315,9 +316,10 @@ def msa_attn_bwd_kernel(
         dp = tl.dot(do, tl.trans(v))  # [BLOCK_M, BLOCK_SIZE]
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        dq = tl.dot(ds.to(k.dtype), k) * scale  # [BLOCK_M, D]
-        tl.atomic_add(DQ + b * stride_dqb + t[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :],
-                      dq, mask=r_ok[:, None])
+        if WITH_DQ:
+            dq = tl.dot(ds.to(k.dtype), k) * scale  # [BLOCK_M, D]
+            tl.atomic_add(DQ + b * stride_dqb + t[:, None] * stride_dqt + head[:, None] * stride_dqh
+                          + offs_d[None, :], dq, mask=r_ok[:, None])
     dk_ptrs = b * stride_dkb + keys[:, None].to(tl.int64) * stride_dkt + g * stride_dkh + offs_d[None, :]
     tl.atomic_add(DK + dk_ptrs, dk * scale, mask=k_ok[:, None])
     tl.atomic_add(DV + dk_ptrs, dv, mask=k_ok[:, None])
@@ -464,13 +466,18 @@ def msa_attention_fwd_kv(
 def msa_attention_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wl: WorkList, top_k: int,
     out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, *, block_size: int, scale: float,
+    tiles: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) in the inputs' dtypes, KV-outer over the forward's work list."""
+    """Gradients (dq, dk, dv) in the inputs' dtypes, KV-outer over the forward's work list.
+
+    `tiles` (selected, and the tile forward's unions): dQ comes from the tile-outer dQ kernel,
+    each row written once, and the KV-outer kernel computes dK and dV only.
+    """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)  # [B, T, Hq]
-    dq = torch.zeros(b, t, hq, d, dtype=torch.float32, device=q.device)
+    dq = (torch.empty if tiles is not None else torch.zeros)(b, t, hq, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     if wl.work.shape[0]:
@@ -484,8 +491,12 @@ def msa_attention_bwd(
             dq.stride(0), dq.stride(1), dq.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             HKV=hkv, REP=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_M=_rows_block(), TOPK=top_k,
-            IS_INTERPRET=IS_INTERPRET, num_warps=8, num_stages=2,
+            WITH_DQ=tiles is None, IS_INTERPRET=IS_INTERPRET, num_warps=8, num_stages=2,
         )
+    if tiles is not None:
+        from forge.kernels.msa.triton_tile import msa_attention_dq_tile
+
+        msa_attention_dq_tile(q, k, v, dout, lse, delta, dq, *tiles, block_size=block_size, scale=scale)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -518,11 +529,16 @@ class MSAAttentionFunction(torch.autograd.Function):
         if order == "kv":
             out, lse = msa_attention_fwd_kv(q, k, v, selected, wl, block_size=block_size, scale=scale)
         elif order == "tile":
-            from forge.kernels.msa.triton_tile import msa_attention_fwd_tile
+            from forge.kernels.msa.triton_tile import msa_attention_fwd_tile, tile_queries, tile_unions
 
-            out, lse = msa_attention_fwd_tile(q, k, v, selected, block_size=block_size, scale=scale)
+            unions = tile_unions(selected, tile_queries(), block_size)
+            out, lse = msa_attention_fwd_tile(q, k, v, selected, block_size=block_size, scale=scale, unions=unions)
+            # Tiles that share their blocks in the forward share them in dQ too.
+            ctx.tiles = (selected, *unions)
         else:
             out, lse = msa_attention_fwd(q, k, v, selected, block_size=block_size, scale=scale)
+        if order != "tile":
+            ctx.tiles = None
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.wl, ctx.top_k = wl, selected.shape[-1]
         ctx.block_size, ctx.scale = block_size, scale
@@ -532,7 +548,7 @@ class MSAAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = msa_attention_bwd(q, k, v, ctx.wl, ctx.top_k, out, lse, dout,
-                                       block_size=ctx.block_size, scale=ctx.scale)
+                                       block_size=ctx.block_size, scale=ctx.scale, tiles=ctx.tiles)
         return dq, dk, dv, None, None, None, None
 
 
