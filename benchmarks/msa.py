@@ -392,6 +392,9 @@ def sweep_tile(t, args, q, k, v, sel, emit):
                       work_ratio=tile_work_ratio(sel), **cfg))
     triton_tile.TILE_QUERIES, triton_tile.TILE_FORWARD = saved
     # The backward's tile-outer dQ kernel: forward and backward timed together (fwd + 2.5x fwd flops).
+    if t > args.bwd_max:
+        print(f"tile backward settings are timed up to --bwd-max ({args.bwd_max}), not at {t}")
+        return
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     dout = torch.randn_like(q)
     saved_bwd = dict(triton_tile.TILE_BACKWARD)

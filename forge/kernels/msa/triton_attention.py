@@ -477,7 +477,8 @@ def msa_attention_bwd(
     hkv = k.shape[2]
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)  # [B, T, Hq]
-    dq = (torch.empty if tiles is not None else torch.zeros)(b, t, hq, d, dtype=torch.float32, device=q.device)
+    # Tile-outer dQ writes each row once, in q's dtype; KV-outer adds shares into fp32.
+    dq = torch.empty_like(q) if tiles is not None else torch.zeros(b, t, hq, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     if wl.work.shape[0]:

@@ -211,7 +211,7 @@ def msa_attn_bwd_dq_tile_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
     IS_INTERPRET: tl.constexpr,
 ):
-    # dQ of a (tile, head) over the forward's unions, each row written once (fp32, scaled).
+    # dQ of a (tile, head) over the forward's unions, each row written once, in DQ's dtype.
     b, h, g, rows, r_ok, t64, q, sel, u0, u_mid, u1 = tile_program(
         Q, SEL, UPTR, UMID, T, NT, stride_qb, stride_qt, stride_qh, stride_sb, stride_st, stride_sh,
         HKV=HKV, REP=REP, D=D, BLOCK_Q=BLOCK_Q, TOPK=TOPK, KP=KP, IS_INTERPRET=IS_INTERPRET)
@@ -239,7 +239,7 @@ def msa_attn_bwd_dq_tile_kernel(
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
             D=D, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=True, IS_INTERPRET=IS_INTERPRET)
     tl.store(DQ + b * stride_dqb + t64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
-             dq * scale, mask=r_ok[:, None])
+             (dq * scale).to(DQ.dtype.element_ty), mask=r_ok[:, None])
 
 
 def _tiles(selected: torch.Tensor, tile: int) -> torch.Tensor:
@@ -334,7 +334,7 @@ def msa_attention_dq_tile(
     dq: torch.Tensor, selected: torch.Tensor, ptr: torch.Tensor, mid: torch.Tensor, blocks: torch.Tensor, *,
     block_size: int, scale: float,
 ) -> None:
-    """Write dQ (fp32 [B, T, Hq, D]) tile-outer over the forward's unions; dout's last dim contiguous."""
+    """Write dQ ([B, T, Hq, D], any float dtype) tile-outer over the forward's unions; dout's last dim contiguous."""
     b, t, hq, d = q.shape
     hkv, top_k = k.shape[2], selected.shape[-1]
     tile = tile_queries()
