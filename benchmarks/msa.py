@@ -365,7 +365,8 @@ def sweep_kv(t, args, q, k, v, sel, emit):
 
 TILE_CONFIGS = [(128, dict(BLOCK_N=64, num_warps=8, num_stages=3)), (128, dict(BLOCK_N=64, num_warps=8, num_stages=4)),
                 (128, dict(BLOCK_N=64, num_warps=8, num_stages=2)),
-                (128, dict(BLOCK_N=128, num_warps=8, num_stages=2)), (128, dict(BLOCK_N=128, num_warps=8, num_stages=3)),
+                (128, dict(BLOCK_N=128, num_warps=8, num_stages=2)),
+                (128, dict(BLOCK_N=128, num_warps=8, num_stages=3)),
                 (128, dict(BLOCK_N=64, num_warps=4, num_stages=3)), (64, dict(BLOCK_N=64, num_warps=4, num_stages=3)),
                 (64, dict(BLOCK_N=128, num_warps=4, num_stages=2))]
 

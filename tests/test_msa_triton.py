@@ -166,7 +166,8 @@ def test_tile_unions_and_work_ratio():
     assert triton_tile.tile_work_ratio(same, 4) == 1.0
     # A tail tile: 6 queries in tiles of 4, the padding rows count for nothing kept.
     ptr, mid, blocks = triton_tile.tile_unions(same[:, :6], 4, block_size=2)
-    assert ptr.tolist() == [0, 2, 4] and mid.tolist() == [0, 3]  # tile 1: block 0 before its own block 2 and triton_tile.tile_work_ratio(same[:, :6], 4) == pytest.approx(16 / 12)
+    assert ptr.tolist() == [0, 2, 4] and mid.tolist() == [0, 3]  # tile 1: block 0 is before its own block 2
+    assert triton_tile.tile_work_ratio(same[:, :6], 4) == pytest.approx(16 / 12)
 
 
 def test_auto_order_takes_the_tile_forward_only_for_shared_selections():
