@@ -340,6 +340,8 @@ def sweep(t, args, emit):
         sweep_tile(t, args, q, k, v, sel, emit)
         profile(t, "tile attention", lambda: sparse_attention_triton(q, k, v, sel, block_size=bs, order="tile"))
         del sel
+    if "bwd" in args.sweep_parts:
+        sweep_bwd(t, args, q, k, v, ik, emit)
     if "decode" in args.sweep_parts:
         sweep_decode(t, args, q, k, v, ik, emit)
     if "index" in args.sweep_parts:
@@ -369,6 +371,36 @@ TILE_CONFIGS = [(128, dict(BLOCK_N=64, num_warps=8, num_stages=3)), (128, dict(B
                 (128, dict(BLOCK_N=128, num_warps=8, num_stages=3)),
                 (128, dict(BLOCK_N=64, num_warps=4, num_stages=3)), (64, dict(BLOCK_N=64, num_warps=4, num_stages=3)),
                 (64, dict(BLOCK_N=128, num_warps=4, num_stages=2))]
+
+
+KV_BWD_CONFIGS = [dict(BLOCK_N=128, num_warps=8, num_stages=2), dict(BLOCK_N=64, num_warps=8, num_stages=2),
+                  dict(BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=2)]
+
+
+def sweep_bwd(t, args, q, k, v, ik, emit):
+    """Settings of the KV-outer backward, forward and backward timed together on scattered and coherent selections."""
+    if t > args.bwd_max:
+        print(f"backward settings are timed up to --bwd-max ({args.bwd_max}), not at {t}")
+        return
+    bs, top_k = args.block_size, args.top_k
+    attn_flops = 4 * D * HQ * kept_pairs(t, bs, top_k)
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    dout = torch.randn_like(q)
+    gen = torch.Generator(device="cuda").manual_seed(t + 2)
+    saved = dict(triton_attention.KV_BACKWARD), dict(triton_attention.KV_BACKWARD_DKDV)
+    # Scattered selections run the backward with dQ atomics, coherent ones dK and dV alone.
+    for pattern in ("scattered", "coherent"):
+        sel = select_blocks_triton(pattern_iq(t, 64, bs, PATTERNS[pattern], gen), ik[..., :64], block_size=bs,
+                                   top_k=top_k)
+        for cfg in KV_BWD_CONFIGS:
+            triton_attention.KV_BACKWARD = triton_attention.KV_BACKWARD_DKDV = cfg
+            try:
+                ms = timed(lambda: sparse_attention_triton(qg, kg, vg, sel, block_size=bs).backward(dout), reps=3)
+            except Exception as exc:
+                print(f"backward {cfg}: {str(exc).splitlines()[0][:160]}")
+                continue
+            emit(dict(kind="sweep_bwd", T=t, pattern=pattern, ms=ms, tflops=3.5 * attn_flops / ms / 1e9, **cfg))
+    triton_attention.KV_BACKWARD, triton_attention.KV_BACKWARD_DKDV = saved
 
 
 TILE_BWD_CONFIGS = [dict(BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_N=64, num_warps=8, num_stages=3),
@@ -504,8 +536,8 @@ def main() -> None:
                         help="decoding calls per CUDA graph, each on its own index-key cache and queries")
     parser.add_argument("--sweep", type=int, default=0,
                         help="instead of the benchmark, time launch settings and profile at this length")
-    parser.add_argument("--sweep-parts", nargs="+", choices=["kv", "tile", "decode", "index"],
-                        default=["kv", "tile", "decode", "index"], help="which kernels --sweep times")
+    parser.add_argument("--sweep-parts", nargs="+", choices=["kv", "tile", "bwd", "decode", "index"],
+                        default=["kv", "tile", "bwd", "decode", "index"], help="which kernels --sweep times")
     parser.add_argument("--patterns", nargs="*", choices=list(PATTERNS), default=list(PATTERNS),
                         help="selection patterns on which the sparse attention forward is timed alone")
     parser.add_argument("--tile-ratio-max", type=float, default=4.0,
@@ -583,6 +615,9 @@ def print_table(rows) -> None:
             print(f"{'sweep tile':14} {r['T']:>8} {'':>4} {r['ms']:>10.2f}  {r['tflops']:.0f} TF/s tile {r['tile_queries']} "
                   f"BLOCK_N {r['BLOCK_N']} warps {r['num_warps']} stages {r['num_stages']} err {r['rel_err']:.1e} "
                   f"work ratio {r['work_ratio']:.2f}")
+        elif r["kind"] == "sweep_bwd":
+            print(f"{'sweep bwd':14} {r['T']:>8} {'':>4} {r['ms']:>10.2f}  fwd+bwd {r['tflops']:.0f} TF/s, {r['pattern']}, "
+                  f"KV-outer backward BLOCK_N {r['BLOCK_N']} warps {r['num_warps']} stages {r['num_stages']}")
         elif r["kind"] == "sweep_tile_bwd":
             print(f"{'sweep tile bwd':14} {r['T']:>8} {'':>4} {r['ms']:>10.2f}  fwd+bwd {r['tflops']:.0f} TF/s, dQ kernel "
                   f"BLOCK_N {r['BLOCK_N']} warps {r['num_warps']} stages {r['num_stages']}")

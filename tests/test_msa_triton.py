@@ -106,6 +106,26 @@ def _assert_matches_naive(out, grads, qkv, sel, dout, dtype):
         torch.testing.assert_close(g.float(), r, **_tol(dtype), msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("order", ["kv", "tile"])
+def test_backward_with_a_block_split_among_programs_matches_naive(order, monkeypatch):
+    # Blocks of 32 keys, 16 per backward program: two programs share each block's dK and dV.
+    gen = torch.Generator().manual_seed(18)
+    b, t, hq, hkv, d = 1, 32 * 3 + 5, 4, 2, 16
+    q, k, v = (_randn(b, t, h, d, dtype=torch.float32, gen=gen).requires_grad_() for h in (hq, hkv, hkv))
+    iq, ik = _randn(b, t, hkv, 16, dtype=torch.float32, gen=gen), _randn(b, t, 16, dtype=torch.float32, gen=gen)
+    sel = select_blocks_triton(iq, ik, block_size=32, top_k=2)
+    dout = _randn(b, t, hq, d, dtype=torch.float32, gen=gen)
+    for name in ("KV_BACKWARD", "KV_BACKWARD_DKDV"):
+        monkeypatch.setattr(triton_attention, name, dict(getattr(triton_attention, name), BLOCK_N=16))
+    out = sparse_attention_triton(q, k, v, sel, block_size=32, order=order)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q32, k32, v32 = (x.detach().requires_grad_() for x in (q, k, v))
+    ref_grads = torch.autograd.grad(sparse_attention_naive(q32, k32, v32, sel.long(), block_size=32),
+                                    (q32, k32, v32), dout)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(g, r, **_tol(torch.float32), msg=lambda m: f"d{name}: {m}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_query_outer_forward_matches_naive(dtype, monkeypatch):
     # The query-outer forward is the decode kernel; its backward is the KV-outer one tested above.

@@ -48,6 +48,11 @@ PARTIAL_BYTES = 6 << 30
 # Launch settings of the KV-outer forward (rows per tile, warps, pipeline depth), chosen with
 # `benchmarks/msa.py --sweep` on an H100; the interpreter runs 16-row tiles.
 KV_FORWARD = dict(BLOCK_M=64, num_warps=4, num_stages=3)
+# Keys per program (a block's keys split among programs), warps and pipeline depth of the
+# KV-outer backward: with its dQ atomics, and computing dK and dV alone (beside the tile dQ),
+# from `benchmarks/msa.py --sweep 131072 --sweep-parts bwd` on an H100.
+KV_BACKWARD = dict(BLOCK_N=128, num_warps=8, num_stages=2)
+KV_BACKWARD_DKDV = dict(BLOCK_N=64, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -266,10 +271,13 @@ def msa_attn_bwd_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     stride_dkb, stride_dkt, stride_dkh,
     HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, TOPK: tl.constexpr, WITH_DQ: tl.constexpr, IS_INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOPK: tl.constexpr, WITH_DQ: tl.constexpr,
+    IS_INTERPRET: tl.constexpr,
 ):
     # The forward's work list: WORK[i] = (key, start, count), entries QS = t * TOPK + slot.
     # WITH_DQ False: dK and dV only (the tile-outer dQ kernel writes dQ, without atomics).
+    # A program takes BLOCK_N of the block's keys (program_id(1) picks which): fewer keys keep
+    # the dK and dV accumulators smaller, at the price of loading each row once per part.
     item = tl.program_id(0)
     key = tl.load(WORK + item * 3)
     start = tl.load(WORK + item * 3 + 1)
@@ -277,22 +285,22 @@ def msa_attn_bwd_kernel(
     blk = key % NB
     g = (key // NB) % HKV
     b = ((key // (NB * HKV)) % NBATCH).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_SIZE)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     offs_m = tl.arange(0, BLOCK_M)
-    keys = blk * BLOCK_SIZE + offs_n  # [BLOCK_SIZE]
+    keys = blk * BLOCK_SIZE + tl.program_id(1) * BLOCK_N + offs_n  # [BLOCK_N]
     k_ok = keys < T
 
     k = tl.load(K + b * stride_kb + keys[:, None].to(tl.int64) * stride_kt + g * stride_kh + offs_d[None, :],
-                mask=k_ok[:, None], other=0.0)  # [BLOCK_SIZE, D]
+                mask=k_ok[:, None], other=0.0)  # [BLOCK_N, D]
     v = tl.load(V + b * stride_vb + keys[:, None].to(tl.int64) * stride_vt + g * stride_vh + offs_d[None, :],
-                mask=k_ok[:, None], other=0.0)  # [BLOCK_SIZE, D]
+                mask=k_ok[:, None], other=0.0)  # [BLOCK_N, D]
     if IS_INTERPRET:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     qk_scale = scale * 1.4426950408889634
-    dk = tl.zeros([BLOCK_SIZE, D], tl.float32)
-    dv = tl.zeros([BLOCK_SIZE, D], tl.float32)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
     # Rows are (query, head) pairs: row r is entry r // REP of the item, head g * REP + r % REP.
     for r0 in range(0, count * REP, BLOCK_M):
         rows = r0 + offs_m
@@ -482,7 +490,9 @@ def msa_attention_bwd(
     dk = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     if wl.work.shape[0]:
-        msa_attn_bwd_kernel[(wl.work.shape[0],)](
+        cfg = dict(KV_BACKWARD if tiles is None else KV_BACKWARD_DKDV)
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
+        msa_attn_bwd_kernel[(wl.work.shape[0], block_size // cfg["BLOCK_N"])](
             q, k, v, dout, lse, delta, dq, dk, dv, wl.qs, wl.work, scale, t, wl.n_blocks, b,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -492,7 +502,7 @@ def msa_attention_bwd(
             dq.stride(0), dq.stride(1), dq.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             HKV=hkv, REP=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_M=_rows_block(), TOPK=top_k,
-            WITH_DQ=tiles is None, IS_INTERPRET=IS_INTERPRET, num_warps=8, num_stages=2,
+            WITH_DQ=tiles is None, IS_INTERPRET=IS_INTERPRET, **cfg,
         )
     if tiles is not None:
         from forge.kernels.msa.triton_tile import msa_attention_dq_tile
