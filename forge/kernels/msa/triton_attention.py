@@ -316,12 +316,12 @@ def msa_attn_bwd_kernel(
         if IS_INTERPRET:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        visible = r_ok[:, None] & (keys[None, :] <= t[:, None])  # [BLOCK_M, BLOCK_SIZE]
-        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_SIZE]
+        visible = r_ok[:, None] & (keys[None, :] <= t[:, None])  # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse[:, None] * 1.4426950408889634)
         p = tl.where(visible, p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))  # [BLOCK_M, BLOCK_SIZE]
+        dp = tl.dot(do, tl.trans(v))  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         if WITH_DQ:
