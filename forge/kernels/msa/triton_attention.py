@@ -534,7 +534,7 @@ class MSAAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, selected, block_size: int, scale: float, order: str):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         order = forward_order(selected, order)
-        wl = None
+        wl, ctx.tiles = None, None
         if order == "kv" or any(ctx.needs_input_grad[:3]):
             wl = build_work_list(selected, block_size, q.shape[2] // k.shape[2], q.shape[3], q.element_size())
         if order == "kv":
@@ -548,8 +548,6 @@ class MSAAttentionFunction(torch.autograd.Function):
             ctx.tiles = (selected, *unions)
         else:
             out, lse = msa_attention_fwd(q, k, v, selected, block_size=block_size, scale=scale)
-        if order != "tile":
-            ctx.tiles = None
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.wl, ctx.top_k = wl, selected.shape[-1]
         ctx.block_size, ctx.scale = block_size, scale
