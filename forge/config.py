@@ -70,6 +70,12 @@ class LoopConfig:
     """Log a W&B table of sample trajectories every this many steps."""
     keep_rollouts: bool = True
     """Keep every step's groups as Parquet under the run folder's rollouts/ (read by `forge inspect`)."""
+    rollout_schedule: Literal["async", "fixed_lag"] = "async"
+    """How rollouts overlap training. 'async': workers sample with the newest weights and each step
+    trains on the groups that finished first (windowed FIFO, `pool.*`): the most throughput, but
+    the batches depend on timing. 'fixed_lag': step k+1 trains the tasks of batch k, sampled with
+    the weights of step k - pool.max_staleness, whatever the timing: a run repeats exactly on one
+    machine (docs/quickstart.md). pool.window and pool.capacity are unused then."""
 
 
 @dataclass

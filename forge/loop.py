@@ -38,7 +38,8 @@ log = logging.getLogger("forge")
 
 
 class SyncingGenerator:
-    """A `ModelGenerator` that pulls newer weights from the store before each batch of turns."""
+    """A `ModelGenerator` that pulls newer weights from the store before each batch of turns,
+    until `pin` fixes the version it samples with."""
 
     def __init__(self, model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32",
                  prefix_cache_tokens: int = 0) -> None:
@@ -52,16 +53,29 @@ class SyncingGenerator:
         self.inner = ModelGenerator(model, ByteTokenizer(), seed=seed, policy_version=-1,
                                     prefix_cache_tokens=prefix_cache_tokens)
         self.sync_s = 0.0
+        self.pinned = False
+        """Whether `pin` fixed the version: then `generate` no longer pulls newer weights."""
+
+    def pin(self, version: int, seed: int) -> None:
+        """Sample with weights `version` from now on, the sampler restarted at `seed`."""
+        if version != self.inner.policy_version:
+            self._load(version, ray.get(self.store.get.remote(version)))
+        self.inner.reseed(seed)
+        self.pinned = True
 
     def generate(self, prompts, params):
-        latest = ray.get(self.store.latest.remote(self.inner.policy_version))
-        if latest is not None:
-            t0 = time.perf_counter()
-            version, (ref,) = latest
-            self.inner.model.load_state_dict(ray.get(ref))
-            self.inner.policy_version = version
-            self.sync_s += time.perf_counter() - t0
+        if not self.pinned:
+            latest = ray.get(self.store.latest.remote(self.inner.policy_version))
+            if latest is not None:
+                self._load(*latest)
         return self.inner.generate(prompts, params)
+
+    def _load(self, version: int, payload: list) -> None:
+        t0 = time.perf_counter()
+        (ref,) = payload
+        self.inner.model.load_state_dict(ray.get(ref))
+        self.inner.policy_version = version
+        self.sync_s += time.perf_counter() - t0
 
 
 def _make_generator(model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32",
@@ -84,8 +98,10 @@ class _Rollouts:
 def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer) -> DriverState:
     """Run warm-start (if due) and RL until `cfg.train.steps`; returns the final driver state."""
     load_env_class(cfg.env.cls)
+    fixed_lag = cfg.train.rollout_schedule == "fixed_lag"
     pool = ray.remote(DataPool).options(num_cpus=0).remote(cfg.pool)
-    store = ray.remote(WeightStore).options(num_cpus=0).remote()
+    # Under the fixed-lag schedule a queued call may sample with a version max_staleness steps old.
+    store = ray.remote(WeightStore).options(num_cpus=0).remote(cfg.pool.max_staleness + 1 if fixed_lag else 1)
     ranks = start_trainer_ranks(cfg.model, cfg.trainer, cfg.algorithm, init_seed(cfg))
     if state.step > 0 or state.warm_start_done:
         client = ray.get([r.call.remote("load", str(run.checkpoints), state.tag) for r in ranks])[0]
@@ -95,37 +111,35 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
     _record_placement(run, ranks, rollouts.workers)
     publish_s = _publish(ranks, store, state.version)
     if not state.warm_start_done:
-        _warm_start(cfg, ranks, monitor)
+        _warm_start(cfg, ranks, monitor, evaluator, store, state)
         state.warm_start_done = True
         state.version += 1
         publish_s = _publish(ranks, store, state.version)
-    # Warm-start takes the run's first steps; RL step k is logged as step warm_start.steps + k.
+    # Warm-start takes the run's first steps; RL step k is logged as step warm_start.steps + k
+    # (also when warm-start stopped early at its target_reward).
     base = cfg.warm_start.steps
     if state.step == 0 and not state.evals:
         _evaluate(cfg, evaluator, monitor, state, base)
-    for w in range(len(rollouts.workers)):
-        for _ in range(2):
-            _submit(rollouts, w, pool, state)
+    schedule = _FixedLagSchedule(cfg, rollouts) if fixed_lag else _AsyncSchedule(cfg, rollouts, pool)
+    schedule.start(state)
     with monitor.progress(cfg.train.steps, "rl steps", initial=state.step) as bar:
         while state.step < cfg.train.steps:
             t_wait = time.perf_counter()
-            rollout_metrics: dict[str, float] = {}
-            while ray.get(pool.ready.remote(state.version)) < cfg.trainer.groups_per_step:
-                _collect(rollouts, pool, state, rollout_metrics, timeout=0.2)
-            _collect(rollouts, pool, state, rollout_metrics, timeout=0)
+            groups, rollout_metrics = schedule.next_batch(state)
             wait_s = time.perf_counter() - t_wait
-            groups = ray.get(pool.take.remote(cfg.trainer.groups_per_step, state.version))
             if cfg.train.keep_rollouts:
                 write_parquet(groups, run.path / "rollouts" / f"step-{state.step + 1:06d}.parquet")
-            metrics = _train_step(ranks, groups, state)
+            metrics = _train_step(ranks, groups, state, cfg.trainer.lr_at(state.step, cfg.train.steps))
             state.step += 1
             state.version += 1
             publish_s = _publish(ranks, store, state.version)
+            schedule.published(state)
             metrics.update(rollout_metrics)
             if rollout_metrics.get("rollout/generate_s"):
-                # Summed over the workers' calls that finished since the last step: per worker-second.
+                # Summed over the worker calls behind this step's groups (fixed_lag) or those that
+                # finished since the last step (async): per worker-second.
                 metrics["rollout/tokens_per_s"] = rollout_metrics["rollout/sampled_tokens"] / rollout_metrics["rollout/generate_s"]
-            metrics.update(ray.get(pool.stats.remote(state.version)))
+            metrics.update(schedule.stats(state))
             metrics.update({"time/rollout_wait_s": wait_s, "time/weights_publish_s": publish_s,
                             "train/staleness_mean": sum(state.version - 1 - g.min_policy_version for g in groups) / len(groups)})
             metrics["train/rl_step"] = float(state.step)
@@ -141,6 +155,95 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
                 checkpointer.save(ranks, pool, state)
             bar.update()
     return state
+
+
+class _AsyncSchedule:
+    """`train.rollout_schedule: async`: workers keep two calls queued and pull the newest weights
+    between turns; groups go to the data pool as they finish and each step takes
+    `groups_per_step` of them in windowed-FIFO order, dropping those staler than
+    `pool.max_staleness`. Fastest, but which groups a step trains on, and which weights sampled
+    them, depend on how long everything takes."""
+
+    def __init__(self, cfg: Any, rollouts: _Rollouts, pool: Any) -> None:
+        self.cfg, self.rollouts, self.pool = cfg, rollouts, pool
+
+    def start(self, state: DriverState) -> None:
+        for w in range(len(self.rollouts.workers)):
+            for _ in range(2):
+                _submit(self.rollouts, w, self.pool, state)
+
+    def next_batch(self, state: DriverState) -> tuple[list, dict[str, float]]:
+        metrics: dict[str, float] = {}
+        while ray.get(self.pool.ready.remote(state.version)) < self.cfg.trainer.groups_per_step:
+            _collect(self.rollouts, self.pool, state, metrics, timeout=0.2)
+        _collect(self.rollouts, self.pool, state, metrics, timeout=0)
+        return ray.get(self.pool.take.remote(self.cfg.trainer.groups_per_step, state.version)), metrics
+
+    def published(self, state: DriverState) -> None:
+        pass
+
+    def stats(self, state: DriverState) -> dict[str, float]:
+        return ray.get(self.pool.stats.remote(state.version))
+
+
+class _FixedLagSchedule:
+    """`train.rollout_schedule: fixed_lag`: rollouts overlap training by a fixed number of steps.
+
+    RL step k+1 trains batch k: the tasks seed_base + k*n ... seed_base + k*n + n-1 (n =
+    `trainer.groups_per_step`), sampled with the weights published after step k - L (L =
+    `pool.max_staleness`; the warm-started weights for the first L+1 batches). Batch k is
+    queued as soon as those weights exist, in calls of `per_call` groups dealt round-robin to the
+    workers, each call pinned to its version and its sampler restarted at its first task seed.
+    So every step trains on the same groups, sampled by the same weights, however long anything
+    takes: a run repeats exactly on one machine. With L=1 the workers sample batch k+1 while the
+    trainer trains batch k (one-step off-policy); with L=0 rollouts and training alternate.
+    """
+
+    def __init__(self, cfg: Any, rollouts: _Rollouts) -> None:
+        self.rollouts = rollouts
+        self.lag = cfg.pool.max_staleness
+        self.n = cfg.trainer.groups_per_step
+        self.steps = cfg.train.steps
+        self.calls: dict[int, list] = {}
+
+    def start(self, state: DriverState) -> None:
+        # After a resume the groups that were in flight are gone and the weights that were to
+        # sample them too: the first L+1 batches are sampled with the checkpoint's weights.
+        for batch in range(state.step, state.step + self.lag + 1):
+            self._submit(batch, state)
+
+    def next_batch(self, state: DriverState) -> tuple[list, dict[str, float]]:
+        results = ray.get(self.calls.pop(state.step))
+        metrics: dict[str, float] = {}
+        groups = []
+        for result in results:
+            # A call returns its groups as they finished; the batch keeps task order.
+            groups.extend(sorted(result.groups, key=lambda g: int(g.task_id.rsplit(":", 1)[1])))
+            for k, v in result.stats.as_metrics().items():
+                metrics[k] = metrics.get(k, 0.0) + v
+        if not groups:
+            raise RuntimeError(f"every group of RL step {state.step + 1} was dropped after its retries "
+                               f"(rollout/groups_dropped={metrics.get('rollout/groups_dropped', 0):.0f}); "
+                               "forge.log and the rollout/failed/* metrics say why the episodes failed")
+        return groups, metrics
+
+    def published(self, state: DriverState) -> None:
+        self._submit(state.step + self.lag, state)
+
+    def stats(self, state: DriverState) -> dict[str, float]:
+        return {}
+
+    def _submit(self, batch: int, state: DriverState) -> None:
+        if batch >= self.steps or batch in self.calls:
+            return
+        r = self.rollouts
+        seeds = [r.seed_base + batch * self.n + i for i in range(self.n)]
+        chunks = [seeds[i : i + r.per_call] for i in range(0, self.n, r.per_call)]
+        self.calls[batch] = [
+            r.workers[(batch * len(chunks) + j) % len(r.workers)].run.remote(chunk, None, None, (state.version, chunk[0]))
+            for j, chunk in enumerate(chunks)
+        ]
+        state.next_seed = max(state.next_seed, (batch + 1) * self.n)
 
 
 def _start_rollouts(cfg: Any, store: Any, state: DriverState) -> _Rollouts:
@@ -191,10 +294,10 @@ def _collect(rollouts: _Rollouts, pool: Any, state: DriverState, metrics: dict[s
         _submit(rollouts, w, pool, state)
 
 
-def _train_step(ranks: list, groups: list, state: DriverState) -> dict[str, float]:
+def _train_step(ranks: list, groups: list, state: DriverState, lr: float) -> dict[str, float]:
     # Whole groups per rank: group-relative advantages never straddle ranks.
     shards = [groups[r::len(ranks)] for r in range(len(ranks))]
-    results = ray.get([rank.call.remote("train_step", shard) for rank, shard in zip(ranks, shards)])
+    results = ray.get([rank.call.remote("train_step", shard, lr) for rank, shard in zip(ranks, shards)])
     return results[0]
 
 
@@ -206,7 +309,7 @@ def _publish(ranks: list, store: Any, version: int) -> float:
     return time.perf_counter() - t0
 
 
-def _warm_start(cfg: Any, ranks: list, monitor) -> None:
+def _warm_start(cfg: Any, ranks: list, monitor, evaluator: Any, store: Any, state: DriverState) -> None:
     ws = cfg.warm_start
     if ws.steps <= 0:
         return
@@ -217,19 +320,46 @@ def _warm_start(cfg: Any, ranks: list, monitor) -> None:
             start = ws.seed_offset + step * ws.batch_size
             seqs, masks = oracle_batch(make_env, range(start, start + ws.batch_size), tokenizer)
             shard = len(ranks)
-            results = ray.get([r.call.remote("sft_step", seqs[i::shard], masks[i::shard], ws.lr)
+            lr = ws.lr_at(step)
+            results = ray.get([r.call.remote("sft_step", seqs[i::shard], masks[i::shard], lr)
                                for i, r in enumerate(ranks)])
-            monitor.log(results[0], step=step + 1)
+            metrics = {**results[0], "warmstart/lr": lr}
+            reached = False
+            if ws.checks_at(step + 1):
+                reward = _warm_start_check(cfg, ranks, evaluator, store, state)
+                metrics["warmstart/check_reward"] = reward
+                reached = reward >= ws.target_reward
+                log.info("warm-start check at step %d: reward %.3f (T=%s) on %d validation tasks%s", step + 1, reward,
+                         ws.check_temperature, ws.check_tasks, f", reached {ws.target_reward}: RL starts" if reached else "")
+            monitor.log(metrics, step=step + 1)
             bar.update()
+            if reached:
+                return
+    if ws.target_reward is not None:
+        log.warning("warm-start ran all %d steps without reaching warm_start.target_reward=%s; RL starts anyway "
+                    "(raise warm_start.steps, or lower the target)", ws.steps, ws.target_reward)
+
+
+def _warm_start_check(cfg: Any, ranks: list, evaluator: Any, store: Any, state: DriverState) -> float:
+    """Reward of the current weights on warm-start's validation tasks (not the evaluation's)."""
+    ws = cfg.warm_start
+    state.version += 1
+    _publish(ranks, store, state.version)
+    seeds = [ws.check_seed_offset + i for i in range(ws.check_tasks)]
+    result = ray.get(evaluator.run.remote(seeds, None, ws.check_temperature, (state.version, cfg.run.seed + 17)))
+    return _eval_rewards(result, "")[0]
 
 
 def _evaluate(cfg: Any, evaluator: Any, monitor, state: DriverState, base: int) -> None:
     seeds = [cfg.eval.seed_offset + i for i in range(cfg.eval.num_tasks)]
     t0 = time.perf_counter()
-    mean, metrics = _eval_rewards(ray.get(evaluator.run.remote(seeds)), "eval/")
+    # Pinned to the step's weights and restarted at one seed: an evaluation depends on the
+    # weights only, so evaluations of one run differ by what the policy learned, not by sampling.
+    pin = (state.version, cfg.run.seed + 17)
+    mean, metrics = _eval_rewards(ray.get(evaluator.run.remote(seeds, None, None, pin)), "eval/")
     note = ""
     if cfg.eval.greedy_too and cfg.eval.temperature > 0:
-        greedy, more = _eval_rewards(ray.get(evaluator.run.remote(seeds, None, 0.0)), "eval/greedy_")
+        greedy, more = _eval_rewards(ray.get(evaluator.run.remote(seeds, None, 0.0, pin)), "eval/greedy_")
         metrics.update(more)
         state.greedy_evals.append((state.step, greedy))
         note = f" (greedy {greedy:.3f})"

@@ -234,6 +234,16 @@ class Progress:
         self._bar.update(n)
 
 
+def is_wall_clock(key: str) -> bool:
+    """Whether a metric measures wall-clock time: seconds or a rate per second, named `*_s`.
+
+    These are the only metrics of a `train.rollout_schedule: fixed_lag` run that differ between
+    two runs of one recipe and seed on one machine; everything else repeats exactly
+    (docs/quickstart.md, tests/test_determinism.py). Name any new timing metric `*_s`.
+    """
+    return key.endswith("_s")
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl file, in order."""
     with open(path) as f:

@@ -32,9 +32,19 @@ class RolloutActor:
         self.worker = RolloutWorker(env_cfg.make, make_generator(), make_tokenizer(), rollout_cfg, env_name=name)
         self.stats = RolloutStats()
 
-    def run(self, seeds: Sequence[int], pool: Any = None, temperature: float | None = None) -> RolloutResult:
+    def run(self, seeds: Sequence[int], pool: Any = None, temperature: float | None = None,
+            pin: tuple[int, int] | None = None) -> RolloutResult:
         """Run a group per seed; with `pool` (a DataPool actor handle) groups go there as they finish.
-        `temperature` overrides the recipe's for this call only (the evaluator's greedy pass)."""
+        `temperature` overrides the recipe's for this call only (the evaluator's greedy pass).
+        `pin=(version, sample_seed)` samples the whole call with that weights version and restarts
+        the sampler at that seed, so the call's groups depend on nothing else (the fixed-lag
+        schedule and the evaluator); the generator must then have a `pin(version, seed)` method."""
+        if pin is not None:
+            pin_to = getattr(self.worker.generator, "pin", None)
+            if pin_to is None:
+                raise TypeError(f"run(pin=...) needs a generator with a pin(version, seed) method; "
+                                f"{type(self.worker.generator).__name__} has none (forge.loop.SyncingGenerator has one)")
+            pin_to(*pin)
         params = self.worker.params
         if temperature is not None:
             self.worker.params = replace(params, temperature=float(temperature))

@@ -98,6 +98,13 @@ class ModelGenerator:
         else:
             self._rng.seed()
 
+    def reseed(self, seed: int) -> None:
+        """Restart sampling at `seed` with an empty prefix cache: what follows depends on the
+        weights, the prompts and `seed` only, not on what this generator sampled before."""
+        self._rng.manual_seed(int(seed))
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         """Sample one continuation per prompt; see the module docstring for the logprobs."""
         if not prompts:
