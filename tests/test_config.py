@@ -189,3 +189,23 @@ def test_negative_prefix_cache_budget_names_the_key():
     root = Path(__file__).resolve().parents[1]
     with pytest.raises(ConfigError, match=r"rollout.prefix_cache_tokens must be >= 0 \(0 turns the cache off\), got -3"):
         load_recipe(root / "recipes" / "quickstart.yaml", ["rollout.prefix_cache_tokens=-3"])
+
+
+def test_warm_start_cosine_schedule_anneals_from_lr_to_near_zero():
+    from forge.trainer.config import WarmStartConfig
+
+    ws = WarmStartConfig(steps=100, lr=1e-3, lr_schedule="cosine")
+    lrs = [ws.lr_at(s) for s in range(100)]
+    assert lrs[0] == 1e-3 and abs(lrs[50] - 5e-4) < 1e-12 and 0 < lrs[-1] < 1e-6
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert WarmStartConfig(steps=100, lr=1e-3).lr_at(99) == 1e-3
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        WarmStartConfig(batch_size=0)
+
+
+def test_rl_cosine_schedule_spans_the_rl_steps():
+    from forge.trainer.config import TrainerConfig
+
+    cfg = TrainerConfig(lr=3e-4, lr_schedule="cosine")
+    assert cfg.lr_at(0, 120) == 3e-4 and abs(cfg.lr_at(60, 120) - 1.5e-4) < 1e-15 and cfg.lr_at(119, 120) < 1e-7
+    assert TrainerConfig(lr=3e-4).lr_at(119, 120) == 3e-4

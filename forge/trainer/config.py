@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,6 +43,9 @@ class TrainerConfig:
     an experiment from the same weights, as runs from one pretrained checkpoint do."""
     lr: float = 1e-4
     """AdamW learning rate."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """RL learning rate over `train.steps`: 'cosine' anneals from `lr` towards 0 (half a cosine),
+    so the run ends on settled weights rather than mid-stride."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -65,6 +69,12 @@ class TrainerConfig:
     resources_per_rank: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each trainer rank needs, e.g. {trainer_node: 1} to pin ranks to nodes started with it."""
 
+    def lr_at(self, step: int, steps: int) -> float:
+        """The learning rate of RL step `step` (counted from 0) of `steps`."""
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
+        return self.lr
+
     def __post_init__(self) -> None:
         if not 0 <= self.zero_stage <= 3:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
@@ -84,9 +94,44 @@ class WarmStartConfig:
     batch_size: int = 16
     """Demonstrations per step."""
     lr: float = 1e-3
-    """Learning rate of warm-start (its own AdamW, dropped afterwards)."""
+    """Learning rate of warm-start. It steps the trainer's AdamW, whose moments carry on into RL at `trainer.lr`."""
     seed_offset: int = 1_000_000
     """Task seeds of the demonstrations start here, away from the RL and eval seeds."""
+    target_reward: float | None = None
+    """Stop early once the reward on `check_tasks` validation tasks, sampled at `check_temperature`,
+    reaches this; None runs all `steps`. A fixed step count lands wherever the run's numerics put
+    it (docs/quickstart.md)."""
+    check_temperature: float = 0.0
+    """With `target_reward`: sampling temperature of the checks; 0 is greedy."""
+    check_every: int = 25
+    """With `target_reward`: check every this many steps."""
+    check_from: int = 0
+    """With `target_reward`: the first step to check at (earlier checks would be wasted time)."""
+    check_tasks: int = 64
+    """With `target_reward`: validation tasks per check, seeded from `check_seed_offset`."""
+    check_seed_offset: int = 20_000_000
+    """Validation task seeds start here, apart from the demonstrations', the RL tasks' and the evaluation's."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """'cosine' anneals the learning rate from `lr` towards 0 over the steps (half a cosine), so
+    warm-start settles instead of ending mid-stride; docs/quickstart.md says why the default recipe uses it."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"warm_start needs steps >= 0, batch_size >= 1 and lr > 0; got steps={self.steps}, "
+                             f"batch_size={self.batch_size}, lr={self.lr}")
+        if self.target_reward is not None and (self.check_every < 1 or self.check_tasks < 1):
+            raise ValueError(f"warm_start.target_reward needs check_every >= 1 and check_tasks >= 1; got "
+                             f"check_every={self.check_every}, check_tasks={self.check_tasks}")
+
+    def checks_at(self, step: int) -> bool:
+        """Whether warm-start checks its validation reward after step `step` (counted from 1)."""
+        return self.target_reward is not None and step >= self.check_from and step % self.check_every == 0
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of warm-start step `step` (counted from 0)."""
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
+        return self.lr
 
 
 @dataclass

@@ -77,9 +77,13 @@ class Trainer:
         """Freeze the current weights as the reference policy of the KL term."""
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
 
-    def train_step(self, groups: list[Group]) -> dict[str, float]:
-        """One optimizer step on `groups` (this rank's share of the batch); returns metrics."""
+    def train_step(self, groups: list[Group], lr: float | None = None) -> dict[str, float]:
+        """One optimizer step on `groups` (this rank's share of the batch), at `lr` if given (the
+        driver's schedule, `TrainerConfig.lr_at`); returns metrics."""
         t0 = time.perf_counter()
+        lr = self.cfg.lr if lr is None else float(lr)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
         batch = make_batch(groups, self.algo.advantage)
         mbs = self._plan(batch)
         dev = next(self.model.parameters()).device
@@ -145,7 +149,7 @@ class Trainer:
             "train/token_ratio": sum(len(s) for s in batch.sequences) / max(1, sum(mb.tokens for mb in mbs)),
             "train/micro_batches": float(len(mbs)),
             "train/sampler_logprob_gap": float(gap_all.mean()) if gap_all.numel() else 0.0,
-            "train/step_s": time.perf_counter() - t0, "train/policy_version": float(self.version),
+            "train/step_s": time.perf_counter() - t0, "train/policy_version": float(self.version), "train/lr": lr,
         }
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
