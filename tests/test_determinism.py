@@ -57,3 +57,19 @@ def test_fixed_lag_runs_repeat_exactly_and_warm_start_stops_at_its_target(tmp_pa
         assert same == {k for k in b if not is_wall_clock(k)}, f"step {a['step']} logged other keys"
         differ = {k: (a[k], b[k]) for k in same if a[k] != b[k]}
         assert not differ, f"step {a['step']}: {differ}"
+
+
+def test_a_pinned_call_needs_a_generator_that_can_pin():
+    from forge.agent_side.config import EnvConfig, RolloutConfig
+    from forge.agent_side.rollout_actor import RolloutActor
+    from forge.policy.sampling import Completion
+
+    class Plain:
+        policy_version = 0
+
+        def generate(self, prompts, params):
+            return [Completion([], [], finish_reason="stop") for _ in prompts]
+
+    actor = RolloutActor(EnvConfig(cls="envs.reverse:ReverseEnv"), RolloutConfig(group_size=1, concurrency=1), Plain)
+    with pytest.raises(TypeError, match=r"pin\(version, seed\) method; Plain has none"):
+        actor.run([0], pin=(3, 0))

@@ -127,3 +127,16 @@ def test_decode_mode_is_checked(model):
         ModelGenerator(model, decode="fast")
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         ModelGenerator(model, decode="graph")
+
+
+def test_reseed_makes_a_call_depend_only_on_its_seed(model):
+    gen = ModelGenerator(model, seed=0, prefix_cache_tokens=4096)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8)
+    prompts = [[1, 2, 3], [4, 5]] * 3
+    gen.reseed(7)
+    first = [c.token_ids for c in gen.generate(prompts, params)]
+    gen.generate(prompts, params)  # moves the sampler on and fills the prefix cache
+    gen.reseed(7)
+    assert [c.token_ids for c in gen.generate(prompts, params)] == first
+    gen.reseed(8)
+    assert [c.token_ids for c in gen.generate(prompts, params)] != first
