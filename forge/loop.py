@@ -346,16 +346,14 @@ def _warm_start_check(cfg: Any, ranks: list, evaluator: Any, store: Any, state: 
     state.version += 1
     _publish(ranks, store, state.version)
     seeds = [ws.check_seed_offset + i for i in range(ws.check_tasks)]
-    result = ray.get(evaluator.run.remote(seeds, None, ws.check_temperature, (state.version, cfg.run.seed + 17)))
+    result = ray.get(evaluator.run.remote(seeds, None, ws.check_temperature, _eval_pin(cfg, state)))
     return _eval_rewards(result, "")[0]
 
 
 def _evaluate(cfg: Any, evaluator: Any, monitor, state: DriverState, base: int) -> None:
     seeds = [cfg.eval.seed_offset + i for i in range(cfg.eval.num_tasks)]
     t0 = time.perf_counter()
-    # Pinned to the step's weights and restarted at one seed: an evaluation depends on the
-    # weights only, so evaluations of one run differ by what the policy learned, not by sampling.
-    pin = (state.version, cfg.run.seed + 17)
+    pin = _eval_pin(cfg, state)
     mean, metrics = _eval_rewards(ray.get(evaluator.run.remote(seeds, None, None, pin)), "eval/")
     note = ""
     if cfg.eval.greedy_too and cfg.eval.temperature > 0:
@@ -367,6 +365,13 @@ def _evaluate(cfg: Any, evaluator: Any, monitor, state: DriverState, base: int) 
     monitor.log(metrics, step=base + state.step)
     state.evals.append((state.step, mean))
     log.info("eval at step %d: reward %.3f%s on %d held-out tasks", state.step, mean, note, int(metrics["eval/tasks"]))
+
+
+def _eval_pin(cfg: Any, state: DriverState) -> tuple[int, int]:
+    """The evaluator's pin: the current weights, the sampler restarted at one seed, so an
+    evaluation depends on the weights only and evaluations of one run differ by what the policy
+    learned, not by sampling."""
+    return state.version, cfg.run.seed + 17
 
 
 def _eval_rewards(result: Any, prefix: str) -> tuple[float, dict[str, float]]:

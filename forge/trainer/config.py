@@ -71,9 +71,7 @@ class TrainerConfig:
 
     def lr_at(self, step: int, steps: int) -> float:
         """The learning rate of RL step `step` (counted from 0) of `steps`."""
-        if self.lr_schedule == "cosine":
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
-        return self.lr
+        return scheduled_lr(self.lr, self.lr_schedule, step, steps)
 
     def __post_init__(self) -> None:
         if not 0 <= self.zero_stage <= 3:
@@ -129,9 +127,7 @@ class WarmStartConfig:
 
     def lr_at(self, step: int) -> float:
         """The learning rate of warm-start step `step` (counted from 0)."""
-        if self.lr_schedule == "cosine":
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
-        return self.lr
+        return scheduled_lr(self.lr, self.lr_schedule, step, self.steps)
 
 
 @dataclass
@@ -148,3 +144,10 @@ class EvalConfig:
     """Sampling temperature in evaluation; 0 is greedy. `eval/reward_mean` is measured at it."""
     greedy_too: bool = False
     """With temperature > 0, also run the same tasks greedily, logged as `eval/greedy_reward_mean`."""
+
+
+def scheduled_lr(lr: float, schedule: str, step: int, steps: int) -> float:
+    """The learning rate of step `step` (from 0) of `steps`: `lr`, or half a cosine from it towards 0."""
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
+    return lr
