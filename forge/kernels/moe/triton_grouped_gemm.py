@@ -27,6 +27,7 @@ import triton.language as tl
 
 from forge.kernels.moe.triton_permute import RoutePlan
 from forge.kernels.moe.triton_common import cast_out, is_interpret
+from forge.kernels.precision import dot_precision
 
 # Default row tile of the grouped GEMMs; the route plan pads every expert's segment to it.
 BLOCK_M = 16 if is_interpret() else 128
@@ -61,7 +62,7 @@ def _even_k(args) -> bool:
 def moe_gate_up_fwd_kernel(
     x_ptr, wg_ptr, wu_ptr, act_ptr, g_ptr, u_ptr, sorted_token_ptr, tile_expert_ptr,
     N_OUT, K, E, stride_xn, stride_we, stride_wk, stride_wn,
-    SAVE_GU: tl.constexpr, IS_INTERPRET: tl.constexpr, EVEN_K: tl.constexpr,
+    SAVE_GU: tl.constexpr, IS_INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -96,8 +97,8 @@ def moe_gate_up_fwd_kernel(
             bu = tl.load(bu_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if IS_INTERPRET:
             a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g)
-        acc_u = tl.dot(a, bu, acc_u)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         bg_ptrs += BLOCK_K * stride_wk
         bu_ptrs += BLOCK_K * stride_wk
@@ -112,7 +113,8 @@ def moe_gate_up_fwd_kernel(
 
 @triton.jit
 def _mm_rows(acc, a_ptr, b_ptr, e, rows, valid, offs_n, nmask, K, stride_am, stride_be, stride_bk, stride_bn,
-             IS_INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+             IS_INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+             PRECISION: tl.constexpr):
     """acc += A[rows, :K] @ B[e][:K, offs_n] for contiguous padded rows of A."""
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
@@ -127,7 +129,7 @@ def _mm_rows(acc, a_ptr, b_ptr, e, rows, valid, offs_n, nmask, K, stride_am, str
             b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if IS_INTERPRET:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -148,6 +150,7 @@ def moe_grouped_mm_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, c2_ptr, g_ptr, u_ptr, sorted_token_ptr, tile_expert_ptr,
     N_OUT, K, E, stride_am, stride_be, stride_bk, stride_bn,
     HAS_SECOND: tl.constexpr, USE_SWIGLU_BWD: tl.constexpr, IS_INTERPRET: tl.constexpr, EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -163,10 +166,10 @@ def moe_grouped_mm_kernel(
     nmask = offs_n < N_OUT
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _mm_rows(acc, a_ptr, b_ptr, e, rows, valid, offs_n, nmask, K, stride_am, stride_be, stride_bk,
-                   stride_bn, IS_INTERPRET, EVEN_K, BLOCK_K)
+                   stride_bn, IS_INTERPRET, EVEN_K, BLOCK_K, PRECISION)
     if HAS_SECOND:
         acc = _mm_rows(acc, a2_ptr, b2_ptr, e, rows, valid, offs_n, nmask, K, stride_am, stride_be, stride_bk,
-                       stride_bn, IS_INTERPRET, EVEN_K, BLOCK_K)
+                       stride_bn, IS_INTERPRET, EVEN_K, BLOCK_K, PRECISION)
     out_off = rows.to(tl.int64)[:, None] * N_OUT + offs_n[None, :]
     out_mask = valid[:, None] & nmask[None, :]
     if USE_SWIGLU_BWD:
@@ -196,7 +199,7 @@ def moe_grouped_mm_kernel(
 def moe_wgrad_kernel(
     a_ptr, b_ptr, b2_ptr, dw_ptr, dw2_ptr, sorted_token_ptr, seg_start_ptr, seg_tiles_ptr,
     K, N_OUT, stride_am, stride_bm,
-    GATHER_A: tl.constexpr, HAS_SECOND: tl.constexpr, IS_INTERPRET: tl.constexpr,
+    GATHER_A: tl.constexpr, HAS_SECOND: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # dW[e][K, N_OUT] = A[rows of e, :K]^T @ B[rows of e, :N_OUT].
@@ -228,13 +231,13 @@ def moe_wgrad_kernel(
                     mask=valid[:, None] & nmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
         if IS_INTERPRET:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(tl.trans(a), b, acc)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
         if HAS_SECOND:
             b2 = tl.load(b2_ptr + rows.to(tl.int64)[:, None] * stride_bm + offs_n[None, :],
                          mask=valid[:, None] & nmask[None, :], other=0.0)
             if IS_INTERPRET:
                 b2 = b2.to(tl.float32)
-            acc2 = tl.dot(tl.trans(a), b2, acc2)
+            acc2 = tl.dot(tl.trans(a), b2, acc2, input_precision=PRECISION)
     out_off = e * K * N_OUT + offs_k.to(tl.int64)[:, None] * N_OUT + offs_n[None, :]
     out_mask = kmask[:, None] & nmask[None, :]
     tl.store(dw_ptr + out_off, cast_out(acc, dw_ptr.dtype.element_ty, IS_INTERPRET), mask=out_mask)
@@ -256,7 +259,7 @@ def gate_up_fwd(x, w_gate, w_up, plan: RoutePlan, save_gu: bool):
     moe_gate_up_fwd_kernel[_grid_rows(plan, f)](
         x, w_gate, w_up, act, g, u, plan.sorted_token, plan.tile_expert,
         f, x.shape[1], plan.num_experts, x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
-        SAVE_GU=save_gu, IS_INTERPRET=is_interpret(), BLOCK_M=plan.block_m,
+        SAVE_GU=save_gu, IS_INTERPRET=is_interpret(), PRECISION=dot_precision(x.dtype), BLOCK_M=plan.block_m,
     )
     return act, (g if save_gu else None), (u if save_gu else None)
 
@@ -278,7 +281,7 @@ def grouped_mm(a, b, plan: RoutePlan, *, transpose_b: bool = False, second=None,
         a, b, a2, b2, c, c2, g, u, plan.sorted_token, plan.tile_expert,
         n_out, k, plan.num_experts, a.stride(0), stride_be, stride_bk, stride_bn,
         HAS_SECOND=second is not None, USE_SWIGLU_BWD=swiglu is not None, IS_INTERPRET=is_interpret(),
-        BLOCK_M=plan.block_m,
+        PRECISION=dot_precision(a.dtype), BLOCK_M=plan.block_m,
     )
     return (c, c2) if swiglu is not None else c
 
@@ -296,6 +299,7 @@ def wgrad(a, b, plan: RoutePlan, out_dtype, *, gather_a: bool, b2=None):
     moe_wgrad_kernel[grid](
         a, b, b2 if b2 is not None else b, dw, dw2, plan.sorted_token, plan.seg_start, plan.seg_tiles,
         k, n_out, a.stride(0), b.stride(0),
-        GATHER_A=gather_a, HAS_SECOND=b2 is not None, IS_INTERPRET=is_interpret(), BLOCK_M=plan.block_m,
+        GATHER_A=gather_a, HAS_SECOND=b2 is not None, IS_INTERPRET=is_interpret(),
+        PRECISION=dot_precision(a.dtype), BLOCK_M=plan.block_m,
     )
     return (dw, dw2) if b2 is not None else dw

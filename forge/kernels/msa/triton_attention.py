@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from forge.kernels.precision import dot_precision
+
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -60,6 +62,7 @@ def attend_block(
     q, K, V, PAGE_ROW, off_kb, off_vb, blk, pos, m_i, l_i, acc, off_kh, off_vh,
     stride_kb, stride_kt, stride_vb, stride_vt, qk_scale,
     D: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_PAGES: tl.constexpr, IS_INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One online-softmax step of the rows `q [BLOCK_H, D]` (log2 units) over kept block `blk`.
 
@@ -86,12 +89,12 @@ def attend_block(
     if IS_INTERPRET:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    qk = tl.where(k_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))  # [BLOCK_H, BLOCK_SIZE]
-    return softmax_step(qk, v, m_i, l_i, acc)
+    qk = tl.where(k_ok[None, :], tl.dot(q, k, input_precision=PRECISION) * qk_scale, float("-inf"))  # [BLOCK_H, BLOCK_SIZE]
+    return softmax_step(qk, v, m_i, l_i, acc, PRECISION)
 
 
 @triton.jit
-def softmax_step(s, v, m_i, l_i, acc):
+def softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     """Online softmax over one more tile of scores `s [M, N]` (log2 units, -inf masked) and values `v [N, D]`."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Until a row has seen a key its max stays -inf; keep exp2 away from (-inf) - (-inf).
@@ -99,7 +102,7 @@ def softmax_step(s, v, m_i, l_i, acc):
     p = tl.math.exp2(s - m_ref[:, None])
     alpha = tl.math.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -120,7 +123,7 @@ def msa_attn_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lt,
     HKV: tl.constexpr, REP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, IS_INTERPRET: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -148,7 +151,7 @@ def msa_attn_fwd_kernel(
         m_i, l_i, acc = attend_block(
             q, K, V, SEL, b * stride_kb, b * stride_vb, blk, t, m_i, l_i, acc,
             g * stride_kh, g * stride_vh, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale,
-            D=D, BLOCK_SIZE=BLOCK_SIZE, USE_PAGES=False, IS_INTERPRET=IS_INTERPRET)
+            D=D, BLOCK_SIZE=BLOCK_SIZE, USE_PAGES=False, IS_INTERPRET=IS_INTERPRET, PRECISION=PRECISION)
     out, lse2 = finish_block(m_i, l_i, acc)
     o_ptrs = O + b * stride_ob + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=h_ok[:, None])
@@ -162,7 +165,7 @@ def msa_attn_fwd_kv_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, TOPK: tl.constexpr, IS_INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, TOPK: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # WORK[i] = (key, start, count): `count` entries QS[start:start+count] of the query range
     # starting at Q0 kept the block `key = ((range * B + b) * HKV + g) * NB + blk`; an entry is
@@ -201,11 +204,11 @@ def msa_attn_fwd_kv_kernel(
         if IS_INTERPRET:
             q = q.to(tl.float32)
         # Only the query's own block (and the tail past T) holds keys after t.
-        s = tl.where(keys[None, :] <= t[:, None], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        s = tl.where(keys[None, :] <= t[:, None], tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
         m = tl.max(s, 1)  # [BLOCK_M]; finite: a kept block holds a key <= t
         p = tl.math.exp2(s - m[:, None])  # [BLOCK_M, BLOCK_SIZE]
         l_sum = tl.sum(p, 1)
-        o = tl.dot(p.to(v.dtype), v) / l_sum[:, None]  # [BLOCK_M, D]
+        o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l_sum[:, None]  # [BLOCK_M, D]
         part = ((b * TC + (t - Q0)) * HKV + g) * TOPK + slot  # [BLOCK_M]
         p_rows = part * REP + h
         tl.store(OP + p_rows[:, None] * D + offs_d[None, :], o.to(OP.dtype.element_ty), mask=r_ok[:, None])
@@ -272,7 +275,7 @@ def msa_attn_bwd_kernel(
     stride_dkb, stride_dkt, stride_dkh,
     HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOPK: tl.constexpr, WITH_DQ: tl.constexpr,
-    IS_INTERPRET: tl.constexpr,
+    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # The forward's work list: WORK[i] = (key, start, count), entries QS = t * TOPK + slot.
     # WITH_DQ False: dK and dV only (the tile-outer dQ kernel writes dQ, without atomics).
@@ -317,15 +320,15 @@ def msa_attn_bwd_kernel(
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         visible = r_ok[:, None] & (keys[None, :] <= t[:, None])  # [BLOCK_M, BLOCK_N]
-        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse[:, None] * 1.4426950408889634)
         p = tl.where(visible, p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))  # [BLOCK_M, BLOCK_N]
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         if WITH_DQ:
-            dq = tl.dot(ds.to(k.dtype), k) * scale  # [BLOCK_M, D]
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale  # [BLOCK_M, D]
             tl.atomic_add(DQ + b * stride_dqb + t[:, None] * stride_dqt + head[:, None] * stride_dqh
                           + offs_d[None, :], dq, mask=r_ok[:, None])
     dk_ptrs = b * stride_dkb + keys[:, None].to(tl.int64) * stride_dkt + g * stride_dkh + offs_d[None, :]
@@ -379,7 +382,7 @@ def msa_attention_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         HKV=hkv, REP=rep, BLOCK_H=head_block(rep), D=d, BLOCK_SIZE=block_size, TOPK=selected.shape[-1],
-        IS_INTERPRET=IS_INTERPRET, num_warps=4, num_stages=3,
+        IS_INTERPRET=IS_INTERPRET, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=3,
     )
     return out, lse
 
@@ -465,7 +468,7 @@ def msa_attention_fwd_kv(
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 HKV=hkv, REP=rep, D=d, BLOCK_SIZE=block_size, TOPK=top_k, IS_INTERPRET=IS_INTERPRET,
-                **(dict(KV_FORWARD, BLOCK_M=16) if IS_INTERPRET else KV_FORWARD),
+                PRECISION=dot_precision(q.dtype), **(dict(KV_FORWARD, BLOCK_M=16) if IS_INTERPRET else KV_FORWARD),
             )
         _combine(op, lp, selected, out, lse, q0=q0, tq=min(tc, t - q0))
     return out, lse
@@ -502,7 +505,7 @@ def msa_attention_bwd(
             dq.stride(0), dq.stride(1), dq.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             HKV=hkv, REP=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_M=_rows_block(), TOPK=top_k,
-            WITH_DQ=tiles is None, IS_INTERPRET=IS_INTERPRET, **cfg,
+            WITH_DQ=tiles is None, IS_INTERPRET=IS_INTERPRET, PRECISION=dot_precision(q.dtype), **cfg,
         )
     if tiles is not None:
         from forge.kernels.msa.triton_tile import msa_attention_dq_tile

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from forge.kernels.msa.triton_attention import attend_block, finish_block, head_block
+from forge.kernels.precision import dot_precision
 from forge.kernels.msa.triton_indexer import insert_block
 
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -59,7 +60,7 @@ def msa_decode_scan_kernel(
     stride_ikp, stride_ikt,
     stride_pb,
     HKV: tl.constexpr, DI: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_R: tl.constexpr,
-    KP: tl.constexpr, NKEEP: tl.constexpr, IS_INTERPRET: tl.constexpr,
+    KP: tl.constexpr, NKEEP: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -90,7 +91,7 @@ def msa_decode_scan_kernel(
         keys = n * BLOCK_SIZE + offs_n
         ik = tl.load(IKC + page * stride_ikp + offs_n[None, :] * stride_ikt + offs_d[:, None],
                      mask=(keys < kv_len)[None, :], other=0.0)  # [DI, BLOCK_SIZE]
-        s = tl.dot(iq, ik.to(iq.dtype))  # [BLOCK_R, BLOCK_SIZE]
+        s = tl.dot(iq, ik.to(iq.dtype), input_precision=PRECISION)  # [BLOCK_R, BLOCK_SIZE]
         s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
         # Each token's own page is always kept: it does not compete.
         score = tl.where(pos // BLOCK_SIZE == n, float("-inf"), tl.max(s, 1))  # [BLOCK_R]
@@ -179,6 +180,7 @@ def msa_decode_fwd_kernel(
     HKV: tl.constexpr, REP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, BLOCK_R: tl.constexpr,
     NC: tl.constexpr, NG: tl.constexpr, CAP: tl.constexpr, KSEL: tl.constexpr, IS_INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     r = tl.program_id(0)  # row: token r // HKV, group r % HKV
     b = tl.program_id(1).to(tl.int64)
@@ -208,7 +210,7 @@ def msa_decode_fwd_kernel(
     m_i, l_i, acc = attend_block(
         q, K, V, PAGES + b * stride_pb, 0, 0, blk, pos, m_i, l_i, acc,
         g * stride_kh, g * stride_vh, stride_kb, stride_kt, stride_vb, stride_vt, scale * 1.4426950408889634,
-        D=D, BLOCK_SIZE=BLOCK_SIZE, USE_PAGES=True, IS_INTERPRET=IS_INTERPRET)
+        D=D, BLOCK_SIZE=BLOCK_SIZE, USE_PAGES=True, IS_INTERPRET=IS_INTERPRET, PRECISION=PRECISION)
     out, lse2 = finish_block(m_i, l_i, acc)  # an empty slot (-1): lse2 = -inf, out = 0
     p_rows = (row_part + s) * BLOCK_H + offs_h  # [BLOCK_H] rows of OP [B, BLOCK_R, TOPK, BLOCK_H, D]
     tl.store(OP + p_rows[:, None] * D + offs_d[None, :], out, mask=h_ok[:, None])
@@ -269,7 +271,7 @@ class _Scan:
             page_table.stride(0),
             HKV=hkv, DI=di, BLOCK_SIZE=block_size, BLOCK_R=self.block_r,
             KP=triton.next_power_of_2(max(nkeep, 1)), NKEEP=nkeep,
-            IS_INTERPRET=IS_INTERPRET, num_warps=4, num_stages=stages,
+            IS_INTERPRET=IS_INTERPRET, PRECISION=dot_precision(iq.dtype), num_warps=4, num_stages=stages,
         )
         nc = triton.next_power_of_2(max(self.n_cand, 1))
         self.merge = dict(NC=nc, NG=min(MERGE_GROUPS, nc), CAP=MERGE_CAP,
@@ -338,7 +340,7 @@ def decode_with_selection(
         out.stride(0), out.stride(1), out.stride(2),
         HKV=hkv, REP=rep, BLOCK_H=block_h, D=d, BLOCK_SIZE=block_size, TOPK=top_k,
         TOPK_P=triton.next_power_of_2(top_k), BLOCK_R=scan.block_r, **scan.merge,
-        IS_INTERPRET=IS_INTERPRET, num_warps=DECODE_WARPS, num_stages=1,
+        IS_INTERPRET=IS_INTERPRET, PRECISION=dot_precision(q.dtype), num_warps=DECODE_WARPS, num_stages=1,
     )
     return out, sel
 

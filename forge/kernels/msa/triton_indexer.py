@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from forge.kernels.precision import dot_precision
+
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Warps and pipeline depth of the prefill indexer (benchmarks/msa.py --sweep times others).
 INDEX_FORWARD = dict(num_warps=8, num_stages=2)
@@ -52,7 +54,7 @@ def msa_index_fwd_kernel(
     stride_ikb, stride_ikt,
     stride_sb, stride_st, stride_sh,
     HKV: tl.constexpr, DI: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
-    TOPK: tl.constexpr, KP: tl.constexpr, IS_INTERPRET: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # The last query tiles stream the most blocks: launch them first to shorten the tail.
     pid_q = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -84,7 +86,7 @@ def msa_index_fwd_kernel(
         ik = tl.load(ik_base + keys[None, :] * stride_ikt + offs_d[:, None])  # [DI, BLOCK_SIZE]
         if IS_INTERPRET:
             ik = ik.to(tl.float32)
-        s = tl.dot(iq, ik)  # [BLOCK_Q, BLOCK_SIZE]
+        s = tl.dot(iq, ik, input_precision=PRECISION)  # [BLOCK_Q, BLOCK_SIZE]
         top_s, top_i = insert_block(top_s, top_i, tl.max(s, 1), n, slot, KP)
 
     sel_row = SEL + b * stride_sb + offs_q.to(tl.int64) * stride_st + g * stride_sh  # [BLOCK_Q]
@@ -131,6 +133,6 @@ def select_blocks_triton(
         sel.stride(0), sel.stride(1), sel.stride(2),
         HKV=hkv, DI=di, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
         TOPK=top_k, KP=triton.next_power_of_2(max(top_k - 1, 1)), IS_INTERPRET=IS_INTERPRET,
-        **(INDEX_FORWARD if block_q * block_size >= 8192 else dict(INDEX_FORWARD, num_warps=4)),
+        PRECISION=dot_precision(iq.dtype), **(INDEX_FORWARD if block_q * block_size >= 8192 else dict(INDEX_FORWARD, num_warps=4)),
     )
     return sel

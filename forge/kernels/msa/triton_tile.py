@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from forge.kernels.msa.triton_attention import softmax_step
+from forge.kernels.precision import dot_precision
 
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -75,7 +76,7 @@ def tile_block_step(
     q, K, V, b, g, blk, kept, rows, m_i, l_i, acc, qk_scale, T,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    IS_INTERPRET: tl.constexpr,
+    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The tile's online softmax over union block `blk`, for the rows that kept it (`kept [BLOCK_Q]`).
 
@@ -87,12 +88,12 @@ def tile_block_step(
         keys = blk * BLOCK_SIZE + n0 + offs_n  # [BLOCK_N]
         k, v = load_keys(K, V, b, g, keys, T, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                          D=D, CAUSAL=CAUSAL, IS_INTERPRET=IS_INTERPRET)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_Q, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_Q, BLOCK_N]
         if CAUSAL:
             s = tl.where(kept[:, None] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
         else:
             s = tl.where(kept[:, None], s, float("-inf"))
-        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
     return m_i, l_i, acc
 
 
@@ -138,7 +139,7 @@ def msa_attn_fwd_tile_kernel(
     stride_lb, stride_lt,
     HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-    IS_INTERPRET: tl.constexpr,
+    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b, h, g, rows, r_ok, t64, q, sel, u0, u_mid, u1 = tile_program(
         Q, SEL, UPTR, UMID, T, NT, stride_qb, stride_qt, stride_qh, stride_sb, stride_st, stride_sh,
@@ -156,14 +157,16 @@ def msa_attn_fwd_tile_kernel(
         m_i, l_i, acc = tile_block_step(
             q, K, V, b, g, blk, kept, rows, m_i, l_i, acc, qk_scale, T,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            D=D, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, IS_INTERPRET=IS_INTERPRET)
+            D=D, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, IS_INTERPRET=IS_INTERPRET,
+            PRECISION=PRECISION)
     for i in range(u_mid, u1):
         blk = tl.load(UBLK + i)
         kept = tl.max(tl.where(sel == blk, 1, 0), 1) > 0
         m_i, l_i, acc = tile_block_step(
             q, K, V, b, g, blk, kept, rows, m_i, l_i, acc, qk_scale, T,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            D=D, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=True, IS_INTERPRET=IS_INTERPRET)
+            D=D, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=True, IS_INTERPRET=IS_INTERPRET,
+            PRECISION=PRECISION)
     # Every real row kept its own block, so it saw at least its own key; padding rows saw none.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -178,7 +181,7 @@ def tile_dq_step(
     q, do, lse2, delta, K, V, b, g, blk, kept, rows, dq, qk_scale, T,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    IS_INTERPRET: tl.constexpr,
+    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The tile's dQ share from union block `blk` (unscaled: sum of dS @ K), rows that kept it only."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -190,10 +193,10 @@ def tile_dq_step(
             ok = kept[:, None] & (keys[None, :] <= rows[:, None])
         else:
             ok = kept[:, None]
-        p = tl.where(ok, tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))  # [BLOCK_Q, BLOCK_N]
+        p = tl.where(ok, tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_Q, BLOCK_N]
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
 
@@ -209,7 +212,7 @@ def msa_attn_bwd_dq_tile_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     HKV: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-    IS_INTERPRET: tl.constexpr,
+    IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dQ of a (tile, head) over the forward's unions, each row written once, in DQ's dtype.
     b, h, g, rows, r_ok, t64, q, sel, u0, u_mid, u1 = tile_program(
@@ -230,14 +233,16 @@ def msa_attn_bwd_dq_tile_kernel(
         dq = tile_dq_step(
             q, do, lse2, delta, K, V, b, g, blk, kept, rows, dq, qk_scale, T,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            D=D, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, IS_INTERPRET=IS_INTERPRET)
+            D=D, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, IS_INTERPRET=IS_INTERPRET,
+            PRECISION=PRECISION)
     for i in range(u_mid, u1):
         blk = tl.load(UBLK + i)
         kept = tl.max(tl.where(sel == blk, 1, 0), 1) > 0
         dq = tile_dq_step(
             q, do, lse2, delta, K, V, b, g, blk, kept, rows, dq, qk_scale, T,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            D=D, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=True, IS_INTERPRET=IS_INTERPRET)
+            D=D, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL=True, IS_INTERPRET=IS_INTERPRET,
+            PRECISION=PRECISION)
     tl.store(DQ + b * stride_dqb + t64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=r_ok[:, None])
 
@@ -324,7 +329,7 @@ def msa_attention_fwd_tile(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         HKV=hkv, REP=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_Q=tile, TOPK=top_k,
-        KP=triton.next_power_of_2(top_k), IS_INTERPRET=IS_INTERPRET, **cfg,
+        KP=triton.next_power_of_2(top_k), IS_INTERPRET=IS_INTERPRET, PRECISION=dot_precision(q.dtype), **cfg,
     )
     return out, lse
 
@@ -351,5 +356,5 @@ def msa_attention_dq_tile(
         selected.stride(0), selected.stride(1), selected.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         HKV=hkv, REP=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_Q=tile, TOPK=top_k,
-        KP=triton.next_power_of_2(top_k), IS_INTERPRET=IS_INTERPRET, **cfg,
+        KP=triton.next_power_of_2(top_k), IS_INTERPRET=IS_INTERPRET, PRECISION=dot_precision(q.dtype), **cfg,
     )

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from forge.kernels.precision import dot_precision
+
 
 @triton.jit
 def _load_rows(ptr, offs_t, offs_d, stride_t, T, D):
@@ -372,11 +374,6 @@ def block_lists(se: torch.Tensor, block_m: int, block_n: int) -> BlockLists:
     return BlockLists(compact(full), full_cnt.contiguous(), compact(part), part_cnt.contiguous())
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep fp32 products, so fp32 training matches the reference to fp32 rounding.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, subtree_end: torch.Tensor) -> None:
     b, t, hq, d = q.shape
     if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d:
@@ -403,7 +400,7 @@ def _fwd(q, k, v, se, scale, cfg: TreeAttentionBlocks, lists: BlockLists):
         o.stride(0), o.stride(1), o.stride(2),
         t, hq, hq // hkv, d, grid[0], lists.full_idx.shape[-1], scale * _LOG2E,
         BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=triton.next_power_of_2(max(d, 16)),
-        IS_INTERPRET=_interpret(), PRECISION=_precision(q.dtype), PACK=pack,
+        IS_INTERPRET=_interpret(), PRECISION=dot_precision(q.dtype), PACK=pack,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
@@ -418,7 +415,7 @@ def _bwd(q, k, v, se, o, lse, do, scale, cfg: TreeAttentionBlocks, lists: BlockL
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     common = dict(
         BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=triton.next_power_of_2(max(d, 16)),
-        IS_INTERPRET=_interpret(), PRECISION=_precision(q.dtype),
+        IS_INTERPRET=_interpret(), PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
