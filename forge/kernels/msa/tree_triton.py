@@ -1,0 +1,66 @@
+"""MSA over a flattened prefix tree on Triton: selection, sparse attention and the index loss.
+
+The fast path of `tree.msa_tree` with the same contract, for chains and trees alike (a causal
+row is a tree with one path: subtree_end = T, position = arange(T)). One indexer serves both,
+and a query's blocks reach it in the same order in either layout, so the same index queries
+and keys give bitwise the same selections merged or unmerged. Three kernels families:
+
+- `triton_tree_indexer.select_blocks_tree_triton`: block scores over each query's visible
+  keys (blocks in position space) and a running top-(k-1), streaming key tiles in flat order;
+- `triton_tree_attention.msa_tree_sparse_attention_triton`: exact softmax over the kept keys,
+  forward and backward (dK, dV key-outer; dQ query-outer), skipping tiles no row keeps;
+- `triton_tree_index_loss.msa_tree_index_loss_triton`: the index branch's KL to the main
+  branch's attention over the kept keys, with its gradients to iq and ik.
+
+`tree.py` stays the reference; tests/test_msa_tree_*_triton.py compare against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def msa_tree_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    iq: torch.Tensor,
+    ik: torch.Tensor,
+    subtree_end: torch.Tensor,
+    position: torch.Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+    dense_below: int = 0,
+    dense: bool = False,
+    scale: float | None = None,
+    token_weight: torch.Tensor | None = None,
+    with_attention: bool = True,
+    with_index_loss: bool = False,
+    selected: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`tree.msa_tree` on Triton: (out [B, T, Hq, D] or None, index-loss sum (fp32 scalar) or None).
+
+    q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; iq: [B, T, Hkv, Di]; ik: [B, T, Di]; subtree_end,
+    position: [B, T] integer; token_weight: [B, T] or None (1). `selected` [B, T, Hkv, top_k]
+    int32 imposes a selection (else the indexer's). CUDA tensors (or Triton's interpreter).
+    """
+    from forge.kernels.msa.triton_tree_attention import msa_tree_sparse_attention_triton
+    from forge.kernels.msa.triton_tree_index_loss import msa_tree_index_loss_triton
+    from forge.kernels.msa.triton_tree_indexer import select_blocks_tree_triton
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    se = subtree_end.to(torch.int32).contiguous()
+    pos = position.to(torch.int32).contiguous()
+    if selected is None:
+        with torch.no_grad():
+            selected = select_blocks_tree_triton(iq.detach(), ik.detach(), se, pos, block_size=block_size, top_k=top_k)
+    out = None
+    if with_attention:
+        out = msa_tree_sparse_attention_triton(q, k, k if v is None else v, selected, se, pos, block_size=block_size,
+                                               dense_below=dense_below, dense=dense, scale=scale)
+    loss = None
+    if with_index_loss:
+        loss = msa_tree_index_loss_triton(q.detach(), k.detach(), iq, ik, selected, se, pos, token_weight=token_weight,
+                                          block_size=block_size, dense_below=dense_below, dense=dense, scale=scale)
+    return out, loss

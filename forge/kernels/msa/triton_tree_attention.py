@@ -1,0 +1,547 @@
+"""MSA sparse attention over a flattened prefix tree in Triton: forward (with lse) and backward.
+
+What it computes: `tree.msa_tree(..., selected=selected)`'s attention output, given the kept
+blocks. The tree is flattened in DFS pre-order; query q sees key k iff
+`k <= q < subtree_end[k]` (k is q or an ancestor), and key k lies in block
+`position[k] // block_size` (blocks in position space, so one block may be split over several
+trie nodes). Query q, head h, group g = h // (Hq // Hkv) keeps a visible key k iff
+
+    dense_row(q) or block(k) in selected[q, g, :] or block(k) == block(q),
+
+with `dense_row(q) = dense or position[q] < dense_below`; attention is exact softmax over the
+kept keys. Empty slots (-1) match nothing, and a selected block that holds no visible key
+adds nothing, as in `tree.kept_keys` (which ANDs with visibility).
+
+Loop orders, no atomics, every element written by one program:
+- forward and dQ are query-outer: a program owns a tile of queries and walks the key tiles
+  from 0 to the tile's last query (no later key is visible);
+- dK/dV is key-outer: a program owns a key tile and walks the query tiles that can see it,
+  from the tile's first key to the largest `subtree_end` of its keys (a key's subtree is the
+  contiguous range [k, subtree_end[k])), as in tree_attention/triton_tree.py. dQ gets its own
+  query-outer pass instead of atomics, so the backward is deterministic.
+delta = rowsum(dO * O) is computed on the host in fp32, as in triton_tree.py.
+
+Skips, per (query tile, key tile), before any dot: the pair is skipped when no query of the
+tile sees a key of the tile (the key tile starts after the last query, or its largest
+`subtree_end` is at or before the first query), or when no row of the query tile is dense and
+none keeps a block (a selected slot or its own block) in the key tile's range of blocks
+[min, max]. The forward and dQ read that range and the largest `subtree_end` of each key tile
+from a small host table (`_key_tile_stats`, O(T) torch work); the dK/dV program reduces its
+own key tile's. Inside a processed pair the per-element mask is
+`visible & (dense_row | block(k) == own block | block(k) == any selected slot)`, the slots
+tested in a static loop over K. Unlike triton_tree.py there is no fully-visible class: every
+processed pair needs the per-row selection mask anyway. The work is that of the union of the
+tile's kept blocks: near top_k blocks per tile where neighbouring queries agree, as an index
+branch tends to give, but up to every visible block under scattered selections (where the
+chain's KV-outer kernels in triton_attention.py do less).
+
+GQA: one program handles every query head of a KV group (rows are BLOCK_M // heads tokens
+times the group's heads, padded to a power of two). The selection is per (token, group), so
+the skip decision and the mask are the same for all heads of a group: one decision and one
+K/V tile load serve them all, the dK/dV program sums the heads inside its dots (no loop over
+heads, no atomics), and a tile of fewer tokens has a smaller union of kept blocks, so more
+pairs are skipped than with one head per program.
+
+Departures from the chain kernels (triton_attention.py, triton_tile.py): those walk the kept
+blocks of each query; in a tree a position block is not a contiguous range of flat keys, so
+these kernels walk flat key tiles and test block membership per key instead. The skip is a
+branch inside the loop (the query tile's blocks are tested against the key tile's range):
+cheaper to build than per-tile work lists, at the price of some software pipelining.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from forge.kernels.precision import dot_precision
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_INT32_MAX = 2**31 - 1
+# Allocation of fresh outputs; tests swap in NaN-filled ones so an unwritten element fails.
+_empty_like = torch.empty_like
+_empty = torch.empty
+
+
+@triton.jit
+def _query_rows(SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh,
+                REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, IS_DENSE: tl.constexpr):
+    """The rows of a query tile from token m0: TOK = BLOCK_M // HEADS tokens of each of the
+    group's heads. Returns each row's token, head and validity, its own block (-1 on a padding
+    row), whether it is dense, a pointer to its selection row, and its kept slots [BLOCK_M, KP]
+    (-1 where empty or padding)."""
+    TOK: tl.constexpr = BLOCK_M // HEADS
+    rows = tl.arange(0, BLOCK_M)
+    hr = rows // TOK
+    offs_m = m0 + rows % TOK  # [BLOCK_M]
+    heads = g * REP + hr
+    row_ok = (offs_m < T) & (hr < REP)
+    pos = tl.load(POS + b * T + offs_m, mask=row_ok, other=0)  # [BLOCK_M]
+    own = tl.where(row_ok, pos // BLOCK_SIZE, -1)
+    if IS_DENSE:
+        dense = row_ok
+    else:
+        dense = row_ok & (pos < DENSE_BELOW)
+    sel_ptr = SEL + b * stride_sb + offs_m.to(tl.int64) * stride_st + g * stride_sh  # [BLOCK_M]
+    slot = tl.arange(0, KP)
+    sel = tl.load(sel_ptr[:, None] + slot[None, :], mask=row_ok[:, None] & (slot[None, :] < TOPK),
+                  other=-1)  # [BLOCK_M, KP]
+    return offs_m, heads, row_ok, own, dense, sel_ptr, sel
+
+
+@triton.jit
+def _keeps_range(sel, own, dense, blo, bhi):
+    # Whether some row is dense or keeps a block (a slot or its own) in [blo, bhi]: a scalar.
+    row_hit = ((own >= blo) & (own <= bhi)) | dense  # [BLOCK_M]
+    hit = ((sel >= blo) & (sel <= bhi)) | row_hit[:, None]  # [BLOCK_M, KP]
+    return tl.max(hit.to(tl.int32)) > 0
+
+
+@triton.jit
+def _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr,
+          TOPK: tl.constexpr, IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr):
+    # [BLOCK_M, BLOCK_N]: visible (k <= q < subtree_end[k]; padding keys carry subtree_end 0)
+    # and kept (a dense row, the row's own block, or one of its selected blocks).
+    mask = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < se[None, :]) & row_ok[:, None]
+    if not IS_DENSE:
+        keep = kb[None, :] == own[:, None]
+        for s in tl.static_range(TOPK):
+            blk = tl.load(sel_ptr + s, mask=row_ok, other=-1)  # [BLOCK_M]
+            keep = keep | (kb[None, :] == blk[:, None])
+        if USE_DENSE_BELOW:
+            keep = keep | dense[:, None]
+        mask = mask & keep
+    return mask
+
+
+@triton.jit
+def _fwd_step(q, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, dense, sel_ptr, offs_d, m_i, l_i, acc,
+              stride_kt, T, D, scale_log2, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
+              IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr,
+              PRECISION: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < T
+    kv_off = offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+    kv_mask = n_ok[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K_b + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(V_b + kv_off, mask=kv_mask, other=0.0)
+    if IS_INTERPRET:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    # Keys past T: subtree_end 0, never visible.
+    se = tl.load(SE_b + offs_n, mask=n_ok, other=0)  # [BLOCK_N]
+    kb = tl.load(POS_b + offs_n, mask=n_ok, other=0) // BLOCK_SIZE
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+    mask = _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr, TOPK, IS_DENSE, USE_DENSE_BELOW)
+    s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row that has kept nothing yet keeps -inf; shift by 0 so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def msa_tree_fwd_kernel(
+    Q, K, V, SEL, SE, POS, STATS, O, LSE,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_sb, stride_st, stride_sh,
+    T, HQ, HKV, D, NUM_N, DENSE_BELOW, scale_log2,
+    REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # A program owns TOK tokens of every query head of one KV group (BLOCK_M rows).
+    TOK: tl.constexpr = BLOCK_M // HEADS
+    pid_m = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = pid_bg % HKV
+    m0 = pid_m * TOK
+    offs_m, heads, row_ok, own, dense, sel_ptr, sel = _query_rows(
+        SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh,
+        REP, HEADS, TOPK, KP, BLOCK_SIZE, BLOCK_M, IS_DENSE)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    if IS_INTERPRET:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Key tiles up to the one holding the tile's last query; later keys are never visible.
+    n_hi = (tl.minimum(m0 + TOK, T) - 1) // BLOCK_N + 1
+    for j in range(n_hi):
+        stats = STATS + (b * NUM_N + j) * 3
+        keep = tl.load(stats) > m0
+        if not IS_DENSE:
+            keep = keep & _keeps_range(sel, own, dense, tl.load(stats + 1), tl.load(stats + 2))
+        if keep:
+            m_i, l_i, acc = _fwd_step(q, K + b * stride_kb + g * stride_kh, V + b * stride_kb + g * stride_kh,
+                                      SE + b * T, POS + b * T, j * BLOCK_N, offs_m, row_ok, own, dense, sel_ptr,
+                                      offs_d, m_i, l_i, acc, stride_kt, T, D, scale_log2, BLOCK_SIZE, TOPK, BLOCK_N,
+                                      IS_DENSE, USE_DENSE_BELOW, IS_INTERPRET, PRECISION)
+    # Every real row keeps its own key, so l_i > 0 there; padding rows are masked on store.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    tl.store(O + q_off, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_mask)
+    # Log-sum-exp in the log2 domain of the scaled scores, [B, HQ, T].
+    tl.store(LSE + (b * HQ + heads) * T + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _dkdv_step(Q, DO, LSE_b, DELTA_b, k, v, se, kb, offs_n, offs_m, heads, row_ok, own, dense, sel_ptr, offs_d,
+               dk, dv, q_base, stride_qt, stride_qh, T, D, scale_log2, TOPK: tl.constexpr, IS_DENSE: tl.constexpr,
+               USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    q_off = q_base + offs_m[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+    if IS_INTERPRET:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row_t = heads.to(tl.int64) * T + offs_m  # [BLOCK_M] index into [HQ, T]
+    lse = tl.load(LSE_b + row_t, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA_b + row_t, mask=row_ok, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+    mask = _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr, TOPK, IS_DENSE, USE_DENSE_BELOW)
+    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def msa_tree_bwd_dkdv_kernel(
+    Q, K, V, SEL, SE, POS, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_sb, stride_st, stride_sh,
+    T, HQ, HKV, D, DENSE_BELOW, scale, scale_log2,
+    REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # A program owns BLOCK_N keys of one KV group; each query step holds TOK tokens of every
+    # query head of the group, so dK and dV sum over the heads inside the dots.
+    TOK: tl.constexpr = BLOCK_M // HEADS
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = pid_bg % HKV
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < T
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_off = b * stride_kb + g * stride_kh + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+    kv_mask = n_ok[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    if IS_INTERPRET:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    # Keys past T: subtree_end 0 (never visible) and block -1 (outside every range).
+    se = tl.load(SE + b * T + offs_n, mask=n_ok, other=0)  # [BLOCK_N]
+    kb = tl.where(n_ok, tl.load(POS + b * T + offs_n, mask=n_ok, other=0) // BLOCK_SIZE, -1)
+    blo = tl.min(tl.where(n_ok, kb, 2147483647), axis=0)
+    bhi = tl.max(kb, axis=0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Queries that see this tile lie in [n0, largest subtree_end): the union of its keys' subtrees.
+    for m0 in range((n0 // TOK) * TOK, tl.max(se, axis=0), TOK):
+        # Some key at or before the step's last query has its subtree past the step's first.
+        m_last = tl.minimum(m0 + TOK, T) - 1
+        if tl.max(tl.where(offs_n <= m_last, se, 0), axis=0) > m0:
+            offs_m, heads, row_ok, own, dense, sel_ptr, sel = _query_rows(
+                SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh,
+                REP, HEADS, TOPK, KP, BLOCK_SIZE, BLOCK_M, IS_DENSE)
+            if _keeps_range(sel, own, dense, blo, bhi):
+                dk, dv = _dkdv_step(Q, DO, LSE + b * HQ * T, DELTA + b * HQ * T, k, v, se, kb, offs_n, offs_m, heads,
+                                    row_ok, own, dense, sel_ptr, offs_d, dk, dv, b * stride_qb, stride_qt, stride_qh,
+                                    T, D, scale_log2, TOPK, IS_DENSE, USE_DENSE_BELOW, IS_INTERPRET, PRECISION)
+    tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_step(q, do, lse, delta, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, dense, sel_ptr, offs_d, dq,
+             stride_kt, T, D, scale_log2, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
+             IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr,
+             PRECISION: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < T
+    kv_off = offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+    kv_mask = n_ok[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K_b + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(V_b + kv_off, mask=kv_mask, other=0.0)
+    if IS_INTERPRET:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    se = tl.load(SE_b + offs_n, mask=n_ok, other=0)  # [BLOCK_N]
+    kb = tl.load(POS_b + offs_n, mask=n_ok, other=0) // BLOCK_SIZE
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+    mask = _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr, TOPK, IS_DENSE, USE_DENSE_BELOW)
+    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def msa_tree_bwd_dq_kernel(
+    Q, K, V, SEL, SE, POS, STATS, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_sb, stride_st, stride_sh,
+    T, HQ, HKV, D, NUM_N, DENSE_BELOW, scale, scale_log2,
+    REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Rows and key-tile walk as in the forward.
+    TOK: tl.constexpr = BLOCK_M // HEADS
+    pid_m = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = pid_bg % HKV
+    m0 = pid_m * TOK
+    offs_m, heads, row_ok, own, dense, sel_ptr, sel = _query_rows(
+        SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh,
+        REP, HEADS, TOPK, KP, BLOCK_SIZE, BLOCK_M, IS_DENSE)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+    if IS_INTERPRET:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row_t = (b * HQ + heads) * T + offs_m  # [BLOCK_M] index into [B, HQ, T]
+    lse = tl.load(LSE + row_t, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_t, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_hi = (tl.minimum(m0 + TOK, T) - 1) // BLOCK_N + 1
+    for j in range(n_hi):
+        stats = STATS + (b * NUM_N + j) * 3
+        keep = tl.load(stats) > m0
+        if not IS_DENSE:
+            keep = keep & _keeps_range(sel, own, dense, tl.load(stats + 1), tl.load(stats + 2))
+        if keep:
+            dq = _dq_step(q, do, lse, delta, K + b * stride_kb + g * stride_kh, V + b * stride_kb + g * stride_kh,
+                          SE + b * T, POS + b * T, j * BLOCK_N, offs_m, row_ok, own, dense, sel_ptr, offs_d, dq,
+                          stride_kt, T, D, scale_log2, BLOCK_SIZE, TOPK, BLOCK_N, IS_DENSE, USE_DENSE_BELOW,
+                          IS_INTERPRET, PRECISION)
+    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class MSATreeBlocks:
+    """Tile sizes and launch settings of the kernels."""
+
+    block_m: int = 64
+    """Rows per query tile (tokens times the group's heads, padded to a power of two)."""
+    block_n: int = 64
+    """Keys per key tile."""
+    num_warps: int = 8
+    """Warps per program. At 64 x 64 tiles, D 64 and 4 heads a group, bf16, ptxas (sm_90a)
+    reports about 250 registers for every kernel: spills of 250-450 bytes with 4 warps, none
+    with 8. A compile-time count only: not yet timed on an H100."""
+    num_stages: int = 2
+    """Software-pipelining depth of the inner loops (the in-loop skip limits what it buys)."""
+
+
+def default_blocks() -> MSATreeBlocks:
+    """64 x 64 tiles on a GPU (the targets: D 64, block_size 64, 4 query heads per group).
+
+    The interpreter pays per operation, not per element: 16-key tiles (one test block) and
+    32-row query tiles (16 tokens of a 2-head group), which halves its steps against 16 rows.
+    """
+    if _interpret():
+        return MSATreeBlocks(32, 16, 4, 1)
+    return MSATreeBlocks()
+
+
+def _key_tile_stats(se: torch.Tensor, position: torch.Tensor, block_size: int, block_n: int) -> torch.Tensor:
+    """Per key tile of block_n keys: (largest subtree_end, smallest block, largest block), [B, NUM_N, 3] int32.
+
+    Padding keys past T count as subtree_end 0 and do not widen the block range.
+    """
+    b, t = se.shape
+    num_n = triton.cdiv(t, block_n)
+    pad = num_n * block_n - t
+    kb = position // block_size
+
+    def tiles(x: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, pad), value=value).view(b, num_n, block_n)
+
+    stats = torch.stack([tiles(se, 0).amax(-1), tiles(kb, _INT32_MAX).amin(-1), tiles(kb, -1).amax(-1)], -1)
+    return stats.to(torch.int32).contiguous()
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """Host-side shapes and switches shared by the three launches."""
+
+    block_size: int
+    dense_below: int
+    dense: bool
+    scale: float
+    blocks: MSATreeBlocks
+
+    def constexprs(self, q: torch.Tensor, k: torch.Tensor, top_k: int) -> tuple[dict, int]:
+        """The kernels' constexpr arguments and TOK, the tokens per query tile."""
+        rep = q.shape[2] // k.shape[2]
+        heads = triton.next_power_of_2(rep)
+        block_m = max(self.blocks.block_m, heads)
+        consts = dict(
+            REP=rep, HEADS=heads, TOPK=top_k, KP=triton.next_power_of_2(max(top_k, 1)), BLOCK_SIZE=self.block_size,
+            BLOCK_M=block_m, BLOCK_N=self.blocks.block_n, BLOCK_D=triton.next_power_of_2(max(q.shape[3], 16)),
+            IS_DENSE=self.dense, USE_DENSE_BELOW=self.dense_below > 0 and not self.dense,
+            IS_INTERPRET=_interpret(), PRECISION=dot_precision(q.dtype),
+            num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages,
+        )
+        return consts, block_m // heads
+
+
+def _fwd(q, k, v, sel, se, pos, stats, cfg: _Launch):
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    o = _empty_like(q)
+    lse = _empty(b, hq, t, device=q.device, dtype=torch.float32)
+    consts, tok = cfg.constexprs(q, k, sel.shape[-1])
+    msa_tree_fwd_kernel[(triton.cdiv(t, tok), b * hkv)](
+        q, k, v, sel, se, pos, stats, o, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        sel.stride(0), sel.stride(1), sel.stride(2),
+        t, hq, hkv, d, stats.shape[1], cfg.dense_below, cfg.scale * _LOG2E, **consts,
+    )
+    return o, lse
+
+
+def _bwd(q, k, v, sel, se, pos, stats, o, lse, do, cfg: _Launch):
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    do = do.contiguous()
+    # delta_i = sum_d dO_i O_i, the softmax-backward row term, [B, HQ, T] in fp32.
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    consts, tok = cfg.constexprs(q, k, sel.shape[-1])
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               sel.stride(0), sel.stride(1), sel.stride(2))
+    msa_tree_bwd_dkdv_kernel[(triton.cdiv(t, cfg.blocks.block_n), b * hkv)](
+        q, k, v, sel, se, pos, do, lse, delta, dk, dv, *strides,
+        t, hq, hkv, d, cfg.dense_below, cfg.scale, cfg.scale * _LOG2E, **consts,
+    )
+    msa_tree_bwd_dq_kernel[(triton.cdiv(t, tok), b * hkv)](
+        q, k, v, sel, se, pos, stats, do, lse, delta, dq, *strides,
+        t, hq, hkv, d, stats.shape[1], cfg.dense_below, cfg.scale, cfg.scale * _LOG2E, **consts,
+    )
+    return dq, dk, dv
+
+
+class MSATreeAttentionFunction(torch.autograd.Function):
+    """Sparse tree attention given the kept blocks; gradients for q, k, v only. Returns (out, lse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, selected, subtree_end, position, cfg: _Launch):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        sel = selected.to(torch.int32).contiguous()
+        se = subtree_end.to(torch.int32).contiguous()
+        pos = position.to(torch.int32).contiguous()
+        stats = _key_tile_stats(se, pos, cfg.block_size, cfg.blocks.block_n)
+        o, lse2 = _fwd(q, k, v, sel, se, pos, stats, cfg)
+        ctx.save_for_backward(q, k, v, sel, se, pos, stats, o, lse2)
+        ctx.cfg = cfg
+        # The kernels keep the log-sum-exp in log2 units; callers get the natural log.
+        lse = lse2 * _LN2
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, sel, se, pos, stats, o, lse2 = ctx.saved_tensors
+        dq, dk, dv = _bwd(q, k, v, sel, se, pos, stats, o, lse2, do, ctx.cfg)
+        return dq, dk, dv, None, None, None, None
+
+
+def _check(q, k, v, selected, subtree_end, position, block_size) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q must be [B, T, Hq, D] and k, v [B, T, Hkv, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d:
+        raise ValueError(f"k and v must be [B, T, Hkv, D] matching q {tuple(q.shape)}; got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton kernels take fp16, bf16 or fp32; got {q.dtype} (use tree.msa_tree for fp64)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype} (cast k and v to q's)")
+    if selected.dim() != 4 or selected.shape[:3] != (b, t, hkv):
+        raise ValueError(f"selected must be [B, T, Hkv, K] = [{b}, {t}, {hkv}, K]; got {tuple(selected.shape)}")
+    for name, x in (("selected", selected), ("subtree_end", subtree_end), ("position", position)):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor; got {x.dtype} (pass indices as int32 or int64)")
+    for name, x in (("subtree_end", subtree_end), ("position", position)):
+        if x.shape != (b, t):
+            raise ValueError(f"{name} must be [B, T] = [{b}, {t}]; got {tuple(x.shape)} (add a batch dimension)")
+    devices = {x.device for x in (q, k, v, selected, subtree_end, position)}
+    if len(devices) > 1:
+        raise ValueError(f"all inputs must be on one device; got {sorted(map(str, devices))}")
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+
+
+def msa_tree_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selected: torch.Tensor,
+    subtree_end: torch.Tensor,
+    position: torch.Tensor,
+    *,
+    block_size: int,
+    dense_below: int = 0,
+    dense: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """MSA attention over a flattened prefix tree given the kept blocks, through the Triton kernels.
+
+    q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (Hq a multiple of Hkv), fp32, bf16 or fp16;
+    selected: [B, T, Hkv, K] integer block indices (-1 = empty slot, any order); subtree_end,
+    position: [B, T] integer (a causal row: subtree_end = T, position = arange(T)). Query q of
+    group g attends to the keys it sees whose block `position // block_size` is a selected one
+    or its own; rows with position < dense_below, or every row if `dense`, to every key they
+    see. Equals `tree.msa_tree(..., selected=selected)`'s output. Returns out [B, T, Hq, D] in
+    q's dtype, differentiable in q, k and v; with `return_lse` also the per-row log-sum-exp
+    [B, Hq, T] fp32 (natural log, of the scaled scores over the kept keys; not differentiable).
+    `scale` defaults to D^-0.5.
+    """
+    _check(q, k, v, selected, subtree_end, position, block_size)
+    b, t, hq, d = q.shape
+    if t == 0:
+        out, lse = q.new_zeros(q.shape), torch.zeros(b, hq, 0, dtype=torch.float32, device=q.device)
+    else:
+        cfg = _Launch(block_size, int(dense_below), bool(dense), float(d**-0.5 if scale is None else scale),
+                      default_blocks())
+        out, lse = MSATreeAttentionFunction.apply(q, k, v, selected, subtree_end, position, cfg)
+    return (out, lse) if return_lse else out
