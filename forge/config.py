@@ -114,6 +114,19 @@ def init_seed(cfg: RecipeConfig) -> int:
     return cfg.run.seed if cfg.trainer.init_seed is None else cfg.trainer.init_seed
 
 
+def scoring_temperature(cfg: RecipeConfig) -> float:
+    """The temperature the trainer scores RL tokens at: algorithm.temperature, else the rollouts'
+    sampling temperature (1 for greedy rollouts). `forge train` and `forge.replay` both use it."""
+    if cfg.algorithm.temperature is not None:
+        return cfg.algorithm.temperature
+    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+
+
+def trainer_algorithm(cfg: RecipeConfig) -> AlgorithmConfig:
+    """cfg.algorithm with its temperature resolved (scoring_temperature)."""
+    return dataclasses.replace(cfg.algorithm, temperature=scoring_temperature(cfg))
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), cls: type[T] = RecipeConfig) -> T:
     """Load a YAML recipe into `cls`, then apply `a.b.c=value` overrides."""
     path = Path(path)

@@ -23,7 +23,7 @@ import torch
 from forge.agent_side.config import EnvConfig, RolloutConfig, load_env_class
 from forge.agent_side.demos import oracle_batch
 from forge.agent_side.rollout_actor import RolloutActor
-from forge.config import init_seed
+from forge.config import init_seed, trainer_algorithm
 from forge.middleware.arrow import write_parquet
 from forge.middleware.pool import DataPool
 from forge.middleware.weights import WeightStore
@@ -102,7 +102,7 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
     pool = ray.remote(DataPool).options(num_cpus=0).remote(cfg.pool)
     # Under the fixed-lag schedule a queued call may sample with a version max_staleness steps old.
     store = ray.remote(WeightStore).options(num_cpus=0).remote(cfg.pool.max_staleness + 1 if fixed_lag else 1)
-    ranks = start_trainer_ranks(cfg.model, cfg.trainer, cfg.algorithm, init_seed(cfg))
+    ranks = start_trainer_ranks(cfg.model, cfg.trainer, trainer_algorithm(cfg), init_seed(cfg))
     if state.step > 0 or state.warm_start_done:
         client = ray.get([r.call.remote("load", str(run.checkpoints), state.tag) for r in ranks])[0]
         ray.get(pool.load_state_dict.remote(client["pool"]))

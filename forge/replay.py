@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from forge.config import ConfigError, RecipeConfig, init_seed, load_recipe
+from forge.config import ConfigError, RecipeConfig, init_seed, load_recipe, trainer_algorithm
 from forge.middleware.arrow import read_parquet
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from forge.trainer.trainer import Trainer
 
     cfg.trainer.num_ranks = world
-    trainer = Trainer(cfg.model, cfg.trainer, cfg.algorithm, seed=init_seed(cfg), rank=rank, world_size=world)
+    trainer = Trainer(cfg.model, cfg.trainer, trainer_algorithm(cfg), seed=init_seed(cfg), rank=rank, world_size=world)
     if args.save_initial and rank == 0:
         torch.save(trainer.weights(), args.save_initial)
     for step, path in enumerate(files, start=1):

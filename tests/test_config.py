@@ -185,6 +185,19 @@ def test_init_seed_defaults_to_the_run_seed():
     assert init_seed(load_recipe(recipe, ["run.seed=3", "trainer.init_seed=5"])) == 5
 
 
+def test_the_trainer_scores_at_the_rollout_temperature_unless_told():
+    from forge.config import scoring_temperature, trainer_algorithm
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    assert scoring_temperature(load_recipe(recipe, ["rollout.temperature=1.3"])) == 1.3
+    assert scoring_temperature(load_recipe(recipe, ["rollout.temperature=0"])) == 1.0  # greedy rollouts
+    cfg = load_recipe(recipe, ["rollout.temperature=1.3", "algorithm.temperature=0.9"])
+    assert trainer_algorithm(cfg).temperature == 0.9 and cfg.algorithm.temperature == 0.9
+    assert trainer_algorithm(load_recipe(recipe, ["rollout.temperature=1.3"])).temperature == 1.3
+    with pytest.raises(ConfigError, match="algorithm.temperature must be > 0"):
+        load_recipe(recipe, ["algorithm.temperature=0"])
+
+
 def test_negative_prefix_cache_budget_names_the_key():
     root = Path(__file__).resolve().parents[1]
     with pytest.raises(ConfigError, match=r"rollout.prefix_cache_tokens must be >= 0 \(0 turns the cache off\), got -3"):

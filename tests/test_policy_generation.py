@@ -19,16 +19,18 @@ def model() -> Transformer:
     return Transformer(ModelConfig.tiny()).eval()
 
 
-def _forward_logprobs(model: Transformer, prompt: list[int], completion: list[int]) -> torch.Tensor:
+def _forward_logprobs(model: Transformer, prompt: list[int], completion: list[int],
+                      temperature: float = 1.0) -> torch.Tensor:
     ids = torch.tensor([prompt + completion])
-    logprobs = torch.log_softmax(model(ids)[0], dim=-1)  # [T, V]
+    logprobs = torch.log_softmax(model(ids)[0] / temperature, dim=-1)  # [T, V]
     targets = torch.tensor(completion)
     return logprobs[len(prompt) - 1 : -1].gather(-1, targets[:, None]).squeeze(-1)
 
 
 def test_generator_logprobs_equal_training_forward_logprobs(model):
     """Prompts of lengths 3, 7 and 5 with a group of three samples of one prompt, sampled with
-    temperature and top-p, batched: every reported logprob equals the plain forward's."""
+    temperature and top-p, batched: every reported logprob equals the plain forward's at that
+    temperature (the distribution drawn from, before top-p truncation)."""
     g = torch.Generator().manual_seed(3)
     a, b, c = (torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 7, 5))
     prompts = [a, b, b, c, b]
@@ -36,7 +38,7 @@ def test_generator_logprobs_equal_training_forward_logprobs(model):
     completions = ModelGenerator(model, ByteTokenizer(), seed=0).generate(prompts, params)
     for prompt, done in zip(prompts, completions):
         assert len(done.token_ids) == 12 and done.finish_reason == "length"
-        expected = _forward_logprobs(model, prompt, done.token_ids)
+        expected = _forward_logprobs(model, prompt, done.token_ids, temperature=0.8)
         torch.testing.assert_close(torch.tensor(done.logprobs), expected, rtol=0, atol=1e-5)
     # The three samples of prompt b share a prefill but are sampled independently.
     assert len({tuple(completions[i].token_ids) for i in (1, 2, 4)}) > 1

@@ -206,3 +206,20 @@ def test_padded_unmerged_batches_equal_one_sequence_at_a_time(dtype, monkeypatch
         assert rel(g_padded[name], g_alone[name]) <= TOL[dtype], name
     for a, b in zip(l_padded, l_alone):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
+def test_a_temperature_scores_the_tempered_distribution(merge):
+    """temperature=T gives log_softmax(logits / T) of each token, and the entropy of that distribution."""
+    m = model(torch.float64)
+    seqs, _ = batch()
+    got = sequence_scores(m, seqs, merge=merge, with_entropy=True, temperature=1.7)
+    for s, lp, ent in zip(seqs, got.logprobs, got.entropies):
+        logits = m(torch.tensor([s]))[0, :-1] / 1.7
+        ref = torch.log_softmax(logits, -1)
+        torch.testing.assert_close(lp, ref.gather(-1, torch.tensor(s[1:])[:, None])[:, 0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ent, -(ref.exp() * ref).sum(-1), rtol=1e-10, atol=1e-10)
+    plain = sequence_scores(m, seqs, merge=merge)
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(got.logprobs, plain.logprobs) if a.numel())
+    with pytest.raises(ValueError, match="greedy rollouts score at 1"):
+        sequence_scores(m, seqs, merge=merge, temperature=0.0)

@@ -15,12 +15,13 @@ preset, docs/benchmarks.md "One H100"); the replay is one launch. Sampling stays
 graph, so the random stream is the eager one. `decode="eager"` turns it off; `"static"` runs
 the fixed-shape step without a graph (on any device: the tests compare it with the eager one).
 
-Reported logprobs: for each sampled token, its log-probability under the model's own
-distribution, log_softmax(logits) at temperature 1 with no top-p truncation, computed in fp32
-from the same logits that were sampled from. That is what `Transformer.forward` gives the
-trainer for the same tokens, so the importance ratio of an on-policy sample is 1 up to
-numerics. The temperature and top-p only shape which token is drawn; a loss that needs the
-truncated sampling distribution's probability must recompute it from its own parameters.
+Reported logprobs: for each sampled token, its log-probability under the distribution it was
+drawn from before top-p truncation, log_softmax(logits / temperature) (temperature 1 for
+greedy decoding), computed in fp32 from the same logits that were sampled from. That is what
+the trainer scores for the same tokens at `algorithm.temperature` (default the rollout
+temperature), so the importance ratio of an on-policy sample is 1 up to numerics. Top-p only
+shapes which token is drawn; a loss that needs the truncated distribution's probability must
+recompute it.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ the capture costs about two eager steps."""
 def sample_next(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row of logits [B, V] (fp32): (token ids [B], model logprobs [B])."""
-    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    """Draw one token per row of logits [B, V] (fp32): (token ids [B], their logprobs [B] under
+    softmax(logits / temperature), temperature 1 when greedy)."""
+    logprobs = torch.log_softmax(logits / params.temperature if params.temperature > 0 else logits, dim=-1)  # [B, V]
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
     else:

@@ -30,6 +30,14 @@ class AlgorithmConfig:
     """Weight of the KL penalty to the reference policy (the weights RL started from); 0 turns it off."""
     dr_grpo_constant: int = 1024
     """The constant that divides the summed token loss under reduction 'dr_grpo'."""
+    temperature: float | None = None
+    """Temperature the trainer scores tokens at (logits / temperature), so that the policy
+    gradient and the importance ratio are those of the distribution the samples came from;
+    None takes rollout.temperature (1 when rollouts are greedy). Warm-start always scores at 1."""
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"algorithm.temperature must be > 0 (or null for rollout.temperature), got {self.temperature}")
 
 
 @dataclass

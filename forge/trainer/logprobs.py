@@ -60,6 +60,12 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score tokens, got {temperature} (greedy rollouts score at 1)")
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def _row_scores(logits: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-normalizer [R] and, if asked, entropy [R] of logits [R, V], at least fp32."""
     logits = _at_least_fp32(logits)
@@ -70,7 +76,8 @@ def _row_scores(logits: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor,
     return lse, lse - (probs * logits).sum(-1)
 
 
-def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, with_index_loss: bool) -> SequenceScores:
+def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, with_index_loss: bool,
+            temperature: float = 1.0) -> SequenceScores:
     dev = _device(model)
     out = model(
         tree.token_ids[None].to(dev),
@@ -80,7 +87,7 @@ def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, wi
         **({"return_index_loss": True} if with_index_loss else {}),
     )
     logits, index_loss = out if with_index_loss else (out, None)
-    logits = logits[0]  # [N, V]
+    logits = _tempered(logits[0], temperature)  # [N, V]
     # Normalizer (and entropy) once per unique position, for all N rows: the rows that predict
     # nothing (the last token of each sequence) are few, and a gather of the R useful rows
     # would copy an [R, V] block.
@@ -115,7 +122,7 @@ def _length_batches(lengths: list[int], waste: float = PAD_WASTE) -> list[list[i
 
 
 def _unmerged(model, seqs: list[list[int]], with_entropy: bool, with_index_loss: bool,
-              padded: bool | None = None) -> SequenceScores:
+              padded: bool | None = None, temperature: float = 1.0) -> SequenceScores:
     """Each sequence as if alone: one forward per sequence, or (`padded`, the default on CUDA,
     where a small model's forwards are bound by kernel launches) sequences of similar length
     right-padded into one causal batch. Padding comes after every real token, so causal
@@ -141,6 +148,7 @@ def _unmerged(model, seqs: list[list[int]], with_entropy: bool, with_index_loss:
             index_loss = part if index_loss is None else index_loss + part
         else:
             logits = model(ids, **kw)
+        logits = _tempered(logits, temperature)
         for row, i in enumerate(batch):
             n = len(seqs[i])
             lse, ent = _row_scores(logits[row, : n - 1], with_entropy)  # [n - 1]
@@ -159,6 +167,7 @@ def sequence_scores(
     tree: FlatTree | None = None,
     with_index_loss: bool = False,
     padded: bool | None = None,
+    temperature: float = 1.0,
 ) -> SequenceScores:
     """Logprobs (and entropies) of every sequence's tokens after the first; see sequence_logprobs.
 
@@ -170,19 +179,22 @@ def sequence_scores(
     summed over sequences; the model must take `return_index_loss`.
     padded: with merge=False, run sequences of similar length as one right-padded batch
     (default: on CUDA) instead of one forward each; the results are the same up to rounding.
+    temperature: score log_softmax(logits / temperature), the distribution a sampler at that
+    temperature drew from (entropies too); 1 leaves the logits as they are.
     """
     seqs = [as_token_list(s) for s in sequences]
     if not seqs:
         return SequenceScores([], [] if with_entropy else None)
     if not merge:
-        return _unmerged(model, seqs, with_entropy, with_index_loss, padded)
+        return _unmerged(model, seqs, with_entropy, with_index_loss, padded, temperature)
     if token_budget is None:
-        return _merged(model, seqs, tree if tree is not None else build_tree(seqs), with_entropy, with_index_loss)
+        return _merged(model, seqs, tree if tree is not None else build_tree(seqs), with_entropy, with_index_loss,
+                       temperature)
     logprobs: list = [None] * len(seqs)
     entropies: list | None = [None] * len(seqs) if with_entropy else None
     index_loss = None
     for pack in pack_groups([seqs], token_budget):
-        part = _merged(model, [seqs[i] for i in pack.seq_ids], pack.tree, with_entropy, with_index_loss)
+        part = _merged(model, [seqs[i] for i in pack.seq_ids], pack.tree, with_entropy, with_index_loss, temperature)
         if part.index_loss is not None:
             index_loss = part.index_loss if index_loss is None else index_loss + part.index_loss
         for j, i in enumerate(pack.seq_ids):

@@ -102,7 +102,8 @@ class Trainer:
         for i, mb in enumerate(mbs):
             idx = mb.idx
             scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, with_entropy=True, tree=mb.tree,
-                                     with_index_loss=index_norm is not None, padded=self._padded)
+                                     with_index_loss=index_norm is not None, padded=self._padded,
+                                     temperature=self._temperature)
             masks = [batch.masks[j].to(dev, scores.logprobs[0].dtype) for j in idx]
             olds = [old[j] for j in idx]
             adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
@@ -257,6 +258,11 @@ class Trainer:
         return float(torch.stack(grads).norm()) if grads else None
 
     @property
+    def _temperature(self) -> float:
+        """The temperature RL tokens are scored at (AlgorithmConfig.temperature; the loop resolves None)."""
+        return self.algo.temperature if self.algo.temperature is not None else 1.0
+
+    @property
     def _padded(self) -> bool | None:
         """sequence_scores' `padded` for unmerged micro-batches: its CUDA default, or never."""
         return None if self.cfg.merge.pad_unmerged else False
@@ -278,7 +284,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         for mb in mbs:
-            scores = sequence_scores(model, mb.seqs, merge=mb.merge, tree=mb.tree, padded=self._padded)
+            scores = sequence_scores(model, mb.seqs, merge=mb.merge, tree=mb.tree, padded=self._padded,
+                                     temperature=self._temperature)
             for j, lp in zip(mb.idx, scores.logprobs):
                 out[j] = lp.detach()
         model.train(was_training)
