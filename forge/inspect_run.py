@@ -20,6 +20,12 @@ def render_run(path: Path, *, step: int | None = None, trajectory: int = 0) -> s
     lines.append(f"  {len(train_steps)} RL steps logged, {len(evals)} evaluations")
     for s, reward in evals:
         lines.append(f"  eval at step {s:>5}: reward {reward:.3f}")
+    gaps = [r for r in train_steps if "mismatch/logprob_abs_mean" in r]
+    if gaps:
+        worst = max(gaps, key=lambda r: r["mismatch/logprob_abs_max"])
+        lines.append(f"  train-inference mismatch (sampler vs trainer logprobs on loss tokens): last step "
+                     f"|diff| mean {gaps[-1]['mismatch/logprob_abs_mean']:.2e} max {gaps[-1]['mismatch/logprob_abs_max']:.2e} "
+                     f"kl {gaps[-1]['mismatch/kl']:.2e}; largest max {worst['mismatch/logprob_abs_max']:.2e} at step {worst['step']}")
     files = sorted((path / "rollouts").glob("step-*.parquet"))
     if not files:
         lines.append("  no rollouts kept (train.keep_rollouts was false, or no step finished)")

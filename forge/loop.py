@@ -147,6 +147,7 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
             _log_samples(monitor, groups, base + state.step, cfg)
             for name, load in ray.get(ranks[0].call.remote("router_loads")).items():
                 monitor.histogram(name, load, base + state.step)
+            monitor.histogram("mismatch/log_ratio", ray.get(ranks[0].call.remote("mismatch_log_ratios")), base + state.step)
             if state.step % cfg.eval.every == 0 or state.step == cfg.train.steps:
                 _evaluate(cfg, evaluator, monitor, state, base)
             if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:

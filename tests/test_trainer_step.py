@@ -113,3 +113,39 @@ def test_steps_raise_the_likelihood_of_rewarded_samples():
     assert metrics["train/kl"] > 0 and 0 <= metrics["train/clip_fraction"] <= 1
     assert any(k.startswith("router/layer") for k in metrics)
     assert metrics["train/grad_norm"] > 0
+
+
+def _sampled_groups(model, temperature: float, n_groups: int = 2, g: int = 3) -> list[Group]:
+    """Groups whose turns the trainer's own weights sampled, with the sampler's logprobs."""
+    from forge.policy.generation import ModelGenerator
+    from forge.policy.sampling import SamplingParams
+
+    gen = ModelGenerator(model, seed=0)
+    rng = random.Random(1)
+    out = []
+    for gi in range(n_groups):
+        prompt = [256] + [rng.randrange(256) for _ in range(10)]
+        done = gen.generate([prompt] * g, SamplingParams(temperature=temperature, max_new_tokens=6))
+        trajs = [Trajectory(f"t{gi}", f"g{gi}", prompt, [Turn(c.token_ids, c.logprobs, 0)], reward=float(k == 0))
+                 for k, c in enumerate(done)]
+        out.append(Group(f"t{gi}", f"g{gi}", trajs))
+    return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.4], ids=["T1", "T1.4"])
+def test_on_policy_mismatch_is_fp32_rounding_and_corrections_log(temperature):
+    """Samples of the trainer's own weights: the logged gap is rounding (issue 15, item 4); a
+    correction leaves such a batch's weights at 1."""
+    from forge.trainer.trainer import Trainer
+    from forge.policy.model import Transformer
+
+    torch.manual_seed(0)
+    init = Transformer(ModelConfig.tiny()).state_dict()
+    algo = AlgorithmConfig(temperature=temperature, is_correction="tis", is_threshold=2.0)
+    trainer = Trainer(ModelConfig.tiny(), TrainerConfig(lr=1e-2), algo, seed=0, init_weights=init)
+    metrics = trainer.train_step(_sampled_groups(trainer.model, temperature))
+    assert metrics["mismatch/logprob_abs_max"] <= 1e-5
+    assert 0 <= metrics["mismatch/kl"] <= 1e-9
+    assert metrics["mismatch/is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["mismatch/is_reduced_fraction"] == 0
+    assert len(trainer.mismatch_log_ratios()) == metrics["train/loss_tokens"]

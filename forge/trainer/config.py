@@ -35,7 +35,18 @@ class AlgorithmConfig:
     gradient and the importance ratio are those of the distribution the samples came from;
     None takes rollout.temperature (1 when rollouts are greedy). Warm-start always scores at 1."""
 
+    is_correction: Literal["none", "tis", "mis"] = "none"
+    """Importance-sampling correction of the sampler/trainer ratio r = exp(old - sampler)
+    (forge.trainer.mismatch): 'tis' weights each token's loss by min(r, is_threshold), 'mis' by r
+    where r <= is_threshold and 0 elsewhere; 'none' leaves the loss alone (the gap is still logged)."""
+    is_level: Literal["token", "sequence"] = "token"
+    """Whether the correction takes each token's ratio or the sequence's (the product over its loss tokens)."""
+    is_threshold: float = 2.0
+    """The ratio cap C of the correction (> 1)."""
+
     def __post_init__(self) -> None:
+        if not self.is_threshold > 1.0:
+            raise ValueError(f"algorithm.is_threshold must be > 1 (a ratio cap), got {self.is_threshold}")
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"algorithm.temperature must be > 0 (or null for rollout.temperature), got {self.temperature}")
 

@@ -69,6 +69,14 @@ def make_engine(model: torch.nn.Module, cfg: TrainerConfig):
     return engine
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum over data-parallel ranks (a no-op on one rank)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over data-parallel ranks (a no-op on one rank)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -47,9 +47,13 @@ REDUCTIONS = ("token_mean", "seq_mean", "dr_grpo")
 
 
 def reduce_token_losses(
-    token_losses: Tensors, masks: Tensors, reduction: str, *, dr_grpo_constant: int = 1024
+    token_losses: Tensors, masks: Tensors, reduction: str, *, dr_grpo_constant: int = 1024,
+    weights: Tensors | None = None,
 ) -> torch.Tensor:
     """One scalar from per-sequence token losses, counting only tokens where the mask is 1.
+
+    `weights` (per sequence, per token, no gradient) multiply the token losses, e.g. the
+    importance weights of forge.trainer.mismatch; the normalisers stay the masks' counts.
 
     'token_mean': the sum over all loss tokens of the batch over their number (DAPO); long
     sequences weigh more. 'seq_mean': each sequence's mean, then the mean over sequences
@@ -61,7 +65,12 @@ def reduce_token_losses(
         raise ValueError(f"reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}")
     if dr_grpo_constant <= 0:
         raise ValueError(f"dr_grpo_constant must be positive, got {dr_grpo_constant}")
-    sums = [(t * m.to(t.dtype)).sum() for t, m in zip(token_losses, masks)]
+    if weights is None:
+        sums = [(t * m.to(t.dtype)).sum() for t, m in zip(token_losses, masks)]
+    else:
+        if len(weights) != len(masks):
+            raise ValueError(f"got {len(weights)} weight tensors for {len(masks)} sequences; pass one per sequence")
+        sums = [(t * m.to(t.dtype) * w.to(t.device, t.dtype).detach()).sum() for t, m, w in zip(token_losses, masks, weights)]
     if reduction == "token_mean":
         return torch.stack(sums).sum() / sum(m.sum() for m in masks).clamp(min=1)
     if reduction == "seq_mean":
@@ -72,28 +81,31 @@ def reduce_token_losses(
 def grpo_loss(
     logprobs: Tensors, old_logprobs: Tensors, masks: Tensors, advantages: torch.Tensor,
     *, clip_low: float = 0.2, clip_high: float = 0.2, reduction: str = "seq_mean", dr_grpo_constant: int = 1024,
+    weights: Tensors | None = None,
 ) -> torch.Tensor:
     """Clipped surrogate; by default the mean over each sequence's loss tokens, then over sequences."""
     _check(logprobs, old_logprobs, masks, advantages)
     per_token = [_clipped_surrogate(lp, old, a, clip_low, clip_high)
                  for lp, old, a in zip(logprobs, old_logprobs, advantages)]
-    return reduce_token_losses(per_token, masks, reduction, dr_grpo_constant=dr_grpo_constant)
+    return reduce_token_losses(per_token, masks, reduction, dr_grpo_constant=dr_grpo_constant, weights=weights)
 
 
 def ppo_clip_loss(
     logprobs: Tensors, old_logprobs: Tensors, masks: Tensors, advantages: torch.Tensor,
     *, clip_low: float = 0.2, clip_high: float = 0.28, reduction: str = "token_mean", dr_grpo_constant: int = 1024,
+    weights: Tensors | None = None,
 ) -> torch.Tensor:
     """Clipped surrogate; by default averaged over all loss tokens of the batch."""
     _check(logprobs, old_logprobs, masks, advantages)
     per_token = [_clipped_surrogate(lp, old, a, clip_low, clip_high)
                  for lp, old, a in zip(logprobs, old_logprobs, advantages)]
-    return reduce_token_losses(per_token, masks, reduction, dr_grpo_constant=dr_grpo_constant)
+    return reduce_token_losses(per_token, masks, reduction, dr_grpo_constant=dr_grpo_constant, weights=weights)
 
 
 def cispo_loss(
     logprobs: Tensors, old_logprobs: Tensors, masks: Tensors, advantages: torch.Tensor,
     *, clip_high: float = 4.0, reduction: str = "token_mean", dr_grpo_constant: int = 1024,
+    weights: Tensors | None = None,
 ) -> torch.Tensor:
     """CISPO (MiniMax-M1): REINFORCE weighted by the importance ratio, clipped and detached.
 
@@ -103,7 +115,7 @@ def cispo_loss(
     _check(logprobs, old_logprobs, masks, advantages)
     per_token = [-torch.exp(lp - old).clamp(max=clip_high).detach() * a * lp
                  for lp, old, a in zip(logprobs, old_logprobs, advantages)]
-    return reduce_token_losses(per_token, masks, reduction, dr_grpo_constant=dr_grpo_constant)
+    return reduce_token_losses(per_token, masks, reduction, dr_grpo_constant=dr_grpo_constant, weights=weights)
 
 
 DEFAULT_REDUCTION = {"grpo": "seq_mean", "ppo_clip": "token_mean", "cispo": "token_mean"}

@@ -8,9 +8,10 @@ logprobs if a KL term is on; then, per micro-batch, the current logprobs through
 prefix tree, the loss weighted by the micro-batch's share of the batch, and backward; one
 optimizer step; then the MoE expert biases move towards balanced load (loads summed over
 ranks). The importance ratio is taken against the recomputed old logprobs, so that several
-updates on one batch stay well defined; the gap between them and the sampler's logprobs is
-logged as `train/sampler_logprob_gap`, the train/inference mismatch that RL on MoE models is
-sensitive to. With MSA on, each step also trains the index branch: `msa.index_loss_weight`
+updates on one batch stay well defined; the gap between them and the sampler's logprobs, the
+train/inference mismatch that RL on MoE models is sensitive to, is logged every step
+(`mismatch/logprob_abs_mean`, `mismatch/logprob_abs_max`, `mismatch/kl`) and, on request, corrected
+by importance weights (`algorithm.is_correction`, forge.trainer.mismatch). With MSA on, each step also trains the index branch: `msa.index_loss_weight`
 times its KL (mean per token and MSA layer, `train/index_loss`) joins the loss, and every
 optimizer step advances the model's `msa_step`, which ends the dense warm-up.
 """
@@ -32,9 +33,10 @@ from forge.prefix_tree import FlatTree, build_tree
 from forge.prefix_tree.fallback import should_merge
 from forge.trainer.batch import RLBatch, make_batch, micro_batches
 from forge.trainer.config import AlgorithmConfig, TrainerConfig
-from forge.trainer.engine import all_reduce_sum, init_process_group, make_engine
+from forge.trainer.engine import all_reduce_max, all_reduce_sum, init_process_group, make_engine
 from forge.trainer.logprobs import sequence_scores
 from forge.trainer.losses import DEFAULT_REDUCTION, LOSSES
+from forge.trainer.mismatch import is_weights, mismatch_stats
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Trainer:
         self.version = 0
         """Policy version: the number of optimizer steps taken."""
         self.last_router_loads: dict[str, list[float]] = {}
+        self.last_mismatch = torch.zeros(0, dtype=torch.float64)
         """Tokens per expert of each MoE layer in the last step (summed over ranks), for histograms."""
 
     def reset_reference(self) -> None:
@@ -88,6 +91,9 @@ class Trainer:
         mbs = self._plan(batch)
         dev = next(self.model.parameters()).device
         old = self._scores(self.model, batch, mbs)
+        mismatch, self.last_mismatch = mismatch_stats(old, batch.sampler_logprobs, batch.masks)
+        is_w, is_sums = is_weights(self.algo.is_correction, self.algo.is_level, self.algo.is_threshold, old,
+                                   batch.sampler_logprobs, batch.masks)
         ref = self._scores(self.reference, batch, mbs) if self.reference is not None else None
         # Every rank scales its loss by its part of the step's global sequences or loss tokens,
         # times the world size, since DeepSpeed averages gradients over ranks: the step then
@@ -107,7 +113,8 @@ class Trainer:
             masks = [batch.masks[j].to(dev, scores.logprobs[0].dtype) for j in idx]
             olds = [old[j] for j in idx]
             adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
-            loss = LOSSES[self.algo.loss](scores.logprobs, olds, masks, adv, **self._loss_kwargs())
+            weights = None if self.algo.is_correction == "none" else [is_w[j] for j in idx]
+            loss = LOSSES[self.algo.loss](scores.logprobs, olds, masks, adv, weights=weights, **self._loss_kwargs())
             loss = loss * self._share(idx, masks, totals) * self.world_size
             if ref is not None:
                 kl = _kl_k3(scores.logprobs, [ref[j] for j in idx], masks) / totals["tokens"] * self.world_size
@@ -134,24 +141,28 @@ class Trainer:
         tokens = totals["tokens"]
         summed = all_reduce_sum(torch.tensor(
             [acc["loss"], acc["kl"], acc["entropy"], acc["clipped"], float(batch.rewards.sum()), float(batch.rewards.numel()),
-             acc["index_loss"]],
+             acc["index_loss"], mismatch["abs_sum"], mismatch["k3_sum"], mismatch["tokens"], is_sums["weight_sum"],
+             is_sums["reduced"]],
             dtype=torch.float64, device=dev,
         )).tolist()
+        mismatch_max = all_reduce_max(torch.tensor([mismatch["abs_max"]], dtype=torch.float64, device=dev)).item()
         acc["loss"], acc["kl"] = summed[0] / self.world_size, summed[1] / self.world_size
         acc["index_loss"] = summed[6] / self.world_size
         acc["entropy"], acc["clipped"] = summed[2], summed[3]
         reward_mean = summed[4] / max(summed[5], 1.0)
-        gap = [(o.cpu().double() - s).abs()[m.bool()] for o, s, m in zip(old, batch.sampler_logprobs, batch.masks)]
-        gap_all = torch.cat(gap) if gap else torch.zeros(1)
         metrics = {
             "train/loss": acc["loss"], "train/entropy": acc["entropy"] / tokens,
             "train/clip_fraction": acc["clipped"] / tokens, "train/reward_mean": reward_mean,
             "train/loss_tokens": tokens, "train/sequences": totals["seqs"],
             "train/token_ratio": sum(len(s) for s in batch.sequences) / max(1, sum(mb.tokens for mb in mbs)),
             "train/micro_batches": float(len(mbs)),
-            "train/sampler_logprob_gap": float(gap_all.mean()) if gap_all.numel() else 0.0,
+            "mismatch/logprob_abs_mean": summed[7] / max(summed[9], 1.0), "mismatch/logprob_abs_max": mismatch_max,
+            "mismatch/kl": summed[8] / max(summed[9], 1.0),
             "train/step_s": time.perf_counter() - t0, "train/policy_version": float(self.version), "train/lr": lr,
         }
+        if self.algo.is_correction != "none":
+            metrics["mismatch/is_weight_mean"] = summed[10] / max(summed[9], 1.0)
+            metrics["mismatch/is_reduced_fraction"] = summed[11] / max(summed[9], 1.0)
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         if ref is not None:
@@ -225,6 +236,10 @@ class Trainer:
         if self.reference is not None:
             self.reset_reference()
         return client
+
+    def mismatch_log_ratios(self) -> list[float]:
+        """The last step's per-token log(trainer / sampler) on this rank's loss tokens (the histogram)."""
+        return self.last_mismatch.tolist()
 
     def router_loads(self) -> dict[str, list[float]]:
         """The last step's tokens per expert, per MoE layer."""
