@@ -358,6 +358,16 @@ def test_msa_100m_preset_counts_about_100m_parameters():
     assert index == len(msa_layers) * (512 * 2 * 64 + 512 * 64 + 2 * 64)
 
 
+def test_msa_1b_preset_counts_about_1b_parameters():
+    cfg = ModelConfig.msa_1b()
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    total, active = count_parameters(m)
+    assert 0.95e9 <= total <= 1.1e9, total
+    assert 150e6 <= active <= 200e6, active
+    assert cfg.msa.triton_ok() and cfg.msa.top_k * cfg.msa.block_size == 1024
+
+
 def test_docs_yaml_is_the_msa_100m_preset():
     """The recipe keys docs/policy.md gives for the preset load to exactly the preset."""
     import pathlib
@@ -439,34 +449,54 @@ def _counting(monkeypatch, name: str) -> list:
 
 
 @pytest.mark.gpu
-def test_gpu_triton_msa_layer_equals_the_reference_path(monkeypatch):
-    """fp32 on CUDA: the plain batch's Triton path (indexer, sparse attention, SDPA below the
-    threshold) gives the reference path's output and index loss for the same kept blocks, and
-    the Triton indexer keeps the reference's blocks for nearly every (query, group). Triton's
-    fp32 dot products run in TF32 (10-bit mantissa): outputs agree to TF32 rounding (the H100
-    showed 4.4e-4 at most on outputs of order 0.1), and near-tied blocks may flip."""
+@pytest.mark.parametrize("tree", [False, True], ids=["plain-batch", "prefix-tree"])
+def test_gpu_triton_msa_layer_equals_the_reference_path(monkeypatch, tree):
+    """fp32 on CUDA: the layer's Triton path (forge.kernels.msa.tree_triton, for plain batches
+    and trees alike) gives the reference path's output and index loss for the same kept blocks,
+    to IEEE fp32 rounding, and its indexer keeps the reference's blocks for nearly every (query,
+    group) (near-tied blocks may flip: the two sum the index products in different orders)."""
     from forge.kernels.msa.tree import kept_keys, msa_tree
+    from forge.prefix_tree import build_tree
 
     import forge.policy.model as model_module
 
     chosen = []
-    original = model_module.select_blocks
-    monkeypatch.setattr(model_module, "select_blocks", lambda *a, **kw: chosen.append(original(*a, **kw)) or chosen[-1])
+    original = model_module.msa_tree_triton
+
+    def spy(*a, **kw):
+        out = original(*a, **kw)
+        from forge.kernels.msa.triton_tree_indexer import select_blocks_tree_triton
+
+        chosen.append(select_blocks_tree_triton(a[3].detach(), a[4].detach(), a[5].int(), a[6].int(),
+                                                block_size=kw["block_size"], top_k=kw["top_k"]))
+        return out
+
+    monkeypatch.setattr(model_module, "msa_tree_triton", spy)
     m = gpu_model().cuda()
     attn = m.layers[1].attn
-    x = torch.randn(2, 150, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    pos = torch.arange(150, device="cuda").expand(2, 150)
-    p = m._pass(pos, plain_causal=True, with_index_loss=True)
+    if tree:
+        g = torch.Generator().manual_seed(3)
+        prompt = torch.randint(0, 256, (70,), generator=g).tolist()
+        t = build_tree([prompt + torch.randint(0, 256, (n,), generator=g).tolist() for n in (80, 45, 60)])
+        pos, se = t.position[None].cuda(), t.subtree_end[None].cuda()
+        n = t.num_tokens
+        p = m._pass(pos, subtree_end=se, with_index_loss=True)
+    else:
+        n = 150
+        pos = torch.arange(n, device="cuda").expand(2, n)
+        se = torch.full_like(pos, n)
+        p = m._pass(pos, plain_causal=True, with_index_loss=True)
+    x = torch.randn(pos.shape[0], n, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     q, k, v = attn._qkv(x, p.cos, p.sin)
     iq, ik = attn._index(x, p)
     out = attn._msa(q, k, v, iq, ik, p)
     assert len(chosen) == 1
-    se = torch.full_like(pos, 150)
     ref, loss = msa_tree(q, k, v, iq, ik, se, pos, block_size=16, top_k=2, dense_below=24, with_index_loss=True,
                          selected=chosen[0])
-    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(p.index_losses[0], loss, rtol=1e-4, atol=1e-4)
-    visible = pos[:, :, None] >= torch.arange(150, device="cuda")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p.index_losses[0], loss, rtol=1e-5, atol=1e-5)
+    visible = (torch.arange(n, device="cuda")[None, None, :] <= torch.arange(n, device="cuda")[None, :, None]) & (
+        torch.arange(n, device="cuda")[None, :, None] < se[:, None, :])
     args = (visible, pos // 16, pos // 16, torch.zeros_like(visible[..., 0]))
     same = kept_keys(iq, ik, *args, top_k=2) == kept_keys(iq, ik, *args, top_k=2, selected=chosen[0])
     agree = same.all(-1).float().mean().item()

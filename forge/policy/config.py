@@ -137,6 +137,23 @@ class ModelConfig:
         )
 
     @classmethod
+    def msa_1b(cls) -> "ModelConfig":
+        """A ~1B-parameter MoE + MSA model for one GPU, the size issue 14's MFU target is set at.
+
+        Byte vocabulary, 16 layers of width 1024, GQA 16q/4kv heads of 64, 40 experts of width
+        512 top-4 plus one shared expert, the first layer a dense MLP of width 4096. MSA after
+        the first two layers: blocks of 64, top 16 (1,024 tokens per query), index dimension 64,
+        dense below position 2048. 1.03B parameters, 178M active per token.
+        """
+        return cls(
+            vocab_size=BYTE_VOCAB_SIZE, hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=4, head_dim=64,
+            rotary_dim=64, qk_norm=True, num_experts=40, top_k=4, expert_width=512, num_shared_experts=1,
+            dense_layers=1, dense_width=4096, tie_embeddings=False,
+            msa=MSAConfig(enabled=True, block_size=64, top_k=16, index_dim=64, dense_layers=2,
+                          dense_below_tokens=2048, index_loss_weight=1.0, dense_warmup_steps=0),
+        )
+
+    @classmethod
     def minimax_m2_like(cls) -> "ModelConfig":
         """MiniMax-M2's published shape: 62 layers, 48q/8kv heads of 128, 256 experts of 1536, top-8.
 

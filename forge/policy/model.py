@@ -7,8 +7,9 @@ three paths over the same projections: causal (torch SDPA) for plain batches, th
 mask (forge.kernels.tree_attention) for merged trajectories, and a KV cache for generation.
 Layers from `config.msa.dense_layers` on may attend through MiniMax Sparse Attention instead
 (forge.kernels.msa; docs/msa.md, "In the model"): an index branch on the detached input picks
-blocks of positions, with the same three paths (Triton kernels for plain batches and decode
-steps on CUDA, forge.kernels.msa.tree for trees and elsewhere).
+blocks of positions, with the same three paths (on CUDA, the Triton kernels of
+forge.kernels.msa.tree_triton for plain batches and trees alike, and msa_decode for decode
+steps; forge.kernels.msa.tree elsewhere).
 RoPE rotates the leading `rotary_dim` dims of each head in the rotate-half layout of the
 Hugging Face Llama/Qwen code, so imported checkpoints need no permutation. Unlike those
 implementations, RoPE and RMSNorm always compute in fp32 and cast back.
@@ -16,6 +17,7 @@ implementations, RoPE and RMSNorm always compute in fp32 and cast back.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -25,8 +27,9 @@ from forge.kernels.dtypes import at_least_fp32
 import torch.nn.functional as F
 from torch import nn
 
-from forge.kernels.msa import MSAConfig, msa_decode, select_blocks
+from forge.kernels.msa import MSAConfig, msa_decode
 from forge.kernels.msa.tree import msa_cache_attention, msa_tree
+from forge.kernels.msa.tree_triton import msa_tree_triton
 from forge.kernels.tree_attention import tree_attention
 from forge.policy.config import ModelConfig
 from forge.policy.moe import MoE, SwiGLU
@@ -159,7 +162,17 @@ class _Pass:
 
 
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense causal attention, q [B, T, Hq, D], k, v [B, T, Hkv, D] -> [B, T, Hq, D]."""
+    """Dense causal attention, q [B, T, Hq, D], k, v [B, T, Hkv, D] -> [B, T, Hq, D].
+
+    fp32 on CUDA runs the tree-attention Triton kernel on the causal row (IEEE fp32, O(T)
+    memory): SDPA has no fused fp32 GQA kernel and its math fallback keeps [B, Hq, T, T] per
+    layer, which ran a 52K-token batch of the 100M model out of an 80 GB card.
+    """
+    if q.is_cuda and q.dtype == torch.float32:
+        from forge.kernels.tree_attention.triton_tree import tree_attention_triton
+
+        b, t = q.shape[:2]
+        return tree_attention_triton(q, k, v, torch.full((b, t), t, device=q.device, dtype=torch.int32))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          is_causal=True, enable_gqa=True)
     return out.transpose(1, 2)
@@ -271,28 +284,20 @@ class Attention(nn.Module):
         scale = self.head_dim**-0.5
         subtree_end = p.subtree_end if p.subtree_end is not None else torch.full_like(p.position, t)
         kw = dict(block_size=m.block_size, top_k=m.top_k, dense_below=m.dense_below_tokens, dense=p.msa_dense,
-                  scale=scale, token_weight=p.token_weight, n_blocks=p.msa_blocks)
+                  scale=scale, token_weight=p.token_weight)
+        # On CUDA one set of Triton kernels serves chains and trees, so that a token's blocks are
+        # selected bitwise alike merged or unmerged (forge.kernels.msa.tree_triton).
+        msa = msa_tree_triton if self._triton_ok(q) else functools.partial(msa_tree, n_blocks=p.msa_blocks)
         loss = None
         if p.msa_all_dense:
             # Every row keeps every visible key: the dense kernels compute it faster.
             out = self._dense(q, k, v, p, None)
-        elif p.plain_causal and self._triton_ok(q):
-            selected = select_blocks(iq, ik, block_size=m.block_size, top_k=m.top_k)
-            from forge.kernels.msa.triton_attention import sparse_attention_triton
-
-            out = sparse_attention_triton(q, k, v, selected, block_size=m.block_size, scale=scale)
-            head = min(m.dense_below_tokens, t)
-            if head:
-                out = torch.cat([_causal_sdpa(q[:, :head], k[:, :head], v[:, :head]), out[:, head:]], dim=1)
-            if p.with_index_loss:
-                _, loss = msa_tree(q, k, None, iq, ik, subtree_end, p.position, with_attention=False,
-                                   with_index_loss=True, selected=selected, **kw)
         else:
-            out, loss = msa_tree(q, k, v, iq, ik, subtree_end, p.position, with_index_loss=p.with_index_loss, **kw)
+            out, loss = msa(q, k, v, iq, ik, subtree_end, p.position, with_index_loss=p.with_index_loss, **kw)
         if p.with_index_loss:
             if loss is None:
-                _, loss = msa_tree(q, k, None, iq, ik, subtree_end, p.position, with_attention=False,
-                                   with_index_loss=True, **kw)
+                _, loss = msa(q, k, None, iq, ik, subtree_end, p.position, with_attention=False, with_index_loss=True,
+                              **kw)
             p.index_losses.append(loss)
         return out
 
