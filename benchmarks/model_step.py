@@ -1,0 +1,235 @@
+"""The whole model's training step, merged against unmerged, and how exact merging is (issue 14).
+
+Two parts, one JSON:
+
+- `speed`: forward and backward of `sequence_scores` as the trainer calls it (entropy and the
+  MSA index loss on), merged through the prefix tree against unmerged (right-padded batches of
+  similar lengths, the CUDA default), in bf16. Workloads: `grpo` 16 x (8K prompt + 1K), `agent`
+  (64 turns of one conversation: one sequence per model call, each the conversation so far),
+  `low` 8 x (1K + 4K) (little sharing), and `issue` 2 groups x 8 of 3,000-token prompts and
+  100-600-token responses (the batch the issue measured). Per row: ms, tokens/s over the
+  unmerged tokens, the token ratio, the speed-up, peak memory and MFU: active-parameter FLOPs (6
+  per parameter per unique token) plus attention FLOPs (4 * Hq * D per visible kept key per
+  query forward, 3x that forward plus backward) over the step time, against 989 TFLOP/s.
+- `exact`: on the `issue` batch, fp32 merged against unmerged (max |logprob diff|, largest
+  relative gradient difference over parameters), bf16 merged and unmerged against fp32, and the
+  sampler's logprobs (ModelGenerator, graph decoding) against `sequence_logprobs` of the same
+  tokens.
+
+    PYTHONPATH=. python benchmarks/model_step.py --out model_step.json [--parts speed,exact]
+        [--presets msa_100m,msa_100m_dense] [--workloads grpo,agent,low,issue]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+
+import torch
+from _timing import timed
+
+from forge.policy.config import ModelConfig
+from forge.policy.model import Transformer, count_parameters
+from forge.prefix_tree import build_tree
+from forge.trainer.logprobs import sequence_logprobs, sequence_scores
+
+H100_BF16_DENSE = 989e12
+
+
+def preset(name: str) -> ModelConfig:
+    """A ModelConfig by name; `_dense` turns MSA off on the same shape."""
+    base = name.removesuffix("_dense")
+    cfg = getattr(ModelConfig, base)()
+    if name.endswith("_dense"):
+        cfg.msa.enabled = False
+    return cfg
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(256) for _ in range(n)]
+
+
+def workload(name: str, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    if name == "grpo":
+        p = _tokens(rng, 8192)
+        return [p + _tokens(rng, 1024) for _ in range(16)]
+    if name == "low":
+        return [_tokens(rng, 1024) + _tokens(rng, 4096) for _ in range(8)]
+    if name == "agent":
+        conv, seqs = _tokens(rng, 512), []
+        for _ in range(64):
+            conv = conv + _tokens(rng, 64)  # the tool result / user turn
+            seqs.append(conv + _tokens(rng, 64))  # the call: context + the model's answer
+            conv = seqs[-1]
+        return seqs
+    if name == "issue":
+        seqs = []
+        for _ in range(2):
+            p = _tokens(rng, 3000)
+            seqs += [p + _tokens(rng, rng.randint(100, 600)) for _ in range(8)]
+        return seqs
+    raise ValueError(f"unknown workload {name!r}; use grpo, agent, low or issue")
+
+
+def step(model: Transformer, seqs: list[list[int]], merge: bool):
+    def run() -> None:
+        scores = sequence_scores(model, seqs, merge=merge, with_entropy=True, with_index_loss=True)
+        n = sum(len(s) for s in seqs)
+        loss = -sum(lp.sum() for lp in scores.logprobs) / n
+        if scores.index_loss is not None:
+            loss = loss + scores.index_loss / n
+        loss.backward()
+
+    return run
+
+
+def step_flops(cfg: ModelConfig, active: int, seqs: list[list[int]], merged: bool) -> float:
+    """FLOPs of one forward and backward: 6 * active parameters per token run, plus attention."""
+    tree = build_tree(seqs)
+    tokens = tree.num_tokens if merged else sum(len(s) for s in seqs)
+    # Keys each query attends to: its position + 1 (dense layers, and MSA rows below dense_below),
+    # else at most top_k blocks.
+    pos = tree.position.double() if merged else torch.cat([torch.arange(len(s), dtype=torch.float64) for s in seqs])
+    dense_keys = float((pos + 1).sum())
+    msa_layers = sum(cfg.is_msa_layer(i) for i in range(cfg.num_layers))
+    m = cfg.msa
+    sparse_keys = float(torch.where(pos < m.dense_below_tokens, pos + 1,
+                                    torch.clamp(pos + 1, max=m.top_k * m.block_size)).sum()) if m.enabled else 0.0
+    keys = (cfg.num_layers - msa_layers) * dense_keys + msa_layers * sparse_keys
+    return 6.0 * active * tokens + 3 * 4 * cfg.num_heads * cfg.head_dim * keys
+
+
+def speed(preset_name: str, workloads: list[str], reps: int) -> list[dict]:
+    cfg = preset(preset_name)
+    torch.manual_seed(0)
+    model = Transformer(cfg).cuda().to(torch.bfloat16)
+    _, active = count_parameters(model)
+    rows = []
+    for w in workloads:
+        seqs = workload(w)
+        tree = build_tree(seqs)
+        row = {"preset": preset_name, "workload": w, "sequences": len(seqs), "tokens": sum(map(len, seqs)),
+               "unique_tokens": tree.num_tokens, "token_ratio": tree.token_ratio()}
+        for merge in (True, False):
+            key = "merged" if merge else "unmerged"
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                ms = timed(step(model, seqs, merge), reps)
+            except torch.OutOfMemoryError:
+                row[f"{key}_ms"] = None
+                row[f"{key}_error"] = "out of memory"
+                continue
+            finally:
+                model.zero_grad(set_to_none=True)
+            row[f"{key}_ms"] = ms
+            row[f"{key}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            row[f"{key}_tokens_per_s"] = row["tokens"] / ms * 1e3
+            row[f"{key}_mfu"] = step_flops(cfg, active, seqs, merge) / (ms * 1e-3) / H100_BF16_DENSE
+        if row.get("merged_ms") and row.get("unmerged_ms"):
+            row["speedup"] = row["unmerged_ms"] / row["merged_ms"]
+        rows.append(row)
+        print(_fmt(row), flush=True)
+    return rows
+
+
+def _fmt(row: dict) -> str:
+    def f(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    return (f"{row['preset']:<16} {row['workload']:<6} tokens {row['tokens']:>7} ratio {row['token_ratio']:5.2f} "
+            f"merged {f(row.get('merged_ms'), '8.1f')} ms ({f(row.get('merged_mfu'), '.1%')} MFU, "
+            f"{f(row.get('merged_peak_gib'), '.1f')} GiB) unmerged {f(row.get('unmerged_ms'), '8.1f')} ms "
+            f"({f(row.get('unmerged_peak_gib'), '.1f')} GiB) speed-up {f(row.get('speedup'), '.2f')}x")
+
+
+def _grads(model: Transformer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _scores(model: Transformer, seqs: list[list[int]], merge: bool):
+    model.zero_grad(set_to_none=True)
+    scores = sequence_scores(model, seqs, merge=merge, with_index_loss=True)
+    n = sum(len(s) for s in seqs)
+    # A loss that weights every token differently, so that the gradient sees every logprob.
+    loss = sum((lp * torch.linspace(0.5, 1.5, lp.numel(), device=lp.device)).sum() for lp in scores.logprobs) / n
+    if scores.index_loss is not None:
+        loss = loss + scores.index_loss / n
+    loss.backward()
+    return torch.cat([lp.detach().double() for lp in scores.logprobs]), _grads(model)
+
+
+def exact(preset_name: str, sample_rows: int, sample_prompt: int, sample_tokens: int) -> dict:
+    cfg = preset(preset_name)
+    seqs = workload("issue")
+    torch.manual_seed(0)
+    model = Transformer(cfg).cuda().float()
+    lp_m, g_m = _scores(model, seqs, True)
+    lp_u, g_u = _scores(model, seqs, False)
+    rel = {n: float((g_m[n] - g_u[n]).norm() / g_u[n].norm().clamp_min(1e-30)) for n in g_u}
+    worst = max(rel, key=rel.get)
+    out = {"preset": preset_name, "fp32_logprob_max_abs_diff": float((lp_m - lp_u).abs().max()),
+           "fp32_logprob_mean_abs_diff": float((lp_m - lp_u).abs().mean()),
+           "fp32_grad_max_rel_diff": rel[worst], "fp32_grad_worst_param": worst}
+    model16 = Transformer(cfg).cuda()
+    model16.load_state_dict(model.state_dict())
+    model16.to(torch.bfloat16)
+    for merge, key in ((True, "merged"), (False, "unmerged")):
+        lp16, g16 = _scores(model16, seqs, merge)
+        out[f"bf16_{key}_logprob_max_abs_to_fp32"] = float((lp16 - lp_u).abs().max())
+        out[f"bf16_{key}_logprob_mean_abs_to_fp32"] = float((lp16 - lp_u).abs().mean())
+        out[f"bf16_{key}_grad_rel_to_fp32"] = max(
+            float((g16[n] - g_u[n]).norm() / g_u[n].norm().clamp_min(1e-30)) for n in g_u if n in g16)
+    out.update(sampled_vs_trained(model, sample_rows, sample_prompt, sample_tokens, "fp32"))
+    out.update(sampled_vs_trained(model16, sample_rows, sample_prompt, sample_tokens, "bf16"))
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
+def sampled_vs_trained(model: Transformer, rows: int, prompt: int, new: int, tag: str) -> dict:
+    from forge.policy.generation import ModelGenerator
+    from forge.policy.sampling import SamplingParams
+    from forge.policy.tokenizer import ByteTokenizer
+
+    rng = random.Random(1)
+    prompts = [_tokens(rng, prompt) for _ in range(rows)]
+    gen = ModelGenerator(model, ByteTokenizer(), seed=0, decode="graph")
+    done = gen.generate(prompts, SamplingParams(max_new_tokens=new, temperature=1.0))
+    with torch.no_grad():
+        trained = sequence_logprobs(model, [p + c.token_ids for p, c in zip(prompts, done)], merge=False)
+    diffs = torch.cat([(t[len(p) - 1:].double().cpu() - torch.tensor(c.logprobs, dtype=torch.float64)).abs()
+                       for p, c, t in zip(prompts, done, trained)])
+    return {f"{tag}_sampled_vs_trained_tokens": int(diffs.numel()),
+            f"{tag}_sampled_vs_trained_max_abs": float(diffs.max()),
+            f"{tag}_sampled_vs_trained_mean_abs": float(diffs.mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="exact,speed")
+    parser.add_argument("--presets", default="msa_100m,msa_100m_dense")
+    parser.add_argument("--workloads", default="issue,grpo,agent,low")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--sample-rows", type=int, default=8)
+    parser.add_argument("--sample-prompt", type=int, default=2048)
+    parser.add_argument("--sample-tokens", type=int, default=96)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "speed": [], "exact": []}
+    for name in args.presets.split(","):
+        if "exact" in parts:
+            result["exact"].append(exact(name, args.sample_rows, args.sample_prompt, args.sample_tokens))
+        if "speed" in parts:
+            result["speed"] += speed(name, args.workloads.split(","), args.reps)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
