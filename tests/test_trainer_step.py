@@ -149,3 +149,20 @@ def test_on_policy_mismatch_is_fp32_rounding_and_corrections_log(temperature):
     assert metrics["mismatch/is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["mismatch/is_reduced_fraction"] == 0
     assert len(trainer.mismatch_log_ratios()) == metrics["train/loss_tokens"]
+
+
+def test_ratio_against_the_sampler_lets_the_clip_act():
+    """Recomputed old logprobs make the first update's ratio 1 (nothing clipped); against the
+    sampler's logprobs (here far from the model's) the ratio is the behaviour ratio and clips."""
+    from forge.trainer.trainer import Trainer
+    from forge.policy.model import Transformer
+
+    torch.manual_seed(0)
+    init = Transformer(ModelConfig.tiny()).state_dict()
+    clipped = {}
+    for against in ("recomputed", "sampler"):
+        algo = AlgorithmConfig(ratio_against=against)
+        trainer = Trainer(ModelConfig.tiny(), TrainerConfig(lr=1e-2), algo, seed=0, init_weights=init)
+        clipped[against] = trainer.train_step(groups_of(0))["train/clip_fraction"]
+    assert clipped["recomputed"] == 0
+    assert clipped["sampler"] > 0.5

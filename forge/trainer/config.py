@@ -35,6 +35,12 @@ class AlgorithmConfig:
     gradient and the importance ratio are those of the distribution the samples came from;
     None takes rollout.temperature (1 when rollouts are greedy). Warm-start always scores at 1."""
 
+    ratio_against: Literal["recomputed", "sampler"] = "recomputed"
+    """What the loss's importance ratio divides by: 'recomputed', the trainer's logprobs under the
+    weights it holds at the start of the step (ratio 1 on the first update, so stale samples are
+    not corrected); 'sampler', the sampler's logprobs (the behaviour policy, as in PPO proper and
+    AReaL's decoupled PPO), so that the clip bounds how far each step moves from the weights that
+    sampled the batch."""
     is_correction: Literal["none", "tis", "mis"] = "none"
     """Importance-sampling correction of the sampler/trainer ratio r = exp(old - sampler)
     (forge.trainer.mismatch): 'tis' weights each token's loss by min(r, is_threshold), 'mis' by r

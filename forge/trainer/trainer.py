@@ -111,7 +111,8 @@ class Trainer:
                                      with_index_loss=index_norm is not None, padded=self._padded,
                                      temperature=self._temperature)
             masks = [batch.masks[j].to(dev, scores.logprobs[0].dtype) for j in idx]
-            olds = [old[j] for j in idx]
+            olds = [old[j] for j in idx] if self.algo.ratio_against == "recomputed" else [
+                batch.sampler_logprobs[j].to(dev, scores.logprobs[0].dtype) for j in idx]
             adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
             weights = None if self.algo.is_correction == "none" else [is_w[j] for j in idx]
             loss = LOSSES[self.algo.loss](scores.logprobs, olds, masks, adv, weights=weights, **self._loss_kwargs())
