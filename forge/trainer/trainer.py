@@ -92,8 +92,10 @@ class Trainer:
         dev = next(self.model.parameters()).device
         old = self._scores(self.model, batch, mbs)
         mismatch, self.last_mismatch = mismatch_stats(old, batch.sampler_logprobs, batch.masks)
-        is_w, is_sums = is_weights(self.algo.is_correction, self.algo.is_level, self.algo.is_threshold, old,
-                                   batch.sampler_logprobs, batch.masks)
+        is_w, is_sums = [], {"weight_sum": 0.0, "reduced": 0.0}
+        if self.algo.is_correction != "none":
+            is_w, is_sums = is_weights(self.algo.is_correction, self.algo.is_level, self.algo.is_threshold, old,
+                                       batch.sampler_logprobs, batch.masks)
         ref = self._scores(self.reference, batch, mbs) if self.reference is not None else None
         # Every rank scales its loss by its part of the step's global sequences or loss tokens,
         # times the world size, since DeepSpeed averages gradients over ranks: the step then
