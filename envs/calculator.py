@@ -17,7 +17,7 @@ import re
 from typing import Any, Callable, Generator
 
 from forge.agent_side import ToolEnv, tool
-from forge.agent_side.protocol import render_tool_call, tool_results
+from forge.policy.protocol import render_tool_call, tool_results
 
 _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,

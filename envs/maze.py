@@ -15,7 +15,7 @@ from collections import deque
 from typing import Generator, Literal
 
 from forge.agent_side import ToolEnv, tool
-from forge.agent_side.protocol import render_tool_call
+from forge.policy.protocol import render_tool_call
 
 _MOVES = {"north": (-1, 0), "south": (1, 0), "west": (0, -1), "east": (0, 1)}
 _CODE_WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "gale", "heron", "indigo", "juniper",

@@ -17,7 +17,7 @@ import re
 from typing import Generator
 
 from forge.agent_side import ToolEnv, tool
-from forge.agent_side.protocol import render_tool_call, tool_results
+from forge.policy.protocol import render_tool_call, tool_results
 
 _COLORS = ("silver", "golden", "crimson", "azure", "ivory", "jade", "amber", "violet", "copper", "obsidian")
 _OBJECTS = ("compass", "lantern", "chalice", "key", "mirror", "scroll", "crown", "dagger", "globe", "harp")

@@ -15,7 +15,7 @@ from typing import Generator
 
 from envs.sandbox import SandboxLimits, run_python
 from forge.agent_side import ToolEnv, tool
-from forge.agent_side.protocol import render_tool_call, tool_results
+from forge.policy.protocol import render_tool_call, tool_results
 
 
 def _primes_below(n: int) -> list[int]:

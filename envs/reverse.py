@@ -12,7 +12,7 @@ import re
 from typing import Generator
 
 from forge.agent_side import ToolEnv, tool
-from forge.agent_side.protocol import render_tool_call, tool_results
+from forge.policy.protocol import render_tool_call, tool_results
 
 
 class ReverseEnv(ToolEnv):

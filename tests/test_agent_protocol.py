@@ -13,7 +13,7 @@ from gymnasium.utils.env_checker import check_env
 from envs.reverse import ReverseEnv
 from forge.agent_side import tool
 from forge.agent_side.env import call_with_timeout
-from forge.agent_side.protocol import escape_markers, parse_turn, render_tool_result
+from forge.policy.protocol import escape_markers, parse_turn, render_tool_result
 from forge.agent_side.tools import check_arguments, collect_tools
 from forge.policy.tokenizer import PROTOCOL_MARKERS, ByteTokenizer
 

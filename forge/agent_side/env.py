@@ -27,7 +27,7 @@ from typing import Any, ClassVar, SupportsFloat
 import gymnasium as gym
 from gymnasium import spaces
 
-from forge.agent_side.protocol import ProtocolError, parse_turn, render_tool_result
+from forge.policy.protocol import ProtocolError, parse_turn, render_tool_result
 from forge.agent_side.tools import ToolSpec, check_arguments, collect_tools
 
 PRINTABLE = string.printable

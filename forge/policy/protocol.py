@@ -12,6 +12,10 @@ Departure from chat templates such as Qwen's: the result's opening tag carries t
 an attribute, so it is not the tokenizer's `<tool_result>` special token but plain bytes; the
 closing tag is the special token. Tool output that contains a protocol marker is escaped, so a
 tool can never inject a special token into the context.
+
+It lives beside the tokenizer that holds its markers, below both users: the agent loop
+(`forge.agent_side`) and the OpenAI-compatible gateway (`forge.middleware.gateway`), which
+speaks the same protocol to black-box agents.
 """
 
 from __future__ import annotations
