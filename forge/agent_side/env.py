@@ -27,6 +27,7 @@ from typing import Any, ClassVar, SupportsFloat
 import gymnasium as gym
 from gymnasium import spaces
 
+from forge.policy.chat import render_task
 from forge.policy.protocol import ProtocolError, parse_turn, render_tool_result
 from forge.agent_side.tools import ToolSpec, check_arguments, collect_tools
 
@@ -100,6 +101,7 @@ class ToolEnv(gym.Env[str, str]):
         self.observation_space = spaces.Text(self.max_text_chars, min_length=0, charset=PRINTABLE)
         self.action_space = spaces.Text(self.max_text_chars, min_length=0, charset=PRINTABLE)
         self.prompt: str = ""
+        self.task: str = ""
         self.expected: Any = None
         self.turn = 0
         self.done = False
@@ -124,22 +126,15 @@ class ToolEnv(gym.Env[str, str]):
         tools' signatures, for small models trained from scratch that learn the protocol from
         demonstrations, where every prompt token costs training time and says nothing new.
         """
-        if self.prompt_style == "brief":
-            sigs = ", ".join(f"{s['name']}({', '.join(s['parameters']['properties'])})" for s in self.tool_schemas())
-            return f"{task}\nTools: {sigs}\n"
-        tools = "\n".join(json.dumps(s, sort_keys=True) for s in self.tool_schemas())
-        return (
-            f"{task}\n\nTools:\n{tools}\n\n"
-            "You may think inside <think>...</think>. Then either call tools, each as "
-            '<tool_call>{"name": "TOOL", "arguments": {...}}</tool_call>, or give the final answer '
-            "as <answer>...</answer>.\n"
-        )
+        return render_task(task, self.tool_schemas(), self.prompt_style)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed, options=options)
         rng = random.Random(int(self.np_random.integers(2**63)))
         task, self.expected = self.make_task(rng)
-        self.prompt = self.render_prompt(str(task))
+        self.task = str(task)
+        """The task's text as make_task wrote it, before render_prompt adds the tools."""
+        self.prompt = self.render_prompt(self.task)
         self.turn = 0
         self.done = False
         self.error_counts = {}

@@ -61,6 +61,13 @@ def sample_next(
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def _top_logprobs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `params.top_logprobs` largest logprobs [B, k] and their ids [B, k], under the
+    distribution `sample_next` reports logprobs of."""
+    logprobs = torch.log_softmax(logits / params.temperature if params.temperature > 0 else logits, dim=-1)
+    return logprobs.topk(min(params.top_logprobs, logprobs.shape[-1]), dim=-1)
+
+
 class ModelGenerator:
     """`Generator` over a local `Transformer`: batched, KV-cached, prompt prefill shared."""
 
@@ -195,6 +202,7 @@ class ModelGenerator:
         stop = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
         tokens_out: list[torch.Tensor] = []
         logprobs_out: list[torch.Tensor] = []
+        top_out: list[tuple[torch.Tensor, torch.Tensor]] = []
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         mode = self._mode(params)
         static = None if mode == "eager" else _StaticDecode(
@@ -203,6 +211,8 @@ class ModelGenerator:
             tokens, logprobs = sample_next(logits, params, self._rng)
             tokens_out.append(tokens)
             logprobs_out.append(logprobs)
+            if params.top_logprobs:
+                top_out.append(_top_logprobs(logits, params))
             done = done | torch.isin(tokens, stop)
             if step + 1 == params.max_new_tokens or bool(done.all()):
                 break
@@ -213,6 +223,12 @@ class ModelGenerator:
             logits = self.model.forward_cached(tokens[:, None], next_position[:, None], cache, valid)[:, -1]
             next_position = next_position + 1
         done_list = self._completions(torch.stack(tokens_out, 1), torch.stack(logprobs_out, 1), params)
+        if top_out:
+            values = torch.stack([v for v, _ in top_out], 1).tolist()  # [B, steps, k]
+            ids = torch.stack([i for _, i in top_out], 1).tolist()
+            for row, completion in enumerate(done_list):
+                n = len(completion.token_ids)
+                completion.extra["top_logprobs"] = [list(zip(ids[row][j], values[row][j])) for j in range(n)]
         if self.prefix_cache is not None:
             self._keep(prompts, done_list, cache, valid[:, :width], width, len(tokens_out) - 1)
         return done_list

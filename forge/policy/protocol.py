@@ -66,12 +66,12 @@ def parse_turn(text: str, max_calls: int = 8) -> ParsedTurn:
     if not isinstance(text, str):
         out.errors.append(ProtocolError("bad_turn", f"a turn must be text, got {type(text).__name__}"))
         return out
-    _, body, open_think = _blocks(text, "<think>", "</think>")
+    _, body, open_think = split_blocks(text, "<think>", "</think>")
     if open_think:
         out.errors.append(ProtocolError("unclosed_tag", "<think> is never closed; end your thinking with </think>. " + FORMAT_HINT))
         return out
-    answers, body, open_answer = _blocks(body, "<answer>", "</answer>")
-    raw_calls, _, open_call = _blocks(body, "<tool_call>", "</tool_call>")
+    answers, body, open_answer = split_blocks(body, "<answer>", "</answer>")
+    raw_calls, _, open_call = split_blocks(body, "<tool_call>", "</tool_call>")
     for tag, is_open in (("<tool_call>", open_call), ("<answer>", open_answer)):
         if is_open:
             out.errors.append(ProtocolError("unclosed_tag", f"{tag} is never closed; end it with {tag.replace('<', '</')}."))
@@ -93,7 +93,7 @@ def parse_turn(text: str, max_calls: int = 8) -> ParsedTurn:
     return out
 
 
-def _blocks(text: str, open_tag: str, close_tag: str) -> tuple[list[str], str, bool]:
+def split_blocks(text: str, open_tag: str, close_tag: str) -> tuple[list[str], str, bool]:
     """(contents of each open..close block, the text outside them, whether one is left open).
 
     A scan with str.find rather than a lazy regex, so that a turn full of unclosed tags costs

@@ -22,6 +22,9 @@ class SamplingParams:
     """Most tokens to sample for this turn."""
     stop_token_ids: tuple[int, ...] = ()
     """Sampling stops after any of these ids; the stop token is kept in the output."""
+    top_logprobs: int = 0
+    """Also report, per sampled token, the this-many most likely ids and their logprobs (under
+    the same distribution as `Completion.logprobs`) in `Completion.extra["top_logprobs"]`."""
 
 
 @dataclass
