@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -46,6 +47,8 @@ COMMANDS: list[Command] = [
             "forge.agent_side.commands:env_list_arguments", "forge.agent_side.commands:env_list_command"),
     Command("env check", "run Gymnasium's and Forge's checks on an environment; says how to fix each failure",
             "forge.agent_side.commands:env_check_arguments", "forge.agent_side.commands:env_check_command"),
+    Command("serve", "serve a recipe's policy over OpenAI's Chat Completions API on 127.0.0.1; record sessions",
+            "forge.commands:serve_arguments", "forge.commands:serve"),
     Command("bench", "run a speed benchmark of benchmarks/ (prints a table, writes JSON; most need a GPU)",
             "forge.commands:bench_arguments", "forge.commands:bench"),
     Command("inspect", "show a run: evaluations, a step's groups and rewards, a rendered trajectory",
@@ -89,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "target", None) is None:
         parser.print_help()
         return 0
+    # Recipes name user modules (env classes, agents) relative to where forge is started, as
+    # `python -m` would import them; Ray's workers get the same folder (commands._init_ray).
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         return int(_load(args.target)(args) or 0)
     except USER_ERRORS as exc:

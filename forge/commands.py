@@ -75,6 +75,104 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_arguments(parser: argparse.ArgumentParser) -> None:
+    config_arguments(parser)
+    parser.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: a free one); default 8000")
+    parser.add_argument("--resume", default=None, metavar="RUN",
+                        help="serve the latest checkpoint of run folder RUN (default: the recipe's initial weights)")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve the recipe's policy over OpenAI's Chat Completions API on 127.0.0.1, and write every
+    closed session to the run folder as training data (docs/agents.md)."""
+    import threading
+
+    from forge.middleware.arrow import write_parquet
+    from forge.middleware.gateway.app import GatewayConfig, create_app
+    from forge.middleware.gateway.engine import BatchingEngine
+    from forge.middleware.gateway.server import GatewayServer
+    from forge.middleware.gateway.sessions import SessionStore, session_group
+    from forge.monitoring import RunDir, attach_log_file, create_run_dir
+    from forge.policy.generation import ModelGenerator
+    from forge.policy.tokenizer import ByteTokenizer
+
+    cfg = load_recipe(args.recipe, args.overrides, RecipeConfig)
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: a port is 0-65535 (0 picks a free one)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    model, version, run = _serving_model(cfg, args.resume)
+    if run is None:
+        run = create_run_dir(cfg.run.output_dir, f"{cfg.run.name}-serve", dump_yaml(cfg))
+    else:
+        run = RunDir(run)
+        attach_log_file(run.log_file)
+    sessions_dir = run.path / "sessions"
+    sessions_dir.mkdir(parents=True, exist_ok=True)
+    written = threading.Lock()
+
+    def write(session) -> None:
+        # One Parquet file per closed session, in the trajectory schema `forge train` writes.
+        with written:
+            path = write_parquet([session_group(session)], sessions_dir / f"session-{_safe_name(session.id)}.parquet")
+        log.info("session %s closed (reward %s, %d calls): %s", session.id, session.reward, len(session.calls), path)
+
+    tokenizer = ByteTokenizer()
+    generator = ModelGenerator(model, tokenizer, seed=cfg.run.seed, policy_version=version)
+    engine = BatchingEngine(generator)
+    store = SessionStore(on_close=write)
+    gateway = GatewayConfig(model_name=cfg.agent.model_name, max_context_tokens=cfg.rollout.max_context_tokens,
+                            default_max_tokens=cfg.rollout.max_new_tokens, tool_style=cfg.agent.tool_style)
+    server = GatewayServer(create_app(engine, tokenizer, store, gateway, lambda: generator.policy_version),
+                           port=args.port)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"forge: serving '{gateway.model_name}' (policy version {version}) at {server.base_url}; "
+          f"closed sessions go to {sessions_dir}; Ctrl-C stops", flush=True)
+    try:
+        while True:
+            threading.Event().wait(3600)
+    finally:
+        server.stop()
+        engine.close()
+
+
+def _serving_model(cfg: RecipeConfig, resume: str | None):
+    """(model, policy version, run folder or None): a run's latest checkpoint, else the recipe's
+    initial weights (trainer.init_seed), in the trainer's precision on a GPU."""
+    import torch
+
+    from forge.config import init_seed
+    from forge.policy.model import Transformer
+    from forge.run_state import Checkpointer
+
+    torch.manual_seed(init_seed(cfg))
+    model = Transformer(cfg.model)
+    version, run = 0, None
+    if resume:
+        run = _run_folder(resume)
+        checkpoints = Checkpointer(run / "checkpoints")
+        tag = checkpoints.latest()
+        if tag is None:
+            raise ConfigError(f"--resume {resume}: the run has no complete checkpoint yet; serve without --resume")
+        saved = torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        try:
+            model.load_state_dict(saved["module"])
+        except RuntimeError as exc:
+            raise ConfigError(f"--resume {resume}: checkpoint {tag} does not fit this recipe's model "
+                              f"({str(exc).splitlines()[0]}); serve it with the run's own config.yaml") from None
+        version = int(saved.get("driver", {}).get("version", 0))
+        log.info("serving %s of %s", tag, run)
+    if torch.cuda.is_available():
+        model = model.cuda().to(torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32)
+    return model.eval(), version, run
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120]
+
+
 def inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="a run folder, e.g. runs/quickstart-20261127-101500")
     parser.add_argument("--step", type=int, default=None, help="show the groups of this RL step (default: the last kept)")

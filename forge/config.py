@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
-from forge.agent_side.config import EnvConfig, EnvLoadError, RolloutConfig, load_env_class
+from forge.agent_side.config import AgentConfig, EnvConfig, EnvLoadError, RolloutConfig, load_env_class
 from forge.middleware.pool import PoolConfig
 from forge.monitoring import WandbConfig
 from forge.policy.config import ModelConfig
@@ -89,7 +89,9 @@ class RecipeConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray cluster."""
     env: EnvConfig = field(default_factory=EnvConfig)
-    """The environment."""
+    """The environment (with `agent`, only warm-start's demonstrations come from it)."""
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    """A black-box agent program, rolled out through the gateway in place of env."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout workers."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -151,6 +153,15 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), cls: type[T] = 
             load_env_class(cfg.env.cls)
         except EnvLoadError as exc:
             raise ConfigError(f"{source}: env.cls: {exc}") from None
+        if cfg.agent.enabled:
+            from forge.agent_side.agent import load_agent
+
+            try:
+                load_agent(cfg.agent)
+            except EnvLoadError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+            if cfg.agent.tool_style not in ("full", "brief"):
+                raise ConfigError(f"{source}: agent.tool_style must be 'full' or 'brief', got '{cfg.agent.tool_style}'")
     return cfg
 
 

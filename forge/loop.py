@@ -253,7 +253,7 @@ def _start_rollouts(cfg: Any, store: Any, state: DriverState) -> _Rollouts:
     seeds = [cfg.run.seed * 1000 + i + 7919 * state.step for i in range(cfg.rollout.num_workers)]
     workers = [
         remote.remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, seed, cfg.trainer.precision,
-                                                        cfg.rollout.prefix_cache_tokens))
+                                                        cfg.rollout.prefix_cache_tokens), agent_cfg=cfg.agent)
         for seed in seeds
     ]
     per_call = max(1, cfg.rollout.concurrency // cfg.rollout.group_size)
@@ -275,7 +275,7 @@ def _start_evaluator(cfg: Any, store: Any):
     remote = ray.remote(num_cpus=0, num_gpus=cfg.rollout.actor_num_gpus)(RolloutActor)
     generator = partial(_make_generator, cfg.model, store, cfg.run.seed + 17, cfg.trainer.precision,
                         cfg.rollout.prefix_cache_tokens)
-    return remote.remote(cfg.env, eval_rollout, generator)
+    return remote.remote(cfg.env, eval_rollout, generator, agent_cfg=cfg.agent)
 
 
 def _submit(rollouts: _Rollouts, w: int, pool: Any, state: DriverState) -> None:

@@ -1,4 +1,5 @@
-"""Config of the agent side: which environment (`EnvConfig`), how rollouts run (`RolloutConfig`).
+"""Config of the agent side: which environment (`EnvConfig`) or black-box agent (`AgentConfig`),
+how rollouts run (`RolloutConfig`).
 
 The lead's recipe loader composes these into the recipe; `load_env_class` resolves
 `env.cls: my_pkg.my_env:MyEnv` with a one-line error that names the fix. It lives here rather
@@ -34,6 +35,24 @@ class EnvConfig:
     def make(self) -> ToolEnv:
         """A fresh env instance."""
         return load_env_class(self.cls)(difficulty=self.difficulty, **self.kwargs)
+
+
+@dataclass
+class AgentConfig:
+    """A black-box agent program, trained through the gateway in place of `env` (docs/agents.md)."""
+
+    cls: str = ""
+    """The agent as 'module.path:run', an `async def run(task: dict, client: openai.AsyncOpenAI) -> float`; empty: use env."""
+    tasks: str = ""
+    """The tasks as 'module.path:tasks', a `tasks(seed: int) -> dict` giving the task of a seed."""
+    tool_style: str = "full"
+    """How the gateway shows a request's tools to the policy: 'full' (JSON schemas) or 'brief' (signatures)."""
+    model_name: str = "forge-policy"
+    """The `model` the agent's requests name."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cls)
 
 
 @dataclass
@@ -84,25 +103,38 @@ class RolloutConfig:
         )
 
 
-def load_env_class(ref: str) -> type[ToolEnv]:
-    """The `ToolEnv` subclass named by 'module.path:ClassName'; EnvLoadError (one line) if not."""
+def _resolve(ref: str, key: str, example: str) -> Any:
+    """The object a 'module.path:name' reference names (None if the module lacks it, after
+    raising with a suggestion); EnvLoadError (one line) naming `key` if it cannot be imported."""
     if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
-        raise EnvLoadError(f"env class '{ref}' is not a reference; write it as module.path:ClassName, e.g. envs.calculator:CalculatorEnv")
+        raise EnvLoadError(f"{key} '{ref}' is not a reference; write it as {example}")
     module_name, name = ref.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise EnvLoadError(
-            f"env class '{ref}': no module named '{exc.name or module_name}'; "
-            "check the spelling and that the package is installed or on PYTHONPATH"
-        ) from None
+        raise EnvLoadError(f"{key} '{ref}': no module named '{exc.name or module_name}'; "
+                           "check the spelling and that the package is installed or on PYTHONPATH") from None
     except Exception as exc:
-        raise EnvLoadError(f"env class '{ref}': importing '{module_name}' raised {type(exc).__name__}: {exc}") from None
+        raise EnvLoadError(f"{key} '{ref}': importing '{module_name}' raised {type(exc).__name__}: {exc}") from None
     obj = getattr(module, name, None)
     if obj is None:
         close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
         hint = f"; did you mean '{module_name}:{close[0]}'?" if close else ""
-        raise EnvLoadError(f"env class '{ref}': module '{module_name}' has no '{name}'{hint}")
+        raise EnvLoadError(f"{key} '{ref}': module '{module_name}' has no '{name}'{hint}")
+    return obj
+
+
+def resolve_callable(ref: str, key: str) -> Any:
+    """The callable a 'module.path:name' reference names; EnvLoadError (one line) if not."""
+    obj = _resolve(ref, key, "module.path:name, e.g. my_pkg.my_agent:run")
+    if not callable(obj):
+        raise EnvLoadError(f"{key} '{ref}' is {type(obj).__name__} {obj!r}, not a function")
+    return obj
+
+
+def load_env_class(ref: str) -> type[ToolEnv]:
+    """The `ToolEnv` subclass named by 'module.path:ClassName'; EnvLoadError (one line) if not."""
+    obj = _resolve(ref, "env class", "module.path:ClassName, e.g. envs.calculator:CalculatorEnv")
     if not (isinstance(obj, type) and issubclass(obj, ToolEnv)):
         raise EnvLoadError(f"env class '{ref}' is {type(obj).__name__} {obj!r}, not a ToolEnv; subclass forge.agent_side.ToolEnv")
     return obj

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import ray
 
-from forge.agent_side.config import EnvConfig, RolloutConfig, load_env_class
+from forge.agent_side.config import AgentConfig, EnvConfig, RolloutConfig, load_env_class
 from forge.agent_side.rollout import RolloutResult, RolloutStats, RolloutWorker
 from forge.middleware.types import Group
 from forge.policy.sampling import Generator
@@ -25,11 +25,19 @@ class RolloutActor:
     def __init__(
         self, env_cfg: EnvConfig, rollout_cfg: RolloutConfig,
         make_generator: Callable[[], Generator], make_tokenizer: Callable[[], Tokenizer] = ByteTokenizer,
+        agent_cfg: AgentConfig | None = None,
     ) -> None:
-        # Resolve the class once here so a bad reference fails the actor's start, not every episode.
-        load_env_class(env_cfg.cls)
-        name = env_cfg.cls.split(":")[1]
-        self.worker = RolloutWorker(env_cfg.make, make_generator(), make_tokenizer(), rollout_cfg, env_name=name)
+        if agent_cfg is not None and agent_cfg.enabled:
+            # A black-box agent in place of the env: same interface, episodes through a gateway.
+            from forge.agent_side.agent import AgentRolloutWorker
+
+            name = agent_cfg.cls.split(":")[0].rsplit(".", 1)[-1]
+            self.worker = AgentRolloutWorker(agent_cfg, make_generator(), make_tokenizer(), rollout_cfg, name=name)
+        else:
+            # Resolve the class once here so a bad reference fails the actor's start, not every episode.
+            load_env_class(env_cfg.cls)
+            name = env_cfg.cls.split(":")[1]
+            self.worker = RolloutWorker(env_cfg.make, make_generator(), make_tokenizer(), rollout_cfg, env_name=name)
         self.stats = RolloutStats()
 
     def run(self, seeds: Sequence[int], pool: Any = None, temperature: float | None = None,
