@@ -1,0 +1,140 @@
+"""What the OpenAI-compatible gateway costs: concurrent sessions through HTTP against the same
+prompts straight into the generator.
+
+`direct`: the prompts' token ids (encoded by the gateway's chat template) in one
+`ModelGenerator.generate` call, as a rollout worker batches its episodes' turns. `gateway`: the
+same prompts as `sessions` concurrent `AsyncOpenAI` chat calls (one session each, the
+`X-Forge-Session` header set) against a live gateway on 127.0.0.1 over the same generator:
+request checking, the chat template, the engine's batching, parsing the completion back,
+recording the session and the HTTP round trips all count. Sampled tokens per second are total
+sampled tokens over wall-clock time, median of `--reps` after a warm-up (which compiles and
+captures the decoding step). Both sample at temperature 1 with `--max-tokens` each; a row may
+stop early at a sampled stop token, so the rate, not the time, is compared.
+
+    PYTHONPATH=.:benchmarks python benchmarks/gateway.py --preset msa_100m --out gateway.json
+    PYTHONPATH=.:benchmarks python benchmarks/gateway.py --preset tiny --device cpu --sessions 8 --max-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from forge.middleware.gateway.app import GatewayConfig, create_app
+from forge.middleware.gateway.engine import BatchingEngine
+from forge.middleware.gateway.server import GatewayServer
+from forge.middleware.gateway.sessions import SessionStore
+from forge.policy.chat import ChatTemplate
+from forge.policy.config import ModelConfig
+from forge.policy.generation import ModelGenerator
+from forge.policy.model import Transformer
+from forge.policy.sampling import SamplingParams
+from forge.policy.tokenizer import ByteTokenizer
+
+
+def questions(n: int, chars: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = ["coins", "has", "then", "spends", "earns", "friends", "shares", "how", "many", "now"]
+    return [" ".join(rng.choice(words) for _ in range(chars // 6))[:chars] + f" #{i}" for i in range(n)]
+
+
+def wall(fn, reps: int) -> tuple[float, list[int]]:
+    """Median seconds of `fn` (which returns sampled tokens) after one warm-up; the token counts."""
+    fn()
+    times, counts = [], []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        counts.append(fn())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="msa_100m", help="a ModelConfig preset: tiny, small, msa_100m")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sessions", type=int, default=64)
+    parser.add_argument("--prompt-chars", type=int, default=2000, help="characters of each user message (~tokens)")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    tok = ByteTokenizer()
+    cfg = getattr(ModelConfig, args.preset)()
+    cfg.vocab_size = max(cfg.vocab_size, tok.vocab_size)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(args.device)
+    if args.device == "cuda":
+        model = model.to(torch.bfloat16)
+    model.eval()
+    generator = ModelGenerator(model, tok, seed=0)
+    template = ChatTemplate(tok)
+    asks = questions(args.sessions, args.prompt_chars)
+    prompts = [template.encode([{"role": "user", "content": q}]).token_ids for q in asks]
+    stops = (tok.eos_id, tok.token_id("</answer>"))
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.max_tokens, stop_token_ids=stops)
+
+    def direct() -> int:
+        with torch.no_grad():
+            return sum(len(c.token_ids) for c in generator.generate(prompts, params))
+
+    engine = BatchingEngine(generator, max_rows=max(256, args.sessions))
+    store = SessionStore()
+    app = create_app(engine, tok, store, GatewayConfig(max_context_tokens=args.prompt_chars + args.max_tokens + 64,
+                                                       default_max_tokens=args.max_tokens))
+    rows = []
+    with GatewayServer(app) as server:
+        import openai
+
+        async def sessions(round_: list[int]) -> int:
+            round_[0] += 1
+            client = openai.AsyncOpenAI(base_url=server.base_url, api_key="forge", max_retries=0, timeout=600)
+            try:
+                replies = await asyncio.gather(*(
+                    client.chat.completions.create(
+                        model="forge-policy", messages=[{"role": "user", "content": q}], temperature=1.0,
+                        max_tokens=args.max_tokens, extra_headers={"X-Forge-Session": f"r{round_[0]}-{i}"})
+                    for i, q in enumerate(asks)))
+            finally:
+                await client.close()
+            return sum(r.usage.completion_tokens for r in replies)
+
+        counter = [0]
+        calls_before = engine.stats.calls
+        for name, fn in (("direct", direct), ("gateway", lambda: asyncio.run(sessions(counter)))):
+            seconds, counts = wall(fn, args.reps)
+            tokens = statistics.median(counts)
+            rows.append({"variant": name, "s": seconds, "sampled_tokens": tokens, "tokens_per_s": tokens / seconds})
+        calls = engine.stats.calls - calls_before
+    engine.close()
+    rows[1]["engine_calls_per_round"] = calls / (args.reps + 1)
+    cost = 1 - rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    print(f"{args.preset} on {args.device}: {args.sessions} sessions, prompts of {len(prompts[0])} tokens, "
+          f"up to {args.max_tokens} new")
+    print(f"{'variant':<10} {'s':>8} {'sampled':>9} {'tokens/s':>10}")
+    for r in rows:
+        print(f"{r['variant']:<10} {r['s']:>8.3f} {r['sampled_tokens']:>9.0f} {r['tokens_per_s']:>10.0f}")
+    print(f"gateway cost: {100 * cost:.1f}% of sampled tokens/s; engine calls per round: "
+          f"{rows[1]['engine_calls_per_round']:.2f}")
+    if args.out:
+        device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        meta = {"device": device, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                "args": vars(args), "prompt_tokens": len(prompts[0])}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "gateway_cost": cost}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
