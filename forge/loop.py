@@ -319,12 +319,16 @@ def _warm_start(cfg: Any, ranks: list, monitor, evaluator: Any, store: Any, stat
     with monitor.progress(ws.steps, "warm-start") as bar:
         for step in range(ws.steps):
             start = ws.seed_offset + step * ws.batch_size
-            seqs, masks = oracle_batch(make_env, range(start, start + ws.batch_size), tokenizer)
+            demo_stats: dict[str, int] = {}
+            seqs, masks = oracle_batch(make_env, range(start, start + ws.batch_size), tokenizer, stats=demo_stats)
             shard = len(ranks)
             lr = ws.lr_at(step)
             results = ray.get([r.call.remote("sft_step", seqs[i::shard], masks[i::shard], lr)
                                for i, r in enumerate(ranks)])
             metrics = {**results[0], "warmstart/lr": lr}
+            if demo_stats.get("demos_failed"):
+                # Demonstrations whose episode failed (env faults) and were replaced by spare seeds.
+                metrics["warmstart/demos_failed"] = float(demo_stats["demos_failed"])
             reached = False
             if ws.checks_at(step + 1):
                 reward = _warm_start_check(cfg, ranks, evaluator, store, state)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forge.agent_side.env import ToolEnv
+from forge.agent_side.faults import FaultConfig, faulty_class
 from forge.policy.sampling import SamplingParams
 
 
@@ -31,10 +32,15 @@ class EnvConfig:
     """Extra keyword arguments for the env's constructor."""
     difficulty: int = 0
     """Task difficulty level passed to the env (0 is the easiest)."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Faults injected into the env at set rates, to test that runs survive them (docs/reliability.md); off by default."""
 
     def make(self) -> ToolEnv:
-        """A fresh env instance."""
-        return load_env_class(self.cls)(difficulty=self.difficulty, **self.kwargs)
+        """A fresh env instance; with any `faults` rate above 0, of the env class with faults injected."""
+        cls = load_env_class(self.cls)
+        if self.faults.enabled:
+            cls = faulty_class(cls, self.faults)
+        return cls(difficulty=self.difficulty, **self.kwargs)
 
 
 @dataclass
