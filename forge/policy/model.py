@@ -277,6 +277,11 @@ class Attention(nn.Module):
         return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
                 and self.msa.triton_ok() and _pow2_at_least_16(self.head_dim))
 
+    def _interpreted_ok(self, q: torch.Tensor) -> bool:
+        """The inference kernels under Triton's CPU interpreter (tests), in fp32 only."""
+        return (_interpreting() and q.dtype == torch.float32 and self.msa.triton_ok()
+                and _pow2_at_least_16(self.head_dim))
+
     def _msa(self, q, k, v, iq, ik, p: _Pass) -> torch.Tensor:
         """MSA over a causal batch or a prefix tree; appends the index-loss sum to p.index_losses."""
         m = self.msa
@@ -304,7 +309,7 @@ class Attention(nn.Module):
     def _msa_cached(self, q, k, v, iq, ik, p: _Pass, cache: tuple) -> torch.Tensor:
         """MSA of new tokens against a position-indexed cache, after writing their keys at their positions."""
         m = self.msa
-        k_cache, v_cache, ik_cache, _ = cache
+        k_cache, v_cache, ik_cache, length = cache
         b, t = q.shape[:2]
         if p.new_all_valid:
             rows, slots = torch.arange(b, device=q.device)[:, None].expand(b, t), p.position
@@ -320,10 +325,24 @@ class Attention(nn.Module):
         decode = (t == 1 and not p.msa_dense and self._triton_ok(q) and p.first_position >= m.dense_below_tokens)
         if decode:
             return self._paged_decode(q, iq, k_cache, v_cache, ik_cache, p)
+        if length == 0 and t > 1 and (self._triton_ok(q) or self._interpreted_ok(q)):
+            return self._msa_prefill(q, k, v, iq, ik, p)
         s = p.last_position + 1
         return msa_cache_attention(q, iq, k_cache[:, :s], v_cache[:, :s], ik_cache[:, :s], p.position,
                                    block_size=m.block_size, top_k=m.top_k, dense_below=m.dense_below_tokens,
                                    dense=p.msa_dense, scale=self.head_dim**-0.5)
+
+    def _msa_prefill(self, q, k, v, iq, ik, p: _Pass) -> torch.Tensor:
+        """A prefill from an empty cache through the trainer's kernels (`msa_tree_triton`): each
+        left-padded row is a forest whose padding tokens are roots of their own, seen by nothing
+        else, so a real token attends exactly as in its unpadded sequence."""
+        m, t = self.msa, q.shape[1]
+        index = torch.arange(t, device=q.device)
+        valid = p.new_valid if p.new_valid is not None else torch.ones_like(p.position, dtype=torch.bool)
+        subtree_end = torch.where(valid, torch.full_like(p.position, t), index + 1)
+        out, _ = msa_tree_triton(q, k, v, iq, ik, subtree_end, p.position, block_size=m.block_size, top_k=m.top_k,
+                                 dense_below=m.dense_below_tokens, dense=p.msa_dense, scale=self.head_dim**-0.5)
+        return out
 
     def _paged_decode(self, q, iq, k_cache, v_cache, ik_cache, p: _Pass) -> torch.Tensor:
         """`msa_decode` over the position-indexed cache seen as pages of one block each."""
@@ -341,8 +360,7 @@ class Attention(nn.Module):
         """One new token per row, keys already written, with no host read: `msa_decode` for every
         row, and where a row is below `dense_below_tokens`, dense attention over the first slots."""
         m = self.msa
-        interpreted = _interpreting() and q.dtype == torch.float32 and m.triton_ok() and _pow2_at_least_16(self.head_dim)
-        if not (self._triton_ok(q) or interpreted):
+        if not (self._triton_ok(q) or self._interpreted_ok(q)):
             return msa_cache_attention(q, iq, k_cache, v_cache, ik_cache, p.position, block_size=m.block_size,
                                        top_k=m.top_k, dense_below=m.dense_below_tokens,
                                        scale=self.head_dim**-0.5)
