@@ -6,7 +6,9 @@ prompts straight into the generator.
 same prompts as `sessions` concurrent `AsyncOpenAI` chat calls (one session each, the
 `X-Forge-Session` header set) against a live gateway on 127.0.0.1 over the same generator:
 request checking, the chat template, the engine's batching, parsing the completion back,
-recording the session and the HTTP round trips all count. Sampled tokens per second are total
+recording the session and the HTTP round trips all count. The clients run in a process of
+their own, as an agent program does, and time each round from its first request to its last
+answer. Sampled tokens per second are total
 sampled tokens over wall-clock time, median of `--reps` after a warm-up (which compiles and
 captures the decoding step). Both sample at temperature 1 with `--max-tokens` each; a row may
 stop early at a sampled stop token, so the rate, not the time, is compared.
@@ -60,6 +62,26 @@ def wall(fn, reps: int) -> tuple[float, list[int]]:
     return statistics.median(times), counts
 
 
+def client_rounds(base_url: str, asks: list[str], max_tokens: int, rounds: int, out) -> None:
+    """In a child process: `rounds` rounds of concurrent sessions; puts [(seconds, sampled)]."""
+    import openai
+
+    async def one_round(r: int) -> tuple[float, int]:
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="forge", max_retries=0, timeout=600)
+        try:
+            t0 = time.perf_counter()
+            replies = await asyncio.gather(*(
+                client.chat.completions.create(
+                    model="forge-policy", messages=[{"role": "user", "content": q}], temperature=1.0,
+                    max_tokens=max_tokens, extra_headers={"X-Forge-Session": f"r{r}-{i}"})
+                for i, q in enumerate(asks)))
+            return time.perf_counter() - t0, sum(x.usage.completion_tokens for x in replies)
+        finally:
+            await client.close()
+
+    out.put([asyncio.run(one_round(r)) for r in range(rounds)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="msa_100m", help="a ModelConfig preset: tiny, small, msa_100m")
@@ -95,29 +117,23 @@ def main() -> None:
     app = create_app(engine, tok, store, GatewayConfig(max_context_tokens=args.prompt_chars + args.max_tokens + 64,
                                                        default_max_tokens=args.max_tokens))
     rows = []
+    seconds, counts = wall(direct, args.reps)
+    rows.append({"variant": "direct", "s": seconds, "sampled_tokens": statistics.median(counts),
+                 "tokens_per_s": statistics.median(counts) / seconds})
     with GatewayServer(app) as server:
-        import openai
+        import multiprocessing
 
-        async def sessions(round_: list[int]) -> int:
-            round_[0] += 1
-            client = openai.AsyncOpenAI(base_url=server.base_url, api_key="forge", max_retries=0, timeout=600)
-            try:
-                replies = await asyncio.gather(*(
-                    client.chat.completions.create(
-                        model="forge-policy", messages=[{"role": "user", "content": q}], temperature=1.0,
-                        max_tokens=args.max_tokens, extra_headers={"X-Forge-Session": f"r{round_[0]}-{i}"})
-                    for i, q in enumerate(asks)))
-            finally:
-                await client.close()
-            return sum(r.usage.completion_tokens for r in replies)
-
-        counter = [0]
+        ctx = multiprocessing.get_context("spawn")
+        results = ctx.Queue()
         calls_before = engine.stats.calls
-        for name, fn in (("direct", direct), ("gateway", lambda: asyncio.run(sessions(counter)))):
-            seconds, counts = wall(fn, args.reps)
-            tokens = statistics.median(counts)
-            rows.append({"variant": name, "s": seconds, "sampled_tokens": tokens, "tokens_per_s": tokens / seconds})
+        child = ctx.Process(target=client_rounds, args=(server.base_url, asks, args.max_tokens, args.reps + 1, results))
+        child.start()
+        timed_rounds = results.get(timeout=1800)[1:]  # the first round warms up
+        child.join(timeout=60)
         calls = engine.stats.calls - calls_before
+    seconds = statistics.median(t for t, _ in timed_rounds)
+    tokens = statistics.median(n for _, n in timed_rounds)
+    rows.append({"variant": "gateway", "s": seconds, "sampled_tokens": tokens, "tokens_per_s": tokens / seconds})
     engine.close()
     rows[1]["engine_calls_per_round"] = calls / (args.reps + 1)
     cost = 1 - rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]

@@ -13,6 +13,8 @@ meets: groups of sequences that share a prompt.
 - turns_no_cache / turns_prefix_cache (`--turns N`): N-turn conversations from those prompts,
   40 answer tokens appended a turn, without and with the generator's prefix cache.
 - train_unmerged_each: unmerged, one forward per sequence instead of padded batches.
+- hf_generate (`--hf`): transformers' `generate` on the same weights exported with `save_hf`;
+  the preset is then made exportable (MSA off, softmax routing, no shared expert).
 
 Times are medians of CUDA-event timings after a warm-up call (the first call compiles the Triton
 kernels). Tokens per second count every token of the batch (training) or sampled tokens
@@ -60,6 +62,33 @@ def train_call(model: Transformer, seqs: list[list[int]], merge: bool, padded: b
     return run
 
 
+def hf_generate(model: Transformer, prompts: list[list[int]], new_tokens: int, reps: int) -> dict:
+    """transformers' `generate` on `model`'s weights (save_hf, then from_pretrained), sampling
+    `new_tokens` per row at temperature 1 with no stop token, as the Forge rows above do."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from forge.policy.checkpoint import save_hf
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf(model, folder)
+        # Hub kernels (transformers' default on a GPU) need a download; the GPU machines are offline.
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, use_kernels=False).cuda().eval()
+    ids = torch.tensor(prompts, device="cuda")
+    mask = torch.ones_like(ids)
+
+    def run() -> None:
+        with torch.no_grad():
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=0)
+
+    ms = timed(run, reps)
+    sampled = len(prompts) * new_tokens
+    del hf
+    return {"variant": "hf_generate", "ms": ms, "tokens": sampled, "tokens_per_s": sampled / ms * 1e3}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, default=2)
@@ -75,6 +104,9 @@ def main() -> None:
                         help="also time conversations of this many turns (40 answer tokens a turn), "
                              "with and without the prefix cache")
     parser.add_argument("--no-msa", action="store_true", help="the same shape with every layer dense")
+    parser.add_argument("--hf", action="store_true",
+                        help="also time transformers' generate on the same weights, exported with save_hf; the "
+                             "preset is made exportable (MSA off, softmax routing, no shared expert)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--skip-train", action="store_true", help="time generation only")
@@ -82,8 +114,11 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = ModelConfig.msa_100m()
-    if args.no_msa:
+    if args.no_msa or args.hf:
         cfg.msa.enabled = False
+    if args.hf:
+        # What Qwen3-MoE holds (forge.policy.checkpoint.config_arch): the same shape otherwise.
+        cfg.score_func, cfg.num_shared_experts = "softmax", 0
     torch.manual_seed(0)
     model = Transformer(cfg).cuda().to(torch.bfloat16)
     seqs = batch(args.groups, args.group_size, args.prompt, args.response)
@@ -115,6 +150,8 @@ def main() -> None:
         with torch.no_grad():
             ms = timed(fn, args.reps)
         rows.append({"variant": name, "ms": ms, "tokens": sampled[-1], "tokens_per_s": sampled[-1] / ms * 1e3})
+    if args.hf:
+        rows.append(hf_generate(model, prompts, args.gen_tokens, args.reps))
     generate = generate_with(args.decode.split(",")[-1], args.gen_tokens)[0]
     for name, cache_tokens in [("turns_no_cache", 0), ("turns_prefix_cache", 1 << 20)][: 2 if args.turns else 0]:
         sampled = []
@@ -154,7 +191,7 @@ def main() -> None:
         print(f"{r['variant']:<20} {r['ms']:>10.1f} {r['tokens']:>8} {r['tokens_per_s']:>10.0f}")
     if args.out:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                "date": datetime.date.today().isoformat(), "args": vars(args), "msa": not args.no_msa}
+                "date": datetime.date.today().isoformat(), "args": vars(args), "msa": not (args.no_msa or args.hf)}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
