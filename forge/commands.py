@@ -219,9 +219,13 @@ def _benchmarks() -> list[str]:
 
 def _run_folder(name: str) -> Path:
     path = Path(name)
-    if not path.is_dir() and (Path("runs") / name).is_dir():
-        path = Path("runs") / name
-    if not (path / "config.yaml").is_file():
+    try:
+        if not path.is_dir() and (Path("runs") / name).is_dir():
+            path = Path("runs") / name
+        is_run = (path / "config.yaml").is_file()
+    except OSError as exc:  # a name too long for the file system, say
+        raise ConfigError(f"'{name}' is not a run folder ({exc.strerror}); runs live under runs/<name>-<timestamp>/") from None
+    if not is_run:
         raise ConfigError(f"'{name}' is not a run folder (no config.yaml in it); runs live under runs/<name>-<timestamp>/")
     return path
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +32,10 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be loaded; the message is one line and names the fix."""
+
+    def __init__(self, message: str) -> None:
+        # Keys and values quoted in a message come from the user's file: keep it one printable line.
+        super().__init__(_one_line(message))
 
 
 class ClassRef(str):
@@ -136,14 +142,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), cls: type[T] = 
     if not path.is_file():
         hint = _nearest_file(path)
         raise ConfigError(f"{source}: recipe file not found" + (f"; did you mean '{hint}'?" if hint else ""))
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    data = _load_yaml(path, source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a mapping of sections, got {type(data).__name__}")
+    _check_shape(data, source)
     for item in overrides:
         apply_override(data, item, cls)
     cfg = from_dict(cls, data, source=source)
@@ -181,6 +183,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "<dict>", 
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{source}: {prefix or 'recipe'}: {exc}") from None
+    except ArithmeticError as exc:
+        # A section's own check divided by a zero (or overflowed on a huge number) it was given.
+        raise ConfigError(f"{source}: {prefix or 'recipe'}: its values fail their own check ({exc}); "
+                          "look for a size or count set to 0 or to a huge number") from None
 
 
 def apply_override(data: dict, item: str, cls: type) -> None:
@@ -300,15 +306,23 @@ def _convert(tp: Any, value: Any, *, source: str, key: str) -> Any:
             return value
         raise ConfigError(f"{source}: {key}: expected an integer, got {_describe(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads '1e-3' as a string; accept what is plainly a number.
-        if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:
+                raise ConfigError(f"{source}: {key}: {_describe(value)} is too large for a number") from None
+        # YAML 1.1 reads '1e-3' as a string; accept what is plainly a number.
+        elif isinstance(value, str):
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{source}: {key}: expected a number, got {_describe(value)}")
+        if number is None:
+            raise ConfigError(f"{source}: {key}: expected a number, got {_describe(value)}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: {key}: {_describe(value)} is not a finite number; write one such as 0.001")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -335,6 +349,8 @@ def _parse_text(tp: Any, raw: str, *, key: str) -> Any:
         try:
             return int(text)
         except ValueError:
+            if text.lstrip("+-").isdigit():
+                raise ConfigError(f"command line: {key}: {len(text)} digits is too long an integer; write a smaller one") from None
             raise ConfigError(f"command line: {key}: expected an integer, got '{text}'") from None
     if base is float:
         try:
@@ -342,9 +358,81 @@ def _parse_text(tp: Any, raw: str, *, key: str) -> Any:
         except ValueError:
             raise ConfigError(f"command line: {key}: expected a number, got '{text}'") from None
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError, ValueError):
         raise ConfigError(f"command line: {key}: '{text}' is not valid YAML") from None
+    _check_shape(value, f"command line: {key}")
+    return value
+
+
+_MAX_BYTES = 256 * 1024
+_MAX_DEPTH = 32
+_MAX_VALUES = 100_000
+
+
+def _load_yaml(path: Path, source: str) -> Any:
+    """The YAML document of a recipe file ({} if empty); ConfigError with one line if unreadable."""
+    try:
+        # PyYAML reads about 100 KB/s: a bound on the size is a bound on the time.
+        if path.stat().st_size > _MAX_BYTES:
+            raise ConfigError(f"{source}: {path.stat().st_size} bytes is no recipe (a recipe is a few KB of YAML, "
+                              f"at most {_MAX_BYTES}); check that this is the right file")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "save the recipe as UTF-8 YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot be read ({exc.strerror or exc}); check that it is a readable file") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        if mark is None and getattr(exc, "position", None) is not None:
+            where = f" at character {exc.position}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to read; a recipe's sections are a few levels deep") from None
+    except ValueError as exc:
+        # PyYAML builds a tagged or plain number with int()/float(); their errors are plain ValueErrors.
+        if "digits" in str(exc):
+            raise ConfigError(f"{source}: a number has more than 4300 digits; write a smaller one") from None
+        raise ConfigError(f"{source}: a value cannot be read ({str(exc).splitlines()[0]}); "
+                          "fix the value or its !!tag") from None
+
+
+def _check_shape(data: Any, where: str) -> None:
+    """Refuse YAML that no recipe needs and that would hang or crash the loader: a mapping or
+    list that contains itself through an alias, nesting past _MAX_DEPTH, or aliases that expand
+    past _MAX_VALUES values (a 'billion laughs' document)."""
+    seen: dict[int, tuple[int, int]] = {}
+    on_path: set[int] = set()
+
+    def walk(node: Any, depth: int) -> tuple[int, int]:
+        """(values in node once expanded, its nesting height)."""
+        if not isinstance(node, (dict, list)):
+            return 1, 0
+        if id(node) in on_path:
+            raise ConfigError(f"{where}: a YAML alias refers to a mapping or list that holds it; "
+                              "a recipe cannot contain itself")
+        if id(node) not in seen:
+            on_path.add(id(node))
+            size, height = 1, 0
+            for child in node.values() if isinstance(node, dict) else node:
+                child_size, child_height = walk(child, depth + 1)
+                size, height = size + child_size, max(height, child_height + 1)
+            on_path.discard(id(node))
+            seen[id(node)] = (size, height)
+        size, height = seen[id(node)]
+        if depth + height > _MAX_DEPTH:
+            raise ConfigError(f"{where}: nested more than {_MAX_DEPTH} levels deep; a recipe's sections are a few levels deep")
+        if size > _MAX_VALUES:
+            raise ConfigError(f"{where}: expands to {size} values (YAML aliases repeat what they name); "
+                              f"a recipe holds at most {_MAX_VALUES}")
+        return size, height
+
+    walk(data, 0)
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -371,6 +459,16 @@ def _nearest_file(path: Path) -> str | None:
     names = [p.name for p in parent.iterdir() if p.suffix in (".yaml", ".yml")]
     close = difflib.get_close_matches(path.name, names, n=1)
     return str(parent / close[0]) if close else None
+
+
+_LONG_WORD = re.compile(r"\S{201,}")
+
+
+def _one_line(text: str) -> str:
+    """`text` as one printable line: control characters, line separators and lone surrogates
+    escaped, and words of over 200 characters shortened."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+    return _LONG_WORD.sub(lambda m: f"{m[0][:120]}...({len(m[0])} characters)...{m[0][-40:]}", text)
 
 
 def _describe(value: Any) -> str:

@@ -90,12 +90,24 @@ def write_parquet(groups: Sequence[Group], path: str | Path) -> Path:
 
 
 def read_parquet(paths: str | Path | Iterable[str | Path]) -> list[Group]:
-    """Groups from one Parquet file or several, in file order."""
+    """Groups from one Parquet file or several, in file order. A file that cannot be read back
+    (missing, truncated, corrupt, another schema) is a ValueError whose one line names it."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     groups: list[Group] = []
     for path in paths:
-        groups.extend(from_record_batch(pq.read_table(path)))
+        try:
+            table = pq.read_table(path)
+            _check_schema(table.schema)
+            nulls = [name for name in TRAJECTORY_SCHEMA.names if table.column(name).null_count]
+            if nulls:
+                raise ValueError(f"columns {nulls} hold nulls")
+            groups.extend(from_record_batch(table))
+        # pyarrow reports a damaged file as any ArrowException (ArrowInvalid, OSError, ...), and a
+        # foreign one's values surface as ValueError or TypeError while the rows are rebuilt.
+        except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ValueError(f"{path} is not a readable Forge rollout file ({detail})") from exc
     return groups
 
 
@@ -126,7 +138,16 @@ def _check_schema(schema: pa.Schema) -> None:
     missing = [name for name in TRAJECTORY_SCHEMA.names if name not in schema.names]
     if missing:
         raise ValueError(f"not a Forge trajectory batch: columns {missing} are missing")
+    twice = [name for name in TRAJECTORY_SCHEMA.names if len(schema.get_all_field_indices(name)) > 1]
+    if twice:
+        raise ValueError(f"not a Forge trajectory batch: columns {twice} appear more than once")
+    wrong = [f"{f.name} is {schema.field(f.name).type}, not {f.type}" for f in TRAJECTORY_SCHEMA
+             if not schema.field(f.name).type.equals(f.type)]
+    if wrong:
+        raise ValueError(f"not a Forge trajectory batch: column {'; column '.join(wrong)}")
     version = (schema.metadata or {}).get(b"forge.schema_version")
+    if version is not None and not version.isdigit():
+        raise ValueError(f"not a Forge trajectory batch: its forge.schema_version is {version!r}, not a number")
     if version is not None and int(version) > SCHEMA_VERSION:
         raise ValueError(f"trajectory schema version {int(version)} is newer than this Forge reads "
                          f"({SCHEMA_VERSION}); upgrade forge")

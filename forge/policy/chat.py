@@ -66,6 +66,9 @@ def forge_schema(tool: dict[str, Any]) -> dict[str, Any]:
             '"function": {"name": "NAME", "description": "...", "parameters": {...}}}'
         )
     params = fn.get("parameters")
+    if isinstance(params, dict) and not isinstance(params.get("properties", {}), dict):
+        raise ChatFormatError(f"tool {_preview(fn['name'])}: parameters.properties must be an object mapping each "
+                              f"argument to its JSON schema, got {_preview(params['properties'])}")
     return {
         "name": fn["name"],
         "description": fn.get("description") or "",
@@ -171,7 +174,8 @@ class ChatTemplate:
         schemas = [forge_schema(t) for t in tools or []]
         tok = self.tokenizer
         i, prompt = self._first_turn(messages, roles, schemas)
-        out = EncodedChat(token_ids=[tok.bos_id] + tok.encode(prompt), tool_names=[s["name"] for s in schemas])
+        out = EncodedChat(token_ids=[tok.bos_id] + self._encode(prompt, f"messages[:{i}]"),
+                          tool_names=[s["name"] for s in schemas])
         while i < len(messages):
             role = roles[i]
             if role == "assistant":
@@ -187,10 +191,10 @@ class ChatTemplate:
                 end = i
                 while end < len(messages) and roles[end] == "tool":
                     end += 1
-                out.token_ids.extend(tok.encode(self._observation(messages, i, end)))
+                out.token_ids.extend(self._encode(self._observation(messages, i, end), f"messages[{i}:{end}]"))
                 i = end
             else:
-                out.token_ids.extend(tok.encode(_content(messages[i], i) + "\n"))
+                out.token_ids.extend(self._encode(_content(messages[i], i) + "\n", f"messages[{i}]"))
                 i += 1
         return out
 
@@ -223,11 +227,19 @@ class ChatTemplate:
             text = think + text + "".join(render_tool_call(name, args) for _, name, args in _calls(message, index))
         else:
             text = f"{think}<answer>{text}</answer>"
-        ids = self.tokenizer.encode(text)
+        ids = self._encode(text, f"messages[{index}]")
         # As `forge.agent_side.demos.turn_ids`: the sampler stops at </answer>, else at <eos>.
         if not text.rstrip().endswith("</answer>"):
             ids.append(self.tokenizer.eos_id)
         return ids
+
+    def _encode(self, text: str, where: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text)
+        except UnicodeEncodeError as exc:
+            # A JSON escape such as \ud800 decodes to a lone surrogate, which no UTF-8 text holds.
+            raise ChatFormatError(f"{where}: the text holds a lone surrogate {exc.object[exc.start]!r} at character "
+                                  f"{exc.start}; send whole Unicode characters") from None
 
     def _observation(self, messages: list[dict[str, Any]], start: int, end: int) -> str:
         """The observation text of the tool messages `messages[start:end]`, as `ToolEnv.step` writes it."""
@@ -274,7 +286,7 @@ class ChatTemplate:
 def _role(message: Any, index: int) -> str:
     role = message.get("role") if isinstance(message, dict) else None
     if role not in _ROLES:
-        got = f"role {role!r}" if isinstance(message, dict) else f"a {type(message).__name__}"
+        got = f"role {_preview(role)}" if isinstance(message, dict) else f"a {type(message).__name__}"
         raise ChatFormatError(f"messages[{index}]: {got} is not a message; use an object with role one of {', '.join(_ROLES)}")
     return role
 
@@ -306,8 +318,15 @@ def _join_text(content: Any, where: str) -> str:
 def _calls(message: dict[str, Any], index: int) -> list[tuple[str, str, dict[str, Any]]]:
     """(id, name, arguments) of each tool call of an assistant message, checked."""
     out = []
-    for k, call in enumerate(message.get("tool_calls") or []):
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise ChatFormatError(f"messages[{index}].tool_calls must be a list of tool calls, got {_preview(calls)}")
+    for k, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
+        call_id = call.get("id") if isinstance(call, dict) else None
+        if call_id is not None and not isinstance(call_id, str):
+            raise ChatFormatError(f"messages[{index}].tool_calls[{k}]: id {_preview(call_id)} must be a string, "
+                                  "the id the gateway returned for the call")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise ChatFormatError(f'messages[{index}].tool_calls[{k}]: write {{"id": ..., "type": "function", '
                                   '"function": {"name": ..., "arguments": "{...}"}}')
@@ -318,7 +337,7 @@ def _calls(message: dict[str, Any], index: int) -> list[tuple[str, str, dict[str
         if not isinstance(args, dict):
             raise ChatFormatError(f"messages[{index}].tool_calls[{k}]: arguments {_preview(fn.get('arguments'))} "
                                   "must be a string holding a JSON object, e.g. '{\"x\": 1}'")
-        out.append((call.get("id"), fn["name"], args))
+        out.append((call_id, fn["name"], args))
     return out
 
 

@@ -21,6 +21,7 @@ speaks the same protocol to black-box agents.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,7 +116,14 @@ def split_blocks(text: str, open_tag: str, close_tag: str) -> tuple[list[str], s
 
 def _parse_call(raw: str, index: int, errors: list[ProtocolError]) -> ToolCall | None:
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        # A lone surrogate escape ("\ud800") decodes but is no text: a tool, or a client reading
+        # the call through the gateway, could not encode it.
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        errors.append(ProtocolError("bad_json", f"tool call {index} escapes half a character (a lone \\u surrogate); "
+                                                "escape whole characters. " + FORMAT_HINT))
+        return None
     except (ValueError, RecursionError) as exc:
         errors.append(ProtocolError("bad_json", f"tool call {index} is not valid JSON ({_short(exc)}). " + FORMAT_HINT))
         return None
@@ -127,6 +135,18 @@ def _parse_call(raw: str, index: int, errors: list[ProtocolError]) -> ToolCall |
         errors.append(ProtocolError("bad_arguments", f'tool call {index} ({escape_markers(obj["name"])!r}): "arguments" must be an object.'))
         return None
     return ToolCall(obj["name"], args)
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity; JSON has no such values, and OpenAI's clients refuse them.
+    raise ValueError(f"{name} is not a JSON value; write a number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:20]} is too large for a number")
+    return value
 
 
 def _short(exc: BaseException) -> str:

@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from forge.middleware.gateway.engine import BatchingEngine
-from forge.middleware.gateway.requests import ChatRequest, GatewayError, parse_chat_request
+from forge.middleware.gateway.requests import ChatRequest, GatewayError, finite_number, parse_chat_request, preview
 from forge.middleware.gateway.sessions import CallRecord, Session, SessionError, SessionStore
 from forge.policy.chat import ChatFormatError, ChatTemplate
 from forge.policy.sampling import Completion, SamplingParams
@@ -59,7 +59,9 @@ def create_app(engine: BatchingEngine, tokenizer: Tokenizer, store: SessionStore
     temperature and top_p replace the request's, and its max_new_tokens caps the request's
     budget, because the trainer scores every token at the recipe's one temperature.
     """
-    app = FastAPI(title="Forge gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirect of '/v1/models/' to '/v1/models': a redirect has no JSON body, and a client that
+    # follows one re-sends its POST; a 404 that names the routes says more.
+    app = FastAPI(title="Forge gateway", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     template = ChatTemplate(tokenizer, tool_style=config.tool_style)
     stops = (tokenizer.eos_id, tokenizer.token_id("</answer>"))
     created = int(time.time())
@@ -67,6 +69,13 @@ def create_app(engine: BatchingEngine, tokenizer: Tokenizer, store: SessionStore
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        # A bug: the client still gets OpenAI's format (Starlette logs the traceback after this).
+        return JSONResponse(GatewayError(f"the gateway failed: {type(exc).__name__}: {exc}; this is a bug in Forge, "
+                                         "please report it with the request", status=500, type="server_error").body(),
+                            status_code=500)
 
     @app.exception_handler(404)
     async def not_found(request: Request, _: Exception) -> JSONResponse:
@@ -106,11 +115,11 @@ def create_app(engine: BatchingEngine, tokenizer: Tokenizer, store: SessionStore
     @app.post("/forge/sessions/{session_id}/reward")
     async def reward(session_id: str, request: Request) -> dict:
         body = await _json(request)
-        value = body.get("reward") if isinstance(body, dict) else None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-            raise GatewayError(f"the body must be {{\"reward\": <finite number>}}, got {body!r}"[:300], param="reward")
+        value = finite_number(body.get("reward")) if isinstance(body, dict) else None
+        if value is None:
+            raise GatewayError(f"the body must be {{\"reward\": <finite number>}}, got {preview(body)}", param="reward")
         try:
-            session = store.close(session_id, float(value))
+            session = store.close(session_id, value)
         except KeyError:
             raise GatewayError(f"no session '{session_id}': a session exists once a chat call named it "
                                f"(the {SESSION_HEADER} header or the 'user' field)", status=404, param="session") from None

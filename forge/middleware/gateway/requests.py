@@ -10,6 +10,8 @@ Fields this gateway does not implement are refused when they would change what i
 from __future__ import annotations
 
 import math
+import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,7 @@ class GatewayError(Exception):
 
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None) -> None:
+        message = _one_line(message)
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
 
@@ -51,12 +54,42 @@ class ChatRequest:
     user: str | None = None
 
 
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxlevel, _PREVIEW.maxstring, _PREVIEW.maxother = 3, 60, 60
+_LONG_WORD = re.compile(r"\S{201,}")
+
+
+def preview(value: Any) -> str:
+    """A short repr of a client's value for an error message (bounded, whatever its size or depth)."""
+    return _PREVIEW.repr(value)
+
+
+def _one_line(text: str) -> str:
+    """An error message as one printable line of at most ~1000 characters: control characters,
+    line separators and lone surrogates (which no UTF-8 body can carry) escaped, long words and
+    long messages shortened in the middle, where the fix (at the end) survives."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+    text = _LONG_WORD.sub(lambda m: f"{m[0][:120]}...({len(m[0])} characters)...{m[0][-40:]}", text)
+    return text if len(text) <= 1000 else f"{text[:700]}...({len(text)} characters)...{text[-250:]}"
+
+
+def finite_number(value: Any) -> float | None:
+    """`value` as a float if it is a JSON number that a float holds finitely (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _number(body: dict, name: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise GatewayError(f"'{name}' must be a number, got {value!r}", param=name)
+    if finite_number(value) is None:
+        raise GatewayError(f"'{name}' must be a finite number, got {preview(value)}", param=name)
     if value < lo or value > hi or (lo_open and value == lo):
         side = "(" if lo_open else "["
         raise GatewayError(f"'{name}' must be in {side}{lo}, {hi}], got {value}", param=name)
@@ -68,7 +101,7 @@ def _integer(body: dict, name: str, lo: int, hi: int | None = None) -> int | Non
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise GatewayError(f"'{name}' must be an integer, got {value!r}", param=name)
+        raise GatewayError(f"'{name}' must be an integer, got {preview(value)}", param=name)
     if value < lo or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise GatewayError(f"'{name}' must be {bound}, got {value}", param=name)
@@ -129,7 +162,7 @@ def _flag(body: dict, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise GatewayError(f"'{name}' must be true or false, got {value!r}", param=name)
+        raise GatewayError(f"'{name}' must be true or false, got {preview(value)}", param=name)
     return value
 
 
@@ -149,9 +182,10 @@ def _tool_choice(value: Any, tools: Any) -> Any:
         return value
     if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict):
         name = value["function"].get("name")
-        known = [t.get("function", {}).get("name") for t in tools or [] if isinstance(t, dict)]
+        functions = [t.get("function") for t in tools or [] if isinstance(t, dict)]
+        known = [f.get("name") for f in functions if isinstance(f, dict)]
         if name not in known:
-            raise GatewayError(f"'tool_choice' names function {name!r}, which is not in 'tools' ({known})",
+            raise GatewayError(f"'tool_choice' names function {preview(name)}, which is not in 'tools' ({preview(known)})",
                                param="tool_choice")
         return value
     raise GatewayError("'tool_choice' must be 'none', 'auto', 'required' or "
