@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -56,11 +57,22 @@ def train(args: argparse.Namespace) -> int:
         run = create_run_dir(cfg.run.output_dir, cfg.run.name, dump_yaml(cfg))
         checkpointer, state = Checkpointer(run.checkpoints), DriverState()
         log.info("run folder: %s", run.path)
-    _init_ray(cfg)
+    _init_ray(cfg, namespace=f"forge-{run.path.name}")
+    import ray
+
+    # Where the run's actors live, for tools that reach them (benchmarks/chaos.py kills some).
+    (run.path / "ray.json").write_text(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address,
+                                                   "namespace": f"forge-{run.path.name}"}) + "\n")
     from forge.loop import train as train_loop
 
     with Monitor(run, config=to_dict(cfg), wandb_config=cfg.wandb, run_name=run.path.name) as monitor:
-        state = train_loop(cfg, run, monitor, state, checkpointer)
+        try:
+            state = train_loop(cfg, run, monitor, state, checkpointer)
+        except ray.exceptions.RayActorError as exc:
+            # A trainer rank, the data pool or the weight store died: the run cannot go on, but
+            # its last checkpoint can.
+            raise ConfigError(f"an actor of the run died ({str(exc).splitlines()[0][:200]}); continue from the "
+                              f"last checkpoint with: forge train {args.recipe} --resume {run.path}") from None
         first, last = state.evals[0], state.evals[-1]
         summary = {"eval/reward_first": first[1], "eval/reward_last": last[1], "rl_steps": state.step}
         if state.greedy_evals:
@@ -177,14 +189,37 @@ def inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="a run folder, e.g. runs/quickstart-20261127-101500")
     parser.add_argument("--step", type=int, default=None, help="show the groups of this RL step (default: the last kept)")
     parser.add_argument("--trajectory", type=int, default=0, help="which trajectory of the step to render")
+    parser.add_argument("--ledger", action="store_true",
+                        help="check the run's ledger: every scheduled group trained once, dropped or held; exit 1 if not")
 
 
 def inspect(args: argparse.Namespace) -> int:
     """Show a run: its evaluations, a step's groups and rewards, and one rendered trajectory."""
     from forge.inspect_run import render_run
 
+    if args.ledger:
+        return _inspect_ledger(_run_folder(args.run))
+
     print(render_run(_run_folder(args.run), step=args.step, trajectory=args.trajectory))
     return 0
+
+
+def _inspect_ledger(run: Path) -> int:
+    """Print the ledger's account of the run's groups; 1 if a group was lost, trained twice or short."""
+    from forge.middleware.ledger import check, read_ledger
+
+    path = run / "ledger.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; runs started before the ledger (2026-12-07) have none")
+    try:
+        entries = read_ledger(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    cfg = load_recipe(run / "config.yaml", (), RecipeConfig)
+    report = check(entries, cfg.rollout.group_size)
+    print(f"{path}:")
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -230,7 +265,7 @@ def _run_folder(name: str) -> Path:
     return path
 
 
-def _init_ray(cfg: RecipeConfig) -> None:
+def _init_ray(cfg: RecipeConfig, namespace: str | None = None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -239,6 +274,7 @@ def _init_ray(cfg: RecipeConfig) -> None:
     paths = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths), "FORGE_NO_PROGRESS": "1"}}
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=False, namespace=namespace)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False,
+                 namespace=namespace)

@@ -13,18 +13,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
 
-from forge.agent_side.config import EnvConfig, RolloutConfig, load_env_class
+from forge.agent_side.config import EnvConfig, RolloutConfig, fault_counts, load_env_class
 from forge.agent_side.demos import oracle_batch
 from forge.agent_side.rollout_actor import RolloutActor
 from forge.config import init_seed, trainer_algorithm
 from forge.middleware.arrow import write_parquet
+from forge.middleware.ledger import Ledger
 from forge.middleware.pool import DataPool
 from forge.middleware.weights import WeightStore
 from forge.policy.config import ModelConfig
@@ -83,9 +85,13 @@ def _make_generator(model_cfg: ModelConfig, store: Any, seed: int, precision: st
     return SyncingGenerator(model_cfg, store, seed, precision, prefix_cache_tokens)
 
 
+MAX_WORKER_DEATHS_IN_A_ROW = 3
+"""A rollout worker slot whose actors die this often without a call returning stops the run."""
+
+
 @dataclass
 class _Rollouts:
-    """Rollout workers and their queued `run` calls (ref -> worker index)."""
+    """Rollout workers, their queued `run` calls (ref -> (worker index, seeds)) and the ledger."""
 
     workers: list
     pending: dict
@@ -93,6 +99,34 @@ class _Rollouts:
     """Groups per `run` call: enough to fill a worker's concurrency."""
     seed_base: int
     """Training task seeds are seed_base + a counter, so runs with other seeds see other tasks."""
+    start_worker: Callable[[int], Any]
+    """A fresh actor for worker slot i (the first ones, and replacements of dead ones)."""
+    task_name: str
+    """Task ids are '<task_name>:<seed>', as the workers name them."""
+    ledger: Ledger
+    reissue: deque = field(default_factory=deque)
+    """Seeds to run again before new ones: in flight at a resumed checkpoint, or on a dead worker."""
+    restarts: int = 0
+    deaths_in_a_row: dict = field(default_factory=dict)
+    """Per worker slot, deaths since its last call that returned."""
+
+    def task_id(self, seed: int) -> str:
+        return f"{self.task_name}:{seed}"
+
+    def replace_dead(self, w: int, exc: Exception) -> None:
+        """Start a fresh actor in slot w after its actor died (Ray's RayActorError)."""
+        reason = str(exc).splitlines()[0][:300]
+        self.deaths_in_a_row[w] = self.deaths_in_a_row.get(w, 0) + 1
+        if self.deaths_in_a_row[w] > MAX_WORKER_DEATHS_IN_A_ROW:
+            raise RuntimeError(f"rollout worker {w} died {self.deaths_in_a_row[w]} times in a row, the last time: "
+                               f"{reason}; a worker that cannot start or run is not a transient fault: fix the cause "
+                               "(forge.log and Ray's logs under /tmp/ray/session_latest/logs say more), then --resume")
+        log.warning("rollout worker %d died (%s); starting a new one and running its groups again", w, reason)
+        self.workers[w] = self.start_worker(w)
+        self.restarts += 1
+
+    def returned(self, w: int) -> None:
+        self.deaths_in_a_row[w] = 0
 
 
 def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer) -> DriverState:
@@ -106,7 +140,11 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
     if state.step > 0 or state.warm_start_done:
         client = ray.get([r.call.remote("load", str(run.checkpoints), state.tag) for r in ranks])[0]
         ray.get(pool.load_state_dict.remote(client["pool"]))
-    rollouts = _start_rollouts(cfg, store, state)
+    ledger = Ledger(run.path / "ledger.jsonl")
+    if state.step > 0 or state.warm_start_done:
+        # A resume: what was written after the checkpoint happens again from here.
+        ledger.trim(state.step)
+    rollouts = _start_rollouts(cfg, store, state, ledger)
     evaluator = _start_evaluator(cfg, store)
     _record_placement(run, ranks, rollouts.workers)
     publish_s = _publish(ranks, store, state.version)
@@ -131,6 +169,8 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
                 write_parquet(groups, run.path / "rollouts" / f"step-{state.step + 1:06d}.parquet")
             metrics = _train_step(ranks, groups, state, cfg.trainer.lr_at(state.step, cfg.train.steps))
             state.step += 1
+            for g in groups:
+                ledger.trained(g.task_id, state.step, len(g.trajectories))
             state.version += 1
             publish_s = _publish(ranks, store, state.version)
             schedule.published(state)
@@ -140,6 +180,7 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
                 # finished since the last step (async): per worker-second.
                 metrics["rollout/tokens_per_s"] = rollout_metrics["rollout/sampled_tokens"] / rollout_metrics["rollout/generate_s"]
             metrics.update(schedule.stats(state))
+            metrics["rollout/workers_restarted"] = float(rollouts.restarts)
             metrics.update({"time/rollout_wait_s": wait_s, "time/weights_publish_s": publish_s,
                             "train/staleness_mean": sum(state.version - 1 - g.min_policy_version for g in groups) / len(groups)})
             metrics["train/rl_step"] = float(state.step)
@@ -154,7 +195,13 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
                 # Rows up to this step must be on disk before the checkpoint says it is done.
                 monitor.flush()
                 checkpointer.save(ranks, pool, state)
+                ledger.checkpoint(state.step, ray.get(pool.held_task_ids.remote()))
             bar.update()
+    # Groups still running (async) will never be trained: their fate, so the ledger adds up.
+    held = set(ray.get(pool.held_task_ids.remote()))
+    for group in ledger.open_groups():
+        if group not in held:
+            ledger.dropped(group, state.step, "run_ended")
     return state
 
 
@@ -169,16 +216,23 @@ class _AsyncSchedule:
         self.cfg, self.rollouts, self.pool = cfg, rollouts, pool
 
     def start(self, state: DriverState) -> None:
-        for w in range(len(self.rollouts.workers)):
+        # After a resume, tasks that were in flight at the checkpoint run again, before new ones.
+        held = set(ray.get(self.pool.held_task_ids.remote()))
+        r = self.rollouts
+        r.reissue.extend(int(g.rsplit(":", 1)[1]) for g in r.ledger.open_groups() if g not in held)
+        for w in range(len(r.workers)):
             for _ in range(2):
-                _submit(self.rollouts, w, self.pool, state)
+                _submit(r, w, self.pool, state)
 
     def next_batch(self, state: DriverState) -> tuple[list, dict[str, float]]:
         metrics: dict[str, float] = {}
         while ray.get(self.pool.ready.remote(state.version)) < self.cfg.trainer.groups_per_step:
             _collect(self.rollouts, self.pool, state, metrics, timeout=0.2)
         _collect(self.rollouts, self.pool, state, metrics, timeout=0)
-        return ray.get(self.pool.take.remote(self.cfg.trainer.groups_per_step, state.version)), metrics
+        groups = ray.get(self.pool.take.remote(self.cfg.trainer.groups_per_step, state.version))
+        for task_id in ray.get(self.pool.drain_dropped.remote()):
+            self.rollouts.ledger.dropped(task_id, state.step, "stale")
+        return groups, metrics
 
     def published(self, state: DriverState) -> None:
         pass
@@ -214,7 +268,7 @@ class _FixedLagSchedule:
             self._submit(batch, state)
 
     def next_batch(self, state: DriverState) -> tuple[list, dict[str, float]]:
-        results = ray.get(self.calls.pop(state.step))
+        results = [self._result(call, state) for call in self.calls.pop(state.step)]
         metrics: dict[str, float] = {}
         groups = []
         for result in results:
@@ -222,6 +276,8 @@ class _FixedLagSchedule:
             groups.extend(sorted(result.groups, key=lambda g: int(g.task_id.rsplit(":", 1)[1])))
             for k, v in result.stats.as_metrics().items():
                 metrics[k] = metrics.get(k, 0.0) + v
+            for task_id, reason in result.dropped:
+                self.rollouts.ledger.dropped(task_id, state.step, reason)
         if not groups:
             raise RuntimeError(f"every group of RL step {state.step + 1} was dropped after its retries "
                                f"(rollout/groups_dropped={metrics.get('rollout/groups_dropped', 0):.0f}); "
@@ -240,24 +296,55 @@ class _FixedLagSchedule:
         r = self.rollouts
         seeds = [r.seed_base + batch * self.n + i for i in range(self.n)]
         chunks = [seeds[i : i + r.per_call] for i in range(0, self.n, r.per_call)]
-        self.calls[batch] = [
-            r.workers[(batch * len(chunks) + j) % len(r.workers)].run.remote(chunk, None, None, (state.version, chunk[0]))
-            for j, chunk in enumerate(chunks)
-        ]
+        r.ledger.scheduled([r.task_id(s) for s in seeds], state.step)
+        self.calls[batch] = []
+        for j, chunk in enumerate(chunks):
+            w = (batch * len(chunks) + j) % len(r.workers)
+            pin = (state.version, chunk[0])
+            self.calls[batch].append((r.workers[w].run.remote(chunk, None, None, pin), w, chunk, pin))
         state.next_seed = max(state.next_seed, (batch + 1) * self.n)
 
+    def _result(self, call: tuple, state: DriverState) -> Any:
+        """A queued call's result; if its worker died, a new worker runs the same call again
+        (same tasks, same pinned weights and sampler seed, so the same groups)."""
+        ref, w, chunk, pin = call
+        while True:
+            try:
+                result = ray.get(ref)
+                self.rollouts.returned(w)
+                return result
+            except ray.exceptions.RayActorError as exc:
+                self.rollouts.replace_dead(w, exc)
+                ref = self.rollouts.workers[w].run.remote(chunk, None, None, pin)
 
-def _start_rollouts(cfg: Any, store: Any, state: DriverState) -> _Rollouts:
+
+def _start_rollouts(cfg: Any, store: Any, state: DriverState, ledger: Ledger) -> _Rollouts:
     remote = ray.remote(num_cpus=cfg.rollout.actor_num_cpus, num_gpus=cfg.rollout.actor_num_gpus,
                         resources=cfg.rollout.actor_resources or None)(RolloutActor)
     seeds = [cfg.run.seed * 1000 + i + 7919 * state.step for i in range(cfg.rollout.num_workers)]
-    workers = [
-        remote.remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, seed, cfg.trainer.precision,
-                                                        cfg.rollout.prefix_cache_tokens), agent_cfg=cfg.agent)
-        for seed in seeds
-    ]
+
+    generation = {"n": 0}
+
+    def start_worker(i: int) -> Any:
+        # Named, so tools can reach a worker (benchmarks/chaos.py kills one); a replacement gets
+        # a new name, since a dead actor's name may not be free yet.
+        name = f"rollout-{i}" if generation["n"] < cfg.rollout.num_workers else f"rollout-{i}-{generation['n']}"
+        generation["n"] += 1
+        return remote.options(name=name).remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, seeds[i],
+                                                           cfg.trainer.precision, cfg.rollout.prefix_cache_tokens),
+                             agent_cfg=cfg.agent)
+
+    workers = [start_worker(i) for i in range(cfg.rollout.num_workers)]
     per_call = max(1, cfg.rollout.concurrency // cfg.rollout.group_size)
-    return _Rollouts(workers, {}, per_call, cfg.run.seed * 100_000_000)
+    return _Rollouts(workers, {}, per_call, cfg.run.seed * 100_000_000, start_worker, task_name(cfg), ledger)
+
+
+def task_name(cfg: Any) -> str:
+    """What rollout workers call the recipe's tasks ('<name>:<seed>'): the env class's name, or
+    the agent's module name (forge.agent_side.rollout_actor.RolloutActor)."""
+    if cfg.agent.enabled:
+        return cfg.agent.cls.split(":")[0].rsplit(".", 1)[-1]
+    return cfg.env.cls.split(":")[1]
 
 
 def _record_placement(run, ranks: list, workers: list) -> None:
@@ -278,20 +365,38 @@ def _start_evaluator(cfg: Any, store: Any):
     return remote.remote(cfg.env, eval_rollout, generator, agent_cfg=cfg.agent)
 
 
-def _submit(rollouts: _Rollouts, w: int, pool: Any, state: DriverState) -> None:
-    """Queue one `run` call on worker w; its groups go straight to the pool as they finish."""
-    seeds = [rollouts.seed_base + state.next_seed + i for i in range(rollouts.per_call)]
-    state.next_seed += len(seeds)
-    rollouts.pending[rollouts.workers[w].run.remote(seeds, pool)] = w
+def _submit(rollouts: _Rollouts, w: int, pool: Any, state: DriverState, seeds: list[int] | None = None) -> None:
+    """Queue one `run` call on worker w; its groups go straight to the pool as they finish.
+    Without `seeds`: those to run again first, then new ones."""
+    if seeds is None:
+        seeds = []
+        while rollouts.reissue and len(seeds) < rollouts.per_call:
+            seeds.append(rollouts.reissue.popleft())
+        fresh = rollouts.per_call - len(seeds)
+        seeds += [rollouts.seed_base + state.next_seed + i for i in range(fresh)]
+        state.next_seed += fresh
+    rollouts.ledger.scheduled([rollouts.task_id(s) for s in seeds], state.step)
+    rollouts.pending[rollouts.workers[w].run.remote(seeds, pool)] = (w, seeds)
 
 
 def _collect(rollouts: _Rollouts, pool: Any, state: DriverState, metrics: dict[str, float], *, timeout: float) -> None:
     """Add the counters of finished worker calls to `metrics` and queue those workers again."""
     ready, _ = ray.wait(list(rollouts.pending), num_returns=len(rollouts.pending), timeout=timeout)
     for ref in ready:
-        w = rollouts.pending.pop(ref)
-        for k, v in ray.get(ref).stats.as_metrics().items():
+        w, seeds = rollouts.pending.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            # The worker died: its groups not yet delivered to the pool run again on a new one.
+            rollouts.replace_dead(w, exc)
+            undelivered = set(ray.get(pool.abandon_unfinished.remote([rollouts.task_id(s) for s in seeds])))
+            _submit(rollouts, w, pool, state, [s for s in seeds if rollouts.task_id(s) in undelivered])
+            continue
+        rollouts.returned(w)
+        for k, v in result.stats.as_metrics().items():
             metrics[k] = metrics.get(k, 0.0) + v
+        for task_id, reason in result.dropped:
+            rollouts.ledger.dropped(task_id, state.step, reason)
         _submit(rollouts, w, pool, state)
 
 
@@ -320,15 +425,18 @@ def _warm_start(cfg: Any, ranks: list, monitor, evaluator: Any, store: Any, stat
         for step in range(ws.steps):
             start = ws.seed_offset + step * ws.batch_size
             demo_stats: dict[str, int] = {}
+            injected = sum(fault_counts(cfg.env).values())
             seqs, masks = oracle_batch(make_env, range(start, start + ws.batch_size), tokenizer, stats=demo_stats)
+            injected = sum(fault_counts(cfg.env).values()) - injected
             shard = len(ranks)
             lr = ws.lr_at(step)
             results = ray.get([r.call.remote("sft_step", seqs[i::shard], masks[i::shard], lr)
                                for i, r in enumerate(ranks)])
             metrics = {**results[0], "warmstart/lr": lr}
-            if demo_stats.get("demos_failed"):
+            if demo_stats.get("demos_failed") or injected:
                 # Demonstrations whose episode failed (env faults) and were replaced by spare seeds.
-                metrics["warmstart/demos_failed"] = float(demo_stats["demos_failed"])
+                metrics["warmstart/demos_failed"] = float(demo_stats.get("demos_failed", 0))
+                metrics["warmstart/faults_injected"] = float(injected)
             reached = False
             if ws.checks_at(step + 1):
                 reward = _warm_start_check(cfg, ranks, evaluator, store, state)

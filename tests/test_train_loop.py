@@ -87,6 +87,11 @@ def test_stop_midway_and_resume_loses_no_step(tmp_path):
     assert (run / "config.yaml").is_file() and list((run / "wandb").glob("offline-run-*"))
     assert len(list((run / "rollouts").glob("step-*.parquet"))) >= 4
 
+    # Every group scheduled before or after the kill has one fate: nothing lost, nothing twice.
+    ledger = forge("inspect", str(run), "--ledger", cwd=tmp_path)
+    assert ledger.returncode == 0 and "ledger OK" in ledger.stdout, ledger.stdout + ledger.stderr
+    assert (run / "ledger.discarded.jsonl").is_file() or "scheduled" in (run / "ledger.jsonl").read_text()
+
     shown = forge("inspect", str(run), cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert "eval at step" in shown.stdout and "--- prompt ---" in shown.stdout and "rewards [" in shown.stdout

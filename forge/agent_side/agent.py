@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from forge.agent_side.config import AgentConfig, EnvLoadError, RolloutConfig, resolve_callable
-from forge.agent_side.rollout import GroupSink, RolloutResult, RolloutStats
+from forge.agent_side.rollout import GroupSink, RolloutResult, RolloutStats, drop_reason
 from forge.middleware.gateway.app import SESSION_HEADER, GatewayConfig, create_app
 from forge.middleware.gateway.engine import BatchingEngine
 from forge.middleware.gateway.server import GatewayServer
@@ -100,6 +100,7 @@ class AgentRolloutWorker:
     async def _run(self, seeds: list[int], sink: GroupSink | None) -> RolloutResult:
         stats = RolloutStats()
         groups: list[Group] = []
+        dropped: list[tuple[str, str]] = []
         busy0 = self.engine.stats.busy_s
         slots = asyncio.Semaphore(max(1, self.cfg.concurrency // self.cfg.group_size))
 
@@ -109,19 +110,21 @@ class AgentRolloutWorker:
                 if sink is not None:
                     while not await asyncio.to_thread(sink.try_start, task_id):
                         await asyncio.sleep(self.cfg.backpressure_wait_s)
-                group = await self._group(seed, task_id, stats)
+                group, failures = await self._group(seed, task_id, stats)
                 if group is not None and sink is not None:
                     await asyncio.to_thread(sink.put, group)
                 elif group is not None:
                     groups.append(group)
-                elif sink is not None:
-                    await asyncio.to_thread(sink.abandon, task_id)
+                else:
+                    dropped.append((task_id, drop_reason(failures)))
+                    if sink is not None:
+                        await asyncio.to_thread(sink.abandon, task_id)
 
         await asyncio.gather(*(one(s) for s in seeds))
         stats.generate_s += self.engine.stats.busy_s - busy0
-        return RolloutResult(groups, stats)
+        return RolloutResult(groups, stats, dropped)
 
-    async def _group(self, seed: int, task_id: str, stats: RolloutStats) -> Group | None:
+    async def _group(self, seed: int, task_id: str, stats: RolloutStats) -> tuple[Group | None, list[str]]:
         for attempt in range(self.cfg.max_retries + 1):
             group_id = f"{task_id}#{attempt}"
             try:
@@ -143,11 +146,11 @@ class AgentRolloutWorker:
             if not any(o.failure for o in outcomes):
                 stats.groups_done += 1
                 trajs = [t for o in outcomes for t in o.trajectories]
-                return Group(task_id, group_id, trajs, attempts=attempt + 1)
+                return Group(task_id, group_id, trajs, attempts=attempt + 1), []
             if attempt < self.cfg.max_retries:
                 stats.groups_retried += 1
         stats.groups_dropped += 1
-        return None
+        return None, [o.failure for o in outcomes if o.failure]
 
     async def _episode(self, task: Any, task_id: str, session_id: str) -> _Outcome:
         import copy

@@ -109,6 +109,13 @@ class RolloutConfig:
         )
 
 
+def fault_counts(env_cfg: EnvConfig) -> dict[str, int]:
+    """Faults injected so far in this process into envs of `env_cfg` (empty without env.faults)."""
+    if not env_cfg.faults.enabled:
+        return {}
+    return dict(faulty_class(load_env_class(env_cfg.cls), env_cfg.faults).injected_total)
+
+
 def _resolve(ref: str, key: str, example: str) -> Any:
     """The object a 'module.path:name' reference names (None if the module lacks it, after
     raising with a suggestion); EnvLoadError (one line) naming `key` if it cannot be imported."""

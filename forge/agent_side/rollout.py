@@ -45,6 +45,8 @@ class RolloutStats:
     env_s: float = 0.0
     sampled_tokens: int = 0
     """Tokens the policy sampled; over generate_s, the rollout side's tokens per second."""
+    faults_injected: dict[str, int] = field(default_factory=dict)
+    """Faults the env's fault injection (env.faults) injected during these calls, by kind."""
 
     def merge(self, other: "RolloutStats") -> None:
         """Add another's counters to these (per-kind dicts key by key)."""
@@ -58,7 +60,7 @@ class RolloutStats:
 
     def as_metrics(self, prefix: str = "rollout/") -> dict[str, float]:
         """Flat numbers for `forge.monitoring`: 'rollout/turns', 'rollout/failed/raised', ..."""
-        sub = {"failure_reasons": "failed/", "protocol_errors": "errors/"}
+        sub = {"failure_reasons": "failed/", "protocol_errors": "errors/", "faults_injected": "faults/"}
         out: dict[str, float] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -75,6 +77,23 @@ class RolloutResult:
 
     groups: list[Group]
     stats: RolloutStats
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    """(task id, reason) of every group dropped after its retries: 'env_error', 'timeout' or 'context'."""
+
+
+def job_failures(job: "_GroupJob") -> list[str]:
+    return [ep.traj.failure_reason for ep in job.episodes if not ep.traj.ok]
+
+
+def drop_reason(failures: list[str]) -> str:
+    """The ledger's reason for a group dropped after its retries, from its members' failures:
+    'timeout' (an env call or the episode ran out of time), 'context' or 'env_error'."""
+    causes = [f.split(":", 1)[0] for f in failures if not f.startswith("cancelled")]
+    if any(c in ("timeout", "episode_timeout") for c in causes):
+        return "timeout"
+    if "context" in causes:
+        return "context"
+    return "env_error"
 
 
 class GroupSink(Protocol):
@@ -131,6 +150,7 @@ class RolloutWorker:
         result then holds only the counters.
         """
         stats = RolloutStats()
+        dropped: list[tuple[str, str]] = []
         queue: deque[_GroupJob] = deque(_GroupJob(int(s), 0) for s in seeds)
         active: list[_GroupJob] = []
         groups: list[Group] = []
@@ -157,9 +177,11 @@ class RolloutWorker:
                     sink.put(outcome)
                 elif isinstance(outcome, Group):
                     groups.append(outcome)
-                elif sink is not None:
-                    sink.abandon(self.task_id(job.seed))
-        return RolloutResult(groups, stats)
+                else:
+                    dropped.append((self.task_id(job.seed), drop_reason(job_failures(job))))
+                    if sink is not None:
+                        sink.abandon(self.task_id(job.seed))
+        return RolloutResult(groups, stats, dropped)
 
     def task_id(self, seed: int) -> str:
         """The task id of a seed: equal across a group and its retries."""

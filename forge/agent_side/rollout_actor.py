@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import ray
 
-from forge.agent_side.config import AgentConfig, EnvConfig, RolloutConfig, load_env_class
+from forge.agent_side.config import AgentConfig, EnvConfig, RolloutConfig, fault_counts, load_env_class
 from forge.agent_side.rollout import RolloutResult, RolloutStats, RolloutWorker
 from forge.middleware.types import Group
 from forge.policy.sampling import Generator
@@ -27,6 +27,7 @@ class RolloutActor:
         make_generator: Callable[[], Generator], make_tokenizer: Callable[[], Tokenizer] = ByteTokenizer,
         agent_cfg: AgentConfig | None = None,
     ) -> None:
+        self.env_cfg = None if agent_cfg is not None and agent_cfg.enabled else env_cfg
         if agent_cfg is not None and agent_cfg.enabled:
             # A black-box agent in place of the env: same interface, episodes through a gateway.
             from forge.agent_side.agent import AgentRolloutWorker
@@ -56,12 +57,19 @@ class RolloutActor:
         params = self.worker.params
         if temperature is not None:
             self.worker.params = replace(params, temperature=float(temperature))
+        before = dict(self._fault_counts())
         try:
             result = self.worker.run(seeds, _PoolSink(pool) if pool is not None else None)
         finally:
             self.worker.params = params
+        after = self._fault_counts()
+        result.stats.faults_injected = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
         self.stats.merge(result.stats)
         return result
+
+    def _fault_counts(self) -> dict[str, int]:
+        """Faults injected so far in this process by the env's fault injection (env.faults)."""
+        return fault_counts(self.env_cfg) if self.env_cfg is not None else {}
 
     def total_stats(self) -> RolloutStats:
         return self.stats

@@ -56,6 +56,8 @@ class DataPool:
         # a slow group that has not been taken.
         self._started: OrderedDict[str, Group | None | object] = OrderedDict()
         self._finish_order: list[str] = []
+        self._dropped: list[str] = []
+        self._delivered: set[str] = set()
         self.counters = {"started": 0, "finished": 0, "taken": 0, "dropped_stale": 0, "abandoned": 0,
                          "refused_full": 0}
 
@@ -78,6 +80,7 @@ class DataPool:
         if self._started[key] is not None:  # finished or taken already
             raise ValueError(f"task '{key}' was delivered twice")
         self._started[key] = group
+        self._delivered.add(key)
         self._finish_order.append(key)
         self.counters["finished"] += 1
 
@@ -105,6 +108,29 @@ class DataPool:
             taken.append(group)
         self.counters["taken"] += len(taken)
         return taken
+
+    def abandon_unfinished(self, task_ids: list[str]) -> list[str]:
+        """Of a dead worker's tasks, those whose group never arrived (to run again elsewhere):
+        started ones are forgotten, as `abandon` does, so they can start again."""
+        out = []
+        for task_id in task_ids:
+            if task_id in self._delivered:
+                continue
+            if self._started.get(task_id, _TAKEN) is None:
+                del self._started[task_id]
+                self.counters["abandoned"] += 1
+            out.append(task_id)
+        self._advance_head()
+        return out
+
+    def drain_dropped(self) -> list[str]:
+        """Task ids dropped as stale since the last call (for the run's ledger)."""
+        out, self._dropped = self._dropped, []
+        return out
+
+    def held_task_ids(self) -> list[str]:
+        """Finished groups not yet taken: what a checkpoint of the pool keeps."""
+        return [gid for gid, g in self._started.items() if isinstance(g, Group)]
 
     def ready(self, policy_version: int) -> int:
         """How many groups `take` could return now."""
@@ -142,6 +168,7 @@ class DataPool:
         self._started = OrderedDict((g.task_id, g) for g in state["finished"])
         self._finish_order = [gid for gid in state["finish_order"] if gid in self._started]
         self.counters = dict(state["counters"])
+        self._dropped = []
 
     def _window(self) -> set[str]:
         return set(list(self._started)[: self.config.window])
@@ -162,6 +189,7 @@ class DataPool:
                 self._finish_order.remove(gid)
                 del self._started[gid]
                 self.counters["dropped_stale"] += 1
+                self._dropped.append(gid)
         self._advance_head()
 
 

@@ -65,5 +65,6 @@ def start_trainer_ranks(model_cfg: ModelConfig, cfg: TrainerConfig, algo: Algori
         if rank == 0 and master is None:
             probe = ray.remote(num_cpus=0, scheduling_strategy=strategy)(lambda: ray.util.get_node_ip_address())
             master = ray.get(probe.remote())
-        actors.append(remote.options(**options).remote(model_cfg, cfg, algo, seed, rank, cfg.num_ranks, master, port))
+        actors.append(remote.options(name=f"trainer-{rank}", **options).remote(
+            model_cfg, cfg, algo, seed, rank, cfg.num_ranks, master, port))
     return actors
