@@ -259,6 +259,9 @@ def test_context_limit_truncates_or_fails_a_prompt_that_cannot_fit():
     worker, _ = make_worker(group_size=1, max_retries=0, max_new_tokens=200, max_context_tokens=third_start + 199)
     t = worker.run([0]).groups[0].trajectories[0]
     assert t.ok and not t.terminated and [turn.sampled_ids for turn in t.turns] == [turn.sampled_ids for turn in full.turns[:2]]
+    # The observation after the last turn is not kept: nothing reads it, and a flooding tool must
+    # not make the trajectory longer than the context limit.
+    assert t.turns[-1].observation_ids == [] and len(t.token_ids) <= third_start + 199
     worker, _ = make_worker(group_size=1, max_retries=0, max_new_tokens=200, max_context_tokens=len(full.prompt_ids) + 199)
     result = worker.run([0])
     assert result.groups == [] and result.stats.failure_reasons == {"context": 1}

@@ -220,6 +220,12 @@ class RolloutWorker:
                         f"new ones in rollout.max_context_tokens={self.cfg.max_context_tokens}; raise it or shorten the task")
             elif len(ep.context) + self.params.max_new_tokens > self.cfg.max_context_tokens:
                 # Out of room after some turns: the episode ends truncated, like at its turn limit.
+                # No turn reads the last observation, so it is not kept: a flooding tool cannot
+                # make a trajectory longer than rollout.max_context_tokens (and the trainer's budget).
+                last = ep.traj.turns[-1]
+                if last.observation_ids:
+                    del ep.context[len(ep.context) - len(last.observation_ids):]
+                    last.observation_ids = []
                 ep.done = True
             else:
                 waiting.append(ep)
