@@ -6,9 +6,9 @@ Two runs of recipes/quickstart.yaml (shortened to `--steps` RL steps) start toge
 - clean: the recipe as it is;
 - chaos: the same with `env.faults` (resets failing 8%, steps 2%, tools failing, flooding,
   returning garbage or dying 21% and hanging 0.1% of calls); at RL step `--kill-worker-at` the
-  benchmark kills rollout worker 0 (`ray.kill`, as the OOM killer or a lost node would), and at
-  RL step `--kill-trainer-at` trainer rank 0, which ends the run; the benchmark then resumes
-  it with `forge train --resume`.
+  benchmark kills rollout worker 0's process with SIGKILL (as the OOM killer would), and at RL
+  step `--kill-trainer-at` trainer rank 0's, which ends the run; the benchmark then resumes it
+  with `forge train --resume`. The processes are the ones placement.json names.
 
 It prints and writes as JSON: steps, faults injected (counted where they were injected) and the
 ways they were caught (episodes failed and rerun, tool errors and timeouts, demonstrations
@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,12 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = {"reset_error": 0.08, "step_error": 0.02, "tool_error": 0.06, "tool_garbage": 0.08, "tool_crash": 0.07,
           "tool_hang": 0.001, "seed": 1}
-KILL = """
-import json, sys, ray
-info = json.load(open(sys.argv[1]))
-ray.init(address=info["gcs_address"], namespace=info["namespace"], log_to_driver=False)
-ray.kill(ray.get_actor(sys.argv[2]), no_restart=True)
-"""
 
 
 def forge(out: Path, name: str, overrides: list[str], resume: Path | None = None) -> subprocess.Popen:
@@ -61,9 +56,11 @@ def run_folder(out: Path, name: str) -> Path | None:
     return found[0] if found else None
 
 
-def kill(run: Path, actor: str) -> None:
-    subprocess.run([sys.executable, "-c", KILL, str(run / "ray.json"), actor], check=True, timeout=120,
-                   capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+def kill(run: Path, actor: str) -> int:
+    """SIGKILL the process of a run's actor ('rollout-0', 'trainer-0'), as placement.json names it."""
+    pid = json.loads((run / "placement.json").read_text())["pids"][actor]
+    os.kill(pid, signal.SIGKILL)
+    return pid
 
 
 def summarize(run: Path) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -57,12 +56,10 @@ def train(args: argparse.Namespace) -> int:
         run = create_run_dir(cfg.run.output_dir, cfg.run.name, dump_yaml(cfg))
         checkpointer, state = Checkpointer(run.checkpoints), DriverState()
         log.info("run folder: %s", run.path)
+    # Actors are named (trainer-0, rollout-0, ...) in a namespace of the run's own.
     _init_ray(cfg, namespace=f"forge-{run.path.name}")
     import ray
 
-    # Where the run's actors live, for tools that reach them (benchmarks/chaos.py kills some).
-    (run.path / "ray.json").write_text(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address,
-                                                   "namespace": f"forge-{run.path.name}"}) + "\n")
     from forge.loop import train as train_loop
 
     with Monitor(run, config=to_dict(cfg), wandb_config=cfg.wandb, run_name=run.path.name) as monitor:

@@ -348,9 +348,11 @@ def task_name(cfg: Any) -> str:
 
 
 def _record_placement(run, ranks: list, workers: list) -> None:
-    """Write which Ray node each role landed on to placement.json in the run folder."""
+    """Write which Ray node each role landed on, and its process id, to placement.json."""
     placement = {"trainer": ray.get([r.node_id.remote() for r in ranks]),
-                 "rollout": ray.get([w.node_id.remote() for w in workers])}
+                 "rollout": ray.get([w.node_id.remote() for w in workers]),
+                 "pids": {**{f"trainer-{i}": p for i, p in enumerate(ray.get([r.pid.remote() for r in ranks]))},
+                          **{f"rollout-{i}": p for i, p in enumerate(ray.get([w.pid.remote() for w in workers]))}}}
     (run.path / "placement.json").write_text(json.dumps(placement, indent=2))
     nodes = len(set(placement["trainer"]) | set(placement["rollout"]))
     log.info("placed %d trainer ranks and %d rollout workers on %d node(s)", len(ranks), len(workers), nodes)

@@ -7,6 +7,8 @@ only `Group`s and `RolloutStats` come back.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
@@ -77,6 +79,10 @@ class RolloutActor:
     def node_id(self) -> str:
         """The Ray node this worker runs on (the launcher records where each role landed)."""
         return ray.get_runtime_context().get_node_id()
+
+    def pid(self) -> int:
+        """This worker's process id (placement.json records it; benchmarks/chaos.py kills it)."""
+        return os.getpid()
 
 
 class _PoolSink:

@@ -39,6 +39,10 @@ class TrainerActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        """This rank's process id (placement.json records it; benchmarks/chaos.py kills it)."""
+        return os.getpid()
+
 
 def _free_port() -> int:
     with socket.socket() as s:
