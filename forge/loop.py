@@ -91,7 +91,7 @@ MAX_WORKER_DEATHS_IN_A_ROW = 3
 
 @dataclass
 class _Rollouts:
-    """Rollout workers, their queued `run` calls (ref -> (worker index, seeds)) and the ledger."""
+    """Rollout workers, their queued `run` calls (ref -> (worker index, seeds, actor)) and the ledger."""
 
     workers: list
     pending: dict
@@ -113,8 +113,11 @@ class _Rollouts:
     def task_id(self, seed: int) -> str:
         return f"{self.task_name}:{seed}"
 
-    def replace_dead(self, w: int, exc: Exception) -> None:
-        """Start a fresh actor in slot w after its actor died (Ray's RayActorError)."""
+    def replace_dead(self, w: int, actor: Any, exc: Exception) -> None:
+        """Start a fresh actor in slot w after `actor`, its actor, died (Ray's RayActorError). A
+        failed call of an actor already replaced (its other queued calls) replaces nothing."""
+        if self.workers[w] is not actor:
+            return
         reason = str(exc).splitlines()[0][:300]
         self.deaths_in_a_row[w] = self.deaths_in_a_row.get(w, 0) + 1
         if self.deaths_in_a_row[w] > MAX_WORKER_DEATHS_IN_A_ROW:
@@ -301,21 +304,22 @@ class _FixedLagSchedule:
         for j, chunk in enumerate(chunks):
             w = (batch * len(chunks) + j) % len(r.workers)
             pin = (state.version, chunk[0])
-            self.calls[batch].append((r.workers[w].run.remote(chunk, None, None, pin), w, chunk, pin))
+            self.calls[batch].append((r.workers[w].run.remote(chunk, None, None, pin), w, chunk, pin, r.workers[w]))
         state.next_seed = max(state.next_seed, (batch + 1) * self.n)
 
     def _result(self, call: tuple, state: DriverState) -> Any:
         """A queued call's result; if its worker died, a new worker runs the same call again
         (same tasks, same pinned weights and sampler seed, so the same groups)."""
-        ref, w, chunk, pin = call
+        ref, w, chunk, pin, actor = call
         while True:
             try:
                 result = ray.get(ref)
                 self.rollouts.returned(w)
                 return result
             except ray.exceptions.RayActorError as exc:
-                self.rollouts.replace_dead(w, exc)
-                ref = self.rollouts.workers[w].run.remote(chunk, None, None, pin)
+                self.rollouts.replace_dead(w, actor, exc)
+                actor = self.rollouts.workers[w]
+                ref = actor.run.remote(chunk, None, None, pin)
 
 
 def _start_rollouts(cfg: Any, store: Any, state: DriverState, ledger: Ledger) -> _Rollouts:
@@ -378,19 +382,20 @@ def _submit(rollouts: _Rollouts, w: int, pool: Any, state: DriverState, seeds: l
         seeds += [rollouts.seed_base + state.next_seed + i for i in range(fresh)]
         state.next_seed += fresh
     rollouts.ledger.scheduled([rollouts.task_id(s) for s in seeds], state.step)
-    rollouts.pending[rollouts.workers[w].run.remote(seeds, pool)] = (w, seeds)
+    actor = rollouts.workers[w]
+    rollouts.pending[actor.run.remote(seeds, pool)] = (w, seeds, actor)
 
 
 def _collect(rollouts: _Rollouts, pool: Any, state: DriverState, metrics: dict[str, float], *, timeout: float) -> None:
     """Add the counters of finished worker calls to `metrics` and queue those workers again."""
     ready, _ = ray.wait(list(rollouts.pending), num_returns=len(rollouts.pending), timeout=timeout)
     for ref in ready:
-        w, seeds = rollouts.pending.pop(ref)
+        w, seeds, actor = rollouts.pending.pop(ref)
         try:
             result = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             # The worker died: its groups not yet delivered to the pool run again on a new one.
-            rollouts.replace_dead(w, exc)
+            rollouts.replace_dead(w, actor, exc)
             undelivered = set(ray.get(pool.abandon_unfinished.remote([rollouts.task_id(s) for s in seeds])))
             _submit(rollouts, w, pool, state, [s for s in seeds if rollouts.task_id(s) in undelivered])
             continue

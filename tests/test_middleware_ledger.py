@@ -130,18 +130,21 @@ def test_a_dead_rollout_worker_is_replaced_and_its_groups_run_again(ray_session,
     rollouts = _Rollouts([actor.remote(marker)], {}, per_call=2, seed_base=100, start_worker=lambda i: actor.remote(marker),
                          task_name="t", ledger=ledger)
     state = DriverState()
+    # Two calls queued on the worker, as the schedules keep them: both fail when it dies, and
+    # it is replaced once.
+    _submit(rollouts, 0, pool, state)
     _submit(rollouts, 0, pool, state)
     metrics: dict[str, float] = {}
     for _ in range(200):
         _collect(rollouts, pool, state, metrics, timeout=0.1)
-        if ray.get(pool.ready.remote(0)) >= 2:
+        if ray.get(pool.ready.remote(0)) >= 4:
             break
     assert rollouts.restarts == 1
-    taken = ray.get(pool.take.remote(2, 0))
-    assert sorted(g.task_id for g in taken) == ["t:100", "t:101"]
+    taken = ray.get(pool.take.remote(4, 0))
+    assert sorted(g.task_id for g in taken) == ["t:100", "t:101", "t:102", "t:103"]
     for g in taken:
         ledger.trained(g.task_id, 1, 2)
-    # The replacement's own next call (t:102, t:103) is still running or done: account for it.
+    # The replacement's own next calls are still running or done: account for them.
     for _ in range(100):
         _collect(rollouts, pool, state, metrics, timeout=0.1)
         if ray.get(pool.ready.remote(0)) >= 2:
