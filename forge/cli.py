@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -56,14 +57,21 @@ COMMANDS: list[Command] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with Forge's error style: one line, naming where the usage is, exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="forge",
         description="Forge: reinforcement learning for tool-using language-model agents.",
     )
     parser.add_argument("--version", action="version", version=f"forge {__version__}")
     groups: dict[str, argparse._SubParsersAction] = {}
-    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     groups[""] = top
     for cmd in COMMANDS:
         words = cmd.path.split()
@@ -72,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
             key = " ".join(words[: depth + 1])
             if key not in groups:
                 sub = groups[parent_key].add_parser(word, help=f"{word} commands")
-                groups[key] = sub.add_subparsers(dest=f"command_{depth + 1}", metavar="COMMAND", required=True)
+                groups[key] = sub.add_subparsers(dest=f"command_{depth + 1}", metavar="COMMAND", required=True,
+                                                 parser_class=_Parser)
             parent_key = key
         leaf = groups[parent_key].add_parser(words[-1], help=cmd.help, description=cmd.help)
         _load(cmd.arguments)(leaf)

@@ -97,6 +97,37 @@ def test_stop_midway_and_resume_loses_no_step(tmp_path):
     assert "eval at step" in shown.stdout and "--- prompt ---" in shown.stdout and "rewards [" in shown.stdout
 
 
+def test_a_killed_trainer_ends_the_run_with_one_line_and_resume_restores_it(tmp_path):
+    """SIGKILL trainer rank 0's process (placement.json names it) after the first checkpoint:
+    the driver stops with one line naming --resume, and the resumed run ends with a ledger in
+    which no group is lost, trained twice or trained short."""
+    out = tmp_path / "runs"
+    args = ("train", str(RECIPE), f"run.output_dir={out}", "train.steps=4", "train.rollout_schedule=fixed_lag",
+            "pool.max_staleness=1")
+    proc = forge(*args, cwd=tmp_path, wait=False)
+    deadline, run = time.time() + 400, None
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if out.is_dir() and any(out.iterdir()):
+            run = only_run(out)
+            latest = run / "checkpoints" / "latest"
+            if latest.is_file() and (run / "placement.json").is_file():
+                break
+    assert run is not None and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+    pid = json.loads((run / "placement.json").read_text())["pids"]["trainer-0"]
+    os.kill(pid, signal.SIGKILL)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("forge: error:")]
+    assert len(errors) == 1 and "an actor of the run died" in errors[0] and f"--resume {run}" in errors[0], output[-3000:]
+    resumed = forge(*args, "--resume", str(run), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert [int(r["train/rl_step"]) for r in rows(run) if "train/rl_step" in r] == [1, 2, 3, 4]
+    ledger = forge("inspect", str(run), "--ledger", cwd=tmp_path)
+    assert ledger.returncode == 0 and "ledger OK" in ledger.stdout and "scheduled 8 = trained 8" in ledger.stdout, \
+        ledger.stdout + ledger.stderr
+
+
 def test_bad_resume_target_is_one_line(tmp_path):
     out = forge("train", str(RECIPE), "--resume", str(tmp_path / "nope"), cwd=tmp_path)
     assert out.returncode == 2 and "is not a run folder" in out.stderr and "Traceback" not in out.stderr
