@@ -419,6 +419,8 @@ def _publish(ranks: list, store: Any, version: int) -> float:
     weights = ray.get(ranks[0].call.remote("weights"))
     # A list keeps Ray from resolving the ref when it is passed to the store.
     ray.get(store.publish.remote(version, [ray.put(weights)]))
+    # Ranks keep a copy of the version when algorithm.mismatch_weights is 'sampling'.
+    ray.get([r.call.remote("published", version) for r in ranks])
     return time.perf_counter() - t0
 
 

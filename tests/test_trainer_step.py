@@ -38,7 +38,8 @@ def make_trainer(**overrides):
     from forge.trainer.trainer import Trainer
 
     algo = AlgorithmConfig(loss=overrides.pop("loss", "grpo"), kl_coef=overrides.pop("kl_coef", 0.0),
-                           reduction=overrides.pop("reduction", "default"))
+                           reduction=overrides.pop("reduction", "default"),
+                           mismatch_weights=overrides.pop("mismatch_weights", "current"))
     cfg = TrainerConfig(lr=1e-2, **overrides)
     torch.manual_seed(0)
     from forge.policy.model import Transformer
@@ -166,3 +167,42 @@ def test_ratio_against_the_sampler_lets_the_clip_act():
         clipped[against] = trainer.train_step(groups_of(0))["train/clip_fraction"]
     assert clipped["recomputed"] == 0
     assert clipped["sampler"] > 0.5
+
+
+def sampled_groups(weights: dict, version: int, seed: int) -> list[Group]:
+    """Groups sampled by a ModelGenerator with `weights`, stamped `version`: real sampler logprobs."""
+    from forge.policy.generation import ModelGenerator
+    from forge.policy.model import Transformer
+    from forge.policy.sampling import SamplingParams
+    from forge.policy.tokenizer import ByteTokenizer
+
+    model = Transformer(ModelConfig.tiny())
+    model.load_state_dict(weights)
+    gen = ModelGenerator(model, ByteTokenizer(), seed=seed, policy_version=version)
+    rng = random.Random(seed)
+    groups = []
+    for gi in range(2):
+        prompt = [256] + [rng.randrange(256) for _ in range(10)]
+        done = gen.generate([prompt] * 3, SamplingParams(max_new_tokens=8, temperature=1.0))
+        trajs = [Trajectory(f"t{gi}", f"g{gi}", prompt, [Turn(c.token_ids, c.logprobs, version)], reward=float(k == 0))
+                 for k, c in enumerate(done)]
+        groups.append(Group(f"t{gi}", f"g{gi}", trajs))
+    return groups
+
+
+@pytest.mark.parametrize("mode", ["current", "sampling"])
+def test_mismatch_at_the_sampling_weights_is_the_numerics_alone(mode):
+    """Groups sampled one version behind (as under the fixed-lag schedule): scored at the current
+    weights, the logged gap includes the policy's change; at a kept copy of the weights that
+    sampled them, it is only the sampler's and trainer's numerics (fp32: <= 1e-5)."""
+    trainer = make_trainer(mismatch_weights=mode)
+    trainer.published(7)
+    behind = sampled_groups(trainer.weights(), 7, seed=3)
+    trainer.train_step(groups_of(5))  # the weights move on
+    metrics = trainer.train_step(behind)
+    if mode == "sampling":
+        assert metrics["mismatch/at_sampling_weights"] == 1.0
+        assert metrics["mismatch/logprob_abs_max"] <= 1e-5, metrics["mismatch/logprob_abs_max"]
+    else:
+        assert "mismatch/at_sampling_weights" not in metrics
+        assert metrics["mismatch/logprob_abs_max"] > 1e-3

@@ -41,6 +41,11 @@ class AlgorithmConfig:
     not corrected); 'sampler', the sampler's logprobs (the behaviour policy, as in PPO proper and
     AReaL's decoupled PPO), so that the clip bounds how far each step moves from the weights that
     sampled the batch."""
+    mismatch_weights: Literal["current", "sampling"] = "current"
+    """The weights the logged mismatch (mismatch/*) scores the sampled tokens with: 'current', the
+    trainer's at the step (under a lag the gap then includes the policy's change), or 'sampling',
+    a copy the trainer keeps of each published version (the last 8), so the gap is the numerics
+    of sampler against trainer alone. Costs a forward per version in a batch and the copies."""
     is_correction: Literal["none", "tis", "mis"] = "none"
     """Importance-sampling correction of the sampler/trainer ratio r = exp(old - sampler)
     (forge.trainer.mismatch): 'tis' weights each token's loss by min(r, is_threshold), 'mis' by r

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,10 @@ class _MicroBatch:
     """Tokens the forward pass computes: unique ones when merged, all otherwise."""
 
 
+KEEP_VERSIONS = 8
+"""Published versions whose weights the trainer keeps for algorithm.mismatch_weights 'sampling'."""
+
+
 class Trainer:
     """The model, its optimizer and the RL step on one data-parallel rank."""
 
@@ -74,6 +79,9 @@ class Trainer:
         """Policy version: the number of optimizer steps taken."""
         self.last_router_loads: dict[str, list[float]] = {}
         self.last_mismatch = torch.zeros(0, dtype=torch.float64)
+        self._snapshots: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        """Published versions' weights (algorithm.mismatch_weights 'sampling')."""
+        self._scratch: Transformer | None = None
         """Tokens per expert of each MoE layer in the last step (summed over ranks), for histograms."""
 
     def reset_reference(self) -> None:
@@ -91,7 +99,9 @@ class Trainer:
         mbs = self._plan(batch)
         dev = next(self.model.parameters()).device
         old = self._scores(self.model, batch, mbs)
-        mismatch, self.last_mismatch = mismatch_stats(old, batch.sampler_logprobs, batch.masks)
+        scored, coverage = (self._at_sampling_weights(groups, batch, mbs, old)
+                            if self.algo.mismatch_weights == "sampling" else (old, None))
+        mismatch, self.last_mismatch = mismatch_stats(scored, batch.sampler_logprobs, batch.masks)
         is_w, is_sums = [], {"weight_sum": 0.0, "reduced": 0.0}
         if self.algo.is_correction != "none":
             is_w, is_sums = is_weights(self.algo.is_correction, self.algo.is_level, self.algo.is_threshold, old,
@@ -161,6 +171,7 @@ class Trainer:
             "train/micro_batches": float(len(mbs)),
             "mismatch/logprob_abs_mean": summed[7] / max(summed[9], 1.0), "mismatch/logprob_abs_max": mismatch_max,
             "mismatch/kl": summed[8] / max(summed[9], 1.0),
+            **({"mismatch/at_sampling_weights": coverage} if coverage is not None else {}),
             "train/step_s": time.perf_counter() - t0, "train/policy_version": float(self.version), "train/lr": lr,
         }
         if self.algo.is_correction != "none":
@@ -247,6 +258,30 @@ class Trainer:
     def router_loads(self) -> dict[str, list[float]]:
         """The last step's tokens per expert, per MoE layer."""
         return self.last_router_loads
+
+    def published(self, version: int) -> None:
+        """The driver published the current weights as `version`: with algorithm.mismatch_weights
+        'sampling', keep a copy to score that version's samples with."""
+        if self.algo.mismatch_weights != "sampling":
+            return
+        self._snapshots[version] = self.weights()
+        while len(self._snapshots) > KEEP_VERSIONS:
+            self._snapshots.popitem(last=False)
+
+    def _at_sampling_weights(self, groups: list[Group], batch, mbs, old: list[torch.Tensor]) -> tuple[list, float]:
+        """Each sequence's logprobs under the weights that sampled it (where one kept version
+        sampled all its turns; else `old`), and the fraction of sequences scored so."""
+        versions = [set(t.policy_versions) for g in groups for t in g.trajectories]
+        out, covered = list(old), 0
+        for v in sorted({next(iter(vs)) for vs in versions if len(vs) == 1} & set(self._snapshots)):
+            if self._scratch is None:
+                self._scratch = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self._scratch.load_state_dict(self._snapshots[v])
+            scores = self._scores(self._scratch, batch, mbs)
+            for j, vs in enumerate(versions):
+                if vs == {v}:
+                    out[j], covered = scores[j], covered + 1
+        return out, covered / max(1, len(versions))
 
     def weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the full weights (gathered under ZeRO-3), for rollout workers."""
