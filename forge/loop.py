@@ -10,6 +10,7 @@ not hidden behind decorators.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -150,12 +151,12 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
     rollouts = _start_rollouts(cfg, store, state, ledger)
     evaluator = _start_evaluator(cfg, store)
     _record_placement(run, ranks, rollouts.workers)
-    publish_s = _publish(ranks, store, state.version)
+    publish_s = _publish(ranks, store, state.version, _keeps(cfg))
     if not state.warm_start_done:
         _warm_start(cfg, ranks, monitor, evaluator, store, state)
         state.warm_start_done = True
         state.version += 1
-        publish_s = _publish(ranks, store, state.version)
+        publish_s = _publish(ranks, store, state.version, _keeps(cfg))
     # Warm-start takes the run's first steps; RL step k is logged as step warm_start.steps + k
     # (also when warm-start stopped early at its target_reward).
     base = cfg.warm_start.steps
@@ -175,7 +176,7 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
             for g in groups:
                 ledger.trained(g.task_id, state.step, len(g.trajectories))
             state.version += 1
-            publish_s = _publish(ranks, store, state.version)
+            publish_s = _publish(ranks, store, state.version, _keeps(cfg))
             schedule.published(state)
             metrics.update(rollout_metrics)
             if rollout_metrics.get("rollout/generate_s"):
@@ -327,13 +328,13 @@ def _start_rollouts(cfg: Any, store: Any, state: DriverState, ledger: Ledger) ->
                         resources=cfg.rollout.actor_resources or None)(RolloutActor)
     seeds = [cfg.run.seed * 1000 + i + 7919 * state.step for i in range(cfg.rollout.num_workers)]
 
-    generation = {"n": 0}
+    started = itertools.count()
 
     def start_worker(i: int) -> Any:
         # Named, so tools can reach a worker (benchmarks/chaos.py kills one); a replacement gets
         # a new name, since a dead actor's name may not be free yet.
-        name = f"rollout-{i}" if generation["n"] < cfg.rollout.num_workers else f"rollout-{i}-{generation['n']}"
-        generation["n"] += 1
+        n = next(started)
+        name = f"rollout-{i}" if n < cfg.rollout.num_workers else f"rollout-{i}-{n}"
         return remote.options(name=name).remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, seeds[i],
                                                            cfg.trainer.precision, cfg.rollout.prefix_cache_tokens),
                              agent_cfg=cfg.agent)
@@ -414,13 +415,19 @@ def _train_step(ranks: list, groups: list, state: DriverState, lr: float) -> dic
     return results[0]
 
 
-def _publish(ranks: list, store: Any, version: int) -> float:
+def _keeps(cfg: Any) -> bool:
+    return cfg.algorithm.mismatch_weights == "sampling"
+
+
+def _publish(ranks: list, store: Any, version: int, keep: bool = False) -> float:
+    """Publish rank 0's weights as `version`; with `keep` (algorithm.mismatch_weights 'sampling')
+    every rank also keeps a copy, to score that version's samples with."""
     t0 = time.perf_counter()
     weights = ray.get(ranks[0].call.remote("weights"))
     # A list keeps Ray from resolving the ref when it is passed to the store.
     ray.get(store.publish.remote(version, [ray.put(weights)]))
-    # Ranks keep a copy of the version when algorithm.mismatch_weights is 'sampling'.
-    ray.get([r.call.remote("published", version) for r in ranks])
+    if keep:
+        ray.get([r.call.remote("published", version) for r in ranks])
     return time.perf_counter() - t0
 
 
@@ -466,7 +473,7 @@ def _warm_start_check(cfg: Any, ranks: list, evaluator: Any, store: Any, state: 
     """Reward of the current weights on warm-start's validation tasks (not the evaluation's)."""
     ws = cfg.warm_start
     state.version += 1
-    _publish(ranks, store, state.version)
+    _publish(ranks, store, state.version, _keeps(cfg))
     seeds = [ws.check_seed_offset + i for i in range(ws.check_tasks)]
     result = ray.get(evaluator.run.remote(seeds, None, ws.check_temperature, _eval_pin(cfg, state)))
     return _eval_rewards(result, "")[0]

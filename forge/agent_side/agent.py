@@ -24,6 +24,7 @@ runs of a recipe with an agent are not bitwise equal even under the fixed-lag sc
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import math
 import numbers
@@ -153,8 +154,6 @@ class AgentRolloutWorker:
         return None, [o.failure for o in outcomes if o.failure]
 
     async def _episode(self, task: Any, task_id: str, session_id: str) -> _Outcome:
-        import copy
-
         import openai
 
         client = openai.AsyncOpenAI(base_url=self.server.base_url, api_key="forge", max_retries=0,

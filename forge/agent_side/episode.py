@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from forge.agent_side.env import call_with_timeout
 from forge.middleware.types import Trajectory, Turn
+from forge.policy.chat import visible_text
 from forge.policy.sampling import Completion
 from forge.policy.tokenizer import Tokenizer
 
@@ -67,8 +68,7 @@ def start_episode(
 
 def turn_text(ids: list[int], tokenizer: Tokenizer) -> str:
     """The text `env.step` gets for a turn: the sampled ids without control tokens."""
-    control = {tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id}
-    return tokenizer.decode([i for i in ids if i not in control])
+    return visible_text(ids, tokenizer)
 
 
 def apply_turn(ep: Episode, completion: Completion, tokenizer: Tokenizer, *, timeout_s: float, gen_s: float = 0.0) -> None:

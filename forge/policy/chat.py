@@ -128,6 +128,13 @@ def _call_keys(calls: list[dict[str, Any]]) -> list[tuple[Any, Any, Any]]:
     return [(c.get("id"), c["function"].get("name"), c["function"].get("arguments")) for c in calls]
 
 
+def visible_text(ids: Sequence[int], tokenizer: Tokenizer) -> str:
+    """The text of sampled ids without control tokens (<eos>, <pad>, <bos>): what an env or a
+    client reads of a turn."""
+    control = {tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id}
+    return tokenizer.decode([i for i in ids if i not in control])
+
+
 def render_task(task: str, schemas: list[dict[str, Any]], style: str) -> str:
     """A task's first observation with its tools: 'full' gives each tool's JSON schema and the
     protocol in words; 'brief' only the tools' signatures (ToolEnv.render_prompt uses this too)."""
@@ -261,8 +268,7 @@ class ChatTemplate:
     def parse(self, completion_ids: Sequence[int], finish_reason: str, call_id_prefix: str) -> tuple[dict[str, Any], str]:
         """(the OpenAI assistant message, the OpenAI finish_reason) of sampled ids; never raises."""
         tok = self.tokenizer
-        control = {tok.eos_id, tok.pad_id, tok.bos_id}
-        text = tok.decode([i for i in completion_ids if i not in control and 0 <= i < tok.vocab_size])
+        text = visible_text([i for i in completion_ids if 0 <= i < tok.vocab_size], tok)
         thoughts, visible = split_blocks(text, "<think>", "</think>")[:2]
         # No cap on the calls: every call the policy wrote goes to the client, which decides what
         # to run; a cap would drop calls whose ids stay in the context.

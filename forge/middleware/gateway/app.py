@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from forge.middleware.gateway.engine import BatchingEngine
 from forge.middleware.gateway.requests import ChatRequest, GatewayError, finite_number, parse_chat_request, preview
 from forge.middleware.gateway.sessions import CallRecord, Session, SessionError, SessionStore
-from forge.policy.chat import ChatFormatError, ChatTemplate
+from forge.policy.chat import ChatFormatError, ChatTemplate, visible_text
 from forge.policy.sampling import Completion, SamplingParams
 from forge.policy.tokenizer import Tokenizer
 
@@ -199,7 +199,7 @@ def _choice(index: int, completion: Completion, cut: tuple[list[int], list[float
     message, finish = template.parse(shown, reason, f"call_{uuid.uuid4().hex[:16]}")
     if req.tool_choice == "none" and message.get("tool_calls"):
         # The policy called a tool it was told not to: the call goes back as text.
-        message = {"role": "assistant", "content": _visible(shown, tokenizer)}
+        message = {"role": "assistant", "content": visible_text(shown, tokenizer)}
         finish = "stop" if reason == "stop" else reason
     if session is not None:
         session.produced.add(ids, message)
@@ -215,18 +215,14 @@ def _choice(index: int, completion: Completion, cut: tuple[list[int], list[float
     return choice
 
 
-def _visible(ids: list[int], tokenizer: Tokenizer) -> str:
-    control = {tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id}
-    return tokenizer.decode([i for i in ids if i not in control])
-
-
 def _apply_stop(completion: Completion, stops: list[str],
                 tokenizer: Tokenizer) -> tuple[list[int], list[float], str, list[int]]:
     """Cut at the first stop string: (the ids through the token that completed it (what the
     policy saw, recorded), their logprobs, finish reason 'stop', the ids of the text before the
     string: what the client's message is parsed from). Without a stop string both are all ids."""
     ids, logprobs, reason = list(completion.token_ids), list(completion.logprobs), completion.finish_reason
-    if not stops:
+    # Most completions hold no stop string: one decode says so, before the token-by-token search.
+    if not stops or not any(s in tokenizer.decode(ids) for s in stops):
         return ids, logprobs, reason, ids
     for k in range(1, len(ids) + 1):
         text = tokenizer.decode(ids[:k])
