@@ -1,4 +1,8 @@
-"""`forge inspect RUN`: a run's evaluations, one step's groups and rewards, one trajectory rendered."""
+"""`forge inspect RUN`: a run's evaluations, one step's groups and rewards, one trajectory rendered.
+
+Rewards are listed per episode; a group with an episode split into context segments also lists
+each episode's number of segments, and `--trajectory` counts segments (each is a sequence).
+"""
 
 from __future__ import annotations
 
@@ -32,8 +36,10 @@ def render_run(path: Path, *, step: int | None = None, trajectory: int = 0) -> s
         raise ConfigError(f"{exc}; delete it, or pass --step with another kept step") from None
     lines.append(f"\n{chosen.stem}: {len(groups)} groups")
     for g in groups:
-        rewards = " ".join(f"{r:.2f}" for r in g.rewards)
-        lines.append(f"  {g.task_id:<28} attempts {g.attempts}  rewards [{rewards}]")
+        rewards = " ".join(f"{r:.2f}" for r in g.episode_rewards)
+        lengths = [len(segs) for segs in g.episodes]
+        segments = f"  segments [{' '.join(map(str, lengths))}]" if max(lengths, default=1) > 1 else ""
+        lines.append(f"  {g.task_id:<28} attempts {g.attempts}  rewards [{rewards}]{segments}")
     trajs = [t for g in groups for t in g.trajectories]
     if not trajs:
         raise ConfigError(f"{chosen} has no trajectories; pass --step with another kept step")
@@ -75,7 +81,8 @@ def _metric_lines(metrics: Path) -> list[str]:
 def render_trajectory(traj: Trajectory) -> str:
     """The conversation as text: prompt, each sampled turn (with its version), each observation."""
     tok = ByteTokenizer()
-    out = [f"trajectory of {traj.task_id} (group {traj.group_id}): reward {traj.reward:.3f}, "
+    segment = f", context segment {traj.segment}" if traj.segment else ""
+    out = [f"trajectory of {traj.task_id} (group {traj.group_id}{segment}): reward {traj.reward:.3f}, "
            f"{len(traj.token_ids)} tokens, status {traj.status}"]
     out.append("--- prompt ---\n" + tok.decode(traj.prompt_ids))
     for i, turn in enumerate(traj.turns):

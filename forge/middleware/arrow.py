@@ -6,6 +6,9 @@ are rebuilt from the same lengths the rollout recorded and `from_record_batch` r
 `Trajectory` objects. Logprobs are float64 so that whatever the sampler reported round-trips
 bit for bit. Record batches travel through Ray's object store without copies (Arrow buffers
 are shared memory there).
+
+Version 2 added `segment` (the context segment of the episode, `Trajectory.segment`); files of
+version 1 lack it and read back with segment 0 for every row, which is what they held.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pyarrow.parquet as pq
 
 from forge.middleware.types import Group, Trajectory, Turn
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TRAJECTORY_SCHEMA = pa.schema(
     [
@@ -38,9 +41,13 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("terminated", pa.bool_(), nullable=False),
         pa.field("timings", pa.map_(pa.string(), pa.float64()), nullable=False),
         pa.field("error_counts", pa.map_(pa.string(), pa.int64()), nullable=False),
+        pa.field("segment", pa.int32(), nullable=False),
     ],
     metadata={"forge.schema": "trajectory", "forge.schema_version": str(SCHEMA_VERSION)},
 )
+
+ADDED_IN = {"segment": 2}
+"""Columns added after version 1, by the schema version that added them; older files lack them."""
 
 
 def to_record_batch(groups: Sequence[Group]) -> pa.RecordBatch:
@@ -64,6 +71,7 @@ def to_record_batch(groups: Sequence[Group]) -> pa.RecordBatch:
             rows["terminated"].append(bool(traj.terminated))
             rows["timings"].append(list(traj.timings.items()))
             rows["error_counts"].append(list(traj.error_counts.items()))
+            rows["segment"].append(traj.segment)
     return pa.RecordBatch.from_pydict(rows, schema=TRAJECTORY_SCHEMA)
 
 
@@ -78,6 +86,9 @@ def from_record_batch(batch: pa.RecordBatch | pa.Table) -> list[Group]:
         if group is None:
             group = groups[gid] = Group(task_id=cols["task_id"][i], group_id=gid, attempts=cols["group_attempts"][i])
         groups[gid].trajectories.append(_trajectory(cols, i))
+    for group in groups.values():
+        # Raises on segments out of order, which the trainer could not group into episodes.
+        group.episodes
     return list(groups.values())
 
 
@@ -99,7 +110,7 @@ def read_parquet(paths: str | Path | Iterable[str | Path]) -> list[Group]:
         try:
             table = pq.read_table(path)
             _check_schema(table.schema)
-            nulls = [name for name in TRAJECTORY_SCHEMA.names if table.column(name).null_count]
+            nulls = [name for name in TRAJECTORY_SCHEMA.names if name in table.schema.names and table.column(name).null_count]
             if nulls:
                 raise ValueError(f"columns {nulls} hold nulls")
             groups.extend(from_record_batch(table))
@@ -119,6 +130,10 @@ def _trajectory(cols: dict[str, list], i: int) -> Trajectory:
     if prompt_len + n_sampled + sum(cols["turn_observation_len"][i]) != len(ids) or n_sampled != len(logprobs):
         raise ValueError(f"row {i} of group {cols['group_id'][i]}: turn lengths do not add up to its tokens; "
                          "the batch was not written by forge.middleware.arrow")
+    segment = cols["segment"][i] if "segment" in cols else 0
+    if segment < 0:
+        raise ValueError(f"row {i} of group {cols['group_id'][i]}: segment {segment} is negative; "
+                         "the batch was not written by forge.middleware.arrow")
     turns, pos, lp_pos = [], prompt_len, 0
     for n_s, n_o, version, reason in zip(cols["turn_sampled_len"][i], cols["turn_observation_len"][i],
                                          cols["turn_policy_version"][i], cols["turn_finish_reason"][i]):
@@ -131,23 +146,29 @@ def _trajectory(cols: dict[str, list], i: int) -> Trajectory:
         task_id=cols["task_id"][i], group_id=cols["group_id"][i], prompt_ids=ids[:prompt_len], turns=turns,
         reward=cols["reward"][i], status=cols["status"][i], failure_reason=cols["failure_reason"][i],
         terminated=cols["terminated"][i], timings=dict(cols["timings"][i]), error_counts=dict(cols["error_counts"][i]),
+        segment=segment,
     )
 
 
 def _check_schema(schema: pa.Schema) -> None:
-    missing = [name for name in TRAJECTORY_SCHEMA.names if name not in schema.names]
-    if missing:
-        raise ValueError(f"not a Forge trajectory batch: columns {missing} are missing")
-    twice = [name for name in TRAJECTORY_SCHEMA.names if len(schema.get_all_field_indices(name)) > 1]
-    if twice:
-        raise ValueError(f"not a Forge trajectory batch: columns {twice} appear more than once")
-    wrong = [f"{f.name} is {schema.field(f.name).type}, not {f.type}" for f in TRAJECTORY_SCHEMA
-             if not schema.field(f.name).type.equals(f.type)]
-    if wrong:
-        raise ValueError(f"not a Forge trajectory batch: column {'; column '.join(wrong)}")
     version = (schema.metadata or {}).get(b"forge.schema_version")
     if version is not None and not version.isdigit():
         raise ValueError(f"not a Forge trajectory batch: its forge.schema_version is {version!r}, not a number")
     if version is not None and int(version) > SCHEMA_VERSION:
         raise ValueError(f"trajectory schema version {int(version)} is newer than this Forge reads "
                          f"({SCHEMA_VERSION}); upgrade forge")
+    # A file that says which version wrote it may lack the columns added since; one that does not
+    # say must have them all.
+    written = SCHEMA_VERSION if version is None else max(1, int(version))
+    missing = [name for name in TRAJECTORY_SCHEMA.names
+               if name not in schema.names and ADDED_IN.get(name, 1) <= written]
+    if missing:
+        raise ValueError(f"not a Forge trajectory batch: columns {missing} are missing")
+    present = [f for f in TRAJECTORY_SCHEMA if f.name in schema.names]
+    twice = [f.name for f in present if len(schema.get_all_field_indices(f.name)) > 1]
+    if twice:
+        raise ValueError(f"not a Forge trajectory batch: columns {twice} appear more than once")
+    wrong = [f"{f.name} is {schema.field(f.name).type}, not {f.type}" for f in present
+             if not schema.field(f.name).type.equals(f.type)]
+    if wrong:
+        raise ValueError(f"not a Forge trajectory batch: column {'; column '.join(wrong)}")

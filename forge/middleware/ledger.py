@@ -3,7 +3,8 @@
 `runs/<run>/ledger.jsonl` is append-only JSON lines, written by the driver:
 
 - `{"group", "status": "scheduled", "step"}` when the driver hands a task to a rollout worker;
-- `{"group", "status": "trained", "step", "trajectories"}` when an optimizer step used it;
+- `{"group", "status": "trained", "step", "trajectories"}` when an optimizer step used it, with
+  its episodes (an episode split into context segments counts once);
 - `{"group", "status": "dropped", "step", "reason"}` when it will never be trained: `env_error`
   or `timeout` (failed after its retries), `stale` (the data pool dropped it), `run_ended`;
 - `{"status": "checkpoint", "step", "held"}` when a checkpoint is saved, with the groups the

@@ -64,6 +64,11 @@ class Trajectory:
     """Seconds spent per phase: 'generate', 'env', 'total'."""
     error_counts: dict[str, int] = field(default_factory=dict)
     """Protocol and tool errors by kind, e.g. {'bad_json': 1, 'tool_timeout': 2}."""
+    segment: int = 0
+    """This sequence's index among its episode's context segments (docs/context.md): 0 for the
+    first or only one. An episode that compacted its context, or whose context was rewritten,
+    goes on as segments 1, 2, ..., each a sequence of its own, stored right after the one before
+    it in its group, with the episode's reward."""
 
     @property
     def token_ids(self) -> list[int]:
@@ -114,7 +119,10 @@ class Trajectory:
 
 @dataclass
 class Group:
-    """G trajectories of one task, the unit of group-relative advantages. Never shrunk."""
+    """G episodes of one task, the unit of group-relative advantages. Never shrunk.
+
+    Each episode is one trajectory, or several consecutive ones when it was split into context
+    segments (`Trajectory.segment`)."""
 
     task_id: str
     """The task every member solved."""
@@ -127,7 +135,31 @@ class Group:
 
     @property
     def rewards(self) -> list[float]:
+        """The reward of each trajectory (each segment of a segmented episode)."""
         return [t.reward for t in self.trajectories]
+
+    @property
+    def episodes(self) -> list[list[Trajectory]]:
+        """The members' trajectories by episode: each run of segments 0, 1, ..., in order.
+
+        A group of G episodes without compaction is G lists of one. Raises ValueError when the
+        segments are out of order (a segment k > 0 that does not follow segment k - 1).
+        """
+        out: list[list[Trajectory]] = []
+        for t in self.trajectories:
+            if t.segment == 0:
+                out.append([t])
+            elif out and out[-1][-1].segment == t.segment - 1:
+                out[-1].append(t)
+            else:
+                raise ValueError(f"group {self.group_id}: segment {t.segment} of an episode does not follow its "
+                                 f"segment {t.segment - 1}; store each episode's segments in order, from 0")
+        return out
+
+    @property
+    def episode_rewards(self) -> list[float]:
+        """The reward of each episode (its segments share it)."""
+        return [segs[0].reward for segs in self.episodes]
 
     @property
     def min_policy_version(self) -> int:

@@ -5,6 +5,11 @@ the loss mask, the sampler's logprobs and the advantage are all aligned to that.
 are formed by `forge.prefix_tree.pack_groups` under a budget of unique tokens, so the shared
 prompt of a group is paid once per micro-batch, never split from its samples unless the group
 alone is over the budget.
+
+An episode that compacted its context is several sequences (its segments, consecutive in its
+group); `episode_index` ties them together, and under segment weighting 'episode' (the
+default, AlgorithmConfig.segment_weighting) the advantages are those of the group's episodes,
+each broadcast to all of an episode's segments.
 """
 
 from __future__ import annotations
@@ -36,35 +41,64 @@ class RLBatch:
     """Sequences per group, in order."""
     min_policy_version: int
     """Oldest weights any turn of the batch was sampled with."""
+    episode_index: list[int]
+    """Per sequence, its episode's index in the batch (0, 1, ...): segments of one episode share it."""
 
     @property
     def num_loss_tokens(self) -> int:
         return int(sum(m.sum().item() for m in self.masks))
 
+    @property
+    def num_episodes(self) -> int:
+        return self.episode_index[-1] + 1 if self.episode_index else 0
 
-def make_batch(groups: list[Group], advantage: str) -> RLBatch:
-    """Flatten groups into an RLBatch, with advantages computed within each group."""
+    @property
+    def episode_rewards(self) -> torch.Tensor:
+        """[num episodes] float64: each episode's reward (that of its first segment)."""
+        first = [j for j, e in enumerate(self.episode_index) if j == 0 or self.episode_index[j - 1] != e]
+        return self.rewards[first]
+
+
+SEGMENT_WEIGHTINGS = ("episode", "segment")
+"""How a segmented episode counts; AlgorithmConfig.segment_weighting documents each."""
+
+
+def make_batch(groups: list[Group], advantage: str, weighting: str = "episode") -> RLBatch:
+    """Flatten groups into an RLBatch, with advantages computed within each group: over its
+    episodes' rewards (weighting 'episode') or over its sequences' (weighting 'segment')."""
     if not groups:
         raise ValueError("make_batch got no groups")
-    sequences, masks, sampler = [], [], []
+    if weighting not in SEGMENT_WEIGHTINGS:
+        raise ValueError(f"segment weighting {weighting!r} is not one of {', '.join(SEGMENT_WEIGHTINGS)}")
+    sequences, masks, sampler, episode_index = [], [], [], []
+    n_episodes = 0
     for group in groups:
-        for traj in group.trajectories:
-            if not traj.ok:
-                raise ValueError(f"group {group.group_id} holds a failed trajectory ({traj.failure_reason}); "
-                                 "rollout workers retry or drop such groups before they reach the trainer")
-            ids = traj.token_ids
-            if len(ids) < 2:
-                raise ValueError(f"trajectory of group {group.group_id} has {len(ids)} tokens; it needs at least 2")
-            sequences.append(ids)
-            masks.append(torch.tensor(traj.loss_mask[1:], dtype=torch.float64))
-            sampler.append(torch.tensor(traj.sampling_logprobs[1:], dtype=torch.float64))
+        for segments in group.episodes:
+            if len({t.reward for t in segments}) > 1:
+                raise ValueError(f"group {group.group_id}: an episode's segments carry rewards "
+                                 f"{[t.reward for t in segments]}; give every segment the episode's reward")
+            for traj in segments:
+                if not traj.ok:
+                    raise ValueError(f"group {group.group_id} holds a failed trajectory ({traj.failure_reason}); "
+                                     "rollout workers retry or drop such groups before they reach the trainer")
+                ids = traj.token_ids
+                if len(ids) < 2:
+                    raise ValueError(f"trajectory of group {group.group_id} has {len(ids)} tokens; it needs at least 2")
+                sequences.append(ids)
+                masks.append(torch.tensor(traj.loss_mask[1:], dtype=torch.float64))
+                sampler.append(torch.tensor(traj.sampling_logprobs[1:], dtype=torch.float64))
+                episode_index.append(n_episodes)
+            n_episodes += 1
     rewards = [g.rewards for g in groups]
+    if weighting == "episode":
+        advantages = group_advantages(advantage, [g.episode_rewards for g in groups])[episode_index]
+    else:
+        advantages = group_advantages(advantage, rewards)
     return RLBatch(
-        sequences=sequences, masks=masks, sampler_logprobs=sampler,
-        advantages=group_advantages(advantage, rewards),
+        sequences=sequences, masks=masks, sampler_logprobs=sampler, advantages=advantages,
         rewards=torch.tensor([r for rs in rewards for r in rs], dtype=torch.float64),
         group_sizes=[len(g.trajectories) for g in groups],
-        min_policy_version=min(g.min_policy_version for g in groups),
+        min_policy_version=min(g.min_policy_version for g in groups), episode_index=episode_index,
     )
 
 

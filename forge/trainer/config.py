@@ -30,6 +30,15 @@ class AlgorithmConfig:
     """Weight of the KL penalty to the reference policy (the weights RL started from); 0 turns it off."""
     dr_grpo_constant: int = 1024
     """The constant that divides the summed token loss under reduction 'dr_grpo'."""
+    segment_weighting: Literal["episode", "segment"] = "episode"
+    """How an episode split into context segments (docs/context.md) counts; each segment trains
+    with the episode's reward either way. 'episode': advantages are computed over the group's G
+    episode rewards, and each episode weighs as one sample in the loss whatever its number of
+    segments (seq_mean: its loss tokens' mean over all its segments; dr_grpo: their sum over
+    dr_grpo_constant; token_mean counts tokens, so nothing changes). 'segment': each segment is a
+    sample of its own (advantages over segments, sequence means per segment), which is what
+    treating segments as independent trajectories gives: episodes with more segments weigh more.
+    Without segmented episodes the two are the same step."""
     temperature: float | None = None
     """Temperature the trainer scores tokens at (logits / temperature), so that the policy
     gradient and the importance ratio are those of the distribution the samples came from;

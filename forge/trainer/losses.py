@@ -11,6 +11,10 @@ GRPO normalization); PPO-clip and CISPO average over all loss tokens of the batc
 token-level normalization, which CISPO's paper also uses). Every loss takes any of the three
 reductions of `reduce_token_losses` (token mean, sequence mean, Dr. GRPO's constant). No KL
 term: a reference penalty, if any, is the trainer's to add.
+
+An episode that compacted its context is several sequences; `episode_weights` gives the
+per-sequence factors that make the sequence reductions count each such episode once, as one
+sequence holding all its segments' loss tokens (AlgorithmConfig.segment_weighting 'episode').
 """
 
 from __future__ import annotations
@@ -76,6 +80,35 @@ def reduce_token_losses(
     if reduction == "seq_mean":
         return torch.stack([s / m.sum().clamp(min=1) for s, m in zip(sums, masks)]).mean()
     return torch.stack(sums).mean() / dr_grpo_constant
+
+
+def episode_weights(
+    masks: Tensors, episode_index: Sequence[int], reduction: str, *, sequences: float, episodes: float,
+) -> torch.Tensor | None:
+    """[num sequences] float64: what multiplies each sequence's token losses so that a sequence
+    reduction averages over episodes instead of sequences; None for 'token_mean', which counts
+    tokens and so counts an episode's tokens once already.
+
+    The sequences of an episode (its context segments) must all be in `masks`; `sequences` and
+    `episodes` are the counts the step is normalised by (over all ranks and micro-batches, whose
+    losses are scaled by their share of `sequences`). Sequence i of episode e, with n_i loss tokens
+    of the episode's N_e, gets n_i / N_e * sequences / episodes under 'seq_mean' (the episode's
+    value is then its loss tokens' mean over all its segments) and sequences / episodes under
+    'dr_grpo' (their sum over the constant); each episode weighs 1 / episodes.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}")
+    if len(episode_index) != len(masks):
+        raise ValueError(f"got {len(episode_index)} episode indices for {len(masks)} sequences; pass one per sequence")
+    if reduction == "token_mean":
+        return None
+    scale = sequences / max(episodes, 1.0)
+    if reduction == "dr_grpo":
+        return torch.full((len(masks),), scale, dtype=torch.float64)
+    n = torch.tensor([float(m.sum()) for m in masks], dtype=torch.float64)
+    index = torch.as_tensor(list(episode_index), dtype=torch.long)
+    per_episode = torch.zeros(int(index.max()) + 1 if len(index) else 0, dtype=torch.float64).index_add_(0, index, n)
+    return n / per_episode[index].clamp(min=1) * scale
 
 
 def grpo_loss(

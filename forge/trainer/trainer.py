@@ -13,7 +13,10 @@ train/inference mismatch that RL on MoE models is sensitive to, is logged every 
 (`mismatch/logprob_abs_mean`, `mismatch/logprob_abs_max`, `mismatch/kl`) and, on request, corrected
 by importance weights (`algorithm.is_correction`, forge.trainer.mismatch). With MSA on, each step also trains the index branch: `msa.index_loss_weight`
 times its KL (mean per token and MSA layer, `train/index_loss`) joins the loss, and every
-optimizer step advances the model's `msa_step`, which ends the dense warm-up.
+optimizer step advances the model's `msa_step`, which ends the dense warm-up. An episode split
+into context segments counts once in the loss under `algorithm.segment_weighting` 'episode'
+(forge.trainer.losses.episode_weights, with the step's sequence and episode counts over all ranks);
+a step without such an episode runs the plain per-sequence path.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from forge.trainer.batch import RLBatch, make_batch, micro_batches
 from forge.trainer.config import AlgorithmConfig, TrainerConfig
 from forge.trainer.engine import all_reduce_max, all_reduce_sum, init_process_group, make_engine
 from forge.trainer.logprobs import sequence_scores
-from forge.trainer.losses import DEFAULT_REDUCTION, LOSSES
+from forge.trainer.losses import DEFAULT_REDUCTION, LOSSES, episode_weights
 from forge.trainer.mismatch import is_weights, mismatch_stats
 
 
@@ -95,7 +98,7 @@ class Trainer:
         lr = self.cfg.lr if lr is None else float(lr)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        batch = make_batch(groups, self.algo.advantage)
+        batch = make_batch(groups, self.algo.advantage, self.algo.segment_weighting)
         mbs = self._plan(batch)
         dev = next(self.model.parameters()).device
         old = self._scores(self.model, batch, mbs)
@@ -111,9 +114,16 @@ class Trainer:
         # times the world size, since DeepSpeed averages gradients over ranks: the step then
         # equals one rank training on the whole global batch, whatever share each rank got.
         counts = all_reduce_sum(torch.tensor(
-            [float(len(batch.sequences)), float(batch.num_loss_tokens), float(sum(len(s) for s in batch.sequences))],
+            [float(len(batch.sequences)), float(batch.num_loss_tokens), float(sum(len(s) for s in batch.sequences)),
+             float(batch.num_episodes)],
             dtype=torch.float64, device=dev)).tolist()
-        totals = {"seqs": counts[0], "tokens": max(counts[1], 1.0)}
+        totals = {"seqs": counts[0], "tokens": max(counts[1], 1.0), "episodes": counts[3]}
+        # Only where some episode of the step (on any rank) has several segments: otherwise every
+        # weight would be 1 and the step stays the plain per-sequence one, bit for bit.
+        seq_w = None
+        if self.algo.segment_weighting == "episode" and totals["episodes"] < totals["seqs"]:
+            seq_w = episode_weights(batch.masks, batch.episode_index, self._reduction(), sequences=totals["seqs"],
+                                    episodes=totals["episodes"])
         acc: dict[str, float] = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "unique_tokens": 0.0, "index_loss": 0.0}
         self.model.train()
         index_norm = self._index_norm(counts[2])
@@ -126,7 +136,7 @@ class Trainer:
             olds = [old[j] for j in idx] if self.algo.ratio_against == "recomputed" else [
                 batch.sampler_logprobs[j].to(dev, scores.logprobs[0].dtype) for j in idx]
             adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
-            weights = None if self.algo.is_correction == "none" else [is_w[j] for j in idx]
+            weights = _token_weights(idx, masks, is_w, seq_w)
             loss = LOSSES[self.algo.loss](scores.logprobs, olds, masks, adv, weights=weights, **self._loss_kwargs())
             loss = loss * self._share(idx, masks, totals) * self.world_size
             if ref is not None:
@@ -152,8 +162,10 @@ class Trainer:
         self.last_router_loads = {f"router/load_layer{s.layer}": s.tokens_per_expert for s in router}
         self.version += 1
         tokens = totals["tokens"]
+        # The reward of a step is that of its episodes, or of its segments when each is a sample.
+        rewards = batch.episode_rewards if self.algo.segment_weighting == "episode" else batch.rewards
         summed = all_reduce_sum(torch.tensor(
-            [acc["loss"], acc["kl"], acc["entropy"], acc["clipped"], float(batch.rewards.sum()), float(batch.rewards.numel()),
+            [acc["loss"], acc["kl"], acc["entropy"], acc["clipped"], float(rewards.sum()), float(rewards.numel()),
              acc["index_loss"], mismatch["abs_sum"], mismatch["k3_sum"], mismatch["tokens"], is_sums["weight_sum"],
              is_sums["reduced"]],
             dtype=torch.float64, device=dev,
@@ -166,7 +178,8 @@ class Trainer:
         metrics = {
             "train/loss": acc["loss"], "train/entropy": acc["entropy"] / tokens,
             "train/clip_fraction": acc["clipped"] / tokens, "train/reward_mean": reward_mean,
-            "train/loss_tokens": tokens, "train/sequences": totals["seqs"],
+            "train/loss_tokens": tokens, "train/sequences": totals["seqs"], "train/episodes": totals["episodes"],
+            "train/segments_per_episode": totals["seqs"] / max(totals["episodes"], 1.0),
             "train/token_ratio": sum(len(s) for s in batch.sequences) / max(1, sum(mb.tokens for mb in mbs)),
             "train/micro_batches": float(len(mbs)),
             "mismatch/logprob_abs_mean": summed[7] / max(summed[9], 1.0), "mismatch/logprob_abs_max": mismatch_max,
@@ -199,7 +212,7 @@ class Trainer:
         batch = RLBatch(sequences=[list(s) for s in sequences], masks=[torch.tensor(m[1:], dtype=torch.float64) for m in masks],
                         sampler_logprobs=[], advantages=torch.zeros(len(sequences), dtype=torch.float64),
                         rewards=torch.zeros(len(sequences), dtype=torch.float64), group_sizes=[1] * len(sequences),
-                        min_policy_version=0)
+                        min_policy_version=0, episode_index=list(range(len(sequences))))
         # The step's loss tokens over all ranks, times the world size (DeepSpeed averages
         # gradients): the step is the token mean of the global batch, as in train_step.
         counts = all_reduce_sum(torch.tensor(
@@ -360,6 +373,16 @@ class Trainer:
         if self.algo.loss == "cispo":
             return {"clip_high": 1.0 + self.algo.clip_high, **common}
         return {"clip_low": self.algo.clip_low, "clip_high": self.algo.clip_high, **common}
+
+
+def _token_weights(idx: list[int], masks: list[torch.Tensor], is_w: list[torch.Tensor],
+                   seq_w: torch.Tensor | None) -> list[torch.Tensor] | None:
+    """What multiplies the token losses of a micro-batch's sequences (`idx`, with their `masks`):
+    the importance weights (`is_w`, empty when off) times the episode weights (`seq_w`, None when
+    off); None when neither is on."""
+    if seq_w is None:
+        return [is_w[j] for j in idx] if is_w else None
+    return [float(seq_w[j]) * (is_w[j] if is_w else torch.ones_like(m)) for j, m in zip(idx, masks)]
 
 
 def _kl_k3(logprobs: list[torch.Tensor], ref: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:

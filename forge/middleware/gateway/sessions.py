@@ -11,8 +11,10 @@ completion as a turn whose observation is what the next prompt added.
 A call whose prompt does not extend any earlier call's context (the agent edited history,
 dropped messages, or branched with `n` > 1) starts a new trajectory of the same session: its
 prompt holds the whole earlier context as plain prompt tokens, so nothing sampled is trained
-twice and the prefix tree still shares what the trajectories have in common. Every trajectory
-of a session gets the session's reward.
+twice and the prefix tree still shares what the trajectories have in common. The trajectories
+of a session are the context segments 0, 1, ... of one episode (`Trajectory.segment`, in the
+order they started), so a session counts once in training however often its prefix broke;
+each gets the session's reward.
 """
 
 from __future__ import annotations
@@ -140,8 +142,9 @@ class SessionStore:
 
 
 def session_trajectories(session: Session, *, task_id: str, group_id: str, reward: float | None = None) -> list[Trajectory]:
-    """The session's calls as trajectories (one unless a prompt broke the prefix), each with the
-    session's reward (or `reward`). A session without calls gives none."""
+    """The session's calls as trajectories (one unless a prompt broke the prefix), the segments 0,
+    1, ... of one episode in the order they started, each with the session's reward (or
+    `reward`). A session without calls gives none."""
     value = session.reward if reward is None else reward
     trajs: list[Trajectory] = []
     # The flat context of each trajectory: its prompt and turns, the last turn without observation.
@@ -161,7 +164,7 @@ def session_trajectories(session: Session, *, task_id: str, group_id: str, rewar
             contexts[best] = list(call.prompt_token_ids) + turn.sampled_ids
             continue
         traj = Trajectory(task_id=task_id, group_id=group_id, prompt_ids=list(call.prompt_token_ids), turns=[turn],
-                          reward=float(value or 0.0), terminated=True)
+                          reward=float(value or 0.0), terminated=True, segment=len(trajs))
         trajs.append(traj)
         contexts.append(list(call.prompt_token_ids) + turn.sampled_ids)
     for traj in trajs:
