@@ -6,12 +6,14 @@ prompts straight into the generator.
 same prompts as `sessions` concurrent `AsyncOpenAI` chat calls (one session each, the
 `X-Forge-Session` header set) against a live gateway on 127.0.0.1 over the same generator:
 request checking, the chat template, the engine's batching, parsing the completion back,
-recording the session and the HTTP round trips all count. The clients run in a process of
-their own, as an agent program does, and time each round from its first request to its last
-answer. Sampled tokens per second are total
+recording the session and the HTTP round trips all count. The clients run in processes of
+their own (`--client-procs`, sessions split evenly), as agent programs do: 64 agents are not one
+Python event loop, and the official client's request building and response parsing (about a
+millisecond a call) would otherwise be timed as the gateway's. A round runs from its first
+request to its last answer over all processes (they start together at a barrier). Sampled tokens per second are total
 sampled tokens over wall-clock time, median of `--reps` after a warm-up (which compiles and
-captures the decoding step). Both sample at temperature 1 with `--max-tokens` each; a row may
-stop early at a sampled stop token, so the rate, not the time, is compared.
+captures the decoding step). Both sample at temperature 1, and every row samples `--max-tokens`
+(no stop tokens: the gateway's `ignore_eos`), so both do the same work.
 
     PYTHONPATH=.:benchmarks python benchmarks/gateway.py --preset msa_100m --out gateway.json
     PYTHONPATH=.:benchmarks python benchmarks/gateway.py --preset tiny --device cpu --sessions 8 --max-tokens 16
@@ -62,20 +64,23 @@ def wall(fn, reps: int) -> tuple[float, list[int]]:
     return statistics.median(times), counts
 
 
-def client_rounds(base_url: str, asks: list[str], max_tokens: int, rounds: int, out) -> None:
-    """In a child process: `rounds` rounds of concurrent sessions; puts [(seconds, sampled)]."""
+def client_rounds(base_url: str, asks: list[tuple[int, str]], max_tokens: int, rounds: int, barrier, out) -> None:
+    """In a child process: `rounds` rounds of concurrent sessions, each round started at
+    `barrier` with the other client processes; puts [(start, end, sampled)] per round."""
     import openai
 
-    async def one_round(r: int) -> tuple[float, int]:
+    async def one_round(r: int) -> tuple[float, float, int]:
         client = openai.AsyncOpenAI(base_url=base_url, api_key="forge", max_retries=0, timeout=600)
         try:
+            await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
             t0 = time.perf_counter()
             replies = await asyncio.gather(*(
                 client.chat.completions.create(
                     model="forge-policy", messages=[{"role": "user", "content": q}], temperature=1.0,
-                    max_tokens=max_tokens, extra_headers={"X-Forge-Session": f"r{r}-{i}"})
-                for i, q in enumerate(asks)))
-            return time.perf_counter() - t0, sum(x.usage.completion_tokens for x in replies)
+                    max_tokens=max_tokens, extra_headers={"X-Forge-Session": f"r{r}-{i}"},
+                    extra_body={"ignore_eos": True})
+                for i, q in asks))
+            return t0, time.perf_counter(), sum(x.usage.completion_tokens for x in replies)
         finally:
             await client.close()
 
@@ -90,6 +95,8 @@ def main() -> None:
     parser.add_argument("--prompt-chars", type=int, default=2000, help="characters of each user message (~tokens)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--client-procs", type=int, default=8,
+                        help="processes the sessions' clients run in (1: every session in one event loop)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -105,8 +112,10 @@ def main() -> None:
     template = ChatTemplate(tok)
     asks = questions(args.sessions, args.prompt_chars)
     prompts = [template.encode([{"role": "user", "content": q}]).token_ids for q in asks]
-    stops = (tok.eos_id, tok.token_id("</answer>"))
-    params = SamplingParams(temperature=1.0, max_new_tokens=args.max_tokens, stop_token_ids=stops)
+    # No stop tokens on either side (the gateway's `ignore_eos`): every row samples max_tokens, so
+    # both variants do the same work and the rate compares what the gateway adds, not how soon a
+    # random policy happened to sample <eos>.
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.max_tokens, stop_token_ids=())
 
     def direct() -> int:
         with torch.no_grad():
@@ -125,20 +134,29 @@ def main() -> None:
 
         ctx = multiprocessing.get_context("spawn")
         results = ctx.Queue()
+        procs = max(1, min(args.client_procs, args.sessions))
+        barrier = ctx.Barrier(procs)
         calls_before = engine.stats.calls
-        child = ctx.Process(target=client_rounds, args=(server.base_url, asks, args.max_tokens, args.reps + 1, results))
-        child.start()
-        timed_rounds = results.get(timeout=1800)[1:]  # the first round warms up
-        child.join(timeout=60)
+        children = [ctx.Process(target=client_rounds, args=(server.base_url, list(enumerate(asks))[k::procs],
+                                                            args.max_tokens, args.reps + 1, barrier, results))
+                    for k in range(procs)]
+        for child in children:
+            child.start()
+        per_proc = [results.get(timeout=1800) for _ in children]
+        for child in children:
+            child.join(timeout=60)
         calls = engine.stats.calls - calls_before
+    # A round: from the first process's first request to the last answer of any; the first warms up.
+    timed_rounds = [(max(p[r][1] for p in per_proc) - min(p[r][0] for p in per_proc), sum(p[r][2] for p in per_proc))
+                    for r in range(1, args.reps + 1)]
     seconds = statistics.median(t for t, _ in timed_rounds)
     tokens = statistics.median(n for _, n in timed_rounds)
     rows.append({"variant": "gateway", "s": seconds, "sampled_tokens": tokens, "tokens_per_s": tokens / seconds})
     engine.close()
     rows[1]["engine_calls_per_round"] = calls / (args.reps + 1)
     cost = 1 - rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-    print(f"{args.preset} on {args.device}: {args.sessions} sessions, prompts of {len(prompts[0])} tokens, "
-          f"up to {args.max_tokens} new")
+    print(f"{args.preset} on {args.device}: {args.sessions} sessions in {procs} client processes, prompts of "
+          f"{len(prompts[0])} tokens, up to {args.max_tokens} new")
     print(f"{'variant':<10} {'s':>8} {'sampled':>9} {'tokens/s':>10}")
     for r in rows:
         print(f"{r['variant']:<10} {r['s']:>8.3f} {r['sampled_tokens']:>9.0f} {r['tokens_per_s']:>10.0f}")

@@ -620,3 +620,17 @@ def test_engine_failure_reaches_the_future_and_the_engine_serves_on(gated):
         return await engine.generate([1], SamplingParams(max_new_tokens=3))
 
     assert asyncio.run(both())[0].token_ids == [10, 11, 12]
+
+
+def test_ignore_eos_samples_max_tokens_past_the_protocol_stops(scripted_gw):
+    # vLLM's extension, for benchmarks that need the same work per request.
+    client = scripted_gw.client("ignore-eos")
+    plain = client.chat.completions.create(model=MODEL, messages=ask("What is 2+3?"), max_tokens=500)
+    r = client.chat.completions.create(model=MODEL, messages=ask("What is 2+3?"), max_tokens=500,
+                                       extra_body={"ignore_eos": True})
+    # The generator was asked to stop at nothing; the script's turn then ends at the token budget.
+    assert [c["finish_reason"] for c in scripted_gw.record("ignore-eos")] == ["stop", "length"]
+    assert r.usage.completion_tokens == plain.usage.completion_tokens  # the script's whole turn, <eos> included
+    bad = httpx.post(scripted_gw.base_url + "/chat/completions",
+                     json={"model": MODEL, "messages": ask("hi"), "ignore_eos": "yes"})
+    assert_openai_error(bad, 400, param="ignore_eos")

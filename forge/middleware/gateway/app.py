@@ -151,7 +151,7 @@ def create_app(engine: BatchingEngine, tokenizer: Tokenizer, store: SessionStore
             forced = sampling()
             temperature, top_p, budget = forced.temperature, forced.top_p, min(budget, forced.max_new_tokens)
         params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=budget,
-                                stop_token_ids=stops, top_logprobs=req.top_logprobs if req.logprobs else 0)
+                                stop_token_ids=() if req.ignore_eos else stops, top_logprobs=req.top_logprobs if req.logprobs else 0)
         try:
             done = await engine.generate(prompt, params, n=req.n, seed=req.seed)
         except Exception as exc:

@@ -52,6 +52,9 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    ignore_eos: bool = False
+    """vLLM's extension: sample `max_tokens` whatever the policy writes (no stop at <eos> or
+    </answer>; `stop` strings still apply); for benchmarks that need equal work per request."""
 
 
 _PREVIEW = reprlib.Repr()
@@ -145,6 +148,7 @@ def parse_chat_request(body: Any, *, served: str) -> ChatRequest:
     if req.top_logprobs and not req.logprobs:
         raise GatewayError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     req.stream = _flag(body, "stream")
+    req.ignore_eos = _flag(body, "ignore_eos")
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
