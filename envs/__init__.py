@@ -15,6 +15,7 @@ BUILTIN_ENVS: dict[str, str] = {
     "forge/Maze-v0": "envs.maze:MazeEnv",
     "forge/Python-v0": "envs.python_env:PythonEnv",
     "forge/Reverse-v0": "envs.reverse:ReverseEnv",
+    "forge/Relay-v0": "envs.relay:RelayEnv",
 }
 
 for _env_id, _entry in BUILTIN_ENVS.items():

@@ -24,6 +24,8 @@ import torch
 
 from forge.agent_side.config import EnvConfig, RolloutConfig, fault_counts, load_env_class
 from forge.agent_side.demos import oracle_batch
+from forge.agent_side.context import context_rules
+from forge.agent_side.rollout import context_metrics
 from forge.agent_side.rollout_actor import RolloutActor
 from forge.config import init_seed, trainer_algorithm
 from forge.middleware.arrow import write_parquet
@@ -174,7 +176,7 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
             metrics = _train_step(ranks, groups, state, cfg.trainer.lr_at(state.step, cfg.train.steps))
             state.step += 1
             for g in groups:
-                ledger.trained(g.task_id, state.step, len(g.trajectories))
+                ledger.trained(g.task_id, state.step, len(g.episodes))
             state.version += 1
             publish_s = _publish(ranks, store, state.version, _keeps(cfg))
             schedule.published(state)
@@ -183,6 +185,8 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
                 # Summed over the worker calls behind this step's groups (fixed_lag) or those that
                 # finished since the last step (async): per worker-second.
                 metrics["rollout/tokens_per_s"] = rollout_metrics["rollout/sampled_tokens"] / rollout_metrics["rollout/generate_s"]
+            if cfg.rollout.context.enabled or rollout_metrics.get("rollout/segments", 0) > rollout_metrics.get("rollout/episodes", 0):
+                metrics.update(context_metrics(rollout_metrics))
             metrics.update(schedule.stats(state))
             metrics["rollout/workers_restarted"] = float(rollouts.restarts)
             metrics.update({"time/rollout_wait_s": wait_s, "time/weights_publish_s": publish_s,
@@ -442,7 +446,8 @@ def _warm_start(cfg: Any, ranks: list, monitor, evaluator: Any, store: Any, stat
             start = ws.seed_offset + step * ws.batch_size
             demo_stats: dict[str, int] = {}
             injected = sum(fault_counts(cfg.env).values())
-            seqs, masks = oracle_batch(make_env, range(start, start + ws.batch_size), tokenizer, stats=demo_stats)
+            seqs, masks = oracle_batch(make_env, range(start, start + ws.batch_size), tokenizer, stats=demo_stats,
+                                       rules=context_rules(cfg.rollout))
             injected = sum(fault_counts(cfg.env).values()) - injected
             shard = len(ranks)
             lr = ws.lr_at(step)
@@ -504,16 +509,20 @@ def _eval_pin(cfg: Any, state: DriverState) -> tuple[int, int]:
 
 
 def _eval_rewards(result: Any, prefix: str) -> tuple[float, dict[str, float]]:
-    rewards = [t.reward for g in result.groups for t in g.trajectories]
+    rewards = [r for g in result.groups for r in g.episode_rewards]
     mean = sum(rewards) / max(1, len(rewards))
+    context = {f"{prefix}{k.split('/', 1)[1]}": v for k, v in context_metrics(result.stats.as_metrics()).items()
+               if prefix and result.stats.segments > result.stats.episodes}
     return mean, {f"{prefix}reward_mean": mean, f"{prefix}pass_rate": sum(r >= 1.0 for r in rewards) / max(1, len(rewards)),
-                  f"{prefix}tasks": float(len(rewards))}
+                  f"{prefix}tasks": float(len(rewards)), **context}
 
 
 def _log_samples(monitor, groups: list, step: int, cfg: Any) -> None:
     from forge.trainer.advantages import group_advantages
 
-    monitor.histogram("train/advantages", group_advantages(cfg.algorithm.advantage, [g.rewards for g in groups]), step)
+    # The advantages the trainer used: over episodes, or over segments (algorithm.segment_weighting).
+    per = "episode_rewards" if cfg.algorithm.segment_weighting == "episode" else "rewards"
+    monitor.histogram("train/advantages", group_advantages(cfg.algorithm.advantage, [getattr(g, per) for g in groups]), step)
     if step % cfg.train.table_every:
         return
     tok = ByteTokenizer()

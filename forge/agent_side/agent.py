@@ -147,6 +147,10 @@ class AgentRolloutWorker:
             if not any(o.failure for o in outcomes):
                 stats.groups_done += 1
                 trajs = [t for o in outcomes for t in o.trajectories]
+                # A session whose client rewrote its history (compacted it, say) is one episode
+                # of several segments (session_trajectories numbers them).
+                stats.episodes += len(outcomes)
+                stats.segments += len(trajs)
                 return Group(task_id, group_id, trajs, attempts=attempt + 1), []
             if attempt < self.cfg.max_retries:
                 stats.groups_retried += 1

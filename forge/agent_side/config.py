@@ -13,6 +13,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge.agent_side.context import ContextConfig
 from forge.agent_side.env import ToolEnv
 from forge.agent_side.faults import FaultConfig, faulty_class
 from forge.policy.sampling import SamplingParams
@@ -95,6 +96,8 @@ class RolloutConfig:
     """An episode whose context would pass this ends truncated (status ok, no more turns)."""
     prefix_cache_tokens: int = 0
     """Tokens of recent conversations whose keys each generator keeps, so a turn prefills only what is new; 0: off."""
+    context: ContextConfig = field(default_factory=ContextConfig)
+    """Context management: the compact action and the env-side context policies (docs/context.md); off by default."""
 
     def __post_init__(self) -> None:
         if self.prefix_cache_tokens < 0:

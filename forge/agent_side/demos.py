@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from forge.agent_side.episode import Episode, apply_turn, finish, start_episode
+from forge.agent_side.context import ContextRules
+from forge.agent_side.episode import Episode, apply_turn, drop_last_observation, finish, start_episode
 from forge.middleware.types import Trajectory
 from forge.policy.sampling import Completion
 from forge.policy.tokenizer import Tokenizer
@@ -43,13 +44,18 @@ def turn_ids(text: str, tokenizer: Tokenizer) -> list[int]:
     return ids
 
 
-def oracle_trajectory(make_env: Callable[[], Any], seed: int, tokenizer: Tokenizer, *, timeout_s: float = 30.0) -> Trajectory:
-    """One demonstration: the env's oracle played through the rollout episode code.
+def oracle_episode(
+    make_env: Callable[[], Any], seed: int, tokenizer: Tokenizer, *, timeout_s: float = 30.0,
+    rules: ContextRules | None = None,
+) -> list[Trajectory]:
+    """One demonstration: the env's oracle played through the rollout episode code; its context
+    segments in order (one unless the oracle compacted or `rules` dropped tool results).
 
     Raises DemonstrationFailed when it does not count (see the module's docstring), and
     TypeError when the env has no oracle.
     """
-    ep = start_episode(make_env, seed, tokenizer, task_id=f"demo:{seed}", group_id=f"demo:{seed}", timeout_s=timeout_s)
+    ep = start_episode(make_env, seed, tokenizer, task_id=f"demo:{seed}", group_id=f"demo:{seed}",
+                       timeout_s=timeout_s, rules=rules)
     try:
         if ep.done:
             raise DemonstrationFailed(f"demonstration {seed}: {ep.traj.failure_reason}")
@@ -60,11 +66,16 @@ def oracle_trajectory(make_env: Callable[[], Any], seed: int, tokenizer: Tokeniz
         _play(ep, oracle, tokenizer, timeout_s, seed)
     finally:
         # Closing also releases what a failed episode left behind (a hung tool's thread).
-        traj = finish(ep)
-    problem = _why_not_a_demonstration(traj)
+        finish(ep)
+    problem = _why_not_a_demonstration(ep.trajectories)
     if problem:
         raise DemonstrationFailed(f"demonstration {seed}: {problem}")
-    return traj
+    return ep.trajectories
+
+
+def oracle_trajectory(make_env: Callable[[], Any], seed: int, tokenizer: Tokenizer, *, timeout_s: float = 30.0) -> Trajectory:
+    """The demonstration of an episode without context management, as one trajectory (`oracle_episode`)."""
+    return oracle_episode(make_env, seed, tokenizer, timeout_s=timeout_s)[-1]
 
 
 def _play(ep: Episode, oracle: Callable[[str], Any], tokenizer: Tokenizer, timeout_s: float, seed: int) -> None:
@@ -74,24 +85,41 @@ def _play(ep: Episode, oracle: Callable[[str], Any], tokenizer: Tokenizer, timeo
         policy = oracle(tokenizer.decode(ep.traj.prompt_ids[1:]))
         text = next(policy)
         while True:
+            rules = ep.rules
+            if rules is not None and len(ep.context) + rules.max_new_tokens > rules.max_context_tokens:
+                # Out of room, as a rollout would be: ends truncated (an oracle must compact in
+                # time; the notice in place of a read observation is for the policy's mistakes).
+                drop_last_observation(ep)
+                return
             ids = turn_ids(text, tokenizer)
             apply_turn(ep, Completion(ids, [0.0] * len(ids), finish_reason="stop"), tokenizer, timeout_s=timeout_s)
             if ep.done:
                 return
-            text = policy.send(tokenizer.decode(ep.traj.turns[-1].observation_ids))
+            text = policy.send(tokenizer.decode(ep.last_observation))
     except StopIteration:
         raise DemonstrationFailed(f"demonstration {seed}: the oracle stopped before the episode ended") from None
     except Exception as exc:
         # Usually an oracle reading a tool result that a failing tool did not give it.
-        errors = ", ".join(f"{k}: {n}" for k, n in sorted(ep.traj.error_counts.items())) or "none"
+        counts = _error_counts(ep.trajectories)
+        errors = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) or "none"
         raise DemonstrationFailed(f"demonstration {seed}: the oracle raised {type(exc).__name__}: {exc} "
                                   f"(errors in the episode: {errors})") from None
 
 
-def _why_not_a_demonstration(traj: Trajectory) -> str:
+def _error_counts(trajs: list[Trajectory]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in trajs:
+        for k, n in t.error_counts.items():
+            counts[k] = counts.get(k, 0) + n
+    return counts
+
+
+def _why_not_a_demonstration(segments: list[Trajectory]) -> str:
+    traj = segments[-1]
     if not traj.ok:
         return traj.failure_reason
-    failed = {k: traj.error_counts[k] for k in TOOL_FAILURES if traj.error_counts.get(k)}
+    counts = _error_counts(segments)
+    failed = {k: counts[k] for k in TOOL_FAILURES if counts.get(k)}
     if failed:
         return f"a tool call failed ({', '.join(f'{k}: {n}' for k, n in failed.items())}), so the oracle went on without its result"
     if not traj.reward > 0:
@@ -106,8 +134,10 @@ def spare_seed(seed: int, retry: int) -> int:
 
 def oracle_batch(
     make_env: Callable[[], Any], seeds: Sequence[int], tokenizer: Tokenizer, *, stats: dict[str, int] | None = None,
+    rules: ContextRules | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids and loss masks of one demonstration per seed, in the seeds' order.
+    """Token ids and loss masks of one demonstration per seed, in the seeds' order; a demonstration
+    of several context segments gives one sequence per segment, in order.
 
     A demonstration that fails is replaced by its seed's next spare (`spare_seed`); when nothing
     fails, the same seeds give the same demonstrations. After ATTEMPTS_PER_DEMO x len(seeds)
@@ -128,7 +158,7 @@ def oracle_batch(
                     f"(last: {last}); run `forge env check` on the env, fix its oracle, or lower the env.faults rates")
             attempts += 1
             try:
-                trajs.append(oracle_trajectory(make_env, spare_seed(seed, retry), tokenizer))
+                trajs.extend(oracle_episode(make_env, spare_seed(seed, retry), tokenizer, rules=rules))
                 break
             except DemonstrationFailed as exc:
                 failed += 1

@@ -29,7 +29,10 @@ from gymnasium import spaces
 
 from forge.policy.chat import render_task
 from forge.policy.protocol import ProtocolError, parse_turn, render_tool_result
-from forge.agent_side.tools import ToolSpec, check_arguments, collect_tools
+from forge.agent_side.tools import ToolSpec, build_spec, check_arguments, collect_tools
+
+COMPACT_TOOL = "compact"
+"""The built-in context tool (forge.agent_side.context); offered after `offer_compaction()`."""
 
 PRINTABLE = string.printable
 _PRINTABLE_SET = frozenset(PRINTABLE)
@@ -106,6 +109,29 @@ class ToolEnv(gym.Env[str, str]):
         self.turn = 0
         self.done = False
         self.error_counts: dict[str, int] = {}
+        self.compaction_offered = False
+        """Whether the built-in `compact` tool is offered (rollout.context.compact)."""
+
+    def offer_compaction(self) -> None:
+        """Offer the policy the built-in `compact(summary)` tool from the next `reset` on.
+
+        A call of it, alone in its turn, runs nothing: `step` reports the summary as
+        `info["compact"]` and the agent loop goes on from a fresh context (docs/context.md).
+        """
+        if COMPACT_TOOL in self.tools and not self.compaction_offered:
+            raise ValueError(f"{type(self).__name__} already has a tool named '{COMPACT_TOOL}', which the built-in "
+                             "context tool needs; rename that tool or turn rollout.context.compact off")
+        self.tools[COMPACT_TOOL] = build_spec(ToolEnv._compact_tool, COMPACT_TOOL, None, method="_compact_tool")
+        self.compaction_offered = True
+
+    def _compact_tool(self, summary: str) -> str:
+        """Replace the conversation so far by your summary of it, to free context.
+
+        Args:
+            summary: What you need to remember to go on.
+        """
+        # Never run: step() takes a compact call apart before any tool runs.
+        raise RuntimeError("compact is handled by ToolEnv.step")
 
     def make_task(self, rng: random.Random) -> tuple[str, Any]:
         """Return (task prompt, expected answer) for one episode, drawn from `rng`."""
@@ -149,9 +175,12 @@ class ToolEnv(gym.Env[str, str]):
         reward = 0.0
         terminated = False
         results: list[str] = []
+        compact: str | None = None
         if parsed.answer is not None and not errors:
             reward = float(self.score(parsed.answer, self.expected))
             terminated = True
+        elif self.compaction_offered and any(c.name == COMPACT_TOOL for c in parsed.calls):
+            compact = self._take_compact(parsed.calls, errors, results)
         else:
             if errors:
                 # Parser messages quote the protocol's markers on purpose and escape the
@@ -166,7 +195,23 @@ class ToolEnv(gym.Env[str, str]):
             self.error_counts[kind] = self.error_counts.get(kind, 0) + 1
         obs = "".join(results) + ("\n" if results else "")
         info = {"turn": self.turn, "errors": kinds, "calls": [c.name for c in parsed.calls]}
+        if compact is not None:
+            info["compact"] = compact
         return self._observation(obs), reward, terminated, truncated, info
+
+    def _take_compact(self, calls: list, errors: list[ProtocolError], results: list[str]) -> str | None:
+        """The summary of a well-formed compact call alone in its turn; otherwise an error result."""
+        if errors or len(calls) > 1:
+            msg = f"{COMPACT_TOOL} must be the only call of its turn, without errors; nothing was run"
+            errors.append(ProtocolError("compact_not_alone", msg))
+            results.append(render_tool_result(COMPACT_TOOL, "error: " + msg))
+            return None
+        problem = check_arguments(self.tools[COMPACT_TOOL], calls[0].arguments)
+        if problem is not None:
+            errors.append(ProtocolError("bad_arguments", problem))
+            results.append(render_tool_result(COMPACT_TOOL, "error: " + problem))
+            return None
+        return calls[0].arguments["summary"]
 
     def _run_call(self, name: str, arguments: dict[str, Any], errors: list[ProtocolError]) -> str:
         spec = self.tools.get(name)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Protocol, Sequence
 
 from forge.agent_side.config import RolloutConfig
-from forge.agent_side.episode import Episode, apply_turn, finish, start_episode
+from forge.agent_side.context import context_rules
+from forge.agent_side.episode import Episode, apply_turn, finish, out_of_room, start_episode
 from forge.middleware.types import Group
 from forge.policy.sampling import Generator
 from forge.policy.tokenizer import Tokenizer
@@ -47,6 +48,16 @@ class RolloutStats:
     """Tokens the policy sampled; over generate_s, the rollout side's tokens per second."""
     faults_injected: dict[str, int] = field(default_factory=dict)
     """Faults the env's fault injection (env.faults) injected during these calls, by kind."""
+    episodes: int = 0
+    """Episodes of delivered groups (the context counters below are over these)."""
+    segments: int = 0
+    """Context segments of those episodes (equal to `episodes` without context management)."""
+    compactions: int = 0
+    """Compact actions that started a new segment."""
+    context_tokens_saved: int = 0
+    """Context tokens the compactions removed (the context before, less the new one)."""
+    tool_results_dropped: int = 0
+    """Tool results replaced by a stub (rollout.context.drop_tool_results_after)."""
 
     def merge(self, other: "RolloutStats") -> None:
         """Add another's counters to these (per-kind dicts key by key)."""
@@ -79,6 +90,19 @@ class RolloutResult:
     stats: RolloutStats
     dropped: list[tuple[str, str]] = field(default_factory=list)
     """(task id, reason) of every group dropped after its retries: 'env_error', 'timeout' or 'context'."""
+
+
+def context_metrics(metrics: dict[str, float], prefix: str = "rollout/") -> dict[str, float]:
+    """Per-episode means of the context counters in summed `RolloutStats.as_metrics` numbers:
+    'context/compactions_per_episode', 'context/tokens_saved' (context tokens the compactions
+    removed, per episode), 'context/segments_per_episode', 'context/results_dropped_per_episode'."""
+    n = metrics.get(prefix + "episodes", 0.0)
+    if not n:
+        return {}
+    return {"context/compactions_per_episode": metrics.get(prefix + "compactions", 0.0) / n,
+            "context/tokens_saved": metrics.get(prefix + "context_tokens_saved", 0.0) / n,
+            "context/segments_per_episode": metrics.get(prefix + "segments", 0.0) / n,
+            "context/results_dropped_per_episode": metrics.get(prefix + "tool_results_dropped", 0.0) / n}
 
 
 def job_failures(job: "_GroupJob") -> list[str]:
@@ -139,6 +163,7 @@ class RolloutWorker:
         self.env_name = env_name
         stops = (tokenizer.eos_id, tokenizer.token_id("</answer>"))
         self.params = cfg.sampling_params(stop_token_ids=stops)
+        self.rules = context_rules(cfg)
         self._pool = ThreadPoolExecutor(max_workers=min(cfg.concurrency, 64), thread_name_prefix="forge-env")
 
     def run(self, seeds: Sequence[int], sink: GroupSink | None = None) -> RolloutResult:
@@ -199,7 +224,7 @@ class RolloutWorker:
 
         def start(_: int) -> Episode:
             return start_episode(self.make_env, job.seed, self.tokenizer, task_id=task_id,
-                                 group_id=group_id, timeout_s=self.cfg.turn_timeout_s)
+                                 group_id=group_id, timeout_s=self.cfg.turn_timeout_s, rules=self.rules)
 
         job.episodes = list(self._pool.map(start, range(self.cfg.group_size)))
 
@@ -215,17 +240,14 @@ class RolloutWorker:
         for ep in (ep for j in active for ep in j.episodes if not ep.done):
             if time.monotonic() - ep.started > self.cfg.episode_timeout_s:
                 ep.fail(f"episode_timeout: the episode ran past {self.cfg.episode_timeout_s} s")
-            elif len(ep.context) + self.params.max_new_tokens > self.cfg.max_context_tokens and not ep.traj.turns:
+            elif len(ep.context) + self.params.max_new_tokens > self.cfg.max_context_tokens and not ep.turn_count:
                 ep.fail(f"context: the prompt's {len(ep.context)} tokens leave no room for {self.params.max_new_tokens} "
                         f"new ones in rollout.max_context_tokens={self.cfg.max_context_tokens}; raise it or shorten the task")
-            elif len(ep.context) + self.params.max_new_tokens > self.cfg.max_context_tokens:
+            elif len(ep.context) + self.params.max_new_tokens > self.cfg.max_context_tokens and out_of_room(ep, self.tokenizer):
                 # Out of room after some turns: the episode ends truncated, like at its turn limit.
                 # No turn reads the last observation, so it is not kept: a flooding tool cannot
                 # make a trajectory longer than rollout.max_context_tokens (and the trainer's budget).
-                last = ep.traj.turns[-1]
-                if last.observation_ids:
-                    del ep.context[len(ep.context) - len(last.observation_ids):]
-                    last.observation_ids = []
+                # With rollout.context.on_full 'ask' a notice asked to compact first (out_of_room).
                 ep.done = True
             else:
                 waiting.append(ep)
@@ -252,18 +274,29 @@ class RolloutWorker:
 
     def _close(self, job: _GroupJob, stats: RolloutStats) -> Group | _GroupJob | None:
         """The complete group, or the job to retry, or None when it is dropped; counts every case."""
-        trajs = [finish(ep) for ep in job.episodes]
-        for t in trajs:
-            for kind, n in t.error_counts.items():
-                stats.protocol_errors[kind] = stats.protocol_errors.get(kind, 0) + n
+        for ep in job.episodes:
+            finish(ep)
+        for ep in job.episodes:
+            for seg in ep.trajectories:
+                for kind, n in seg.error_counts.items():
+                    stats.protocol_errors[kind] = stats.protocol_errors.get(kind, 0) + n
+        # Counted per episode: the last segment holds the episode's fate.
+        for t in (ep.traj for ep in job.episodes):
             if t.ok:
                 stats.trajectories_ok += 1
             else:
                 stats.trajectories_failed += 1
                 cause = t.failure_reason.split(":", 1)[0]
                 stats.failure_reasons[cause] = stats.failure_reasons.get(cause, 0) + 1
-        if all(t.ok for t in trajs):
+        if all(ep.traj.ok for ep in job.episodes):
             stats.groups_done += 1
+            for ep in job.episodes:
+                stats.episodes += 1
+                stats.segments += len(ep.trajectories)
+                stats.compactions += ep.compactions
+                stats.context_tokens_saved += ep.tokens_saved
+                stats.tool_results_dropped += ep.results_dropped
+            trajs = [seg for ep in job.episodes for seg in ep.trajectories]
             return Group(trajs[0].task_id, trajs[0].group_id, trajs, attempts=job.attempt + 1)
         if job.attempt < self.cfg.max_retries:
             stats.groups_retried += 1
