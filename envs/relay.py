@@ -1,8 +1,8 @@
 """Relay: a multi-hop chase through long pages, longer than the context unless the agent compacts.
 
 A long variant of needle's multi-hop retrieval, made for context management (docs/context.md).
-The task names a start page; each page holds one code fragment and the number of the next page,
-then a screen of filler prose (from level 2 on the two facts hide at random places in it). The agent reads a page with `read(page)`, follows
+The task names a start page; each page is a screen of filler prose, then one code fragment and
+the number of the next page (from level 2 on the two facts hide at random places in the prose). The agent reads a page with `read(page)`, follows
 the chain, and answers with the fragments in order. Every page it reads stays in its context,
 and the pages of a whole chase do not fit in the recipe's `rollout.max_context_tokens`: with
 `rollout.context.compact` on, the agent must compact (keep the fragments so far and the next
@@ -21,8 +21,9 @@ from typing import Generator
 from forge.agent_side import ToolEnv, tool
 from forge.policy.protocol import render_tool_call, tool_results
 
-PAGES = 100
+PAGES = 10
 _LETTERS = "abcdefghijkmnpqrstuvwxyz"
+"""Fragments are single letters and pages single digits: each copy the agent makes is one token."""
 _SUBJECTS = ("The river", "A merchant", "The old road", "A traveller", "The council", "The wind", "A scholar",
              "The market", "A shepherd", "The harbour", "The lamp", "A sailor")
 _VERBS = ("passes", "watches", "remembers", "follows", "crosses", "describes", "ignores", "circles")
@@ -34,30 +35,29 @@ class RelayEnv(ToolEnv):
     """Follow a chain of pages, collecting a code fragment from each; level sets the hops (2 + level)."""
 
     max_turns = 24
-    page_sentences = 5
+    page_sentences = 4
     """Filler sentences per page (about 30 characters each): sets how much context a page costs."""
 
     def make_task(self, rng: random.Random) -> tuple[str, list[str]]:
-        hops = 2 + max(0, self.difficulty)
+        hops = min(2 + max(0, self.difficulty), PAGES - 1)
         chain = rng.sample(range(PAGES), hops + 1)
         self.pages: dict[int, str] = {}
         fragments = []
         for i, page in enumerate(chain[:hops]):
-            fragment = rng.choice(_LETTERS) + str(rng.randrange(10))
+            fragment = rng.choice(_LETTERS)
             fragments.append(fragment)
             facts = [f"Fragment: {fragment}."]
             facts.append(f"Next page: {chain[i + 1]}." if i + 1 < hops else "This is the last page.")
             lines = [self._filler(rng) for _ in range(self.page_sentences)]
             if self.difficulty < 2:
-                # The page opens with its facts: what costs context is the prose after them.
-                lines = facts + lines
+                # The page ends with its facts: what costs context is the prose before them.
+                lines = lines + facts
             else:
                 for fact, at in zip(facts, sorted(rng.sample(range(len(lines) + 1), len(facts)))):
                     lines.insert(at, fact)
             self.pages[page] = " ".join(lines)
         self.start = chain[0]
-        prompt = (f"Start at page {chain[0]}. Each page has a fragment and the next page. "
-                  "Answer with all fragments in order, separated by spaces.")
+        prompt = f"Each page gives a fragment and the next page; answer with the fragments in order. Read page {chain[0]}."
         return prompt, fragments
 
     @staticmethod
@@ -85,7 +85,7 @@ class RelayEnv(ToolEnv):
     def oracle(self, prompt: str) -> Generator[str, str, None]:
         """Read each page in turn; compact when asked, keeping the fragments and the next page."""
         found: list[str] = []
-        page = int(re.search(r"Start at page (\d+)", prompt).group(1))
+        page = int(re.search(r"Read page (\d+)", prompt).group(1))
         while True:
             obs = yield render_tool_call("read", {"page": page})
             text = " ".join(tool_results(obs))

@@ -36,7 +36,7 @@ def call(name: str, **arguments) -> str:
 def relay_turn(context: str, *, compact: bool = True, notes: bool = False) -> str:
     """What a perfect relay agent writes next, reading only its context; with `notes` it keeps
     the fragments so far in its thinking, which survives dropped tool results."""
-    fragments, page = [], int(re.search(r"Start at page (\d+)", context).group(1))
+    fragments, page = [], int(re.search(r"Read page (\d+)", context).group(1))
     summary = re.findall(r"your summary: fragments ([\w ]+), next page (\d+)", context)
     if summary:
         fragments, page = summary[-1][0].split(), int(summary[-1][1])
@@ -75,7 +75,7 @@ class LoggingGenerator:
 
 
 def rollout_cfg(**context) -> RolloutConfig:
-    return RolloutConfig(group_size=4, concurrency=8, max_new_tokens=128, max_context_tokens=768,
+    return RolloutConfig(group_size=4, concurrency=8, max_new_tokens=128, max_context_tokens=656,
                          context=ContextConfig(**context))
 
 
@@ -134,7 +134,7 @@ def test_an_env_with_its_own_compact_tool_is_refused_in_one_line():
 
 
 def test_relay_needs_compaction_and_its_segments_are_token_exact():
-    cfg = rollout_cfg(compact=True, ask_at_tokens=400)
+    cfg = rollout_cfg(compact=True, ask_at_tokens=280)
     result, gen = run_relay(cfg)
     assert result.stats.groups_done == 2 and not result.dropped
     assert_token_exact(result.groups, gen)
@@ -163,7 +163,7 @@ def test_without_compaction_the_relay_cannot_be_finished():
     assert result.stats.groups_done == 2
     for g in result.groups:
         assert len(g.trajectories) == 4 and {t.reward for t in g.trajectories} == {0.0}
-        assert all(not t.terminated and len(t.token_ids) <= 768 for t in g.trajectories)
+        assert all(not t.terminated and len(t.token_ids) <= 656 for t in g.trajectories)
     assert context_metrics(result.stats.as_metrics())["context/segments_per_episode"] == 1.0
 
 
@@ -182,7 +182,7 @@ def test_a_full_context_asks_to_compact_in_place_of_the_last_observation():
 
 
 def test_keep_last_turns_carries_the_exact_ids_of_the_turns_before_the_compaction():
-    result, gen = run_relay(rollout_cfg(compact=True, ask_at_tokens=400, keep_last_turns=1), seeds=(5,))
+    result, gen = run_relay(rollout_cfg(compact=True, ask_at_tokens=280, keep_last_turns=1), seeds=(5,))
     assert_token_exact(result.groups, gen)
     segs = result.groups[0].episodes[0]
     read = segs[0].turns[-2]  # the read before the compact turn
@@ -211,14 +211,14 @@ class _LongRelay(RelayEnv):
 
 
 def test_an_episode_past_max_segments_ends_truncated():
-    cfg = rollout_cfg(compact=True, ask_at_tokens=400, max_segments=1)
+    cfg = rollout_cfg(compact=True, ask_at_tokens=280, max_segments=1)
     result, _ = run_relay(cfg, seeds=(0,))
     for segs in result.groups[0].episodes:
         assert len(segs) == 1 and segs[0].reward == 0.0 and not segs[0].terminated
 
 
 def test_demonstrations_compact_when_asked_and_give_one_sequence_per_segment():
-    rules = context_rules(rollout_cfg(compact=True, ask_at_tokens=400))
+    rules = context_rules(rollout_cfg(compact=True, ask_at_tokens=280))
     segs = oracle_episode(lambda: RelayEnv(prompt_style="brief"), 4, TOK, rules=rules)
     assert [s.segment for s in segs] == [0, 1] and {s.reward for s in segs} == {1.0}
     seqs, masks = oracle_batch(lambda: RelayEnv(prompt_style="brief"), [4, 5], TOK, rules=rules)
@@ -227,7 +227,7 @@ def test_demonstrations_compact_when_asked_and_give_one_sequence_per_segment():
 
 
 def test_segments_of_a_group_share_the_task_prefix_in_the_prefix_tree():
-    result, _ = run_relay(rollout_cfg(compact=True, ask_at_tokens=400), seeds=(0,))
+    result, _ = run_relay(rollout_cfg(compact=True, ask_at_tokens=280), seeds=(0,))
     seqs = [t.token_ids for t in result.groups[0].trajectories]
     prompt = len(result.groups[0].trajectories[0].prompt_ids)
     # Every one of the group's 8 segments starts with the same task prompt: stored once.
@@ -241,3 +241,34 @@ def test_context_config_refuses_bad_values_in_one_line():
         ContextConfig(keep_last_turns=-1)
     assert context_rules(RolloutConfig()) is None
     assert ContextRules(ContextConfig(compact=True, ask_at_tokens=10), 100, 10).should_ask(11, asked=False)
+
+
+@pytest.mark.timeout(600)
+def test_forge_train_with_compaction_logs_the_context_metrics_and_keeps_segments(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from forge.middleware.arrow import read_parquet
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "runs"
+    args = [sys.executable, "-m", "forge.cli", "train", str(root / "tests" / "data" / "tiny_recipe.yaml"),
+            f"run.output_dir={out}", "env.cls=envs.relay:RelayEnv", "env.kwargs={prompt_style: brief}",
+            "rollout.context.compact=true",
+            "rollout.context.ask_at_tokens=280", "rollout.max_new_tokens=128", "rollout.max_context_tokens=656",
+            "train.steps=2", "train.keep_rollouts=true", "eval.every=2"]
+    env = dict(os.environ, FORGE_NO_PROGRESS="1", PYTHONPATH=str(root))
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run,) = out.iterdir()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "train/rl_step" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["context/segments_per_episode"] >= 1.0 and "context/tokens_saved" in r
+        assert r["train/episodes"] == r["rollout/episodes"]
+    groups = read_parquet(sorted((run / "rollouts").glob("*.parquet")))
+    assert all(len(g.episodes) == 2 for g in groups)
+    assert "compact(summary)" in TOK.decode(groups[0].trajectories[0].prompt_ids)

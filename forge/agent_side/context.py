@@ -72,7 +72,7 @@ class ContextConfig:
 
 def summary_observation(summary: str) -> str:
     """The observation that opens a compacted context: the policy's summary, markers escaped."""
-    return render_tool_result(COMPACT_TOOL, "context compacted; your summary: " + escape_markers(summary)) + "\n"
+    return render_tool_result(COMPACT_TOOL, "your summary: " + escape_markers(summary)) + "\n"
 
 
 DROPPED_STUB = render_tool_result("context", "older tool result dropped") + "\n"
