@@ -73,6 +73,23 @@ def _msa_small() -> ModelConfig:
     return dataclasses.replace(ModelConfig.small(), msa=msa)
 
 
+def test_cuda_graph_decoding_stops_rows_as_the_static_step_does():
+    """The graph loop reads "every row stopped" only every GRAPH_DONE_CHECK_EVERY steps; rows
+    that stop early are still cut at their stop, exactly as the per-step check cuts them."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.small()).to("cuda", torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (20, 33, 41)]
+    free = ModelGenerator(model, seed=0, decode="static").generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=40))
+    # Stop ids sampled early in one row and late (or never) in the others.
+    params = SamplingParams(temperature=0.0, max_new_tokens=40, stop_token_ids=(free[0].token_ids[3], free[1].token_ids[25]))
+    graph = ModelGenerator(model, seed=0, decode="graph").generate(prompts, params)
+    static = ModelGenerator(model, seed=0, decode="static").generate(prompts, params)
+    assert [c.token_ids for c in graph] == [c.token_ids for c in static]
+    assert [c.finish_reason for c in graph] == [c.finish_reason for c in static]
+    assert len(graph[0].token_ids) <= 4 and graph[0].finish_reason == "stop"
+
+
 @pytest.mark.parametrize("config", [ModelConfig.small, _msa_small], ids=["dense", "msa"])
 def test_cuda_graph_decoding_replays_the_fixed_shape_step(config, monkeypatch):
     """decode="auto" on CUDA captures `forward_decode` once per call (two calls: the warm-up and
