@@ -2,11 +2,12 @@
 
 A long variant of needle's multi-hop retrieval, made for context management (docs/context.md).
 The task names a start page; each page is a screen of filler prose, then one code fragment and
-the number of the next page (from level 2 on the two facts hide at random places in the prose). The agent reads a page with `read(page)`, follows
-the chain, and answers with the fragments in order. Every page it reads stays in its context,
-and the pages of a whole chase do not fit in the recipe's `rollout.max_context_tokens`: with
-`rollout.context.compact` on, the agent must compact (keep the fragments so far and the next
-page in its summary) to finish. Difficulty sets the hops: 2 at level 0, one more per level.
+the number of the next page (from level 2 on, the two facts hide at random places in the
+prose). The agent reads a page with `read(page)`, follows the chain, and answers with the
+fragments in order. Every page it reads stays in its context, and the pages of a whole chase
+do not fit in the recipe's `rollout.max_context_tokens`: with `rollout.context.compact` on, the
+agent must compact (keep the fragments so far and the next page in its summary) to finish.
+Difficulty sets the hops: 2 at level 0, one more per level, at most 9 (there are 10 pages).
 
 Reward: the share of fragments answered in their place (partial credit), 1.0 for all of them.
 The oracle reads each page, and compacts when the context asks it to.
@@ -56,7 +57,6 @@ class RelayEnv(ToolEnv):
                 for fact, at in zip(facts, sorted(rng.sample(range(len(lines) + 1), len(facts)))):
                     lines.insert(at, fact)
             self.pages[page] = " ".join(lines)
-        self.start = chain[0]
         prompt = f"Each page gives a fragment and the next page; answer with the fragments in order. Read page {chain[0]}."
         return prompt, fragments
 
