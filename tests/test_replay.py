@@ -20,6 +20,15 @@ RECIPE = ROOT / "tests" / "data" / "tiny_recipe.yaml"
 pytestmark = pytest.mark.timeout(600)
 
 
+def free_port() -> int:
+    """A port nothing listens on now. Fixed ones can collide with a port held by another test of
+    the session (in-process gloo groups draw theirs from the process id); one did in CI."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 def replay(tmp_path: Path, nproc: int, port: int) -> tuple[list[dict], dict]:
     save = tmp_path / f"weights-{nproc}.pt"
     out = subprocess.run(
@@ -40,8 +49,8 @@ def test_two_ranks_match_one(tmp_path):
     for step in (1, 2):
         # Two groups of three: each rank of two gets one whole group.
         write_parquet(groups_of(step, n_groups=2, g=3), tmp_path / "rollouts" / f"step-{step:06d}.parquet")
-    one_rows, one = replay(tmp_path, 1, 29561)
-    two_rows, two = replay(tmp_path, 2, 29562)
+    one_rows, one = replay(tmp_path, 1, free_port())
+    two_rows, two = replay(tmp_path, 2, free_port())
     assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2]
     for a, b in zip(one_rows, two_rows):
         assert abs(a["train/loss"]) > 1e-4
@@ -82,7 +91,7 @@ def test_sft_step_on_two_ranks_matches_one(tmp_path):
     import torch.multiprocessing as mp
 
     results = {}
-    for world, port in ((1, 29563), (2, 29564)):
+    for world, port in ((1, free_port()), (2, free_port())):
         out = tmp_path / f"sft-{world}.pt"
         mp.spawn(_sft_worker, args=(world, port, str(out)), nprocs=world, join=True)
         results[world] = torch.load(out)

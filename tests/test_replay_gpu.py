@@ -56,6 +56,15 @@ def agent_groups(seed: int, n_groups: int, g: int) -> list[Group]:
     return out
 
 
+def free_port() -> int:
+    """A port nothing listens on now. Fixed ones can collide with a port held by another test of
+    the session (in-process gloo groups draw theirs from the process id); one did in CI."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 def replay(tmp_path: Path, nproc: int, port: int, micro: int = 4096) -> tuple[list[dict], dict, dict]:
     save, initial = tmp_path / f"w-{nproc}-{micro}.pt", tmp_path / f"w0-{nproc}-{micro}.pt"
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
@@ -75,11 +84,11 @@ def replay(tmp_path: Path, nproc: int, port: int, micro: int = 4096) -> tuple[li
 def test_two_gpus_match_one(tmp_path):
     for step in (1, 2):
         write_parquet(agent_groups(step, n_groups=8, g=4), tmp_path / "rollouts" / f"step-{step:06d}.parquet")
-    one_rows, w0, one = replay(tmp_path, 1, 29571)
-    two_rows, w0_two, two = replay(tmp_path, 2, 29572)
+    one_rows, w0, one = replay(tmp_path, 1, free_port())
+    two_rows, w0_two, two = replay(tmp_path, 2, free_port())
     # The noise floor: one GPU again, the same batch cut into smaller micro-batches, so only the
     # order of bf16 sums changes.
-    _, _, repacked = replay(tmp_path, 1, 29573, micro=2048)
+    _, _, repacked = replay(tmp_path, 1, free_port(), micro=2048)
     assert all(torch.equal(w0[k], w0_two[k]) for k in w0), "the two runs must start from the same weights"
     assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2]
     report = {"loss_1gpu": [r["train/loss"] for r in one_rows], "loss_2gpu": [r["train/loss"] for r in two_rows]}
