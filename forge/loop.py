@@ -202,14 +202,9 @@ def train(cfg: Any, run, monitor, state: DriverState, checkpointer: Checkpointer
             if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
                 # Rows up to this step must be on disk before the checkpoint says it is done.
                 monitor.flush()
-                checkpointer.save(ranks, pool, state)
-                ledger.checkpoint(state.step, ray.get(pool.held_task_ids.remote()))
+                ledger.checkpoint(state.step, checkpointer.save(ranks, pool, state))
             bar.update()
-    # Groups still running (async) will never be trained: their fate, so the ledger adds up.
-    held = set(ray.get(pool.held_task_ids.remote()))
-    for group in ledger.open_groups():
-        if group not in held:
-            ledger.dropped(group, state.step, "run_ended")
+    ledger.end_run(state.step)
     return state
 
 

@@ -49,10 +49,13 @@ class Checkpointer:
     def __init__(self, checkpoints: Path) -> None:
         self.dir = Path(checkpoints)
 
-    def save(self, ranks: list, pool: Any, state: DriverState) -> None:
+    def save(self, ranks: list, pool: Any, state: DriverState) -> list[str]:
+        """Save a checkpoint; returns the task ids of the groups the saved pool holds (workers
+        go on delivering to the live pool meanwhile, so asking it again later may differ)."""
         client = {"driver": asdict(state), "pool": ray.get(pool.state_dict.remote()), "python_rng": random.getstate()}
         ray.get([r.call.remote("save", str(self.dir), state.tag, client) for r in ranks])
         (self.dir / "latest").write_text(state.tag + "\n")
+        return [g.task_id for g in client["pool"]["finished"]]
 
     def latest(self) -> str | None:
         marker = self.dir / "latest"

@@ -67,6 +67,23 @@ def test_trim_on_resume_drops_what_came_after_the_checkpoint(tmp_path):
     assert len(read_ledger(tmp_path / "ledger.discarded.jsonl")) == 3
 
 
+def test_a_group_delivered_after_the_last_checkpoint_ends_with_the_run(tmp_path):
+    # Workers deliver to the live pool while a checkpoint saves it: a group that arrived after the
+    # save is not in the checkpoint, so it must end as run_ended, not count as held (a resume
+    # runs it again).
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.scheduled(["t:1", "t:2", "t:3", "t:4"], step=0)
+    ledger.trained("t:1", 1, 2)
+    ledger.checkpoint(1, held=["t:2"])
+    ledger.end_run(1)   # t:3 arrived in the live pool after the save; t:4 still runs
+    report = check(read_ledger(ledger.path), group_size=2)
+    assert report.ok, report.summary()
+    assert (report.held, dict(report.dropped)) == (1, {"run_ended": 2})
+    resumed = Ledger(ledger.path)
+    resumed.trim(after_step=1)
+    assert resumed.open_groups() == ["t:2", "t:3", "t:4"]
+
+
 def test_a_damaged_ledger_line_is_one_line_error(tmp_path):
     path = tmp_path / "ledger.jsonl"
     path.write_text('{"group": "t:1", "status": "scheduled", "step": 0}\n{"group": "t:1", "sta')
@@ -151,11 +168,8 @@ def test_a_dead_rollout_worker_is_replaced_and_its_groups_run_again(ray_session,
             break
     for g in ray.get(pool.take.remote(2, 0)):
         ledger.trained(g.task_id, 2, 2)
-    held = ray.get(pool.held_task_ids.remote())
-    for g in ledger.open_groups():
-        if g not in held:
-            ledger.dropped(g, 2, "run_ended")
-    ledger.checkpoint(2, held)
+    ledger.checkpoint(2, ray.get(pool.held_task_ids.remote()))
+    ledger.end_run(2)
     report = check(read_ledger(ledger.path), group_size=2)
     assert report.ok and not report.trained_twice, report.summary()
 

@@ -34,6 +34,7 @@ class Ledger:
         self.path = Path(path)
         self._scheduled: dict[str, int] = {}
         self._fated: set[str] = set()
+        self._held: set[str] = set()
         if self.path.is_file():
             for entry in read_ledger(self.path):
                 self._remember(entry)
@@ -53,6 +54,14 @@ class Ledger:
 
     def checkpoint(self, step: int, held: list[str]) -> None:
         self._write([{"status": "checkpoint", "step": step, "held": sorted(held)}])
+
+    def end_run(self, step: int) -> None:
+        """At the end of a run, every open group not held by the last checkpoint's data pool is
+        dropped (`run_ended`): still running, or delivered to the live pool after that checkpoint
+        was saved (workers keep delivering while it saves), so no checkpoint will bring it back."""
+        for group in self.open_groups():
+            if group not in self._held:
+                self.dropped(group, step, "run_ended")
 
     def open_groups(self) -> list[str]:
         """Scheduled groups without a fate yet, in scheduling order."""
@@ -76,7 +85,7 @@ class Ledger:
             with open(self.path.with_name("ledger.discarded.jsonl"), "a") as f:
                 f.writelines(json.dumps(e) + "\n" for e in drop)
         self.path.write_text("".join(json.dumps(e) + "\n" for e in keep))
-        self._scheduled, self._fated = {}, set()
+        self._scheduled, self._fated, self._held = {}, set(), set()
         for entry in keep:
             self._remember(entry)
         return len(drop)
@@ -87,6 +96,8 @@ class Ledger:
             self._scheduled.setdefault(entry["group"], entry["step"])
         elif status in ("trained", "dropped"):
             self._fated.add(entry["group"])
+        elif status == "checkpoint":
+            self._held = set(entry.get("held", []))
 
     def _write(self, entries: list[dict]) -> None:
         if not entries:
