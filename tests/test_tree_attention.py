@@ -172,3 +172,36 @@ def test_block_lists_classify_every_tile_and_block(bm, bn):
     causal = sum(min(((i + 1) * bm - 1) // bn + 1, (t + bn - 1) // bn) for i in range((t + bm - 1) // bm))
     assert lists.full_cnt.sum() > 0
     assert (lists.full_cnt + lists.part_cnt).sum(-1).max() < causal
+
+
+@pytest.mark.parametrize("split_below", [2, 5, 16, 256])
+def test_the_cpu_path_walks_the_tree_and_equals_the_whole_mask(monkeypatch, split_below):
+    """`tree_attention_split` (the CPU path of `tree_attention`): forests of random groups,
+    roots and chains, against one [T, T] mask, values and gradients in fp64."""
+    from forge.kernels.tree_attention import naive
+
+    monkeypatch.setattr(naive, "SPLIT_BELOW_TOKENS", split_below)
+    rng = random.Random(split_below)
+    for trial in range(12):
+        groups = []
+        for _ in range(rng.randrange(1, 4)):
+            base = [rng.randrange(4) for _ in range(rng.randrange(1, 8))]
+            groups.append([base[: rng.randrange(len(base) + 1)] + [rng.randrange(4) for _ in range(rng.randrange(1, 9))]
+                           for _ in range(rng.randrange(1, 6))])
+        tree = concat_trees([build_tree(g) for g in groups])
+        se = torch.stack([tree.subtree_end, tree.subtree_end])  # two rows
+        t = se.shape[1]
+        torch.manual_seed(trial)
+        x = [torch.randn(2, t, h, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2)]
+        want = tree_attention_naive(*x, se)
+        got = tree_attention(*x, se)  # the CPU dispatch
+        assert torch.allclose(got, want, atol=1e-12, rtol=0)
+        do = torch.randn_like(want)
+        for a, b in zip(torch.autograd.grad(got, x, do), torch.autograd.grad(want, x, do)):
+            assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_the_cpu_path_names_a_malformed_tree():
+    q = torch.zeros(1, 3, 2, 4)
+    with pytest.raises(ValueError, match=r"subtree_end\[0, 1\] = 1 is not in \(1, 3\]"):
+        tree_attention(q, q[:, :, :1], q[:, :, :1], torch.tensor([[3, 1, 3]]))

@@ -3,7 +3,8 @@
 `tree_attention` is the entry point the policy calls. CUDA tensors in fp16 or bf16 go through
 dense pieces on torch's cuDNN or flash attention (`decomposed.py`) when its cost rule says they pay, and
 through the Triton kernels (`triton_tree.py`) otherwise; CUDA fp32 always through the Triton
-kernels; everything else (the CPU, fp64) through the plain-PyTorch reference (`naive.py`).
+kernels; everything else (the CPU, fp64) through the plain-PyTorch reference (`naive.py`), walked
+branch by branch (`tree_attention_split`) rather than under one [T, T] mask.
 `flex.py` holds the FlexAttention baseline.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from forge.kernels.tree_attention.naive import tree_attention_naive, tree_mask
+from forge.kernels.tree_attention.naive import tree_attention_naive, tree_attention_split, tree_mask
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Plans of recent subtree_end tensors: every layer of a forward sees the same tree. An entry
@@ -59,7 +60,7 @@ def tree_attention(
             if plan.pays:
                 return tree_attention_pieces(q, k, v, subtree_end, scale=scale, plan=plan)
         return tree_attention_triton(q, k, v, subtree_end, scale=scale)
-    return tree_attention_naive(q, k, v, subtree_end, scale=scale)
+    return tree_attention_split(q, k, v, subtree_end, scale=scale)
 
 
-__all__ = ["tree_attention", "tree_attention_naive", "tree_mask"]
+__all__ = ["tree_attention", "tree_attention_naive", "tree_attention_split", "tree_mask"]
