@@ -72,6 +72,11 @@ class ModelConfig:
     """Standard deviation of the normal initialisation of every weight matrix."""
     msa: MSAConfig = field(default_factory=MSAConfig)
     """MiniMax Sparse Attention: which layers use it, its block selection and the index-branch training."""
+    batch_invariant: bool = False
+    """Numerics, not architecture: every shape-dependent reduction accumulates in fp64, so a
+    token's logits and logprobs come out the same in a decoding step, a prefill and the
+    trainer's prefix tree, and the sampler agrees with the trainer (forge.policy.invariant).
+    CPU only; it costs most in attention (about 3x the training step of the quickstart's model)."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

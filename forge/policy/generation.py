@@ -47,12 +47,21 @@ GRAPH_MIN_NEW_TOKENS = 8
 the capture costs about two eager steps."""
 
 
+def _logprobs(logits: torch.Tensor, params: SamplingParams, invariant: bool) -> torch.Tensor:
+    """log_softmax(logits / temperature) [B, V]; with `invariant` (model.batch_invariant) taken
+    in fp64 and rounded once, as the trainer's scores are (forge.trainer.logprobs)."""
+    tempered = logits / params.temperature if params.temperature > 0 else logits
+    if invariant:
+        return torch.log_softmax(tempered.double(), dim=-1).to(logits.dtype)
+    return torch.log_softmax(tempered, dim=-1)
+
+
 def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, *, invariant: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row of logits [B, V] (fp32): (token ids [B], their logprobs [B] under
-    softmax(logits / temperature), temperature 1 when greedy)."""
-    logprobs = torch.log_softmax(logits / params.temperature if params.temperature > 0 else logits, dim=-1)  # [B, V]
+    softmax(logits / temperature), temperature 1 when greedy; see `_logprobs` for `invariant`)."""
+    logprobs = _logprobs(logits, params, invariant)  # [B, V]
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
     else:
@@ -67,10 +76,10 @@ def sample_next(
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _top_logprobs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_logprobs(logits: torch.Tensor, params: SamplingParams, invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The `params.top_logprobs` largest logprobs [B, k] and their ids [B, k], under the
     distribution `sample_next` reports logprobs of."""
-    logprobs = torch.log_softmax(logits / params.temperature if params.temperature > 0 else logits, dim=-1)
+    logprobs = _logprobs(logits, params, invariant)
     return logprobs.topk(min(params.top_logprobs, logprobs.shape[-1]), dim=-1)
 
 
@@ -214,12 +223,13 @@ class ModelGenerator:
         static = None if mode == "eager" else _StaticDecode(
             self.model, cache, valid, next_position, width + params.max_new_tokens, graph=mode == "graph")
         check_every = GRAPH_DONE_CHECK_EVERY if mode == "graph" else 1
+        invariant = self.model.config.batch_invariant
         for step in range(params.max_new_tokens):
-            tokens, logprobs = sample_next(logits, params, self._rng)
+            tokens, logprobs = sample_next(logits, params, self._rng, invariant=invariant)
             tokens_out.append(tokens)
             logprobs_out.append(logprobs)
             if params.top_logprobs:
-                top_out.append(_top_logprobs(logits, params))
+                top_out.append(_top_logprobs(logits, params, invariant))
             done = done | torch.isin(tokens, stop)
             if step + 1 == params.max_new_tokens or ((step + 1) % check_every == 0 and bool(done.all())):
                 break

@@ -32,11 +32,14 @@ from forge.kernels.msa.tree import msa_cache_attention, msa_tree
 from forge.kernels.msa.tree_triton import msa_tree_triton
 from forge.kernels.tree_attention import tree_attention
 from forge.policy.config import ModelConfig
+from forge.policy.invariant import Linear, check_device, invariant_linear, wide, wide_call
 from forge.policy.moe import MoE, SwiGLU
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32."""
+    """x / rms(x) * weight, computed in fp32 (fp64 under `model.batch_invariant`)."""
+
+    invariant = False
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -44,7 +47,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = at_least_fp32(x)
+        xf = wide(x) if self.invariant else at_least_fp32(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -191,14 +194,17 @@ class Attention(nn.Module):
     backbone.
     """
 
+    invariant = False
+    """Attention in fp64 (`model.batch_invariant`; forge.policy.invariant)."""
+
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
         self.qk_norm_scope = c.qk_norm_scope if c.qk_norm else None
         if c.qk_norm:
             per_layer = c.qk_norm_scope == "layer"
@@ -207,8 +213,8 @@ class Attention(nn.Module):
         self.msa: MSAConfig | None = c.msa if c.is_msa_layer(layer) else None
         if self.msa is not None:
             di = self.msa.index_dim
-            self.iq_proj = nn.Linear(c.hidden_size, c.num_kv_heads * di, bias=False)
-            self.ik_proj = nn.Linear(c.hidden_size, di, bias=False)
+            self.iq_proj = Linear(c.hidden_size, c.num_kv_heads * di, bias=False)
+            self.ik_proj = Linear(c.hidden_size, di, bias=False)
             self.iq_norm = RMSNorm(di, c.rms_eps)
             self.ik_norm = RMSNorm(di, c.rms_eps)
 
@@ -250,36 +256,44 @@ class Attention(nn.Module):
             out = self._msa_cached(q, k, v, *self._index(x, p), p, cache)
         else:
             out = self._msa(q, k, v, *self._index(x, p), p)
-        return self.o_proj(out.reshape(b, t, -1))
+        return self.o_proj(out.reshape(b, t, -1).to(x.dtype))
+
+    def _wide(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors in fp64 under `model.batch_invariant` (attention then sums a query's keys
+        alike whatever their layout), else as they are. Caches keep the model's dtype."""
+        return tuple(wide(t) for t in tensors) if self.invariant else tensors
 
     def _dense(self, q, k, v, p: _Pass, cache: tuple | None) -> torch.Tensor:
         """Dense attention (causal, prefix tree or KV cache): [B, T, Hq, D]."""
         t = q.shape[1]
         if p.subtree_end is not None:
-            return tree_attention(q, k, v, p.subtree_end, scale=self.head_dim**-0.5)
+            scale = self.head_dim**-0.5
+            if self.invariant:
+                return wide_call(lambda q, k, v: tree_attention(q, k, v, p.subtree_end, scale=scale), q, k, v)
+            return tree_attention(q, k, v, p.subtree_end, scale=scale)
         if cache is None:
-            return _causal_sdpa(q, k, v)
+            return wide_call(_causal_sdpa, q, k, v) if self.invariant else _causal_sdpa(q, k, v)
         k_cache, v_cache, _, length = cache
         if p.decode_slot is not None:
             # Fixed shapes: write at a slot held on the device, attend over every slot, masked.
             k_cache.index_copy_(2, p.decode_slot, k.transpose(1, 2))
             v_cache.index_copy_(2, p.decode_slot, v.transpose(1, 2))
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache, v_cache, attn_mask=p.cache_mask,
-                                                 enable_gqa=True)
+            q, k, v = self._wide(q, k_cache, v_cache)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=p.cache_mask, enable_gqa=True)
             return out.transpose(1, 2)
         k_cache[:, :, length : length + t] = k.transpose(1, 2)
         v_cache[:, :, length : length + t] = v.transpose(1, 2)
-        k, v = k_cache[:, :, : length + t], v_cache[:, :, : length + t]  # [B, Hkv, S', D]
+        q, k, v = self._wide(q, k_cache[:, :, : length + t], v_cache[:, :, : length + t])  # k, v [B, Hkv, S', D]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=p.cache_mask, enable_gqa=True)
         return out.transpose(1, 2)
 
     def _triton_ok(self, q: torch.Tensor) -> bool:
-        return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        return (not self.invariant and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
                 and self.msa.triton_ok() and _pow2_at_least_16(self.head_dim))
 
     def _interpreted_ok(self, q: torch.Tensor) -> bool:
         """The inference kernels under Triton's CPU interpreter (tests), in fp32 only."""
-        return (_interpreting() and q.dtype == torch.float32 and self.msa.triton_ok()
+        return (not self.invariant and _interpreting() and q.dtype == torch.float32 and self.msa.triton_ok()
                 and _pow2_at_least_16(self.head_dim))
 
     def _msa(self, q, k, v, iq, ik, p: _Pass) -> torch.Tensor:
@@ -287,6 +301,7 @@ class Attention(nn.Module):
         m = self.msa
         b, t = q.shape[:2]
         scale = self.head_dim**-0.5
+        q, k, v, iq, ik = self._wide(q, k, v, iq, ik)
         subtree_end = p.subtree_end if p.subtree_end is not None else torch.full_like(p.position, t)
         kw = dict(block_size=m.block_size, top_k=m.top_k, dense_below=m.dense_below_tokens, dense=p.msa_dense,
                   scale=scale, token_weight=p.token_weight)
@@ -320,6 +335,8 @@ class Attention(nn.Module):
             k_cache[rows, slots] = k[rows, cols]
             v_cache[rows, slots] = v[rows, cols]
             ik_cache[rows, slots] = ik[rows, cols]
+        if self.invariant:
+            q, iq, k_cache, v_cache, ik_cache = self._wide(q, iq, k_cache, v_cache, ik_cache)
         if p.decode_slot is not None:
             return self._msa_decode_static(q, iq, k_cache, v_cache, ik_cache, p)
         decode = (t == 1 and not p.msa_dense and self._triton_ok(q) and p.first_position >= m.dense_below_tokens)
@@ -417,6 +434,10 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.msa.enabled:
             self.register_buffer("msa_step", torch.zeros((), dtype=torch.long))
+        if config.batch_invariant:
+            for module in self.modules():
+                if hasattr(type(module), "invariant"):
+                    module.invariant = True
         self.reset_parameters()
 
     @torch.no_grad()
@@ -444,6 +465,8 @@ class Transformer(nn.Module):
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if self.config.batch_invariant:
+            return at_least_fp32(invariant_linear(h, weight))
         return at_least_fp32(F.linear(h, weight))
 
     def _pass(self, position_ids: torch.Tensor, *, static: bool = False, **fields) -> _Pass:
@@ -484,6 +507,8 @@ class Transformer(nn.Module):
         scalar (0 without MSA layers) that trains only the index projections.
         """
         b, t = input_ids.shape
+        if self.config.batch_invariant:
+            check_device(input_ids)
         plain = position_ids is None and subtree_end is None
         if position_ids is None:
             if subtree_end is not None:
@@ -512,6 +537,8 @@ class Transformer(nn.Module):
         [B, T, V] float32 and advances cache.length by T.
         """
         b, t = input_ids.shape
+        if self.config.batch_invariant:
+            check_device(input_ids)
         total = cache.length + t
         if key_valid.shape != (b, total):
             raise ValueError(f"key_valid must be [{b}, {total}] (cache length + new tokens), got {list(key_valid.shape)}")
@@ -543,6 +570,8 @@ class Transformer(nn.Module):
         the step counter here would synchronise).
         """
         b, t = input_ids.shape
+        if self.config.batch_invariant:
+            check_device(input_ids)
         if t != 1 or slot.shape != (1,) or slot_valid.shape[0] != b:
             raise ValueError(f"forward_decode takes one token per row ([B, 1] ids, a [1] slot, [B, capacity] "
                              f"slot_valid); got ids {list(input_ids.shape)}, slot {list(slot.shape)}, "

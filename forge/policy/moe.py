@@ -27,6 +27,7 @@ from torch import nn
 from forge.kernels.moe import moe_experts, moe_experts_all, route
 from forge.kernels.moe.all_experts import ALL_EXPERTS_MAX_PAIRS
 from forge.policy.config import ModelConfig
+from forge.policy.invariant import Linear, wide
 
 
 class SwiGLU(nn.Module):
@@ -34,9 +35,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, width: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, width, bias=False)
+        self.up_proj = Linear(hidden_size, width, bias=False)
+        self.down_proj = Linear(width, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -48,8 +49,11 @@ class MoE(nn.Module):
     Parameters: `router` [E, H], `w_gate`/`w_up` [E, H, F], `w_down` [E, F, H], `shared`
     (a SwiGLU or None). Buffers: `expert_bias` [E] (saved with the weights), `load` [E]
     (token-weighted count of routed tokens since the last bias update, counted in training
-    mode with gradients enabled; not saved).
+    mode with gradients enabled; not saved). Under `model.batch_invariant` the router and the
+    experts accumulate in fp64 (forge.policy.invariant).
     """
+
+    invariant = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -80,7 +84,8 @@ class MoE(nn.Module):
         flat = x.reshape(b * t, h)  # [N, H]
         # The router runs in fp32: in bf16, near-tied scores flip the top-k choice between the
         # generator and the trainer, and that mismatch is what RL on an MoE is most sensitive to.
-        logits = at_least_fp32(flat) @ at_least_fp32(self.router).t()  # [N, E]
+        wider = wide if self.invariant else at_least_fp32
+        logits = wider(flat) @ wider(self.router).t()  # [N, E]
         tw = None if token_weight is None else token_weight.reshape(b * t)
         weights, experts, load = route(
             logits, self.expert_bias, self.top_k, score_func=self.score_func,
@@ -92,6 +97,8 @@ class MoE(nn.Module):
             self.load += load
         if generating and flat.is_cuda and not torch.is_grad_enabled() and b * t * self.num_experts <= ALL_EXPERTS_MAX_PAIRS:
             out = moe_experts_all(flat, weights, experts, self.w_gate, self.w_up, self.w_down)
+        elif self.invariant:
+            out = moe_experts(wide(flat), weights, experts, wide(self.w_gate), wide(self.w_up), wide(self.w_down)).to(x.dtype)
         else:
             out = moe_experts(flat, weights, experts, self.w_gate, self.w_up, self.w_down)  # [N, H]
         if self.shared is not None:

@@ -60,20 +60,37 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _invariant(model) -> bool:
+    """`model.batch_invariant`: the log-softmax then accumulates in fp64 as the sampler's does
+    (forge.policy.invariant), so the two agree to the bit."""
+    return bool(getattr(getattr(model, "config", None), "batch_invariant", False))
+
+
+def _token_logprobs(picked: torch.Tensor, lse: torch.Tensor, invariant: bool) -> torch.Tensor:
+    """The picked logits minus their rows' normalizers; under batch-invariant numerics the
+    difference is taken in fp64 and rounded once, as `sample_next` rounds it."""
+    if invariant:
+        return (picked.double() - lse).to(_at_least_fp32(picked).dtype)
+    return _at_least_fp32(picked) - lse
+
+
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to score tokens, got {temperature} (greedy rollouts score at 1)")
     return logits if temperature == 1.0 else logits / temperature
 
 
-def _row_scores(logits: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-normalizer [R] and, if asked, entropy [R] of logits [R, V], at least fp32."""
-    logits = _at_least_fp32(logits)
+def _row_scores(logits: torch.Tensor, with_entropy: bool,
+                invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-normalizer [R] and, if asked, entropy [R] of logits [R, V], at least fp32; with
+    `invariant`, the normalizer in fp64 and the entropy rounded back to at least fp32."""
+    logits = logits.double() if invariant else _at_least_fp32(logits)
     lse = torch.logsumexp(logits, dim=-1)  # [R]
     if not with_entropy:
         return lse, None
     probs = torch.softmax(logits, dim=-1)
-    return lse, lse - (probs * logits).sum(-1)
+    ent = lse - (probs * logits).sum(-1)
+    return lse, ent.float() if invariant and ent.dtype != torch.float64 else ent
 
 
 def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, with_index_loss: bool,
@@ -91,11 +108,12 @@ def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, wi
     # Normalizer (and entropy) once per unique position, for all N rows: the rows that predict
     # nothing (the last token of each sequence) are few, and a gather of the R useful rows
     # would copy an [R, V] block.
-    lse, ent = _row_scores(logits, with_entropy)  # [N]
+    invariant = _invariant(model)
+    lse, ent = _row_scores(logits, with_entropy, invariant)  # [N]
     # A branch point's row appears once per child label it predicts.
     rows = torch.cat([ix[:-1] for ix in tree.seq_index]).to(dev)  # [sum len - 1]
     labels = torch.cat([torch.as_tensor(s[1:], dtype=torch.long) for s in seqs]).to(dev)
-    flat_lp = _at_least_fp32(logits[rows, labels]) - lse[rows]
+    flat_lp = _token_logprobs(logits[rows, labels], lse[rows], invariant)
     sizes = [len(s) - 1 for s in seqs]
     entropies = list(ent[rows].split(sizes)) if ent is not None else None
     return SequenceScores(list(flat_lp.split(sizes)), entropies, index_loss)
@@ -149,10 +167,11 @@ def _unmerged(model, seqs: list[list[int]], with_entropy: bool, with_index_loss:
         else:
             logits = model(ids, **kw)
         logits = _tempered(logits, temperature)
+        invariant = _invariant(model)
         for row, i in enumerate(batch):
             n = len(seqs[i])
-            lse, ent = _row_scores(logits[row, : n - 1], with_entropy)  # [n - 1]
-            logprobs[i] = _at_least_fp32(logits[row, : n - 1].gather(-1, ids[row, 1:n, None])[:, 0]) - lse
+            lse, ent = _row_scores(logits[row, : n - 1], with_entropy, invariant)  # [n - 1]
+            logprobs[i] = _token_logprobs(logits[row, : n - 1].gather(-1, ids[row, 1:n, None])[:, 0], lse, invariant)
             entropies[i] = ent
     return SequenceScores(logprobs, entropies if with_entropy else None, index_loss)
 
