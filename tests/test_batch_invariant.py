@@ -1,4 +1,4 @@
-"""`model.batch_invariant` (forge.policy.invariant): on the CPU the sampler's logprobs equal the
+"""`model.batch_invariant` (forge.policy.invariant): the sampler's logprobs equal the
 trainer's to the bit, through decoding steps, prefills, a prefix cache across turns, merged and
 unmerged scoring, MoE and MSA; without it the same weights disagree (so the tests can fail)."""
 
@@ -27,17 +27,18 @@ def _model(invariant: bool, msa: bool = False) -> Transformer:
     return Transformer(cfg).eval()
 
 
-def _rollouts(model: Transformer, turns: int = 2, decode: str = "eager") -> tuple[list[list[int]], list[list[tuple[int, int, float]]]]:
+def _rollouts(model: Transformer, turns: int = 2, decode: str = "eager", lengths=(5, 13, 22),
+              new_tokens: int = 7) -> tuple[list[list[int]], list[list[tuple[int, int, float]]]]:
     """Multi-turn conversations of prompts of several lengths, 3 samples each: each turn's
     prompt extends the last with the completion and an observation, through a prefix cache.
     Returns the full sequences and, per sequence, (position, token, sampler logprob) of every
     sampled token."""
     gen = ModelGenerator(model, seed=0, decode=decode, prefix_cache_tokens=4096)
     rng = random.Random(0)
-    prompts = [[256] + [rng.randrange(256) for _ in range(n)] for n in (5, 13, 22) for _ in range(3)]
+    prompts = [[256] + [rng.randrange(256) for _ in range(n)] for n in lengths for _ in range(3)]
     sampled: list[list[tuple[int, int, float]]] = [[] for _ in prompts]
     for _ in range(turns):
-        done = gen.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=7))
+        done = gen.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=new_tokens))
         for i, c in enumerate(done):
             start = len(prompts[i])
             sampled[i] += [(start + j, t, lp) for j, (t, lp) in enumerate(zip(c.token_ids, c.logprobs))]
@@ -106,10 +107,26 @@ def test_the_trainer_logs_zero_mismatch():
     assert metrics["mismatch/logprob_abs_max"] == 0.0 and metrics["mismatch/kl"] == 0.0
 
 
-def test_off_the_cpu_it_refuses_with_the_fix():
-    model = _model(True).to("meta")
-    with pytest.raises(ValueError, match="set model.batch_invariant: false"):
-        model(torch.zeros(1, 4, dtype=torch.long, device="meta"))
+@pytest.mark.gpu
+@pytest.mark.parametrize("msa", [False, True], ids=["dense-attention", "msa"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_sampler_and_trainer_agree_to_the_bit(dtype, msa):
+    """Issue 15, item 3: on a GPU, a multi-turn rollout's logprobs from the generator equal the
+    trainer's, merged and unmerged (padded), for an MoE model with dense attention and with MSA
+    whose selection engages."""
+    sparse = MSAConfig(enabled=True, block_size=16, top_k=2, index_dim=32, dense_layers=1, dense_below_tokens=32)
+    cfg = ModelConfig(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, rotary_dim=32,
+                      qk_norm=True, num_experts=8, top_k=2, expert_width=64, num_shared_experts=1, dense_layers=1,
+                      dense_width=256, init_std=0.1, batch_invariant=True, **({"msa": sparse} if msa else {}))
+    torch.manual_seed(0)
+    model = Transformer(cfg).to("cuda", dtype).eval()
+    seqs, sampled = _rollouts(model, turns=3, lengths=(40, 75, 110), new_tokens=16)
+    with torch.no_grad():
+        for merge in (True, False):
+            scored = sequence_logprobs(model, seqs, merge=merge)
+            got = [scored[i][pos - 1].item() for i, toks in enumerate(sampled) for pos, _, _ in toks]
+            want = [lp for toks in sampled for _, _, lp in toks]
+            assert got == want, f"merge={merge}: max gap {max(abs(a - b) for a, b in zip(got, want))}"
 
 
 @pytest.mark.timeout(600)

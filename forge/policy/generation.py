@@ -252,8 +252,12 @@ class ModelGenerator:
 
     def _mode(self, params: SamplingParams) -> str:
         """The decoding mode of one call: "auto" becomes "graph" on CUDA for calls long enough to
-        pay for a capture; the MSA warm-up (whose dense path reads the step counter) runs eagerly."""
+        pay for a capture; the MSA warm-up (whose dense path reads the step counter) and
+        batch-invariant numerics run eagerly."""
         mode = self.decode
+        if self.model.config.batch_invariant:
+            # Its attention and MoE run the plain-PyTorch references, which read the device.
+            return "eager"
         if mode == "auto":
             long_enough = params.max_new_tokens >= GRAPH_MIN_NEW_TOKENS
             mode = "graph" if self.model.embed.weight.is_cuda and long_enough else "eager"

@@ -32,7 +32,7 @@ from forge.kernels.msa.tree import msa_cache_attention, msa_tree
 from forge.kernels.msa.tree_triton import msa_tree_triton
 from forge.kernels.tree_attention import tree_attention
 from forge.policy.config import ModelConfig
-from forge.policy.invariant import Linear, check_device, invariant_linear, wide, wide_call
+from forge.policy.invariant import Linear, invariant_linear, wide, wide_call
 from forge.policy.moe import MoE, SwiGLU
 
 
@@ -507,8 +507,6 @@ class Transformer(nn.Module):
         scalar (0 without MSA layers) that trains only the index projections.
         """
         b, t = input_ids.shape
-        if self.config.batch_invariant:
-            check_device(input_ids)
         plain = position_ids is None and subtree_end is None
         if position_ids is None:
             if subtree_end is not None:
@@ -537,8 +535,6 @@ class Transformer(nn.Module):
         [B, T, V] float32 and advances cache.length by T.
         """
         b, t = input_ids.shape
-        if self.config.batch_invariant:
-            check_device(input_ids)
         total = cache.length + t
         if key_valid.shape != (b, total):
             raise ValueError(f"key_valid must be [{b}, {total}] (cache length + new tokens), got {list(key_valid.shape)}")
@@ -570,8 +566,6 @@ class Transformer(nn.Module):
         the step counter here would synchronise).
         """
         b, t = input_ids.shape
-        if self.config.batch_invariant:
-            check_device(input_ids)
         if t != 1 or slot.shape != (1,) or slot_valid.shape[0] != b:
             raise ValueError(f"forward_decode takes one token per row ([B, 1] ids, a [1] slot, [B, capacity] "
                              f"slot_valid); got ids {list(input_ids.shape)}, slot {list(slot.shape)}, "

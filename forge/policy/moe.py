@@ -24,7 +24,7 @@ from forge.kernels.dtypes import at_least_fp32
 import torch.nn.functional as F
 from torch import nn
 
-from forge.kernels.moe import moe_experts, moe_experts_all, route
+from forge.kernels.moe import moe_experts, moe_experts_all, moe_experts_naive, route, route_naive
 from forge.kernels.moe.all_experts import ALL_EXPERTS_MAX_PAIRS
 from forge.policy.config import ModelConfig
 from forge.policy.invariant import Linear, wide
@@ -87,7 +87,8 @@ class MoE(nn.Module):
         wider = wide if self.invariant else at_least_fp32
         logits = wider(flat) @ wider(self.router).t()  # [N, E]
         tw = None if token_weight is None else token_weight.reshape(b * t)
-        weights, experts, load = route(
+        # Batch-invariant numerics take the plain-PyTorch references on any device (fp64).
+        weights, experts, load = (route_naive if self.invariant else route)(
             logits, self.expert_bias, self.top_k, score_func=self.score_func,
             renormalize=self.renormalize, token_weight=tw,
         )
@@ -95,10 +96,11 @@ class MoE(nn.Module):
         # trainer's old-policy logprobs, a reference pass) would otherwise count them again.
         if self.training and torch.is_grad_enabled():
             self.load += load
-        if generating and flat.is_cuda and not torch.is_grad_enabled() and b * t * self.num_experts <= ALL_EXPERTS_MAX_PAIRS:
+        if generating and flat.is_cuda and not self.invariant and not torch.is_grad_enabled() and b * t * self.num_experts <= ALL_EXPERTS_MAX_PAIRS:
             out = moe_experts_all(flat, weights, experts, self.w_gate, self.w_up, self.w_down)
         elif self.invariant:
-            out = moe_experts(wide(flat), weights, experts, wide(self.w_gate), wide(self.w_up), wide(self.w_down)).to(x.dtype)
+            out = moe_experts_naive(wide(flat), weights, experts, wide(self.w_gate), wide(self.w_up),
+                                    wide(self.w_down)).to(x.dtype)
         else:
             out = moe_experts(flat, weights, experts, self.w_gate, self.w_up, self.w_down)  # [N, H]
         if self.shared is not None:
