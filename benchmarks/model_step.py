@@ -18,7 +18,7 @@ Two parts, one JSON:
   tokens.
 
     PYTHONPATH=. python benchmarks/model_step.py --out model_step.json [--parts speed,exact]
-        [--presets msa_100m,msa_100m_dense] [--workloads grpo,agent,low,issue]
+        [--presets msa_100m,msa_100m_dense,msa_100m_invariant] [--workloads grpo,agent,low,issue]
 """
 
 from __future__ import annotations
@@ -41,11 +41,15 @@ H100_BF16_DENSE = 989e12
 
 
 def preset(name: str) -> ModelConfig:
-    """A ModelConfig by name; `_dense` turns MSA off on the same shape."""
-    base = name.removesuffix("_dense")
-    cfg = getattr(ModelConfig, base)()
-    if name.endswith("_dense"):
+    """A ModelConfig by name; `_dense` turns MSA off on the same shape, `_invariant` turns on
+    batch-invariant numerics (model.batch_invariant): `msa_100m_dense_invariant`."""
+    invariant = name.endswith("_invariant")
+    base = name.removesuffix("_invariant")
+    dense = base.endswith("_dense")
+    cfg = getattr(ModelConfig, base.removesuffix("_dense"))()
+    if dense:
         cfg.msa.enabled = False
+    cfg.batch_invariant = invariant
     return cfg
 
 

@@ -52,14 +52,18 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, rotary_dim] in fp32 for integer positions [B, T]."""
+def rope_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float,
+                exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, rotary_dim] in fp32 for integer positions [B, T]. `exact` (batch-invariant
+    numerics) takes them in fp64 and rounds once: a vectorised cos and its scalar tail round
+    differently, so in fp32 a position's entries would depend on how many positions the call has."""
     inv_freq = 1.0 / theta ** (
         torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32) / rotary_dim
     )  # [rotary_dim / 2]
-    angles = position_ids.float()[..., None] * inv_freq  # [B, T, rotary_dim / 2]
+    dtype = torch.float64 if exact else torch.float32
+    angles = position_ids.to(dtype)[..., None] * inv_freq.to(dtype)  # [B, T, rotary_dim / 2]
     angles = torch.cat([angles, angles], dim=-1)  # [B, T, rotary_dim]
-    return angles.cos(), angles.sin()
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -472,12 +476,12 @@ class Transformer(nn.Module):
     def _pass(self, position_ids: torch.Tensor, *, static: bool = False, **fields) -> _Pass:
         """The pass's shared tables; `static` reads nothing from the device (a graph-captured step)."""
         c = self.config
-        cos, sin = rope_tables(position_ids, c.rotary_dim, c.rope_theta)
+        cos, sin = rope_tables(position_ids, c.rotary_dim, c.rope_theta, exact=c.batch_invariant)
         p = _Pass(cos, sin, position_ids, **fields)
         if c.msa.enabled:
             rotary = min(c.rotary_dim, c.msa.index_dim)
             p.index_cos, p.index_sin = (cos, sin) if rotary == c.rotary_dim else rope_tables(
-                position_ids, rotary, c.rope_theta)
+                position_ids, rotary, c.rope_theta, exact=c.batch_invariant)
             if static:
                 return p
             p.msa_dense = self.msa_warming_up()

@@ -27,11 +27,19 @@ from torch import nn
 from forge.kernels.moe import moe_experts, moe_experts_all, moe_experts_naive, route, route_naive
 from forge.kernels.moe.all_experts import ALL_EXPERTS_MAX_PAIRS
 from forge.policy.config import ModelConfig
-from forge.policy.invariant import Linear, wide
+from forge.policy.invariant import Linear, wide, wide_call
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class SwiGLU(nn.Module):
-    """A dense SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+    """A dense SwiGLU MLP: down(silu(gate(x)) * up(x)). Under `model.batch_invariant` the
+    activation is taken in fp64 too: a vectorised silu and its scalar tail round differently, so
+    in fp32 a row's activation would depend on where the batch's layout puts it."""
+
+    invariant = False
 
     def __init__(self, hidden_size: int, width: int) -> None:
         super().__init__()
@@ -40,7 +48,8 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(width, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(wide_call(_swiglu, gate, up) if self.invariant else _swiglu(gate, up))
 
 
 class MoE(nn.Module):
