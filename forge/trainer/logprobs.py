@@ -66,12 +66,18 @@ def _invariant(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "batch_invariant", False))
 
 
-def _token_logprobs(picked: torch.Tensor, lse: torch.Tensor, invariant: bool) -> torch.Tensor:
-    """The picked logits minus their rows' normalizers; under batch-invariant numerics the
-    difference is taken in fp64 and rounded once, as `sample_next` rounds it."""
+def _token_logprobs(logits: torch.Tensor, rows, labels: torch.Tensor, lse: torch.Tensor,
+                    invariant: bool) -> torch.Tensor:
+    """logits[rows, labels] minus their rows' normalizers lse [R] (logits [N, V], rows an index
+    or slice into N). Under batch-invariant numerics, the very operation the sampler runs
+    (`forge.policy.generation._logprobs`): log_softmax of the rows in fp64, rounded once. A
+    normalizer subtracted on its own rounds differently (x - (m + log s) against (x - m) - log s)
+    and put logprobs near 0 one ulp apart on a few tokens of a run."""
     if invariant:
-        return (picked.double() - lse).to(_at_least_fp32(picked).dtype)
-    return _at_least_fp32(picked) - lse
+        full = torch.log_softmax(logits[rows].double(), dim=-1)
+        return full.gather(-1, labels[:, None])[:, 0].to(_at_least_fp32(logits[:0]).dtype)
+    return _at_least_fp32(logits[rows, labels] if isinstance(rows, torch.Tensor) else
+                          logits[rows].gather(-1, labels[:, None])[:, 0]) - lse
 
 
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -113,7 +119,7 @@ def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, wi
     # A branch point's row appears once per child label it predicts.
     rows = torch.cat([ix[:-1] for ix in tree.seq_index]).to(dev)  # [sum len - 1]
     labels = torch.cat([torch.as_tensor(s[1:], dtype=torch.long) for s in seqs]).to(dev)
-    flat_lp = _token_logprobs(logits[rows, labels], lse[rows], invariant)
+    flat_lp = _token_logprobs(logits, rows, labels, lse[rows], invariant)
     sizes = [len(s) - 1 for s in seqs]
     entropies = list(ent[rows].split(sizes)) if ent is not None else None
     return SequenceScores(list(flat_lp.split(sizes)), entropies, index_loss)
@@ -171,7 +177,7 @@ def _unmerged(model, seqs: list[list[int]], with_entropy: bool, with_index_loss:
         for row, i in enumerate(batch):
             n = len(seqs[i])
             lse, ent = _row_scores(logits[row, : n - 1], with_entropy, invariant)  # [n - 1]
-            logprobs[i] = _token_logprobs(logits[row, : n - 1].gather(-1, ids[row, 1:n, None])[:, 0], lse, invariant)
+            logprobs[i] = _token_logprobs(logits[row], slice(0, n - 1), ids[row, 1:n], lse, invariant)
             entropies[i] = ent
     return SequenceScores(logprobs, entropies if with_entropy else None, index_loss)
 
