@@ -76,8 +76,9 @@ class ModelConfig:
     """Numerics, not architecture: every shape-dependent reduction accumulates in fp64, so a
     token's logits and logprobs come out the same in a decoding step, a prefill and the
     trainer's prefix tree, and the sampler agrees with the trainer (forge.policy.invariant).
-    On the CPU it costs about 1.8x the training step of the quickstart's model; on a GPU it runs
-    fp64 GEMMs and the plain-PyTorch attention, MSA and MoE, several times slower."""
+    On the CPU it costs about 2.1x the training step of the quickstart's model (1.7x its
+    decoding); on a GPU it runs fp64 GEMMs and the plain-PyTorch attention, MSA and MoE, about
+    25x slower than the default on an H100 (docs/benchmarks.md): a correctness mode."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -5,12 +5,15 @@ The sampler and the trainer compute the same function through different shapes: 
 multiplies one row per sequence against a KV cache, a prefill a left-padded batch, the trainer
 the flattened prefix tree of many sequences. BLAS libraries pick their kernels by shape (on the
 CPU one row takes a matrix-vector path, a few rows another), and attention sums a query's keys
-at the lanes where the layout puts them, so the two round differently: on the quickstart's trained weights in fp32
-the logprobs of the same tokens differed by up to 3e-5 (docs/architecture.md).
+at the lanes where the layout puts them, so the two round differently: on the quickstart's
+trained weights in fp32 the logprobs of the same tokens differed by up to 3e-5
+(docs/architecture.md).
 
 With `batch_invariant`, every reduction whose order depends on the shape (the projections and
 the head, attention with its index branch, the router and the experts, the norms and the
-log-softmax) accumulates in fp64 and rounds once to the model's dtype. Two fp64 sums of the
+log-softmax) accumulates in fp64 and rounds once to the model's dtype, and so do the
+elementwise transcendental functions (silu, the rotary cos and sin), whose vectorised kernels
+and scalar tails round differently. Two fp64 sums of the
 same terms in different orders differ by about 1e-16 of their size, far below one fp32 (or
 bf16) rounding step, so they round to the same value unless the exact sum lies within that
 distance of a rounding boundary: the results agree bitwise except in such rare ties (none in the
@@ -19,11 +22,10 @@ caches and the gradients keep the model's dtype.
 
 On a GPU the same fp64 accumulation runs through cuBLAS's fp64 GEMMs and torch's reference
 attention, MSA and MoE paths instead of Forge's Triton kernels, and decoding runs eagerly (no
-CUDA graph): a correctness mode, several times slower than the default. Its GPU test
-(tests/test_batch_invariant.py, marked gpu) had not yet run on a card when it was written
-(docs/architecture.md). Issue 15 asks for the same end by another means, kernels that reduce in
-a fixed order whatever the batch; fp64 accumulation gets there with no new kernel, at the
-price of speed.
+CUDA graph): a correctness mode, about 25x slower than the default on an H100, whose GPU test
+(tests/test_batch_invariant.py, marked gpu) passes there in bf16 and fp32. Issue 15 asks for the
+same end by another means, kernels that reduce in a fixed order whatever the batch; fp64
+accumulation gets there with no new kernel, at the price of speed (docs/architecture.md).
 """
 
 from __future__ import annotations
