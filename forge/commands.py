@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from forge.config import ConfigError, RecipeConfig, dump_yaml, load_recipe, to_dict
@@ -140,8 +141,11 @@ def serve(args: argparse.Namespace) -> int:
     print(f"forge: serving '{gateway.model_name}' (policy version {version}) at {server.base_url}; "
           f"closed sessions go to {sessions_dir}; Ctrl-C stops", flush=True)
     try:
+        # Short sleeps, not one long wait: Linux may deliver Ctrl-C's SIGINT to another thread
+        # (uvicorn's, the engine's), and Python raises KeyboardInterrupt only when the main
+        # thread next runs bytecode; a wait of an hour would then hold the stop for an hour.
         while True:
-            threading.Event().wait(3600)
+            time.sleep(0.25)
     finally:
         server.stop()
         engine.close()

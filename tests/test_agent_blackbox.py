@@ -185,7 +185,11 @@ def test_forge_serve_writes_closed_sessions_as_training_data(tmp_path):
         recorded = httpx.get(base.replace("/v1", "/forge/sessions/ep-1"), timeout=30).json()["calls"][0]
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("forge serve did not stop within 30 s of SIGINT; its stderr: " + proc.communicate()[1][-2000:])
     (written,) = tmp_path.glob("quickstart-serve-*/sessions/session-ep-1.parquet")
     (group,) = read_parquet(written)
     (traj,) = group.trajectories
