@@ -170,7 +170,10 @@ def test_forge_serve_writes_closed_sessions_as_training_data(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "forge.cli", "serve", "recipes/quickstart.yaml", "--port", "0",
          f"run.output_dir={tmp_path}", "rollout.max_new_tokens=8"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A test run started in the background (`cmd &` in a script) ignores SIGINT, and the child
+        # would inherit that: give it the default, as a terminal's Ctrl-C finds it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert "serving 'forge-policy' (policy version 0) at http://127.0.0.1:" in line, proc.stderr.read()[-2000:]
