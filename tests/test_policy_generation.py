@@ -3,6 +3,8 @@ their neighbours, groups share one prefill, and temperature / top-p / stop token
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -142,3 +144,70 @@ def test_reseed_makes_a_call_depend_only_on_its_seed(model):
     assert [c.token_ids for c in gen.generate(prompts, params)] == first
     gen.reseed(8)
     assert [c.token_ids for c in gen.generate(prompts, params)] != first
+
+
+@pytest.mark.parametrize("msa", [False, True], ids=["moe", "moe+msa"])
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_prompts_prefilled_in_parts_sample_what_one_call_samples(msa, decode):
+    """The gateway's engine prefills requests batch by batch as they arrive, then samples them
+    in one call (`prefill` / `generate_prefilled`). With batch-invariant numerics (each row
+    computes the same whatever its batch) that is bitwise the call over all prompts: parts of
+    different widths (shifted in the dense slots), a prompt repeated within and across parts,
+    the prefix cache reused by a later part, MSA with block selection engaged."""
+    import dataclasses
+
+    from forge.kernels.msa import MSAConfig
+
+    cfg = dataclasses.replace(ModelConfig.tiny(), batch_invariant=True, init_std=0.3)
+    if msa:
+        cfg = dataclasses.replace(cfg, msa=MSAConfig(enabled=True, block_size=4, top_k=2, index_dim=8, dense_layers=1,
+                                                     dense_below_tokens=8))
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    a, b, c, d = (torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 30, 17, 4))
+    parts = [[a, b, a], [c], [b, d + c, a]]
+    flat = [p for part in parts for p in part]
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, top_logprobs=2)
+    one = ModelGenerator(model, seed=3, decode=decode).generate(flat, params)
+    gen = ModelGenerator(model, seed=3, decode=decode)
+    prefilled = [gen.prefill(part) for part in parts]
+    assert [p.valid.shape[1] for p in prefilled] == [30, 17, 30]
+    many = gen.generate_prefilled(prefilled, params)
+    assert [(x.token_ids, x.logprobs, x.extra) for x in many] == [(x.token_ids, x.logprobs, x.extra) for x in one]
+    assert len({tuple(x.token_ids) for x in many}) == len(flat)  # every row sampled on its own
+
+    # A later part reusing the prefix cache (the sessions' earlier turns) joins the same way:
+    # two generators make the same draws, one keeps keys between calls, the other has none.
+    cached = ModelGenerator(model, seed=3, decode=decode, prefix_cache_tokens=4096)
+    plain = ModelGenerator(model, seed=3, decode=decode)
+    first = cached.generate([a, b], replace(params, max_new_tokens=6))
+    assert [x.token_ids for x in plain.generate([a, b], replace(params, max_new_tokens=6))] == [x.token_ids for x in first]
+    turn2 = [a + first[0].token_ids + c, b + first[1].token_ids + d]
+    joined = cached.generate_prefilled([cached.prefill([c]), cached.prefill(turn2)], params)
+    assert cached.prefix_cache.hits > 0
+    expected = plain.generate([c] + turn2, params)
+    assert [(x.token_ids, x.logprobs) for x in joined] == [(x.token_ids, x.logprobs) for x in expected]
+
+
+def test_a_part_prefilled_under_old_weights_is_prefilled_again(model):
+    gen = ModelGenerator(model, seed=0)
+    params = SamplingParams(temperature=0.0, max_new_tokens=4)
+    stale = gen.prefill([[1, 2, 3]])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    try:
+        gen.policy_version = 1
+        (done,) = gen.generate_prefilled([stale], params)
+        assert done.policy_version == 1
+        (fresh,) = ModelGenerator(model, seed=0).generate([[1, 2, 3]], params)
+        assert done.token_ids == fresh.token_ids and done.logprobs == fresh.logprobs
+    finally:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.05)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        gen.prefill([])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        gen.prefill([[1], []])

@@ -30,7 +30,9 @@ recompute it.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence, get_args
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence, get_args
 
 import torch
 
@@ -133,18 +135,45 @@ class ModelGenerator:
         """Sample one continuation per prompt; see the module docstring for the logprobs."""
         if not prompts:
             return []
-        for i, prompt in enumerate(prompts):
+        return self.generate_prefilled([self.prefill(prompts)], params)
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> Prefilled:
+        """Run the prompts through the model (each distinct prompt once), ready for
+        `generate_prefilled`: a caller that receives prompts over time (the gateway's engine)
+        prefills each batch as it comes, while the rest are still arriving, and samples them all
+        in one call. Consumes no randomness, so where the prefill happened does not change what
+        is sampled after a `reseed`."""
+        if not prompts:
+            raise ValueError("prefill takes at least one prompt")
+        rows = [list(map(int, p)) for p in prompts]
+        for i, prompt in enumerate(rows):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} is empty; start every prompt with at least one token (e.g. <bos>)")
         if self.prefix_cache is not None and self._cache_version != self.policy_version:
             # New weights: every kept key is stale.
             self.prefix_cache.clear()
             self._cache_version = self.policy_version
+        unique_index: dict[tuple[int, ...], int] = {}
+        owner = [unique_index.setdefault(tuple(p), len(unique_index)) for p in rows]
+        with self._eval(), torch.no_grad():
+            cache, valid, last = self._prefill([list(p) for p in unique_index])
+        return Prefilled(rows, owner, cache, valid, last, self.policy_version)
+
+    def generate_prefilled(self, parts: Sequence[Prefilled], params: SamplingParams) -> list[Completion]:
+        """Sample one continuation for every prompt of `parts` (in order) in one decoding call.
+        A part prefilled under other weights (`policy_version` changed since) is prefilled again."""
+        parts = [p if p.policy_version == self.policy_version else self.prefill(p.prompts) for p in parts]
+        if not parts:
+            return []
+        with self._eval(), torch.no_grad():
+            return self._generate(parts, params)
+
+    @contextlib.contextmanager
+    def _eval(self) -> Iterator[None]:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
-                return self._generate([list(map(int, p)) for p in prompts], params)
+            yield
         finally:
             self.model.train(was_training)
 
@@ -203,16 +232,11 @@ class ModelGenerator:
                     ik.append(None)
             self.prefix_cache.store(tokens, k, v, ik)
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        unique_index: dict[tuple[int, ...], int] = {}
-        owner = [unique_index.setdefault(tuple(p), len(unique_index)) for p in prompts]
-        unique = [list(p) for p in unique_index]
-        cache, valid, last = self._prefill(unique)
+    def _generate(self, parts: list[Prefilled], params: SamplingParams) -> list[Completion]:
+        prompts = [p for part in parts for p in part.prompts]
+        cache, valid, logits = _join(parts, params.max_new_tokens)  # every row; [B, P], [B, V]
         width = valid.shape[1]
-        device = last.device
-        rows = torch.tensor(owner, device=device)
-        cache = cache.select(rows, width + params.max_new_tokens)
-        valid, logits = valid[rows], last[rows]  # [B, P], [B, V]
+        device = logits.device
         next_position = torch.tensor([len(p) for p in prompts], device=device)  # [B]
         stop = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
         tokens_out: list[torch.Tensor] = []
@@ -273,6 +297,66 @@ class ModelGenerator:
             end = len(ids) if end is None else end
             out.append(Completion(ids[:end], lps[:end], reason, self.policy_version))
         return out
+
+
+@dataclass
+class Prefilled:
+    """Prompts run through the model and not yet sampled from (`ModelGenerator.prefill`)."""
+
+    prompts: list[list[int]]
+    owner: list[int]
+    """Row of each prompt in the cache below (identical prompts share one)."""
+    cache: KVCache
+    valid: torch.Tensor
+    """[U, width] bool: the dense slots each unique prompt's keys fill (left-padded)."""
+    last: torch.Tensor
+    """[U, V] the logits after each unique prompt's last token."""
+    policy_version: int
+
+
+def _join(parts: list[Prefilled], max_new_tokens: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+    """One cache with a row per prompt of `parts`, room for `max_new_tokens` more slots; the
+    rows' key validity [B, width] and next-token logits [B, V]. A part narrower than the widest
+    is shifted right in the dense slots (more left padding); MSA layers' slots are positions."""
+    width = max(p.valid.shape[1] for p in parts)
+    if len(parts) == 1:
+        (part,) = parts
+        rows = torch.tensor(part.owner, device=part.last.device)
+        return part.cache.select(rows, width + max_new_tokens), part.valid[rows], part.last[rows]
+    first = parts[0]
+    count = sum(len(p.owner) for p in parts)
+    capacity = width + max_new_tokens
+    msa = [x is not None for x in first.cache.ik] if first.cache.ik else [False] * len(first.cache.k)
+
+    def empty(t: torch.Tensor, slot_dim: int) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[0] = count
+        shape[slot_dim] = -(-capacity // first.cache.block_size) * first.cache.block_size if slot_dim == 1 else capacity
+        return t.new_zeros(shape)
+
+    k = [empty(t, 1 if m else 2) for t, m in zip(first.cache.k, msa)]
+    v = [empty(t, 1 if m else 2) for t, m in zip(first.cache.v, msa)]
+    ik = [empty(t, 1) if t is not None else None for t in first.cache.ik]
+    valid = first.valid.new_zeros(count, width)
+    last = first.last.new_empty(count, first.last.shape[1])
+    at = 0
+    for part in parts:
+        rows = torch.tensor(part.owner, device=part.last.device)
+        n, w = len(part.owner), part.valid.shape[1]
+        shift = width - w
+        for i, m in enumerate(msa):
+            if m:  # position-indexed: the same slots
+                filled = part.cache.k[i].shape[1]
+                k[i][at : at + n, :filled] = part.cache.k[i][rows]
+                v[i][at : at + n, :filled] = part.cache.v[i][rows]
+                ik[i][at : at + n, :filled] = part.cache.ik[i][rows]
+            else:
+                k[i][at : at + n, :, shift:width] = part.cache.k[i][rows][:, :, :w]
+                v[i][at : at + n, :, shift:width] = part.cache.v[i][rows][:, :, :w]
+        valid[at : at + n, shift:] = part.valid[rows]
+        last[at : at + n] = part.last[rows]
+        at += n
+    return KVCache(k, v, width, ik if first.cache.ik else [], first.cache.block_size), valid, last
 
 
 class _StaticDecode:
