@@ -622,6 +622,93 @@ def test_engine_failure_reaches_the_future_and_the_engine_serves_on(gated):
     assert asyncio.run(both())[0].token_ids == [10, 11, 12]
 
 
+class PipelinedGenerator:
+    """A generator with `prefill` / `generate_prefilled`; a prefill whose first prompt starts with
+    BLOCK holds until `gate` is set, one starting with FAIL raises. Logs what happened in order."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.log: list[tuple] = []
+
+    def reseed(self, seed: int) -> None:
+        self.log.append(("reseed", seed))
+
+    def prefill(self, prompts):
+        self.log.append(("prefill", [p[0] for p in prompts]))
+        if prompts[0][0] == BLOCK:
+            self.entered.set()
+            assert self.gate.wait(30)
+        if prompts[0][0] == FAIL:
+            raise RuntimeError("prefill failed")
+        return [list(p) for p in prompts]
+
+    def generate_prefilled(self, parts, params):
+        self.log.append(("generate", [[p[0] for p in part] for part in parts], params.max_new_tokens))
+        return [Completion([p[0], 7][: params.max_new_tokens], [-0.5, -0.25][: params.max_new_tokens], "length", 0)
+                for part in parts for p in part]
+
+
+@pytest.fixture
+def pipelined():
+    generator = PipelinedGenerator()
+    engine = BatchingEngine(generator, gather_s=0.0, max_gather_s=30.0)
+    yield generator, engine
+    generator.gate.set()
+    engine.close()
+
+
+def test_engine_prefills_requests_as_they_come_and_samples_the_wave_in_one_call(pipelined):
+    generator, engine = pipelined
+    params = SamplingParams(temperature=1.0, max_new_tokens=2)
+    first = engine.submit([BLOCK], params)
+    assert generator.entered.wait(30)
+    # Arrive while the first batch is prefilling: the next batch of the same call.
+    rest = [engine.submit([i], params, n=2 if i == 3 else 1) for i in (1, 2, 3)]
+    other = engine.submit([4], replace(params, temperature=0.0))  # other settings: the next call
+    generator.gate.set()
+    assert [c.token_ids for c in first.result(timeout=30)] == [[BLOCK, 7]]
+    assert [[c.token_ids for c in f.result(timeout=30)] for f in rest] == [[[1, 7]], [[2, 7]], [[3, 7], [3, 7]]]
+    assert other.result(timeout=30)[0].token_ids == [4, 7]
+    assert generator.log == [("prefill", [BLOCK]), ("prefill", [1, 2, 3, 3]), ("generate", [[BLOCK], [1, 2, 3, 3]], 2),
+                             ("prefill", [4]), ("generate", [[4]], 2)]
+    assert (engine.stats.calls, engine.stats.rows, engine.stats.max_rows_in_call) == (2, 6, 5)
+
+
+def test_engine_waits_for_a_request_the_server_is_still_reading(pipelined):
+    generator, engine = pipelined
+    params = SamplingParams(max_new_tokens=1)
+    with engine.arriving():
+        early = engine.submit([1], params)
+        with engine.arriving():  # a second request still being read: the call waits for it
+            time.sleep(0.2)
+            assert generator.log == [("prefill", [1])]
+            late = engine.submit([2], params)
+    assert early.result(timeout=30)[0].token_ids == [1] and late.result(timeout=30)[0].token_ids == [2]
+    assert generator.log[-1] == ("generate", [[1], [2]], 1)
+    # Reading a request that then fails (a 400) still ends its wait.
+    with pytest.raises(ValueError):
+        with engine.arriving():
+            raise ValueError("bad request")
+    assert engine.submit([3], params).result(timeout=30)[0].token_ids == [3]
+
+
+def test_engine_a_failed_prefill_fails_its_requests_only_and_a_seeded_call_reseeds_first(pipelined):
+    generator, engine = pipelined
+    params = SamplingParams(max_new_tokens=2)
+    with engine.arriving():
+        blocked = engine.submit([BLOCK], params)
+        assert generator.entered.wait(30)
+        failed = engine.submit([FAIL], params)
+    generator.gate.set()
+    assert isinstance(failed.exception(timeout=30), RuntimeError)
+    assert blocked.result(timeout=30)[0].token_ids == [BLOCK, 7]
+    assert ("generate", [[BLOCK]], 2) in generator.log
+    generator.log.clear()
+    assert engine.submit([5], params, seed=11).result(timeout=30)[0].token_ids == [5, 7]
+    assert generator.log == [("reseed", 11), ("prefill", [5]), ("reseed", 11), ("generate", [[5]], 2)]
+
+
 def test_ignore_eos_samples_max_tokens_past_the_protocol_stops(scripted_gw):
     # vLLM's extension, for benchmarks that need the same work per request.
     client = scripted_gw.client("ignore-eos")

@@ -17,6 +17,7 @@ whole completion is sampled, since the engine decodes a call's rows together.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -129,31 +130,39 @@ def create_app(engine: BatchingEngine, tokenizer: Tokenizer, store: SessionStore
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = parse_chat_request(await _json(request), served=config.model_name)
-        session_id = request.headers.get(SESSION_HEADER) or req.user
+        # From the first byte read to the submit, the engine counts this request as arriving, so
+        # a call it is gathering waits for it (forge.middleware.gateway.engine).
+        with engine.arriving():
+            req = parse_chat_request(await _json(request), served=config.model_name)
+            session_id = request.headers.get(SESSION_HEADER) or req.user
+            try:
+                session = store.open(session_id) if session_id else None
+            except SessionError as exc:
+                raise GatewayError(str(exc), status=409, param="session") from None
+            try:
+                encoded = template.encode(req.messages, req.tools, session.produced if session else None)
+            except ChatFormatError as exc:
+                raise GatewayError(str(exc), param="messages") from None
+            prompt = encoded.token_ids
+            room = config.max_context_tokens - len(prompt)
+            if room < 1:
+                raise GatewayError(f"the prompt has {len(prompt)} tokens; this gateway's context holds "
+                                   f"{config.max_context_tokens} (prompt + completion): shorten the messages",
+                                   param="messages", code="context_length_exceeded")
+            budget = min(req.max_tokens or config.default_max_tokens, room)
+            temperature, top_p = req.temperature, req.top_p
+            if sampling is not None:
+                forced = sampling()
+                temperature, top_p, budget = forced.temperature, forced.top_p, min(budget, forced.max_new_tokens)
+            params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=budget,
+                                    stop_token_ids=() if req.ignore_eos else stops, top_logprobs=req.top_logprobs if req.logprobs else 0)
+            try:
+                future = engine.submit(prompt, params, n=req.n, seed=req.seed)
+            except Exception as exc:
+                raise GatewayError(f"generation failed: {type(exc).__name__}: {exc}", status=500,
+                                   type="server_error") from None
         try:
-            session = store.open(session_id) if session_id else None
-        except SessionError as exc:
-            raise GatewayError(str(exc), status=409, param="session") from None
-        try:
-            encoded = template.encode(req.messages, req.tools, session.produced if session else None)
-        except ChatFormatError as exc:
-            raise GatewayError(str(exc), param="messages") from None
-        prompt = encoded.token_ids
-        room = config.max_context_tokens - len(prompt)
-        if room < 1:
-            raise GatewayError(f"the prompt has {len(prompt)} tokens; this gateway's context holds "
-                               f"{config.max_context_tokens} (prompt + completion): shorten the messages",
-                               param="messages", code="context_length_exceeded")
-        budget = min(req.max_tokens or config.default_max_tokens, room)
-        temperature, top_p = req.temperature, req.top_p
-        if sampling is not None:
-            forced = sampling()
-            temperature, top_p, budget = forced.temperature, forced.top_p, min(budget, forced.max_new_tokens)
-        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=budget,
-                                stop_token_ids=() if req.ignore_eos else stops, top_logprobs=req.top_logprobs if req.logprobs else 0)
-        try:
-            done = await engine.generate(prompt, params, n=req.n, seed=req.seed)
+            done = await asyncio.wrap_future(future)
         except Exception as exc:
             raise GatewayError(f"generation failed: {type(exc).__name__}: {exc}", status=500, type="server_error") from None
         cuts = [_apply_stop(c, req.stop, tokenizer) for c in done]
@@ -166,7 +175,8 @@ def create_app(engine: BatchingEngine, tokenizer: Tokenizer, store: SessionStore
                 "system_fingerprint": f"forge-v{done[0].policy_version}"}
         if req.stream:
             return StreamingResponse(_chunks(head, choices, usage, req.include_usage), media_type="text/event-stream")
-        return {**head, "object": "chat.completion", "choices": choices, "usage": usage}
+        # Plain JSON types already: rendered as they are, without FastAPI's per-value encoder.
+        return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
 
     return app
 

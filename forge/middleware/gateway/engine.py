@@ -6,6 +6,13 @@ free, takes every request waiting (up to `max_rows` sampled rows) and serves the
 stop ids, seed). A request that arrives while a call runs joins the next one, so under load
 every decoding step serves all the sessions that were waiting when the call began.
 
+Gathering a wave: the server announces each request it has begun to read (`arriving()`, from
+the moment its handler starts until it has submitted or failed), and an idle engine starts a
+call once none is being read and no request came for `gather_s`, or after `max_gather_s`.
+Waiting on what the server holds instead of on a long quiet gap keeps a request whose body was
+still being parsed in its wave (it would otherwise wait for the whole next call), and a wave
+that has fully arrived starts after a few milliseconds.
+
 Departure from vLLM-style continuous batching: rows join at call boundaries, not at every
 decoding step, because `ModelGenerator`'s cache layout (left-padded dense slots shared by the
 rows, captured in one CUDA graph per call) is fixed for a call. Agents' calls come in waves
@@ -18,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -55,17 +64,21 @@ class EngineStats:
 class BatchingEngine:
     """Serves `generate` requests from many threads or coroutines through one generator."""
 
-    def __init__(self, generator: Any, *, max_rows: int = 256, gather_s: float = 0.02, max_gather_s: float = 0.1) -> None:
+    def __init__(self, generator: Any, *, max_rows: int = 256, gather_s: float = 0.005, max_gather_s: float = 0.1) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if gather_s < 0 or max_gather_s < 0:
+            raise ValueError(f"gather_s and max_gather_s must be >= 0, got {gather_s} and {max_gather_s}")
         self.generator = generator
         self.max_rows = max_rows
         self.gather_s = gather_s
-        """An idle engine starts a call once no request came for this long (or max_gather_s
-        passed): sessions that start together then share their first call."""
+        """An idle engine starts a call once no request is `arriving()` and none came for this
+        long (or max_gather_s passed): sessions that start together then share their first call."""
         self.max_gather_s = max_gather_s
         self.stats = EngineStats()
         self._pending: list[_Request] = []
+        self._arriving = 0
+        self._last_event = 0.0
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="forge-gateway-engine", daemon=True)
@@ -82,8 +95,23 @@ class BatchingEngine:
                 raise RuntimeError("the gateway's engine is closed")
             self._pending.append(request)
             self.stats.requests += 1
+            self._last_event = time.monotonic()
             self._cv.notify()
         return request.future
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around the reading and checking of one request, up to its `submit`: while any request
+        is inside, an idle engine waits (up to `max_gather_s`) so that it joins the wave."""
+        with self._cv:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._arriving -= 1
+                self._last_event = time.monotonic()
+                self._cv.notify()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, *, n: int = 1,
                        seed: int | None = None) -> list[Completion]:
@@ -95,37 +123,79 @@ class BatchingEngine:
             self._cv.notify()
         self._thread.join(timeout=30)
 
-    def _take(self) -> list[_Request] | None:
-        with self._cv:
-            while not self._pending and not self._closed:
-                self._cv.wait()
-            if self._closed and not self._pending:
-                return None
-            deadline = time.monotonic() + self.max_gather_s
-            while not self._closed and len(self._pending) < self.max_rows:
-                seen = len(self._pending)
-                self._cv.wait(timeout=min(self.gather_s, max(0.0, deadline - time.monotonic())))
-                if len(self._pending) == seen or time.monotonic() >= deadline:
-                    break
-            taken, rows = [], 0
-            while self._pending and (not taken or rows + self._pending[0].n <= self.max_rows):
-                request = self._pending.pop(0)
+    def _pop(self, key: tuple | None, room: int) -> list[_Request]:
+        """Under the lock: the waiting requests of sampling settings `key` (the first waiting
+        request's when None) that fit in `room` rows, in arrival order; the rest keep waiting."""
+        if key is None and self._pending:
+            key = self._pending[0].key()
+        taken, keep, rows = [], [], 0
+        for request in self._pending:
+            if request.key() == key and rows + request.n <= room:
                 taken.append(request)
                 rows += request.n
-            return taken
+            else:
+                keep.append(request)
+        if not taken and room == self.max_rows:
+            # A request of more rows than max_rows: served alone rather than never.
+            big = next((r for r in self._pending if r.key() == key), None)
+            if big is not None:
+                taken, keep = [big], [r for r in self._pending if r is not big]
+        self._pending = keep
+        return taken
 
     def _loop(self) -> None:
-        while (taken := self._take()) is not None:
-            groups: dict[tuple, list[_Request]] = {}
-            for request in taken:
-                groups.setdefault(request.key(), []).append(request)
-            for requests in groups.values():
-                self._serve(requests)
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._pending:
+                    return
+            self._gather_and_serve()
 
-    def _serve(self, requests: list[_Request]) -> None:
-        live = [r for r in requests if r.future.set_running_or_notify_cancel()]
-        if not live:
-            return
+    def _gather_and_serve(self) -> None:
+        """One call: the first waiting request's sampling settings, every request of the same
+        settings that comes until the wave is over (module docstring), prefilled batch by batch
+        as they come where the generator can (`prefill` / `generate_prefilled`)."""
+        pipelined = hasattr(self.generator, "prefill") and hasattr(self.generator, "generate_prefilled")
+        key: tuple | None = None
+        live: list[_Request] = []
+        parts: list[Any] = []
+        rows = 0
+        waited = 0.0  # idle seconds spent gathering; prefilling does not count
+        while rows < self.max_rows:
+            with self._cv:
+                batch = self._pop(key, self.max_rows - rows)
+                if not batch:
+                    now = time.monotonic()
+                    quiet_at = self._last_event + self.gather_s
+                    if self._closed or waited >= self.max_gather_s or (not self._arriving and now >= quiet_at):
+                        break
+                    until = self.max_gather_s - waited if self._arriving else min(quiet_at - now, self.max_gather_s - waited)
+                    self._cv.wait(timeout=max(0.0, until))
+                    waited += time.monotonic() - now
+                    continue
+            key = batch[0].key()
+            batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            if pipelined:
+                t0 = time.perf_counter()
+                try:
+                    if not parts and batch[0].seed is not None and hasattr(self.generator, "reseed"):
+                        self.generator.reseed(batch[0].seed)  # a seeded call prefills with no prefix reuse either
+                    parts.append(self.generator.prefill([r.prompt_ids for r in batch for _ in range(r.n)]))
+                except Exception as exc:  # these requests learn why; the call goes on without them
+                    for r in batch:
+                        r.future.set_exception(exc)
+                    continue
+                finally:
+                    self.stats.busy_s += time.perf_counter() - t0
+            live += batch
+            rows += sum(r.n for r in batch)
+        if live:
+            self._serve(live, parts if pipelined else None)
+
+    def _serve(self, live: list[_Request], parts: list[Any] | None) -> None:
         first = live[0].params
         params = replace(first, max_new_tokens=max(r.params.max_new_tokens for r in live),
                          top_logprobs=max(r.params.top_logprobs for r in live))
@@ -134,7 +204,10 @@ class BatchingEngine:
         try:
             if live[0].seed is not None and hasattr(self.generator, "reseed"):
                 self.generator.reseed(live[0].seed)
-            done = self.generator.generate(prompts, params)
+            if parts is None:
+                done = self.generator.generate(prompts, params)
+            else:
+                done = self.generator.generate_prefilled(parts, params)
         except Exception as exc:  # every waiting request learns why; the engine serves on
             for r in live:
                 r.future.set_exception(exc)
