@@ -142,7 +142,8 @@ class ModelGenerator:
         `generate_prefilled`: a caller that receives prompts over time (the gateway's engine)
         prefills each batch as it comes, while the rest are still arriving, and samples them all
         in one call. Consumes no randomness, so where the prefill happened does not change what
-        is sampled after a `reseed`."""
+        is sampled after a `reseed`. Each part keeps its keys until the call copies them into the
+        call's cache (grown for the new tokens), as one call's own prefill is copied."""
         if not prompts:
             raise ValueError("prefill takes at least one prompt")
         rows = [list(map(int, p)) for p in prompts]

@@ -1,24 +1,29 @@
 """The gateway's engine: concurrent requests share the generator's decoding calls.
 
-Requests arrive from many sessions at once; one thread owns the generator and, whenever it is
-free, takes every request waiting (up to `max_rows` sampled rows) and serves them in as few
-`generate` calls as their sampling settings allow: one call per distinct (temperature, top_p,
-stop ids, seed). A request that arrives while a call runs joins the next one, so under load
-every decoding step serves all the sessions that were waiting when the call began.
+Requests arrive from many sessions at once; one thread owns the generator. Whenever it is free
+it starts a call with the first waiting request's sampling settings (temperature, top_p, stop
+ids, seed) and gathers every request of the same settings that comes until the wave is over
+(up to `max_rows` sampled rows); requests of other settings wait for the next call. A request
+that arrives while a call decodes joins the next one.
 
-Gathering a wave: the server announces each request it has begun to read (`arriving()`, from
-the moment its handler starts until it has submitted or failed), and an idle engine starts a
-call once none is being read and no request came for `gather_s`, or after `max_gather_s`.
-Waiting on what the server holds instead of on a long quiet gap keeps a request whose body was
-still being parsed in its wave (it would otherwise wait for the whole next call), and a wave
-that has fully arrived starts after a few milliseconds.
+Prefill while the wave arrives: where the generator can (`ModelGenerator.prefill` and
+`generate_prefilled`), each batch of requests is prefilled as soon as it is taken, while later
+requests are still arriving and being parsed, and the call then decodes every row together.
+The GPU works through the wave's arrival instead of waiting for its end; with a generator that
+has only `generate`, the wave is gathered first and sampled in one call.
 
-Departure from vLLM-style continuous batching: rows join at call boundaries, not at every
-decoding step, because `ModelGenerator`'s cache layout (left-padded dense slots shared by the
-rows, captured in one CUDA graph per call) is fixed for a call. Agents' calls come in waves
+The end of a wave: the server announces each request it has begun to read (`arriving()`, from
+the moment its handler starts until it has submitted or failed), and the engine stops gathering
+once none is being read and no request came for `gather_s`, or after `max_gather_s` of idle
+waiting (time spent prefilling does not count). A request whose body was still being parsed
+thus stays in its wave rather than waiting for the whole next call.
+
+Departure from vLLM-style continuous batching: rows join a call before its first decoding step,
+not at every step, because `ModelGenerator`'s cache layout (left-padded dense slots shared by
+the rows, captured in one CUDA graph per call) is fixed for a call. Agents' calls come in waves
 (every session waits for its tools between calls), which this serves in one call per wave; a
-late request waits at most one call. Rows with fewer `max_tokens` than the longest of their call
-are cut to their own budget (finish reason "length").
+request that comes after a wave began decoding waits at most one call. Rows with fewer
+`max_tokens` than the longest of their call are cut to their own budget (finish reason "length").
 """
 
 from __future__ import annotations
