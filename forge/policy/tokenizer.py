@@ -34,26 +34,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; invalid UTF-8 (a sampled split of a multi-byte char) is replaced."""
-        ids = [int(i) for i in ids]
-        if all(0 <= i < 256 for i in ids):  # the common case: no marker, one UTF-8 decode
-            return bytes(ids).decode("utf-8", errors="replace")
-        out: list[str] = []
-        start = 0
-        for at, i in enumerate(ids):
-            if 0 <= i < 256:
-                continue
-            if at > start:
-                out.append(bytes(ids[start:at]).decode("utf-8", errors="replace"))
-            start = at + 1
-            tok = self._id_to_special.get(i)
-            if tok is None:
-                raise ValueError(f"token id {i} is outside this tokenizer's vocabulary (size {self.vocab_size})")
-            out.append(tok)
-        if start < len(ids):
-            out.append(bytes(ids[start:]).decode("utf-8", errors="replace"))
-        return "".join(out)
+    def decode(self, ids: Sequence[int]) -> str: ...
 
     def token_id(self, token: str) -> int: ...
 
@@ -92,22 +73,23 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; invalid UTF-8 (a sampled split of a multi-byte char) is replaced."""
+        ids = [int(i) for i in ids]
+        if all(0 <= i < 256 for i in ids):  # the common case: no marker, one UTF-8 decode
+            return bytes(ids).decode("utf-8", errors="replace")
         out: list[str] = []
-        buf = bytearray()
-        for raw in ids:
-            i = int(raw)
+        start = 0
+        for at, i in enumerate(ids):
             if 0 <= i < 256:
-                buf.append(i)
                 continue
-            if buf:
-                out.append(buf.decode("utf-8", errors="replace"))
-                buf.clear()
+            if at > start:
+                out.append(bytes(ids[start:at]).decode("utf-8", errors="replace"))
+            start = at + 1
             tok = self._id_to_special.get(i)
             if tok is None:
                 raise ValueError(f"token id {i} is outside this tokenizer's vocabulary (size {self.vocab_size})")
             out.append(tok)
-        if buf:
-            out.append(buf.decode("utf-8", errors="replace"))
+        if start < len(ids):
+            out.append(bytes(ids[start:]).decode("utf-8", errors="replace"))
         return "".join(out)
 
     def token_id(self, token: str) -> int:
