@@ -97,6 +97,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--client-procs", type=int, default=8,
                         help="processes the sessions' clients run in (1: every session in one event loop)")
+    parser.add_argument("--prefill", choices=["early", "call"], default="call",
+                        help="the engine prefills each batch while the wave arrives (early) or in the call")
+    parser.add_argument("--gather-ms", type=float, default=20.0, help="the engine's quiet gap (BatchingEngine.gather_s)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -121,7 +124,8 @@ def main() -> None:
         with torch.no_grad():
             return sum(len(c.token_ids) for c in generator.generate(prompts, params))
 
-    engine = BatchingEngine(generator, max_rows=max(256, args.sessions))
+    engine = BatchingEngine(generator, max_rows=max(256, args.sessions), gather_s=args.gather_ms / 1e3,
+                            prefill_early=args.prefill == "early")
     store = SessionStore()
     app = create_app(engine, tok, store, GatewayConfig(max_context_tokens=args.prompt_chars + args.max_tokens + 64,
                                                        default_max_tokens=args.max_tokens))

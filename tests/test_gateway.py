@@ -643,6 +643,9 @@ class PipelinedGenerator:
             raise RuntimeError("prefill failed")
         return [list(p) for p in prompts]
 
+    def generate(self, prompts, params):  # what an engine without prefill_early calls
+        return self.generate_prefilled([self.prefill(prompts)], params)
+
     def generate_prefilled(self, parts, params):
         self.log.append(("generate", [[p[0] for p in part] for part in parts], params.max_new_tokens))
         return [Completion([p[0], 7][: params.max_new_tokens], [-0.5, -0.25][: params.max_new_tokens], "length", 0)
@@ -652,7 +655,7 @@ class PipelinedGenerator:
 @pytest.fixture
 def pipelined():
     generator = PipelinedGenerator()
-    engine = BatchingEngine(generator, gather_s=0.0, max_gather_s=30.0)
+    engine = BatchingEngine(generator, gather_s=0.0, max_gather_s=30.0, prefill_early=True)
     yield generator, engine
     generator.gate.set()
     engine.close()
@@ -675,22 +678,27 @@ def test_engine_prefills_requests_as_they_come_and_samples_the_wave_in_one_call(
     assert (engine.stats.calls, engine.stats.rows, engine.stats.max_rows_in_call) == (2, 6, 5)
 
 
-def test_engine_waits_for_a_request_the_server_is_still_reading(pipelined):
-    generator, engine = pipelined
-    params = SamplingParams(max_new_tokens=1)
-    with engine.arriving():
-        early = engine.submit([1], params)
-        with engine.arriving():  # a second request still being read: the call waits for it
-            time.sleep(0.2)
-            assert generator.log == [("prefill", [1])]
-            late = engine.submit([2], params)
-    assert early.result(timeout=30)[0].token_ids == [1] and late.result(timeout=30)[0].token_ids == [2]
-    assert generator.log[-1] == ("generate", [[1], [2]], 1)
-    # Reading a request that then fails (a 400) still ends its wait.
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("early", [False, True], ids=["prefill-in-call", "prefill-early"])
+def test_engine_waits_for_a_request_the_server_is_still_reading(early):
+    generator = PipelinedGenerator()
+    engine = BatchingEngine(generator, gather_s=0.0, max_gather_s=30.0, prefill_early=early)
+    try:
+        params = SamplingParams(max_new_tokens=1)
         with engine.arriving():
-            raise ValueError("bad request")
-    assert engine.submit([3], params).result(timeout=30)[0].token_ids == [3]
+            early_request = engine.submit([1], params)
+            with engine.arriving():  # a second request still being read: the call waits for it
+                time.sleep(0.2)
+                assert generator.log == ([("prefill", [1])] if early else [])
+                late = engine.submit([2], params)
+        assert early_request.result(timeout=30)[0].token_ids == [1] and late.result(timeout=30)[0].token_ids == [2]
+        assert generator.log[-1] == (("generate", [[1], [2]], 1) if early else ("generate", [[1, 2]], 1))
+        # Reading a request that then fails (a 400) still ends its wait.
+        with pytest.raises(ValueError):
+            with engine.arriving():
+                raise ValueError("bad request")
+        assert engine.submit([3], params).result(timeout=30)[0].token_ids == [3]
+    finally:
+        engine.close()
 
 
 def test_engine_a_failed_prefill_fails_its_requests_only_and_a_seeded_call_reseeds_first(pipelined):

@@ -6,11 +6,14 @@ ids, seed) and gathers every request of the same settings that comes until the w
 (up to `max_rows` sampled rows); requests of other settings wait for the next call. A request
 that arrives while a call decodes joins the next one.
 
-Prefill while the wave arrives: where the generator can (`ModelGenerator.prefill` and
-`generate_prefilled`), each batch of requests is prefilled as soon as it is taken, while later
-requests are still arriving and being parsed, and the call then decodes every row together.
-The GPU works through the wave's arrival instead of waiting for its end; with a generator that
-has only `generate`, the wave is gathered first and sampled in one call.
+Prefill while the wave arrives (`prefill_early=True`, off by default): where the generator can
+(`ModelGenerator.prefill` and `generate_prefilled`), each batch of requests is prefilled as soon
+as it is taken, while later requests are still arriving, and the call then decodes every row
+together. It made `benchmarks/gateway.py` slower on an H100 (64 sessions, 1,846-token prompts:
+21.6% cost against 4.6-7.9% without; docs/benchmarks.md). Not profiled; likely causes: several
+small prefills cost more than one large one, and the engine thread's kernel launches compete
+for the GIL with the HTTP thread that is parsing the wave. It stays an option, for prompts
+whose prefill dwarfs the HTTP work (not measured).
 
 The end of a wave: the server announces each request it has begun to read (`arriving()`, from
 the moment its handler starts until it has submitted or failed), and the engine stops gathering
@@ -69,7 +72,8 @@ class EngineStats:
 class BatchingEngine:
     """Serves `generate` requests from many threads or coroutines through one generator."""
 
-    def __init__(self, generator: Any, *, max_rows: int = 256, gather_s: float = 0.005, max_gather_s: float = 0.1) -> None:
+    def __init__(self, generator: Any, *, max_rows: int = 256, gather_s: float = 0.02, max_gather_s: float = 0.1,
+                 prefill_early: bool = False) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if gather_s < 0 or max_gather_s < 0:
@@ -80,6 +84,9 @@ class BatchingEngine:
         """An idle engine starts a call once no request is `arriving()` and none came for this
         long (or max_gather_s passed): sessions that start together then share their first call."""
         self.max_gather_s = max_gather_s
+        self.prefill_early = prefill_early
+        """Prefill each batch while the wave arrives (where the generator can); off by default:
+        slower on an H100 (module docstring). Off: gather the whole wave, then one `generate`."""
         self.stats = EngineStats()
         self._pending: list[_Request] = []
         self._arriving = 0
@@ -161,7 +168,8 @@ class BatchingEngine:
         """One call: the first waiting request's sampling settings, every request of the same
         settings that comes until the wave is over (module docstring), prefilled batch by batch
         as they come where the generator can (`prefill` / `generate_prefilled`)."""
-        pipelined = hasattr(self.generator, "prefill") and hasattr(self.generator, "generate_prefilled")
+        pipelined = (self.prefill_early and hasattr(self.generator, "prefill")
+                     and hasattr(self.generator, "generate_prefilled"))
         key: tuple | None = None
         live: list[_Request] = []
         parts: list[Any] = []
