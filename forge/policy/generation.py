@@ -326,18 +326,8 @@ def _join(parts: list[Prefilled], max_new_tokens: int) -> tuple[KVCache, torch.T
         return part.cache.select(rows, width + max_new_tokens), part.valid[rows], part.last[rows]
     first = parts[0]
     count = sum(len(p.owner) for p in parts)
-    capacity = width + max_new_tokens
-    msa = [x is not None for x in first.cache.ik] if first.cache.ik else [False] * len(first.cache.k)
-
-    def empty(t: torch.Tensor, slot_dim: int) -> torch.Tensor:
-        shape = list(t.shape)
-        shape[0] = count
-        shape[slot_dim] = -(-capacity // first.cache.block_size) * first.cache.block_size if slot_dim == 1 else capacity
-        return t.new_zeros(shape)
-
-    k = [empty(t, 1 if m else 2) for t, m in zip(first.cache.k, msa)]
-    v = [empty(t, 1 if m else 2) for t, m in zip(first.cache.v, msa)]
-    ik = [empty(t, 1) if t is not None else None for t in first.cache.ik]
+    cache = first.cache.empty(count, width + max_new_tokens)
+    cache.length = width
     valid = first.valid.new_zeros(count, width)
     last = first.last.new_empty(count, first.last.shape[1])
     at = 0
@@ -345,19 +335,15 @@ def _join(parts: list[Prefilled], max_new_tokens: int) -> tuple[KVCache, torch.T
         rows = torch.tensor(part.owner, device=part.last.device)
         n, w = len(part.owner), part.valid.shape[1]
         shift = width - w
-        for i, m in enumerate(msa):
-            if m:  # position-indexed: the same slots
-                filled = part.cache.k[i].shape[1]
-                k[i][at : at + n, :filled] = part.cache.k[i][rows]
-                v[i][at : at + n, :filled] = part.cache.v[i][rows]
-                ik[i][at : at + n, :filled] = part.cache.ik[i][rows]
-            else:
-                k[i][at : at + n, :, shift:width] = part.cache.k[i][rows][:, :, :w]
-                v[i][at : at + n, :, shift:width] = part.cache.v[i][rows][:, :, :w]
+        for mine, joined, slot_dim in part.cache.paired(cache):
+            if slot_dim == 1:  # position-indexed (MSA layers): the same slots
+                joined[at : at + n, : mine.shape[1]] = mine[rows]
+            else:  # dense slots: right-aligned to the widest part
+                joined[at : at + n, :, shift:width] = mine[rows][:, :, :w]
         valid[at : at + n, shift:] = part.valid[rows]
         last[at : at + n] = part.last[rows]
         at += n
-    return KVCache(k, v, width, ik if first.cache.ik else [], first.cache.block_size), valid, last
+    return cache, valid, last
 
 
 class _StaticDecode:

@@ -111,26 +111,45 @@ class KVCache:
             v.append(torch.zeros(shape, device=device, dtype=dtype))
         return cls(k, v, 0, ik, bs)
 
-    def select(self, rows: torch.Tensor, capacity: int) -> "KVCache":
-        """A new cache of rows `rows` [B'] of this one, grown to `capacity` slots."""
-        def grow(t: torch.Tensor, slot_dim: int) -> torch.Tensor:
+    def empty(self, batch: int, capacity: int) -> "KVCache":
+        """A zeroed cache of this one's layout, dtype and device: `batch` rows, `capacity` slots
+        (position-indexed MSA slots in whole blocks)."""
+        def new(t: torch.Tensor, slot_dim: int) -> torch.Tensor:
             shape = list(t.shape)
-            shape[0] = len(rows)
-            # Position-indexed slots (MSA layers) come in whole blocks; positions < length are filled.
+            shape[0] = batch
             shape[slot_dim] = -(-capacity // self.block_size) * self.block_size if slot_dim == 1 else capacity
-            out = t.new_zeros(shape)
-            filled = (slice(None),) * slot_dim + (slice(0, self.length),)
-            out[filled] = t[rows][filled]
-            return out
+            return t.new_zeros(shape)
 
-        msa = [x is not None for x in self.ik]
+        msa = self._msa_layers()
         return KVCache(
-            [grow(t, 1 if m else 2) for t, m in zip(self.k, msa)],
-            [grow(t, 1 if m else 2) for t, m in zip(self.v, msa)],
-            self.length,
-            [grow(t, 1) if t is not None else None for t in self.ik],
+            [new(t, 1 if m else 2) for t, m in zip(self.k, msa)],
+            [new(t, 1 if m else 2) for t, m in zip(self.v, msa)],
+            0,
+            [new(t, 1) if t is not None else None for t in self.ik],
             self.block_size,
         )
+
+    def select(self, rows: torch.Tensor, capacity: int) -> "KVCache":
+        """A new cache of rows `rows` [B'] of this one, grown to `capacity` slots."""
+        out = self.empty(len(rows), capacity)
+        out.length = self.length
+        # Positions (MSA layers, slot dim 1) and dense slots (dim 2) below `length` are filled.
+        for mine, theirs, slot_dim in self.paired(out):
+            filled = (slice(None),) * slot_dim + (slice(0, self.length),)
+            theirs[filled] = mine[rows][filled]
+        return out
+
+    def paired(self, other: "KVCache") -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(this cache's tensor, other's, its slot dim: 1 for positions, 2 for dense slots) for
+        every key, value and index-key tensor of two caches of one layout."""
+        msa = self._msa_layers()
+        pairs = [(a, b, 1 if m else 2) for a, b, m in zip(self.k, other.k, msa)]
+        pairs += [(a, b, 1 if m else 2) for a, b, m in zip(self.v, other.v, msa)]
+        pairs += [(a, b, 1) for a, b in zip(self.ik, other.ik) if a is not None]
+        return pairs
+
+    def _msa_layers(self) -> list[bool]:
+        return [x is not None for x in self.ik] if self.ik else [False] * len(self.k)
 
 
 @dataclass
