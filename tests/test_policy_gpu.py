@@ -136,3 +136,31 @@ def test_cuda_graph_decoding_of_prompts_prefilled_in_parts(config):
     diff = max((torch.tensor(x.logprobs) - torch.tensor(y.logprobs)).abs().max().item() for x, y in zip(joined, one))
     print(f"parts vs one call |dlogprob| max {diff:.1e}")
     assert diff <= 1e-4
+
+
+def test_fp32_msa_100m_sampled_logprobs_equal_the_trainers_within_1e_5(monkeypatch):
+    """Issue 14, point 3: in fp32 the logprobs the generator reports (graph decoding, the
+    one-kernel norms and rotary embeddings of generation, MSA past its dense threshold) equal
+    what the trainer's `sequence_logprobs` computes for the same tokens within 1e-5."""
+    import random
+
+    import forge.policy.model as model_module
+    from forge.trainer.logprobs import sequence_logprobs
+
+    calls = []
+    real = model_module.fused_rms_norm_rope
+    monkeypatch.setattr(model_module, "fused_rms_norm_rope", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.msa_100m()).to("cuda").eval()
+    rng = random.Random(1)
+    # Prompts past dense_below_tokens (1024): decoding runs the sparse MSA path.
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (1100, 1180, 1250, 1300)]
+    done = ModelGenerator(model, seed=0, decode="graph").generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=48))
+    assert calls, "generation did not take the one-kernel norm + rotary embedding"
+    with torch.no_grad():
+        trained = sequence_logprobs(model, [p + c.token_ids for p, c in zip(prompts, done)], merge=False)
+    diffs = torch.cat([(t[len(p) - 1:].double().cpu() - torch.tensor(c.logprobs, dtype=torch.float64)).abs()
+                       for p, c, t in zip(prompts, done, trained)])
+    print(f"fp32 sampled vs trained |dlogprob| max {diffs.max():.2e} mean {diffs.mean():.2e} over {diffs.numel()} tokens")
+    assert diffs.numel() == 4 * 48
+    assert float(diffs.max()) <= 1e-5

@@ -30,7 +30,7 @@ from torch import nn
 from forge.kernels.msa import MSAConfig, msa_decode
 from forge.kernels.msa.tree import msa_cache_attention, msa_tree
 from forge.kernels.msa.tree_triton import msa_tree_triton
-from forge.kernels.norm import fused_rms_norm, fused_rms_norm_ok
+from forge.kernels.norm import fused_rms_norm, fused_rms_norm_ok, fused_rms_norm_rope, fused_rms_norm_rope_ok
 from forge.kernels.tree_attention import tree_attention
 from forge.policy.config import ModelConfig
 from forge.policy.invariant import Linear, invariant_linear, wide, wide_call
@@ -47,11 +47,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.is_cuda and not self.invariant and not torch.is_grad_enabled()
-                and fused_rms_norm_ok(x, self.weight)):
-            # Inference on a GPU: the same arithmetic in one kernel instead of about eight
-            # (forge.kernels.norm; decoding steps run ~57 norms).
+    def fuses(self, x: torch.Tensor, generating: bool) -> bool:
+        """Whether this call may take the one-kernel norm (forge.kernels.norm): generation on a GPU
+        without gradients and without batch-invariant numerics. The trainer never does, so its
+        old and new logprobs share one arithmetic."""
+        return generating and x.is_cuda and not self.invariant and not torch.is_grad_enabled()
+
+    def forward(self, x: torch.Tensor, generating: bool = False) -> torch.Tensor:
+        if self.fuses(x, generating) and fused_rms_norm_ok(x, self.weight):
+            # The same arithmetic in one kernel instead of about eight (decoding steps run ~57 norms).
             return fused_rms_norm(x, self.weight, self.eps)
         xf = wide(x) if self.invariant else at_least_fp32(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -80,6 +84,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
     out = rot * cos[:, :, None] + rotated * sin[:, :, None]
     return torch.cat([out.to(x.dtype), rest], dim=-1)
+
+
+def norm_rope(norm: RMSNorm, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              generating: bool = False) -> torch.Tensor:
+    """apply_rope(norm(x), cos, sin) for x [B, T, H, D] normed per head; one kernel in generation
+    on a GPU (forge.kernels.norm.fused_rms_norm_rope)."""
+    if norm.fuses(x, generating) and fused_rms_norm_rope_ok(x, norm.weight, cos, sin):
+        return fused_rms_norm_rope(x, norm.weight, norm.eps, cos, sin)
+    return apply_rope(norm(x), cos, sin)
 
 
 @dataclass
@@ -191,6 +204,9 @@ class _Pass:
     decode_slot: torch.Tensor | None = None
     """[1] long: a fixed-shape decoding step (`Transformer.forward_decode`), the dense layers'
     cache slot of the new token; then cache_mask is [B, 1, 1, capacity] and no host read happens."""
+    generating: bool = False
+    """A KV-cached pass of generation: norms and rotary embeddings may take the one-kernel forms
+    (forge.kernels.norm) on a GPU without gradients."""
 
 
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -248,27 +264,28 @@ class Attention(nn.Module):
             self.ik_norm = RMSNorm(di, c.rms_eps)
 
     def _qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, generating: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected, normed, rotated q [B, T, Hq, D] and k, v [B, T, Hkv, D]."""
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*D]
         if self.qk_norm_scope == "layer":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, generating), self.k_norm(k, generating)
         q = q.view(b, t, self.num_heads, self.head_dim)  # [B, T, Hq, D]
         k = k.view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm_scope == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
+            return norm_rope(self.q_norm, q, cos, sin, generating), norm_rope(self.k_norm, k, cos, sin, generating), v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _index(self, x: torch.Tensor, p: _Pass) -> tuple[torch.Tensor, torch.Tensor]:
         """Index queries iq [B, T, Hkv, Di] and index keys ik [B, T, Di] from the detached input."""
         b, t, _ = x.shape
         x = x.detach()
-        iq = self.iq_norm(self.iq_proj(x).view(b, t, self.num_kv_heads, -1))
-        ik = self.ik_norm(self.ik_proj(x).view(b, t, 1, -1))
-        return apply_rope(iq, p.index_cos, p.index_sin), apply_rope(ik, p.index_cos, p.index_sin)[:, :, 0]
+        iq = norm_rope(self.iq_norm, self.iq_proj(x).view(b, t, self.num_kv_heads, -1), p.index_cos, p.index_sin,
+                       p.generating)
+        ik = norm_rope(self.ik_norm, self.ik_proj(x).view(b, t, 1, -1), p.index_cos, p.index_sin, p.generating)
+        return iq, ik[:, :, 0]
 
     def forward(self, x: torch.Tensor, p: _Pass, cache: tuple | None = None) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H].
@@ -278,7 +295,7 @@ class Attention(nn.Module):
         S' = length + T slots each query sees; MSA layers write them at their positions.
         """
         b, t, _ = x.shape
-        q, k, v = self._qkv(x, p.cos, p.sin)
+        q, k, v = self._qkv(x, p.cos, p.sin, p.generating)
         if self.msa is None:
             out = self._dense(q, k, v, p, cache)
         elif cache is not None:
@@ -439,8 +456,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, p: _Pass, cache: tuple | None = None) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]; `p` and `cache` are Attention's, p.token_weight the MoE's."""
-        x = x + self.attn(self.attn_norm(x), p, cache)
-        h = self.mlp_norm(x)
+        x = x + self.attn(self.attn_norm(x, p.generating), p, cache)
+        h = self.mlp_norm(x, p.generating)
         if isinstance(self.mlp, MoE):
             return x + self.mlp(h, p.token_weight, generating=cache is not None)
         return x + self.mlp(h)
@@ -491,8 +508,8 @@ class Transformer(nn.Module):
         msa = self.config.msa
         return msa.enabled and msa.dense_warmup_steps > 0 and int(self.msa_step) < msa.dense_warmup_steps
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.norm(h)
+    def _head(self, h: torch.Tensor, generating: bool = False) -> torch.Tensor:
+        h = self.norm(h, generating)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         if self.config.batch_invariant:
             return at_least_fp32(invariant_linear(h, weight))
@@ -572,13 +589,13 @@ class Transformer(nn.Module):
         causal = slots[None, :] <= query_slot[:, None]  # [T, S']
         mask = (key_valid[:, None, :] & causal) | (slots[None, :] == query_slot[:, None])  # [B, T, S']
         new_valid = key_valid[:, cache.length :]
-        p = self._pass(position_ids, cache_mask=mask[:, None], new_valid=new_valid,
+        p = self._pass(position_ids, generating=True, cache_mask=mask[:, None], new_valid=new_valid,
                        new_all_valid=not self.config.msa.enabled or bool(new_valid.all()))
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, p, (cache.k[i], cache.v[i], cache.ik[i] if cache.ik else None, cache.length))
         cache.length = total
-        return self._head(h)
+        return self._head(h, generating=True)
 
     def forward_decode(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor, slot_valid: torch.Tensor,
@@ -599,11 +616,12 @@ class Transformer(nn.Module):
             raise ValueError(f"forward_decode takes one token per row ([B, 1] ids, a [1] slot, [B, capacity] "
                              f"slot_valid); got ids {list(input_ids.shape)}, slot {list(slot.shape)}, "
                              f"slot_valid {list(slot_valid.shape)}")
-        p = self._pass(position_ids, static=True, cache_mask=slot_valid[:, None, None, :], decode_slot=slot)
+        p = self._pass(position_ids, static=True, generating=True, cache_mask=slot_valid[:, None, None, :],
+                       decode_slot=slot)
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, p, (cache.k[i], cache.v[i], cache.ik[i] if cache.ik else None, None))
-        return self._head(h)
+        return self._head(h, generating=True)
 
 
 def advance_msa_step(model: Transformer) -> None:
