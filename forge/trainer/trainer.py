@@ -124,7 +124,9 @@ class Trainer:
         if self.algo.segment_weighting == "episode" and totals["episodes"] < totals["seqs"]:
             seq_w = episode_weights(batch.masks, batch.episode_index, self._reduction(), sequences=totals["seqs"],
                                     episodes=totals["episodes"])
-        acc: dict[str, float] = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "unique_tokens": 0.0, "index_loss": 0.0}
+        # Sums stay on the device until the step ends: a host read per micro-batch would stall the
+        # launch queue between micro-batches (the GPU idles while the next one's kernels queue).
+        acc = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in ("loss", "kl", "entropy", "clipped", "index_loss")}
         self.model.train()
         index_norm = self._index_norm(counts[2])
         for i, mb in enumerate(mbs):
@@ -142,17 +144,17 @@ class Trainer:
             if ref is not None:
                 kl = _kl_k3(scores.logprobs, [ref[j] for j in idx], masks) / totals["tokens"] * self.world_size
                 loss = loss + self.algo.kl_coef * kl
-                acc["kl"] += float(kl.detach())
+                acc["kl"] += kl.detach().double()
             if index_norm is not None:
                 index_loss = scores.index_loss / index_norm
                 loss = loss + self.model.config.msa.index_loss_weight * index_loss
-                acc["index_loss"] += float(index_loss.detach())
+                acc["index_loss"] += index_loss.detach().double()
             self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
             self.engine.backward(loss)
-            acc["loss"] += float(loss.detach())
+            acc["loss"] += loss.detach().double()
             with torch.no_grad():
-                acc["entropy"] += float(sum((e * m).sum() for e, m in zip(scores.entropies, masks)))
-                acc["clipped"] += float(sum(_clipped(lp, o, m, self.algo) for lp, o, m in zip(scores.logprobs, olds, masks)))
+                acc["entropy"] += sum((e * m).sum() for e, m in zip(scores.entropies, masks)).double()
+                acc["clipped"] += sum(_clipped(lp, o, m, self.algo) for lp, o, m in zip(scores.logprobs, olds, masks)).double()
         grad_norm = self._local_grad_norm() if self.cfg.zero_stage == 0 else None
         self.engine.step()
         if grad_norm is None:
@@ -164,12 +166,11 @@ class Trainer:
         tokens = totals["tokens"]
         # The reward of a step is that of its episodes, or of its segments when each is a sample.
         rewards = batch.episode_rewards if self.algo.segment_weighting == "episode" else batch.rewards
-        summed = all_reduce_sum(torch.tensor(
-            [acc["loss"], acc["kl"], acc["entropy"], acc["clipped"], float(rewards.sum()), float(rewards.numel()),
-             acc["index_loss"], mismatch["abs_sum"], mismatch["k3_sum"], mismatch["tokens"], is_sums["weight_sum"],
-             is_sums["reduced"]],
-            dtype=torch.float64, device=dev,
-        )).tolist()
+        host = torch.tensor([float(rewards.sum()), float(rewards.numel()), mismatch["abs_sum"], mismatch["k3_sum"],
+                             mismatch["tokens"], is_sums["weight_sum"], is_sums["reduced"]], dtype=torch.float64, device=dev)
+        stacked = torch.cat([torch.stack([acc["loss"], acc["kl"], acc["entropy"], acc["clipped"]]), host[:2],
+                             acc["index_loss"][None], host[2:]])
+        summed = all_reduce_sum(stacked).tolist()
         mismatch_max = all_reduce_max(torch.tensor([mismatch["abs_max"]], dtype=torch.float64, device=dev)).item()
         acc["loss"], acc["kl"] = summed[0] / self.world_size, summed[1] / self.world_size
         acc["index_loss"] = summed[6] / self.world_size
@@ -221,7 +222,9 @@ class Trainer:
         tokens = max(counts[0], 1.0)
         mbs = self._plan(batch)
         self.model.train()
-        total = index_total = 0.0
+        # Summed on the device, read once after the step (no host read between micro-batches).
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        index_total = torch.zeros((), dtype=torch.float64, device=dev)
         index_norm = self._index_norm(counts[1])
         for i, mb in enumerate(mbs):
             scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, tree=mb.tree, padded=self._padded,
@@ -231,16 +234,16 @@ class Trainer:
             if index_norm is not None:
                 index_loss = scores.index_loss / index_norm
                 loss = loss + self.model.config.msa.index_loss_weight * index_loss
-                index_total += float(index_loss.detach())
+                index_total += index_loss.detach().double()
             self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
             self.engine.backward(loss)
-            total += float(loss.detach())
+            total += loss.detach().double()
         self.engine.step()
         advance_msa_step(self.model)
         update_expert_bias(self.model, all_reduce=all_reduce_sum)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self.cfg.lr
-        summed = all_reduce_sum(torch.tensor([total, index_total], dtype=torch.float64, device=dev)).tolist()
+        summed = all_reduce_sum(torch.stack([total, index_total])).tolist()
         total, index_total = summed[0] / self.world_size, summed[1] / self.world_size
         metrics = {"warmstart/loss": total, "warmstart/tokens": float(tokens), "warmstart/micro_batches": float(len(mbs)),
                    "warmstart/step_s": time.perf_counter() - t0}
