@@ -300,10 +300,13 @@ def test_padded_unmerged_batches_keep_the_index_loss_and_its_gradients():
         assert rel(g_padded[name], g_alone[name]) <= TOL[torch.float64], name
 
 
-def test_fixed_shape_decoding_step_equals_the_eager_one_across_the_dense_threshold():
+@pytest.mark.parametrize("lengths", [(30, 36, 45), (41, 52, 47)], ids=["crossing", "all_past"])
+def test_fixed_shape_decoding_step_equals_the_eager_one_across_the_dense_threshold(lengths, monkeypatch):
     """decode="static" runs `msa_decode` for every row (Triton's interpreter here) and dense
     attention where a row is still below dense_below_tokens; rows of a batch cross that position
-    and top_k * block_size at different steps. Its tokens and logprobs are the eager loop's."""
+    and top_k * block_size at different steps. Its tokens and logprobs are the eager loop's.
+    When every prompt is past dense_below_tokens, the step skips the dense branch."""
+    import forge.policy.model as model_module
     from forge.policy.generation import ModelGenerator
     from forge.policy.sampling import SamplingParams
 
@@ -311,13 +314,20 @@ def test_fixed_shape_decoding_step_equals_the_eager_one_across_the_dense_thresho
     torch.manual_seed(0)
     m = Transformer(dataclasses.replace(cfg, head_dim=16, rotary_dim=16)).eval()
     g = torch.Generator().manual_seed(6)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (30, 36, 45)]
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+    dense_calls = []
+    real_sdpa = model_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: dense_calls.append(k.shape[2]) or real_sdpa(q, k, *a, **kw))
     params = SamplingParams(temperature=1.0, max_new_tokens=12)
     eager = ModelGenerator(m, seed=2, decode="eager").generate(prompts, params)
+    dense_calls.clear()
     static = ModelGenerator(m, seed=2, decode="static").generate(prompts, params)
     for e, s in zip(eager, static):
         assert s.token_ids == e.token_ids
         torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(e.logprobs), rtol=0, atol=1e-5)
+    # The MSA layers' dense branch attends over the first dense_below (40) positions.
+    assert (40 in dense_calls) == (min(lengths) < 40)
 
 
 def test_prefill_through_the_tree_kernels_equals_each_row_alone():

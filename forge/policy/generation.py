@@ -246,7 +246,8 @@ class ModelGenerator:
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         mode = self._mode(params)
         static = None if mode == "eager" else _StaticDecode(
-            self.model, cache, valid, next_position, width + params.max_new_tokens, graph=mode == "graph")
+            self.model, cache, valid, next_position, width + params.max_new_tokens, graph=mode == "graph",
+            min_position=min(map(len, prompts)))
         check_every = GRAPH_DONE_CHECK_EVERY if mode == "graph" else 1
         invariant = self.model.config.batch_invariant
         for step in range(params.max_new_tokens):
@@ -352,8 +353,10 @@ class _StaticDecode:
     after a first eager step, which also compiles and warms every kernel the graph records."""
 
     def __init__(self, model: Transformer, cache: KVCache, valid: torch.Tensor, next_position: torch.Tensor,
-                 capacity: int, *, graph: bool) -> None:
+                 capacity: int, *, graph: bool, min_position: int = 0) -> None:
         b, width = valid.shape
+        self.min_position = min_position
+        """No row decodes below this position (known on the host: positions only grow)."""
         self.model, self.cache = model, cache
         self.ids = torch.zeros(b, 1, dtype=torch.long, device=valid.device)
         self.position = next_position[:, None].clone()  # [B, 1]
@@ -367,7 +370,8 @@ class _StaticDecode:
         self.steps = 0
 
     def _forward(self) -> torch.Tensor:
-        return self.model.forward_decode(self.ids, self.position, self.slot, self.valid, self.cache)[:, -1]
+        return self.model.forward_decode(self.ids, self.position, self.slot, self.valid, self.cache,
+                                         min_position=self.min_position)[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed the sampled tokens [B]; the logits [B, V] for the next ones (valid until the next step)."""

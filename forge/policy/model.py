@@ -429,7 +429,8 @@ class Attention(nn.Module):
                                        scale=self.head_dim**-0.5)
         out = self._paged_decode(q, iq, k_cache, v_cache, ik_cache, p)
         n = min(m.dense_below_tokens, k_cache.shape[1])
-        if n == 0:
+        if n == 0 or p.first_position >= m.dense_below_tokens:
+            # No row below dense_below (first_position is a host-known lower bound): sparse only.
             return out
         visible = torch.arange(n, device=q.device)[None, :] <= p.position  # [B, n]
         dense = F.scaled_dot_product_attention(
@@ -599,7 +600,7 @@ class Transformer(nn.Module):
 
     def forward_decode(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor, slot_valid: torch.Tensor,
-        cache: KVCache,
+        cache: KVCache, *, min_position: int = 0,
     ) -> torch.Tensor:
         """One new token per row with fixed shapes and no host synchronisation: the decoding step
         that `ModelGenerator` captures in a CUDA graph. Computes what `forward_cached` does.
@@ -609,7 +610,9 @@ class Transformer(nn.Module):
         slots each row sees, True at `slot` and at the row's earlier real tokens. MSA layers
         write at the positions. Returns logits [B, 1, V]; `cache.length` is left alone. Needs the
         MSA dense warm-up to be over (`msa_warming_up()`, which the caller checks once: reading
-        the step counter here would synchronise).
+        the step counter here would synchronise). `min_position`: a lower bound of position_ids that
+        the caller knows on the host; at or past `msa.dense_below_tokens`, MSA layers skip the dense
+        branch that rows below that position need.
         """
         b, t = input_ids.shape
         if t != 1 or slot.shape != (1,) or slot_valid.shape[0] != b:
@@ -617,7 +620,7 @@ class Transformer(nn.Module):
                              f"slot_valid); got ids {list(input_ids.shape)}, slot {list(slot.shape)}, "
                              f"slot_valid {list(slot_valid.shape)}")
         p = self._pass(position_ids, static=True, generating=True, cache_mask=slot_valid[:, None, None, :],
-                       decode_slot=slot)
+                       decode_slot=slot, first_position=min_position)
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, p, (cache.k[i], cache.v[i], cache.ik[i] if cache.ik else None, None))
