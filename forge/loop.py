@@ -422,7 +422,9 @@ def _publish(ranks: list, store: Any, version: int, keep: bool = False) -> float
     """Publish rank 0's weights as `version`; with `keep` (algorithm.mismatch_weights 'sampling')
     every rank also keeps a copy, to score that version's samples with."""
     t0 = time.perf_counter()
-    weights = ray.get(ranks[0].call.remote("weights"))
+    # Every rank joins (ZeRO-3 gathers the shards collectively); only rank 0's copy travels.
+    refs = [ranks[0].call.remote("weights")] + [r.call.remote("weights", False) for r in ranks[1:]]
+    weights = ray.get(refs)[0]
     # A list keeps Ray from resolving the ref when it is passed to the store.
     ray.get(store.publish.remote(version, [ray.put(weights)]))
     if keep:

@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg.trainer.num_ranks = world
     trainer = Trainer(cfg.model, cfg.trainer, trainer_algorithm(cfg), seed=init_seed(cfg), rank=rank, world_size=world)
-    if args.save_initial and rank == 0:
-        torch.save(trainer.weights(), args.save_initial)
+    if args.save_initial:
+        # Every rank takes part: under ZeRO-3 the gather is a collective.
+        initial = trainer.weights(keep=rank == 0)
+        if rank == 0:
+            torch.save(initial, args.save_initial)
     for step, path in enumerate(files, start=1):
         groups = read_parquet(path)
         if len(groups) % world:
@@ -57,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics = trainer.train_step(groups[rank::world])
         if rank == 0:
             print(json.dumps({"step": step, **metrics}), flush=True)
-    if args.save and rank == 0:
-        torch.save(trainer.weights(), args.save)
+    if args.save:
+        final = trainer.weights(keep=rank == 0)
+        if rank == 0:
+            torch.save(final, args.save)
     return 0
 
 

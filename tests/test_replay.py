@@ -1,5 +1,5 @@
-"""The trainer as plain processes (torchrun, gloo, ZeRO-2): two ranks with a global batch give
-the loss and the weights of one rank with the same batch."""
+"""The trainer as plain processes (torchrun, gloo, ZeRO-2 and ZeRO-3): two ranks with a global
+batch give the loss and the weights of one rank with the same batch."""
 
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-def replay(tmp_path: Path, nproc: int, port: int) -> tuple[list[dict], dict]:
-    save = tmp_path / f"weights-{nproc}.pt"
+def replay(tmp_path: Path, nproc: int, port: int, stage: int = 2) -> tuple[list[dict], dict]:
+    save = tmp_path / f"weights-{nproc}-{stage}.pt"
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
          "-m", "forge.replay", str(RECIPE), "--rollouts", str(tmp_path / "rollouts"), "--save", str(save),
-         "trainer.zero_stage=2", "trainer.groups_per_step=2", "trainer.lr=1e-3", "algorithm.loss=grpo",
+         f"trainer.zero_stage={stage}", "trainer.groups_per_step=2", "trainer.lr=1e-3", "algorithm.loss=grpo",
          # Token mean over sequences of different lengths: the loss is not zero on-policy, and
          # the two ranks hold different numbers of loss tokens, so each must scale by the global count.
          "algorithm.reduction=token_mean"],
@@ -45,19 +45,22 @@ def replay(tmp_path: Path, nproc: int, port: int) -> tuple[list[dict], dict]:
     return rows, torch.load(save)
 
 
-def test_two_ranks_match_one(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one(tmp_path, stage):
     for step in (1, 2):
         # Two groups of three: each rank of two gets one whole group.
         write_parquet(groups_of(step, n_groups=2, g=3), tmp_path / "rollouts" / f"step-{step:06d}.parquet")
-    one_rows, one = replay(tmp_path, 1, free_port())
-    two_rows, two = replay(tmp_path, 2, free_port())
+    one_rows, one = replay(tmp_path, 1, free_port(), stage)
+    # Under ZeRO-3 saving the weights gathers the shards: every rank must join (it hung when only
+    # rank 0 asked).
+    two_rows, two = replay(tmp_path, 2, free_port(), stage)
     assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2]
     for a, b in zip(one_rows, two_rows):
         assert abs(a["train/loss"]) > 1e-4
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
         assert a["train/loss_tokens"] == b["train/loss_tokens"]
         assert a["train/entropy"] == pytest.approx(b["train/entropy"], rel=1e-5)
-    moved = max((one[k].float() - torch.load(tmp_path / "weights-1.pt")[k].float()).abs().max() for k in one)
+    moved = max((one[k].float() - torch.load(tmp_path / f"weights-1-{stage}.pt")[k].float()).abs().max() for k in one)
     assert moved == 0
     # Adam steps are about lr in size; the two runs differ only by the all-reduce's rounding.
     diff = max((one[k].float() - two[k].float()).abs().max().item() for k in one)

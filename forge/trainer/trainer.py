@@ -299,15 +299,16 @@ class Trainer:
                     out[j], covered = scores[j], covered + 1
         return out, covered / max(1, len(versions))
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the full weights (gathered under ZeRO-3), for rollout workers."""
-        params = list(self.model.parameters())
+    def weights(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """A CPU copy of the full weights, for rollout workers. Under ZeRO-3 the gather is a
+        collective: every rank must call this together; ranks whose copy nobody reads pass
+        keep=False and get {}."""
         if self.cfg.zero_stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(params):
-                return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+                return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if keep else {}
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if keep else {}
 
     def _index_norm(self, step_tokens: float) -> float | None:
         """Tokens x MSA layers of the step (`step_tokens`, summed over all ranks) over the world
