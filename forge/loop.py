@@ -352,9 +352,11 @@ def task_name(cfg: Any) -> str:
 
 
 def _record_placement(run, ranks: list, workers: list) -> None:
-    """Write which Ray node each role landed on, and its process id, to placement.json."""
+    """Write which Ray node and GPUs each role landed on, and its process id, to placement.json."""
     placement = {"trainer": ray.get([r.node_id.remote() for r in ranks]),
                  "rollout": ray.get([w.node_id.remote() for w in workers]),
+                 "gpus": {**{f"trainer-{i}": g for i, g in enumerate(ray.get([r.gpu_ids.remote() for r in ranks]))},
+                          **{f"rollout-{i}": g for i, g in enumerate(ray.get([w.gpu_ids.remote() for w in workers]))}},
                  "pids": {**{f"trainer-{i}": p for i, p in enumerate(ray.get([r.pid.remote() for r in ranks]))},
                           **{f"rollout-{i}": p for i, p in enumerate(ray.get([w.pid.remote() for w in workers]))}}}
     (run.path / "placement.json").write_text(json.dumps(placement, indent=2))

@@ -43,6 +43,8 @@ def test_roles_spread_over_two_nodes(tmp_path):
         nodes = {n.node_id for n in cluster.list_all_nodes()}
         assert set(placement["trainer"]) | set(placement["rollout"]) <= nodes
         assert set(placement["trainer"]).isdisjoint(placement["rollout"]), placement
+        # No GPUs in this cluster: every role records an empty list of GPU ids.
+        assert placement["gpus"] == {"trainer-0": [], "rollout-0": []}, placement
         rl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "train/rl_step" in line]
         assert [int(r["train/rl_step"]) for r in rl] == [1, 2]
     finally:

@@ -80,6 +80,10 @@ class RolloutActor:
         """The Ray node this worker runs on (the launcher records where each role landed)."""
         return ray.get_runtime_context().get_node_id()
 
+    def gpu_ids(self) -> list[str]:
+        """The GPUs Ray gave this worker (a fractional share names the card it shares); [] on the CPU."""
+        return [str(g) for g in ray.get_gpu_ids()]
+
     def pid(self) -> int:
         """This worker's process id (placement.json records it; benchmarks/chaos.py kills it)."""
         return os.getpid()

@@ -39,6 +39,10 @@ class TrainerActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def gpu_ids(self) -> list[str]:
+        """The GPUs Ray gave this rank (its CUDA_VISIBLE_DEVICES); [] on the CPU."""
+        return [str(g) for g in ray.get_gpu_ids()]
+
     def pid(self) -> int:
         """This rank's process id (placement.json records it; benchmarks/chaos.py kills it)."""
         return os.getpid()
