@@ -49,9 +49,12 @@ class RMSNorm(nn.Module):
 
     def fuses(self, x: torch.Tensor, generating: bool) -> bool:
         """Whether this call may take the one-kernel norm (forge.kernels.norm): generation on a GPU
-        without gradients and without batch-invariant numerics. The trainer never does, so its
-        old and new logprobs share one arithmetic."""
-        return generating and x.is_cuda and not self.invariant and not torch.is_grad_enabled()
+        in bf16 or fp16, without gradients and without batch-invariant numerics. The trainer never
+        does, so its old and new logprobs share one arithmetic; nor does fp32 generation, whose
+        logprobs must stay within 1e-5 of the trainer's (the fused rotation's multiply-add and
+        sum order moved a sampled logprob 3e-5 on an H200)."""
+        return (generating and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not self.invariant
+                and not torch.is_grad_enabled())
 
     def forward(self, x: torch.Tensor, generating: bool = False) -> torch.Tensor:
         if self.fuses(x, generating) and fused_rms_norm_ok(x, self.weight):
