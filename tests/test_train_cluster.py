@@ -49,3 +49,32 @@ def test_roles_spread_over_two_nodes(tmp_path):
         assert [int(r["train/rl_step"]) for r in rl] == [1, 2]
     finally:
         cluster.shutdown()
+
+
+def test_trainer_and_rollouts_on_separate_gpus_of_one_node(tmp_path):
+    """Issue 20, point 1's placement on one node with two GPUs (Ray's GPU resources, declared:
+    this CPU machine has none, so every role computes on the CPU): a whole GPU for the trainer
+    rank leaves the rollout workers' and the evaluator's fractional shares to the other card,
+    and placement.json names the cards."""
+    cluster_utils = pytest.importorskip("ray.cluster_utils")
+    cluster = cluster_utils.Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False})
+    try:
+        cluster.wait_for_nodes()
+        out = tmp_path / "runs"
+        env = dict(os.environ, FORGE_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "forge.cli", "train", str(RECIPE), f"run.output_dir={out}", "train.steps=1",
+             "warm_start.steps=0", "trainer.gpus_per_rank=1", "rollout.num_workers=2", "rollout.actor_num_gpus=0.3",
+             "--ray-address", cluster.address],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (run,) = list(out.iterdir())
+        gpus = json.loads((run / "placement.json").read_text())["gpus"]
+        assert len(gpus["trainer-0"]) == 1, gpus
+        rollout_cards = set(gpus["rollout-0"]) | set(gpus["rollout-1"])
+        assert len(rollout_cards) == 1 and rollout_cards.isdisjoint(gpus["trainer-0"]), gpus
+    finally:
+        cluster.shutdown()
