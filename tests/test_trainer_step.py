@@ -206,3 +206,30 @@ def test_mismatch_at_the_sampling_weights_is_the_numerics_alone(mode):
     else:
         assert "mismatch/at_sampling_weights" not in metrics
         assert metrics["mismatch/logprob_abs_max"] > 1e-3
+
+
+@pytest.mark.parametrize("loss", ["grpo", "ppo_clip", "cispo"])
+def test_old_logprobs_come_from_the_training_forward_without_a_pass_of_their_own(loss, monkeypatch):
+    """One update per step: the trainer's logprobs at the start of the step are the training
+    forward's own, so the default step runs no separate no-grad scoring pass. The step equals
+    the one that scores the batch first (mismatch_weights 'sampling' still does, and with no kept
+    version falls back on those logprobs): the same loss, metrics and updated weights."""
+    from forge.trainer.trainer import Trainer
+
+    batch = groups_of(3)
+    passes = []
+    real = Trainer._scores
+    monkeypatch.setattr(Trainer, "_scores", lambda self, *a: passes.append(1) or real(self, *a))
+    steps = {}
+    for mode in ("current", "sampling"):
+        passes.clear()
+        trainer = make_trainer(loss=loss, mismatch_weights=mode, micro_batch_tokens=40)
+        metrics = trainer.train_step(batch)
+        steps[mode] = (metrics, trainer.weights(), len(passes))
+    (fused, w_fused, n_fused), (separate, w_separate, n_separate) = steps.values()
+    assert fused["train/micro_batches"] > 1
+    assert n_fused == 0 and n_separate == 1
+    for key in ("train/loss", "train/entropy", "train/clip_fraction", "mismatch/logprob_abs_mean",
+                "mismatch/logprob_abs_max"):
+        assert fused[key] == separate[key], key
+    assert max_diff(w_fused, w_separate) == 0.0

@@ -101,10 +101,18 @@ class Trainer:
         batch = make_batch(groups, self.algo.advantage, self.algo.segment_weighting)
         mbs = self._plan(batch)
         dev = next(self.model.parameters()).device
-        old = self._scores(self.model, batch, mbs)
-        scored, coverage = (self._at_sampling_weights(groups, batch, mbs, old)
-                            if self.algo.mismatch_weights == "sampling" else (old, None))
-        mismatch, self.last_mismatch = mismatch_stats(scored, batch.sampler_logprobs, batch.masks)
+        # The step makes one update, so the trainer's logprobs "at the start of the step" are those
+        # of the forward that trains: taken from it, detached, they cost no pass of their own (a
+        # third of the step's compute). A separate no-grad pass runs only where they are needed
+        # before that forward: the importance-sampling correction weights the loss with them, and
+        # mismatch_weights 'sampling' scores with kept versions, falling back on them.
+        separate = self.algo.is_correction != "none" or self.algo.mismatch_weights == "sampling"
+        old: list[torch.Tensor] = self._scores(self.model, batch, mbs) if separate else [torch.empty(0)] * len(batch.sequences)
+        coverage = None
+        if separate:
+            scored, coverage = (self._at_sampling_weights(groups, batch, mbs, old)
+                                if self.algo.mismatch_weights == "sampling" else (old, None))
+            mismatch, self.last_mismatch = mismatch_stats(scored, batch.sampler_logprobs, batch.masks)
         is_w, is_sums = [], {"weight_sum": 0.0, "reduced": 0.0}
         if self.algo.is_correction != "none":
             is_w, is_sums = is_weights(self.algo.is_correction, self.algo.is_level, self.algo.is_threshold, old,
@@ -135,6 +143,9 @@ class Trainer:
                                      with_index_loss=index_norm is not None, padded=self._padded,
                                      temperature=self._temperature)
             masks = [batch.masks[j].to(dev, scores.logprobs[0].dtype) for j in idx]
+            if not separate:
+                for j, lp in zip(idx, scores.logprobs):
+                    old[j] = lp.detach()
             olds = [old[j] for j in idx] if self.algo.ratio_against == "recomputed" else [
                 batch.sampler_logprobs[j].to(dev, scores.logprobs[0].dtype) for j in idx]
             adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
@@ -155,6 +166,8 @@ class Trainer:
             with torch.no_grad():
                 acc["entropy"] += sum((e * m).sum() for e, m in zip(scores.entropies, masks)).double()
                 acc["clipped"] += sum(_clipped(lp, o, m, self.algo) for lp, o, m in zip(scores.logprobs, olds, masks)).double()
+        if not separate:
+            mismatch, self.last_mismatch = mismatch_stats(old, batch.sampler_logprobs, batch.masks)
         grad_norm = self._local_grad_norm() if self.cfg.zero_stage == 0 else None
         self.engine.step()
         if grad_norm is None:
