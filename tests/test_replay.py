@@ -29,10 +29,13 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-def replay(tmp_path: Path, nproc: int, port: int, stage: int = 2) -> tuple[list[dict], dict]:
+def replay(tmp_path: Path, nproc: int, stage: int = 2) -> tuple[list[dict], dict]:
     save = tmp_path / f"weights-{nproc}-{stage}.pt"
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+         # A rendezvous on a port torchrun binds itself: a free port chosen here and bound later
+         # can be taken in between by another process of the session.
+         "--standalone",
          "-m", "forge.replay", str(RECIPE), "--rollouts", str(tmp_path / "rollouts"), "--save", str(save),
          f"trainer.zero_stage={stage}", "trainer.groups_per_step=2", "trainer.lr=1e-3", "algorithm.loss=grpo",
          # Token mean over sequences of different lengths: the loss is not zero on-policy, and
@@ -50,10 +53,10 @@ def test_two_ranks_match_one(tmp_path, stage):
     for step in (1, 2):
         # Two groups of three: each rank of two gets one whole group.
         write_parquet(groups_of(step, n_groups=2, g=3), tmp_path / "rollouts" / f"step-{step:06d}.parquet")
-    one_rows, one = replay(tmp_path, 1, free_port(), stage)
+    one_rows, one = replay(tmp_path, 1, stage)
     # Under ZeRO-3 saving the weights gathers the shards: every rank must join (it hung when only
     # rank 0 asked).
-    two_rows, two = replay(tmp_path, 2, free_port(), stage)
+    two_rows, two = replay(tmp_path, 2, stage)
     assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2]
     for a, b in zip(one_rows, two_rows):
         assert abs(a["train/loss"]) > 1e-4

@@ -57,22 +57,16 @@ def agent_groups(seed: int, n_groups: int, g: int) -> list[Group]:
     return out
 
 
-def free_port() -> int:
-    """A port nothing listens on now. Fixed ones can collide with a port held by another test of
-    the session (in-process gloo groups draw theirs from the process id); one did in CI."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-def replay(tmp_path: Path, nproc: int, port: int, micro: int = 4096, stage: int = 2,
+def replay(tmp_path: Path, nproc: int, micro: int = 4096, stage: int = 2,
            precision: str = "bf16") -> tuple[list[dict], dict, dict]:
     tag = f"{nproc}-{micro}-{stage}-{precision}"
     save, initial = tmp_path / f"w-{tag}.pt", tmp_path / f"w0-{tag}.pt"
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+         # A rendezvous on a port torchrun binds itself: a free port chosen here and bound later
+         # can be taken in between by another process of the session.
+         "--standalone",
          "-m", "forge.replay", str(RECIPE), "--rollouts", str(tmp_path / "rollouts"), "--save", str(save),
          "--save-initial", str(initial), f"trainer.zero_stage={stage}", f"trainer.precision={precision}",
          "trainer.groups_per_step=8", f"trainer.micro_batch_tokens={micro}", "trainer.lr=1e-3",
@@ -87,11 +81,11 @@ def replay(tmp_path: Path, nproc: int, port: int, micro: int = 4096, stage: int 
 def test_two_gpus_match_one(tmp_path):
     for step in (1, 2):
         write_parquet(agent_groups(step, n_groups=8, g=4), tmp_path / "rollouts" / f"step-{step:06d}.parquet")
-    one_rows, w0, one = replay(tmp_path, 1, free_port())
-    two_rows, w0_two, two = replay(tmp_path, 2, free_port())
+    one_rows, w0, one = replay(tmp_path, 1)
+    two_rows, w0_two, two = replay(tmp_path, 2)
     # The noise floor: one GPU again, the same batch cut into smaller micro-batches, so only the
     # order of bf16 sums changes.
-    _, _, repacked = replay(tmp_path, 1, free_port(), micro=2048)
+    _, _, repacked = replay(tmp_path, 1, micro=2048)
     assert all(torch.equal(w0[k], w0_two[k]) for k in w0), "the two runs must start from the same weights"
     assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2]
     report = {"loss_1gpu": [r["train/loss"] for r in one_rows], "loss_2gpu": [r["train/loss"] for r in two_rows]}
@@ -122,8 +116,8 @@ def test_two_gpus_match_one_in_fp32(tmp_path, stage):
     two Adam steps (absolute; Adam moves each weight by about lr = 1e-3 a step)."""
     for step in (1, 2):
         write_parquet(agent_groups(step, n_groups=8, g=4), tmp_path / "rollouts" / f"step-{step:06d}.parquet")
-    one_rows, w0, one = replay(tmp_path, 1, free_port(), stage=stage, precision="fp32")
-    two_rows, w0_two, two = replay(tmp_path, 2, free_port(), stage=stage, precision="fp32")
+    one_rows, w0, one = replay(tmp_path, 1, stage=stage, precision="fp32")
+    two_rows, w0_two, two = replay(tmp_path, 2, stage=stage, precision="fp32")
     assert all(torch.equal(w0[k], w0_two[k]) for k in w0), "the two runs must start from the same weights"
     assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows] == [1, 2]
     assert all(w.dtype == torch.float32 for w in one.values())
