@@ -141,9 +141,10 @@ def test_cuda_graph_decoding_of_prompts_prefilled_in_parts(config):
 @pytest.mark.xfail(strict=True, reason=(
     "issue 14's 1e-5 contract between sampler and trainer is not met for prompts of different "
     "lengths: 2.91e-5 max (mean 1.9e-6) on an H100 and 3.05e-5 on an H200 (2026-12-07), where "
-    "prompts of one length (2,048, benchmarks/model_step.py) gave 1.9e-6. An MoE top-k choice "
-    "near a tie flips between the batched decoding step and the trainer's forward (reproduced on "
-    "the CPU; gone with every expert routed); batch-invariant numerics agree to the bit "
+    "prompts of one length (2,048, benchmarks/model_step.py) gave 1.9e-6. An MSA block choice "
+    "near a tie flips between the batched prefill and the trainer's forward (reproduced on the "
+    "CPU, where one choice of one prompt token differed), and the token's cached keys carry it "
+    "to every sampled token; batch-invariant numerics agree to the bit "
     "(tests/test_batch_invariant.py); docs/benchmarks.md"))
 def test_fp32_msa_100m_sampled_logprobs_equal_the_trainers_within_1e_5(monkeypatch):
     """Issue 14, point 3: in fp32 the logprobs the generator reports (graph decoding, MSA past its
