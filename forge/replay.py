@@ -46,11 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg.trainer.num_ranks = world
     trainer = Trainer(cfg.model, cfg.trainer, trainer_algorithm(cfg), seed=init_seed(cfg), rank=rank, world_size=world)
-    if args.save_initial:
-        # Every rank takes part: under ZeRO-3 the gather is a collective.
-        initial = trainer.weights(keep=rank == 0)
+    def save(path: str) -> None:
+        # Every rank takes part: under ZeRO-3 the gather is a collective; rank 0 writes.
+        weights = trainer.weights(keep=rank == 0)
         if rank == 0:
-            torch.save(initial, args.save_initial)
+            torch.save(weights, path)
+
+    if args.save_initial:
+        save(args.save_initial)
     for step, path in enumerate(files, start=1):
         groups = read_parquet(path)
         if len(groups) % world:
@@ -61,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(json.dumps({"step": step, **metrics}), flush=True)
     if args.save:
-        final = trainer.weights(keep=rank == 0)
-        if rank == 0:
-            torch.save(final, args.save)
+        save(args.save)
     return 0
 
 

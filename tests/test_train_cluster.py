@@ -18,6 +18,21 @@ RECIPE = ROOT / "tests" / "data" / "tiny_recipe.yaml"
 pytestmark = pytest.mark.timeout(900)
 
 
+def _train(tmp_path: Path, address: str, *overrides: str) -> Path:
+    """`forge train` of the tiny recipe on the cluster at `address`; its run folder."""
+    out = tmp_path / "runs"
+    env = dict(os.environ, FORGE_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forge.cli", "train", str(RECIPE), f"run.output_dir={out}", *overrides,
+         "--ray-address", address],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = list(out.iterdir())
+    return run
+
+
 def test_roles_spread_over_two_nodes(tmp_path):
     cluster_utils = pytest.importorskip("ray.cluster_utils")
     # The head node has no CPU to spare, so nothing but the pinned roles runs off its own node.
@@ -28,17 +43,8 @@ def test_roles_spread_over_two_nodes(tmp_path):
     try:
         cluster.add_node(num_cpus=1, resources={"rollout_node": 1})
         cluster.wait_for_nodes()
-        out = tmp_path / "runs"
-        env = dict(os.environ, FORGE_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
-        env.pop("RAY_ADDRESS", None)
-        proc = subprocess.run(
-            [sys.executable, "-m", "forge.cli", "train", str(RECIPE), f"run.output_dir={out}", "train.steps=2",
-             "warm_start.steps=1", "trainer.resources_per_rank={trainer_node: 1}",
-             "rollout.actor_resources={rollout_node: 1}", "--ray-address", cluster.address],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        (run,) = list(out.iterdir())
+        run = _train(tmp_path, cluster.address, "train.steps=2", "warm_start.steps=1",
+                     "trainer.resources_per_rank={trainer_node: 1}", "rollout.actor_resources={rollout_node: 1}")
         placement = json.loads((run / "placement.json").read_text())
         nodes = {n.node_id for n in cluster.list_all_nodes()}
         assert set(placement["trainer"]) | set(placement["rollout"]) <= nodes
@@ -61,17 +67,8 @@ def test_trainer_and_rollouts_on_separate_gpus_of_one_node(tmp_path):
         initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False})
     try:
         cluster.wait_for_nodes()
-        out = tmp_path / "runs"
-        env = dict(os.environ, FORGE_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
-        env.pop("RAY_ADDRESS", None)
-        proc = subprocess.run(
-            [sys.executable, "-m", "forge.cli", "train", str(RECIPE), f"run.output_dir={out}", "train.steps=1",
-             "warm_start.steps=0", "trainer.gpus_per_rank=1", "rollout.num_workers=2", "rollout.actor_num_gpus=0.3",
-             "--ray-address", cluster.address],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        (run,) = list(out.iterdir())
+        run = _train(tmp_path, cluster.address, "train.steps=1", "warm_start.steps=0", "trainer.gpus_per_rank=1",
+                     "rollout.num_workers=2", "rollout.actor_num_gpus=0.3")
         gpus = json.loads((run / "placement.json").read_text())["gpus"]
         assert len(gpus["trainer-0"]) == 1, gpus
         rollout_cards = set(gpus["rollout-0"]) | set(gpus["rollout-1"])

@@ -35,6 +35,14 @@ MAX_DIM = 16384
 
 
 @triton.jit
+def _normed(x, inv, w, X_TY: tl.constexpr, Y_TY: tl.constexpr, IS_INTERPRET: tl.constexpr):
+    """RMSNorm's output for fp32 rows x [M, D] with 1/rms inv [M, 1] and weight w [D], rounded as
+    the PyTorch expression rounds it: the normalised row to x's dtype, times the weight to the
+    output's dtype."""
+    return cast_out(cast_out(x * inv, X_TY, IS_INTERPRET).to(tl.float32) * w[None, :], Y_TY, IS_INTERPRET)
+
+
+@triton.jit
 def _rms_norm_fwd(X, W, Y, rows, D, inv_d, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                   IS_INTERPRET: tl.constexpr):
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -42,11 +50,16 @@ def _rms_norm_fwd(X, W, Y, rows, D, inv_d, eps, BLOCK_M: tl.constexpr, BLOCK_D: 
     mask = (r[:, None] < rows) & (c[None, :] < D)
     offs = r[:, None].to(tl.int64) * D + c[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    mean_sq = tl.sum(x * x, axis=1) * inv_d  # [BLOCK_M]
-    normed = cast_out(x * tl.math.rsqrt(mean_sq + eps)[:, None], X.dtype.element_ty, IS_INTERPRET)
+    inv = tl.math.rsqrt(tl.sum(x * x, axis=1) * inv_d + eps)[:, None]  # [BLOCK_M, 1]
     w = tl.load(W + c, mask=c < D, other=0.0).to(tl.float32)
-    y = normed.to(tl.float32) * w[None, :]
-    tl.store(Y + offs, cast_out(y, Y.dtype.element_ty, IS_INTERPRET), mask=mask)
+    tl.store(Y + offs, _normed(x, inv, w, X.dtype.element_ty, Y.dtype.element_ty, IS_INTERPRET), mask=mask)
+
+
+def _blocks(rows: int, d: int) -> tuple[int, int, tuple[int]]:
+    """(BLOCK_M, BLOCK_D, grid) for `rows` rows of width d: whole rows, at most 4096 entries a program."""
+    block_d = triton.next_power_of_2(d)
+    block_m = max(1, min(64, 4096 // block_d, triton.next_power_of_2(rows)))
+    return block_m, block_d, (triton.cdiv(rows, block_m),)
 
 
 def fused_rms_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -68,9 +81,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     rows = xc.numel() // d
     if rows == 0:
         return out
-    block_d = triton.next_power_of_2(d)
-    block_m = max(1, min(64, 4096 // block_d, triton.next_power_of_2(rows)))
-    grid = (triton.cdiv(rows, block_m),)
+    block_m, block_d, grid = _blocks(rows, d)
     _rms_norm_fwd[grid](xc, weight.contiguous(), out, rows, d, 1.0 / d, eps, BLOCK_M=block_m, BLOCK_D=block_d,
                         IS_INTERPRET=is_interpret())
     return out
@@ -88,17 +99,13 @@ def _rms_norm_rope_fwd(X, W, COS, SIN, Y, rows, heads, D, R, inv_d, eps, BLOCK_M
     x = tl.load(X + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
     inv = tl.math.rsqrt(tl.sum(x * x, axis=1) * inv_d + eps)[:, None]  # [BLOCK_M, 1]
     w = tl.load(W + c, mask=c < D, other=0.0).to(tl.float32)
-    # The norm's output, rounded as RMSNorm rounds it: normalised row to x's dtype, times the
-    # weight to the output's dtype.
-    n = cast_out(cast_out(x * inv, X.dtype.element_ty, IS_INTERPRET).to(tl.float32) * w[None, :],
-                 Y.dtype.element_ty, IS_INTERPRET).to(tl.float32)
+    n = _normed(x, inv, w, X.dtype.element_ty, Y.dtype.element_ty, IS_INTERPRET).to(tl.float32)
     # The partner of each rotated entry: c + half below half (negated), c - half above.
     rotated = c < R
     partner = tl.where(c < half, c + half, c - half)
     xp = tl.load(X + base + partner[None, :], mask=row_ok & rotated[None, :], other=0.0).to(tl.float32)
     wp = tl.load(W + partner, mask=rotated, other=0.0).to(tl.float32)
-    np_ = cast_out(cast_out(xp * inv, X.dtype.element_ty, IS_INTERPRET).to(tl.float32) * wp[None, :],
-                   Y.dtype.element_ty, IS_INTERPRET).to(tl.float32)
+    np_ = _normed(xp, inv, wp, X.dtype.element_ty, Y.dtype.element_ty, IS_INTERPRET).to(tl.float32)
     np_ = tl.where(c[None, :] < half, -np_, np_)
     token = (r // heads)[:, None].to(tl.int64) * R
     tab_mask = row_ok & rotated[None, :]
@@ -132,9 +139,7 @@ def fused_rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: 
     rows = b * t * h
     if rows == 0:
         return out
-    block_d = triton.next_power_of_2(d)
-    block_m = max(1, min(64, 4096 // block_d, triton.next_power_of_2(rows)))
-    grid = (triton.cdiv(rows, block_m),)
+    block_m, block_d, grid = _blocks(rows, d)
     _rms_norm_rope_fwd[grid](xc, weight.contiguous(), cos.contiguous(), sin.contiguous(), out, rows, h, d,
                              cos.shape[-1], 1.0 / d, eps, BLOCK_M=block_m, BLOCK_D=block_d,
                              IS_INTERPRET=is_interpret())

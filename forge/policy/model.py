@@ -462,7 +462,7 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x, p.generating), p, cache)
         h = self.mlp_norm(x, p.generating)
         if isinstance(self.mlp, MoE):
-            return x + self.mlp(h, p.token_weight, generating=cache is not None)
+            return x + self.mlp(h, p.token_weight, generating=p.generating)
         return x + self.mlp(h)
 
 
