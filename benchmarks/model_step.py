@@ -80,20 +80,47 @@ def workload(name: str, seed: int = 0) -> list[list[int]]:
     raise ValueError(f"unknown workload {name!r}; use grpo, agent, low or issue")
 
 
-def step(model: Transformer, seqs: list[list[int]], merge: bool):
+def step(model: Transformer, seqs: list[list[int]], merge: bool, parts: int = 1):
+    """One training step's forward and backward over `seqs`, in `parts` micro-batches of
+    consecutive sequences (gradients accumulate, as the trainer's micro-batches do), the loss
+    normalised over the whole batch's tokens."""
+    n = sum(len(s) for s in seqs)
+    size = -(-len(seqs) // parts)
+
     def run() -> None:
-        scores = sequence_scores(model, seqs, merge=merge, with_entropy=True, with_index_loss=True)
-        n = sum(len(s) for s in seqs)
-        loss = -sum(lp.sum() for lp in scores.logprobs) / n
-        if scores.index_loss is not None:
-            loss = loss + scores.index_loss / n
-        loss.backward()
+        for i in range(0, len(seqs), size):
+            scores = sequence_scores(model, seqs[i:i + size], merge=merge, with_entropy=True, with_index_loss=True)
+            loss = -sum(lp.sum() for lp in scores.logprobs) / n
+            if scores.index_loss is not None:
+                loss = loss + scores.index_loss / n
+            loss.backward()
 
     return run
 
 
-def step_flops(cfg: ModelConfig, active: int, seqs: list[list[int]], merged: bool) -> float:
-    """FLOPs of one forward and backward: 6 * active parameters per token run, plus attention."""
+def _timed_fitting(model: Transformer, seqs: list[list[int]], merge: bool, reps: int) -> tuple[float, int]:
+    """(median ms, micro-batches): the whole batch in one pass, or, where that runs out of the
+    card's memory, in 2, 4, ... micro-batches, as a trainer with a smaller token budget would."""
+    parts = 1
+    while True:
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            return timed(step(model, seqs, merge, parts), reps), parts
+        except torch.OutOfMemoryError:
+            if parts >= len(seqs):
+                raise
+            parts *= 2
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+
+def step_flops(cfg: ModelConfig, active: int, seqs: list[list[int]], merged: bool, parts: int = 1) -> float:
+    """FLOPs of one forward and backward: 6 * active parameters per token run, plus attention,
+    summed over the `parts` micro-batches of `step`."""
+    size = -(-len(seqs) // parts)
+    if parts > 1:
+        return sum(step_flops(cfg, active, seqs[i:i + size], merged) for i in range(0, len(seqs), size))
     tree = build_tree(seqs)
     tokens = tree.num_tokens if merged else sum(len(s) for s in seqs)
     # Keys each query attends to: its position + 1 (dense layers, and MSA rows below dense_below),
@@ -122,19 +149,17 @@ def speed(preset_name: str, workloads: list[str], reps: int) -> list[dict]:
         for merge in (True, False):
             key = "merged" if merge else "unmerged"
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
             try:
-                ms = timed(step(model, seqs, merge), reps)
+                ms, parts = _timed_fitting(model, seqs, merge, reps)
             except torch.OutOfMemoryError:
                 row[f"{key}_ms"] = None
                 row[f"{key}_error"] = "out of memory"
                 continue
-            finally:
-                model.zero_grad(set_to_none=True)
+            row[f"{key}_micro_batches"] = parts
             row[f"{key}_ms"] = ms
             row[f"{key}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             row[f"{key}_tokens_per_s"] = row["tokens"] / ms * 1e3
-            row[f"{key}_mfu"] = step_flops(cfg, active, seqs, merge) / (ms * 1e-3) / H100_BF16_DENSE
+            row[f"{key}_mfu"] = step_flops(cfg, active, seqs, merge, parts) / (ms * 1e-3) / H100_BF16_DENSE
         if row.get("merged_ms") and row.get("unmerged_ms"):
             row["speedup"] = row["unmerged_ms"] / row["merged_ms"]
             # What the trainer runs: its fallback (MergeConfig.min_token_ratio) leaves batches that
@@ -152,8 +177,9 @@ def _fmt(row: dict) -> str:
 
     return (f"{row['preset']:<16} {row['workload']:<6} tokens {row['tokens']:>7} ratio {row['token_ratio']:5.2f} "
             f"merged {f(row.get('merged_ms'), '8.1f')} ms ({f(row.get('merged_mfu'), '.1%')} MFU, "
-            f"{f(row.get('merged_peak_gib'), '.1f')} GiB) unmerged {f(row.get('unmerged_ms'), '8.1f')} ms "
-            f"({f(row.get('unmerged_peak_gib'), '.1f')} GiB) speed-up {f(row.get('speedup'), '.2f')}x "
+            f"{f(row.get('merged_peak_gib'), '.1f')} GiB, {row.get('merged_micro_batches', '-')} mb) "
+            f"unmerged {f(row.get('unmerged_ms'), '8.1f')} ms "
+            f"({f(row.get('unmerged_peak_gib'), '.1f')} GiB, {row.get('unmerged_micro_batches', '-')} mb) speed-up {f(row.get('speedup'), '.2f')}x "
             f"(as the trainer runs it: {f(row.get('trainer_speedup'), '.2f')}x)")
 
 
