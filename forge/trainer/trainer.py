@@ -151,7 +151,7 @@ class Trainer:
             adv = batch.advantages[idx].to(dev, scores.logprobs[0].dtype)
             weights = _token_weights(idx, masks, is_w, seq_w)
             loss = LOSSES[self.algo.loss](scores.logprobs, olds, masks, adv, weights=weights, **self._loss_kwargs())
-            loss = loss * self._share(idx, masks, totals) * self.world_size
+            loss = loss * self._share(idx, [batch.masks[j] for j in idx], totals) * self.world_size
             if ref is not None:
                 kl = _kl_k3(scores.logprobs, [ref[j] for j in idx], masks) / totals["tokens"] * self.world_size
                 loss = loss + self.algo.kl_coef * kl
@@ -379,7 +379,8 @@ class Trainer:
     def _share(self, idx: list[int], masks: list[torch.Tensor], totals: dict[str, float]) -> float:
         """This micro-batch's weight in the step's loss: a micro-batch's loss is reduced over its
         own sequences, so it is scaled by its part of the sequences (sequence means) or of the
-        loss tokens (token mean)."""
+        loss tokens (token mean). `masks` are the batch's host copies: a sum read back from the
+        device would stall the launch queue before each micro-batch's backward."""
         if self._reduction() in ("seq_mean", "dr_grpo"):
             return len(idx) / totals["seqs"]
         return float(sum(m.sum() for m in masks)) / totals["tokens"]
