@@ -116,6 +116,26 @@ def test_steps_raise_the_likelihood_of_rewarded_samples():
     assert metrics["train/grad_norm"] > 0
 
 
+def test_the_step_reports_where_its_time_went():
+    import time
+
+    trainer = make_trainer(kl_coef=0.01)
+    step = trainer.engine.step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.3)
+        return step(*args, **kwargs)
+
+    trainer.engine.step = slow_step
+    metrics = trainer.train_step(groups_of(3))
+    phases = {k: v for k, v in metrics.items() if k.startswith("train/time_")}
+    assert set(phases) == {"train/time_batch_s", "train/time_scoring_s", "train/time_forward_backward_s",
+                           "train/time_optimizer_s"}
+    assert all(v >= 0 for v in phases.values())
+    assert metrics["train/time_optimizer_s"] >= 0.3 > metrics["train/time_forward_backward_s"] > 0
+    assert sum(phases.values()) <= metrics["train/step_s"]
+
+
 def _sampled_groups(model, temperature: float, n_groups: int = 2, g: int = 3) -> list[Group]:
     """Groups whose turns the trainer's own weights sampled, with the sampler's logprobs."""
     from forge.policy.generation import ModelGenerator
@@ -233,3 +253,25 @@ def test_old_logprobs_come_from_the_training_forward_without_a_pass_of_their_own
                 "mismatch/logprob_abs_max"):
         assert fused[key] == separate[key], key
     assert max_diff(w_fused, w_separate) == 0.0
+
+
+def test_the_trainer_step_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
+    """benchmarks/trainer_step.py on a shrunken recipe: its table's phases come from the step."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "trainer_step.json"
+    monkeypatch.setattr(sys, "argv", [
+        "trainer_step.py", "--recipe", str(root / "recipes/needle_msa_100m.yaml"), "--steps", "2", "--groups", "2",
+        "--group-size", "2", "--turns", "1", "--prompt", "20", "--response", "8", "--observation", "4-6",
+        "--out", str(out), "model.num_layers=3", "model.hidden_size=64", "model.expert_width=32",
+        "model.dense_width=64", "trainer.precision=fp32"])
+    runpy.run_path(str(root / "benchmarks/trainer_step.py"), run_name="__main__")
+    result = json.loads(out.read_text())
+    assert [r["step"] for r in result["steps"]] == [1, 2]
+    for row in result["steps"]:
+        assert row["tokens"] == pytest.approx(2 * 2 * (20 + 8 + 5), abs=2)
+        assert 0 < sum(row[f"{p}_ms"] for p in ("batch", "scoring", "forward_backward", "optimizer")) <= row["ms"]

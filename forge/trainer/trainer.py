@@ -56,6 +56,34 @@ class _MicroBatch:
     """Tokens the forward pass computes: unique ones when merged, all otherwise."""
 
 
+class _PhaseClock:
+    """When each phase of a step ended, on the timeline its work completes on: CUDA events on
+    a GPU (kernels run after the host queues them, so the host clock would time the queueing),
+    the host clock elsewhere. Read `seconds()` only after the step's last device read, which
+    waits for every event marked before it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any]] = []
+        self.mark("start")
+
+    def mark(self, phase: str) -> None:
+        """`phase` ends here (its host work is done and its device work queued)."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((phase, event))
+        else:
+            self.marks.append((phase, time.perf_counter()))
+
+    def seconds(self, prefix: str) -> dict[str, float]:
+        """`{prefix}{phase}_s`: each phase's time since the end of the one before."""
+        out = {}
+        for (_, begin), (phase, end) in zip(self.marks, self.marks[1:]):
+            out[f"{prefix}{phase}_s"] = begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
+        return out
+
+
 KEEP_VERSIONS = 8
 """Published versions whose weights the trainer keeps for algorithm.mismatch_weights 'sampling'."""
 
@@ -95,12 +123,14 @@ class Trainer:
         """One optimizer step on `groups` (this rank's share of the batch), at `lr` if given (the
         driver's schedule, `TrainerConfig.lr_at`); returns metrics."""
         t0 = time.perf_counter()
+        dev = next(self.model.parameters()).device
+        clock = _PhaseClock(dev)
         lr = self.cfg.lr if lr is None else float(lr)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         batch = make_batch(groups, self.algo.advantage, self.algo.segment_weighting)
         mbs = self._plan(batch)
-        dev = next(self.model.parameters()).device
+        clock.mark("batch")
         # The step makes one update, so the trainer's logprobs "at the start of the step" are those
         # of the forward that trains: taken from it, detached, they cost no pass of their own (20-30%
         # of a step on the CPU, docs/architecture.md). A separate no-grad pass runs only where they are needed
@@ -118,6 +148,7 @@ class Trainer:
             is_w, is_sums = is_weights(self.algo.is_correction, self.algo.is_level, self.algo.is_threshold, old,
                                        batch.sampler_logprobs, batch.masks)
         ref = self._scores(self.reference, batch, mbs) if self.reference is not None else None
+        clock.mark("scoring")
         # Every rank scales its loss by its part of the step's global sequences or loss tokens,
         # times the world size, since DeepSpeed averages gradients over ranks: the step then
         # equals one rank training on the whole global batch, whatever share each rank got.
@@ -168,12 +199,14 @@ class Trainer:
                 acc["clipped"] += sum(_clipped(lp, o, m, self.algo) for lp, o, m in zip(scores.logprobs, olds, masks)).double()
         if not separate:
             mismatch, self.last_mismatch = mismatch_stats(old, batch.sampler_logprobs, batch.masks)
+        clock.mark("forward_backward")
         grad_norm = self._local_grad_norm() if self.cfg.zero_stage == 0 else None
         self.engine.step()
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         advance_msa_step(self.model)
         router = update_expert_bias(self.model, all_reduce=all_reduce_sum)
+        clock.mark("optimizer")
         self.last_router_loads = {f"router/load_layer{s.layer}": s.tokens_per_expert for s in router}
         self.version += 1
         tokens = totals["tokens"]
@@ -212,6 +245,11 @@ class Trainer:
         for stats in router:
             metrics.update(stats.metrics())
         metrics["train/tokens_per_s"] = sum(len(s) for s in batch.sequences) / metrics["train/step_s"]
+        # Where the step's time went: building the batch and its micro-batches, the passes
+        # without gradients (old logprobs where a separate pass is needed, the reference), the
+        # forward and backward passes, the optimizer and the router's bias; the rest of step_s
+        # is the statistics' reduction.
+        metrics.update(clock.seconds("train/time_"))
         return metrics
 
     def sft_step(self, sequences: list[list[int]], masks: list[list[int]], lr: float) -> dict[str, float]:
