@@ -1,0 +1,111 @@
+"""The trainer's RL step alone, on batches shaped like a recipe's, and where its time goes.
+
+The recipe's metrics time a step while rollout workers may share the card; this runs the same
+`Trainer.train_step` with nothing else on the device (no Ray, no rollouts), so the two together
+separate the trainer's own cost from the cost of sharing (issue 14, point 6). Each batch has
+`--groups` groups of `--group-size` multi-turn trajectories: one prompt per group, then
+`--turns` turns of `--response` sampled tokens, each followed by an observation of a random
+length in `--observation` (the needle environment's pattern: trajectories share their prompt
+and nothing after). Every step gets fresh random tokens. Per step it prints the wall time,
+tokens per second over the tokens trained (every sequence's, as `train/tokens_per_s`), the
+token ratio, the micro-batches and the phases of `train/time_*` (batch building, passes
+without gradients, forward and backward, optimizer); the summary is the median over the steps
+after the first (which compiles kernels).
+
+    PYTHONPATH=. python benchmarks/trainer_step.py [--recipe recipes/needle_msa_100m.yaml]
+        [--steps 4] [--out trainer_step.json] [key=value recipe overrides ...]
+
+Needs DeepSpeed (the trainer's engine); runs on a GPU if one is visible, else on the CPU
+(shrink the batch there: `--groups 2 --turns 2`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import statistics
+
+import torch
+
+from forge.config import RecipeConfig, init_seed, load_recipe, trainer_algorithm
+from forge.middleware.types import Group, Trajectory, Turn
+
+PHASES = ("batch", "scoring", "forward_backward", "optimizer")
+
+
+def batch(seed: int, args: argparse.Namespace, vocab: int) -> list[Group]:
+    """`args.groups` groups of `args.group_size` trajectories, rewards alternating 0 and 1."""
+    rng = random.Random(seed)
+    lo, hi = (int(x) for x in args.observation.split("-"))
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(vocab) for _ in range(n)]
+
+    out = []
+    for g in range(args.groups):
+        prompt = tokens(args.prompt)
+        trajectories = []
+        for k in range(args.group_size):
+            turns = [Turn(tokens(args.response), [-1.5] * args.response, 0, observation_ids=tokens(rng.randint(lo, hi)))
+                     for _ in range(args.turns)]
+            trajectories.append(Trajectory(f"t{g}", f"g{g}", prompt, turns, reward=float(k % 2)))
+        out.append(Group(f"t{g}", f"g{g}", trajectories))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="recipes/needle_msa_100m.yaml")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--groups", type=int, default=None, help="default: the recipe's trainer.groups_per_step")
+    parser.add_argument("--group-size", type=int, default=None, help="default: the recipe's rollout.group_size")
+    parser.add_argument("--prompt", type=int, default=300)
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--response", type=int, default=128)
+    parser.add_argument("--observation", default="150-250", help="observation lengths, lo-hi")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
+    args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the first step compiles kernels and is left out of the median")
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533"), ("RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    from forge.trainer.trainer import Trainer  # needs DeepSpeed
+
+    cfg = load_recipe(args.recipe, args.overrides, RecipeConfig)
+    args.groups = args.groups or cfg.trainer.groups_per_step
+    args.group_size = args.group_size or cfg.rollout.group_size
+    trainer = Trainer(cfg.model, cfg.trainer, trainer_algorithm(cfg), seed=init_seed(cfg))
+    cuda = torch.cuda.is_available()
+    rows = []
+    print(f"{'step':>4} {'ms':>9} {'tokens':>8} {'tokens/s':>9} {'ratio':>6} {'mb':>3} "
+          + " ".join(f"{p:>16}" for p in PHASES))
+    for step in range(args.steps):
+        m = trainer.train_step(batch(step, args, cfg.model.vocab_size))
+        row = {"step": step + 1, "ms": m["train/step_s"] * 1e3, "tokens": m["train/tokens_per_s"] * m["train/step_s"],
+               "tokens_per_s": m["train/tokens_per_s"], "token_ratio": m["train/token_ratio"],
+               "micro_batches": int(m["train/micro_batches"]),
+               **{f"{p}_ms": m[f"train/time_{p}_s"] * 1e3 for p in PHASES}}
+        rows.append(row)
+        print(f"{row['step']:>4} {row['ms']:>9.1f} {row['tokens']:>8.0f} {row['tokens_per_s']:>9.0f} "
+              f"{row['token_ratio']:>6.2f} {row['micro_batches']:>3} " + " ".join(f"{row[f'{p}_ms']:>13.1f} ms" for p in PHASES),
+              flush=True)
+    later = rows[1:]
+    summary = {k: statistics.median(r[k] for r in later) for k in ("ms", "tokens_per_s", *(f"{p}_ms" for p in PHASES))}
+    print("median of steps 2..: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.items()))
+    if args.out:
+        result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if cuda else "cpu",
+                  "torch": torch.__version__, "recipe": args.recipe, "overrides": args.overrides,
+                  "shape": {k: getattr(args, k) for k in ("groups", "group_size", "prompt", "turns", "response",
+                                                           "observation")},
+                  "steps": rows, "median_after_first": summary}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
