@@ -125,6 +125,59 @@ def test_forest_batch_matches_reference(block_size, dense_below, dense):
              dense=dense, scale=0.3)
 
 
+@pytest.mark.parametrize(
+    "block_size,dense_below,dense,dtype",
+    [(8, 0, False, torch.float32), (4, 10, False, torch.float32), (8, 0, True, torch.float32),
+     (8, 0, False, torch.bfloat16)],
+    ids=["bs8-sparse", "bs4-dense-below-10", "bs8-dense", "bs8-bf16"],
+)
+def test_the_attentions_log_sum_exps_serve_as_the_teachers(block_size, dense_below, dense, dtype):
+    """`main_lse` from the sparse attention's forward (what msa_tree_triton passes on): the first
+    kernel then computes only the student's statistics, and the loss and gradients still match
+    the reference and the kernels' own statistics."""
+    from forge.kernels.msa.triton_tree_attention import msa_tree_sparse_attention_triton
+
+    _, se, pos, mult = _forest_batch()
+    b, t = se.shape
+    sel = _selection(pos, 2, 2, block_size, seed=block_size + 1)
+    kw = dict(block_size=block_size, dense_below=dense_below, dense=dense, scale=0.3)
+    own, cast = _triton(*_inputs(b, t, seed=5), sel, se, pos, mult.float(), dtype, **kw)
+    q, k, iq, ik = (x.detach() for x in cast)
+    _, lse = msa_tree_sparse_attention_triton(q, k, k, sel, se, pos, return_lse=True, **kw)
+    iq, ik = iq.requires_grad_(), ik.requires_grad_()
+    loss = msa_tree_index_loss_triton(q, k, iq, ik, sel, se, pos, token_weight=mult.float(), main_lse=lse, **kw)
+    shared = (loss, *torch.autograd.grad(loss, (iq, ik)))
+    ref = _reference(q, k, iq.detach(), ik.detach(), sel, se, pos, mult.float(), **kw)
+    grad_rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, got, mine, want, rtol in zip(("loss", "d iq", "d ik"), shared, own, ref, (1e-5, grad_rtol, grad_rtol)):
+        _assert_close(got, want, rtol, name)
+        _assert_close(got, mine.double(), rtol, f"{name} against the kernels' own statistics")
+    with pytest.raises(ValueError, match="main_lse must be fp32"):
+        msa_tree_index_loss_triton(q, k, iq, ik, sel, se, pos, main_lse=lse[:, :1], **kw)
+
+
+def test_msa_tree_triton_matches_the_reference_with_attention_and_loss_together():
+    """The model's call: attention and index loss in one `msa_tree_triton` call (the loss reads
+    the attention's statistics), against tree.msa_tree in fp64: output, loss and every gradient."""
+    from forge.kernels.msa.tree_triton import msa_tree_triton
+
+    _, se, pos, mult = _forest_batch()
+    b, t = se.shape
+    sel = _selection(pos, 2, 2, 8, seed=7)
+    q, k, iq, ik = _inputs(b, t, seed=6)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    kw = dict(block_size=8, top_k=2, dense_below=10, scale=0.3, token_weight=mult.float(), with_index_loss=True,
+              selected=sel)
+    results = []
+    for dtype, fn in ((torch.float32, msa_tree_triton), (torch.float64, msa_tree)):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v, iq, ik)]
+        out, loss = fn(*xs[:5], se, pos, **kw)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view(out.shape).to(dtype)).sum() + loss, xs)
+        results.append((out, loss, *grads))
+    for name, got, want in zip(("out", "loss", "d q", "d k", "d v", "d iq", "d ik"), *results):
+        _assert_close(got, want.detach(), 1e-5, name)
+
+
 def test_bf16_matches_reference():
     """bf16 inputs: the loss keeps fp32 accuracy (the scores are exact products); the gradients
     go through bf16 twice (the probability differences fed to the last product, and the result)."""

@@ -10,7 +10,8 @@ and keys give bitwise the same selections merged or unmerged. Three kernels fami
 - `triton_tree_attention.msa_tree_sparse_attention_triton`: exact softmax over the kept keys,
   forward and backward (dK, dV key-outer; dQ query-outer), skipping tiles no row keeps;
 - `triton_tree_index_loss.msa_tree_index_loss_triton`: the index branch's KL to the main
-  branch's attention over the kept keys, with its gradients to iq and ik.
+  branch's attention over the kept keys, with its gradients to iq and ik; with the attention
+  in the same call it reads the attention's log-sum-exps instead of computing them again.
 
 `tree.py` stays the reference; tests/test_msa_tree_*_triton.py compare against it.
 """
@@ -55,12 +56,16 @@ def msa_tree_triton(
     if selected is None:
         with torch.no_grad():
             selected = select_blocks_tree_triton(iq.detach(), ik.detach(), se, pos, block_size=block_size, top_k=top_k)
-    out = None
+    out = lse = None
     if with_attention:
-        out = msa_tree_sparse_attention_triton(q, k, k if v is None else v, selected, se, pos, block_size=block_size,
-                                               dense_below=dense_below, dense=dense, scale=scale)
+        # The attention's log-sum-exps over the kept keys are the index loss's teacher statistics:
+        # passed on, so the loss does not compute the main scores a third time.
+        out, lse = msa_tree_sparse_attention_triton(q, k, k if v is None else v, selected, se, pos,
+                                                    block_size=block_size, dense_below=dense_below, dense=dense,
+                                                    scale=scale, return_lse=True)
     loss = None
     if with_index_loss:
         loss = msa_tree_index_loss_triton(q.detach(), k.detach(), iq, ik, selected, se, pos, token_weight=token_weight,
-                                          block_size=block_size, dense_below=dense_below, dense=dense, scale=scale)
+                                          block_size=block_size, dense_below=dense_below, dense=dense, scale=scale,
+                                          main_lse=lse)
     return out, loss

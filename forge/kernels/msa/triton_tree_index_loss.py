@@ -19,7 +19,10 @@ up to a power of two (the extra heads read zeros and are masked).
 Loop orders. Three kernels, no atomics: the result is the same bits on every run.
 1. `tree_index_loss_lse_kernel`, query-outer, one program per (TOK queries, batch row, group):
    an online pass over the listed key tiles gives every head's log-sum-exp of the main scores
-   over the kept keys, and the student's.
+   over the kept keys, and the student's. Given `main_lse` (the sparse attention's forward
+   computed the same statistics over the same kept keys, and `msa_tree_triton` passes them on)
+   it computes the student's alone: one [TOK, Di] product per key tile instead of that plus a
+   [REP_P * TOK, D] one.
 2. `tree_index_loss_fwd_kernel`, query-outer, the same programs over the same key tiles: teacher
    and student probabilities from those statistics, each row's KL and d iq (a sum over keys).
 3. `tree_index_loss_bwd_dik_kernel`, key-outer, one program per (BLOCK_N keys, batch row, group):
@@ -191,8 +194,10 @@ def tree_index_loss_lse_kernel(
     T, HQ, HKV, D, DI, NUM_M, WIDTH, dense_below, qk_scale_log2, index_scale_log2,
     REP: tl.constexpr, REP_P: tl.constexpr, TOK: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, IS_DENSE: tl.constexpr, IS_INTERPRET: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, WITH_MAIN: tl.constexpr,
 ):
+    # WITH_MAIN False: the main branch's statistics came from the sparse attention's forward
+    # (the same kept keys), so only the student's are computed, and LSE is not written.
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = pid_bg // HKV
@@ -212,22 +217,26 @@ def tree_index_loss_lse_kernel(
                                           stride_kb, stride_kt, stride_kh, stride_ikb, stride_ikt,
                                           BLOCK_N, BLOCK_D, BLOCK_DI, IS_INTERPRET)
         kept = _kept(offs_m, offs_n, own, dense_row, sel_ptr, se, kb, T, TOPK)  # [TOK, BLOCK_N]
-        s, z = _scores(q, iq, k, ik, kept, qk_scale_log2, index_scale_log2, REP_P, TOK, BLOCK_N, PRECISION)
-        # Online log-sum-exp; a row that has kept nothing yet keeps -inf and shifts by 0, not NaN.
-        m_new = tl.maximum(m_h, tl.max(s, axis=2))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(s - m_safe[:, :, None]), axis=2)
-        m_h = m_new
+        if WITH_MAIN:
+            s, z = _scores(q, iq, k, ik, kept, qk_scale_log2, index_scale_log2, REP_P, TOK, BLOCK_N, PRECISION)
+            # Online log-sum-exp; a row that has kept nothing yet keeps -inf and shifts by 0, not NaN.
+            m_new = tl.maximum(m_h, tl.max(s, axis=2))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(s - m_safe[:, :, None]), axis=2)
+            m_h = m_new
+        else:
+            z = tl.dot(iq, tl.trans(ik), input_precision=PRECISION) * index_scale_log2  # [TOK, BLOCK_N]
         z = tl.where(kept, z, float("-inf"))
         m_new = tl.maximum(m_s, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_s = l_s * tl.exp2(m_s - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), axis=1)
         m_s = m_new
     # Every real row keeps itself, so l > 0 there; padded heads and rows are masked on store.
-    heads = tl.arange(0, REP_P)
-    lse_ptr = LSE + (b * HQ + g * REP + heads)[:, None].to(tl.int64) * T + offs_m[None, :]
-    lse = m_h + tl.log2(tl.where(l_h == 0.0, 1.0, l_h))  # [REP_P, TOK]
-    tl.store(lse_ptr, lse, mask=(heads[:, None] < REP) & (offs_m[None, :] < T))
+    if WITH_MAIN:
+        heads = tl.arange(0, REP_P)
+        lse_ptr = LSE + (b * HQ + g * REP + heads)[:, None].to(tl.int64) * T + offs_m[None, :]
+        lse = m_h + tl.log2(tl.where(l_h == 0.0, 1.0, l_h))  # [REP_P, TOK]
+        tl.store(lse_ptr, lse, mask=(heads[:, None] < REP) & (offs_m[None, :] < T))
     lse_s = m_s + tl.log2(tl.where(l_s == 0.0, 1.0, l_s))
     tl.store(LSE_S + (b * HKV + g).to(tl.int64) * T + offs_m, lse_s, mask=offs_m < T)
 
@@ -368,8 +377,9 @@ def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _forward(q, k, iq, ik, selected, se, pos, w, block_size: int, dense_below: int, dense: bool, scale: float,
-             need_diq: bool, need_dik: bool):
-    """The loss (fp32 scalar) and, where asked, d loss / d iq [B, T, Hkv, Di] and d ik [B, T, Di] in fp32."""
+             need_diq: bool, need_dik: bool, main_lse: torch.Tensor | None = None):
+    """The loss (fp32 scalar) and, where asked, d loss / d iq [B, T, Hkv, Di] and d ik [B, T, Di] in fp32.
+    `main_lse` [B, Hq, T]: the main branch's log-sum-exp (natural log) over the kept keys, if known."""
     b, t, hq, d = q.shape
     hkv, di = iq.shape[2], iq.shape[3]
     top_k = selected.shape[3]
@@ -396,12 +406,15 @@ def _forward(q, k, iq, ik, selected, se, pos, w, block_size: int, dense_below: i
     dense_below = min(dense_below, 2**31 - 1)
     qk_scale_log2, index_scale_log2 = scale * _LOG2E, di**-0.5 * _LOG2E
     grad_scale = di**-0.5 / hkv
-    lse = _empty(b, hq, t, device=q.device, dtype=torch.float32)
+    # The kernels take log-sum-exps in the log2 domain of the scaled scores.
+    lse = (_empty(b, hq, t, device=q.device, dtype=torch.float32) if main_lse is None
+           else (main_lse.float() * _LOG2E).contiguous())
     lse_s = _empty(b, hkv, t, device=q.device, dtype=torch.float32)
     grid_m = (num_m, b * hkv)
     tree_index_loss_lse_kernel[grid_m](
         *tensors, lse, lse_s, by_query, n_by_query, *strides,
         t, hq, hkv, d, di, num_m, num_n, dense_below, qk_scale_log2, index_scale_log2, **consts,
+        WITH_MAIN=main_lse is None,
     )
     rows = _empty(b, hkv, t, device=q.device, dtype=torch.float32)
     diq = _empty(b, t, hkv, di, device=q.device, dtype=torch.float32) if need_diq else rows
@@ -425,9 +438,10 @@ def _forward(q, k, iq, ik, selected, se, pos, w, block_size: int, dense_below: i
 
 class TreeIndexLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, iq, ik, selected, se, pos, w, block_size, dense_below, dense, scale, need_diq, need_dik):
+    def forward(ctx, q, k, iq, ik, selected, se, pos, w, block_size, dense_below, dense, scale, need_diq, need_dik,
+                main_lse):
         loss, diq, dik = _forward(q, k, iq, ik, selected, se, pos, w, block_size, dense_below, dense, scale,
-                                  need_diq, need_dik)
+                                  need_diq, need_dik, main_lse)
         ctx.save_for_backward(diq, dik)
         ctx.dtypes = (iq.dtype, ik.dtype)
         return loss
@@ -438,7 +452,7 @@ class TreeIndexLossFunction(torch.autograd.Function):
         diq, dik = ctx.saved_tensors
         diq = None if diq is None else (diq * grad).to(ctx.dtypes[0])
         dik = None if dik is None else (dik * grad).to(ctx.dtypes[1])
-        return None, None, diq, dik, None, None, None, None, None, None, None, None, None, None
+        return None, None, diq, dik, None, None, None, None, None, None, None, None, None, None, None
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -500,6 +514,7 @@ def msa_tree_index_loss_triton(
     dense_below: int = 0,
     dense: bool = False,
     scale: float | None = None,
+    main_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The MSA index-branch KL over a flattened prefix tree, through the Triton kernels: a fp32 scalar.
 
@@ -511,8 +526,18 @@ def msa_tree_index_loss_triton(
     Equals `tree.msa_tree(q, k, None, iq, ik, subtree_end, position, ..., selected=selected,
     with_attention=False, with_index_loss=True)[1]`. Differentiable in iq and ik; q and k get no
     gradient. See the module docstring for the kernels.
+
+    main_lse: [B, Hq, T] fp32, each query head's log-sum-exp (natural log) of the scaled main
+    scores over its kept keys, as `msa_tree_sparse_attention_triton(..., return_lse=True)` gives
+    for the same inputs: the teacher's statistics are then read, not recomputed (the first
+    kernel computes the student's alone).
     """
     _check(q, k, iq, ik, selected, subtree_end, position, token_weight, block_size)
+    if main_lse is not None and (main_lse.shape != (q.shape[0], q.shape[2], q.shape[1])
+                                 or main_lse.dtype != torch.float32 or main_lse.device != q.device):
+        raise ValueError(f"main_lse must be fp32 [B, Hq, T] = {(q.shape[0], q.shape[2], q.shape[1])} on {q.device} "
+                         f"(the sparse attention's return_lse); got {main_lse.dtype} {tuple(main_lse.shape)} "
+                         f"on {main_lse.device}")
     b, t = q.shape[:2]
     if t == 0:
         return torch.zeros((), dtype=torch.float32, device=q.device)
@@ -523,5 +548,5 @@ def msa_tree_index_loss_triton(
         q.detach().contiguous(), k.detach().contiguous(), iq.contiguous(), ik.contiguous(),
         selected.to(torch.int32).contiguous(), subtree_end.to(torch.int32).contiguous(),
         position.to(torch.int32).contiguous(), w, block_size, int(dense_below), bool(dense), scale,
-        grad and iq.requires_grad, grad and ik.requires_grad,
+        grad and iq.requires_grad, grad and ik.requires_grad, None if main_lse is None else main_lse.detach(),
     )
