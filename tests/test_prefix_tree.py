@@ -136,3 +136,15 @@ def test_should_merge_follows_the_measured_threshold():
     assert should_merge(little, MergeConfig(min_token_ratio=1.0))
     with pytest.raises(ValueError, match="never below 1"):
         should_merge(grpo, MergeConfig(min_token_ratio=0.5))
+
+
+def test_list_tensor_equals_torch_tensor():
+    from forge.prefix_tree.trie import list_tensor
+
+    ints = [0, 1, -3, 2**40, True, 7]
+    floats = [0.0, -1.5, 1e-300, 3, float("inf")]
+    for xs, dtype in ((ints, torch.long), (floats, torch.float64), ([0, 1, 1, 0], torch.float64), ([], torch.long)):
+        got, want = list_tensor(xs, dtype), torch.tensor(xs, dtype=dtype)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    with pytest.raises(ValueError, match="torch.long or torch.float64"):
+        list_tensor([1], torch.int32)

