@@ -8,10 +8,13 @@ Two parts, one JSON:
   (64 turns of one conversation: one sequence per model call, each the conversation so far),
   `low` 8 x (1K + 4K) (little sharing), and `issue` 2 groups x 8 of 3,000-token prompts and
   100-600-token responses (the batch the issue measured). Per row: ms, tokens/s over the
-  unmerged tokens, the token ratio, the speed-up (forced merge, and as the trainer runs it: its
-  fallback leaves batches below `MergeConfig.min_token_ratio` unmerged), peak memory and MFU: active-parameter FLOPs (6
-  per parameter per unique token) plus attention FLOPs (4 * Hq * D per visible kept key per
-  query forward, 3x that forward plus backward) over the step time, against 989 TFLOP/s.
+  unmerged tokens, the token ratio, the FLOP ratio (unmerged over merged FLOPs: the speed-up at
+  equal efficiency, below the token ratio because a branch's queries still attend to the whole
+  shared prefix), the speed-up (forced merge, and as the trainer runs it: its fallback leaves
+  batches below `MergeConfig.min_token_ratio` unmerged), peak memory, the micro-batches a batch
+  too large for the card ran in, and MFU: active-parameter FLOPs (6 per parameter per unique
+  token) plus attention FLOPs (4 * Hq * D per visible kept key per query forward, 3x that
+  forward plus backward) over the step time, against 989 TFLOP/s.
 - `exact`: on the `issue` batch, fp32 merged against unmerged (max |logprob diff|, largest
   relative gradient difference over parameters), bf16 merged and unmerged against fp32, and the
   sampler's logprobs (ModelGenerator, graph decoding) against `sequence_logprobs` of the same
@@ -145,7 +148,10 @@ def speed(preset_name: str, workloads: list[str], reps: int) -> list[dict]:
         seqs = workload(w)
         tree = build_tree(seqs)
         row = {"preset": preset_name, "workload": w, "sequences": len(seqs), "tokens": sum(map(len, seqs)),
-               "unique_tokens": tree.num_tokens, "token_ratio": tree.token_ratio()}
+               "unique_tokens": tree.num_tokens, "token_ratio": tree.token_ratio(),
+               # The speed-up's ceiling at equal efficiency: a branch's queries still attend to the
+               # whole shared prefix, so attention shrinks less than the token count.
+               "flop_ratio": step_flops(cfg, active, seqs, False) / step_flops(cfg, active, seqs, True)}
         for merge in (True, False):
             key = "merged" if merge else "unmerged"
             torch.cuda.empty_cache()
@@ -180,7 +186,7 @@ def _fmt(row: dict) -> str:
             f"{f(row.get('merged_peak_gib'), '.1f')} GiB, {row.get('merged_micro_batches', '-')} mb) "
             f"unmerged {f(row.get('unmerged_ms'), '8.1f')} ms "
             f"({f(row.get('unmerged_peak_gib'), '.1f')} GiB, {row.get('unmerged_micro_batches', '-')} mb) speed-up {f(row.get('speedup'), '.2f')}x "
-            f"(as the trainer runs it: {f(row.get('trainer_speedup'), '.2f')}x)")
+            f"(as the trainer runs it: {f(row.get('trainer_speedup'), '.2f')}x; FLOP ratio {row['flop_ratio']:.2f})")
 
 
 def _grads(model: Transformer) -> dict[str, torch.Tensor]:
