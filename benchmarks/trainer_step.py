@@ -8,9 +8,9 @@ separate the trainer's own cost from the cost of sharing (issue 14, point 6). Ea
 length in `--observation` (the needle environment's pattern: trajectories share their prompt
 and nothing after). Every step gets fresh random tokens. Per step it prints the wall time,
 tokens per second over the tokens trained (every sequence's, as `train/tokens_per_s`), the
-token ratio, the micro-batches and the phases of `train/time_*` (batch building, passes
-without gradients, forward and backward, optimizer); the summary is the median over the steps
-after the first (which compiles kernels).
+token ratio, the micro-batches, the phases of `train/time_*` (batch building, passes without
+gradients, forward and backward, optimizer) and, on a GPU, the peak memory; the summary is the
+median over the steps after the first (which compiles kernels).
 
     PYTHONPATH=. python benchmarks/trainer_step.py [--recipe recipes/needle_msa_100m.yaml]
         [--steps 4] [--out trainer_step.json] [key=value recipe overrides ...]
@@ -85,15 +85,18 @@ def main() -> None:
     print(f"{'step':>4} {'ms':>9} {'tokens':>8} {'tokens/s':>9} {'ratio':>6} {'mb':>3} "
           + " ".join(f"{p:>16}" for p in PHASES))
     for step in range(args.steps):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         m = trainer.train_step(batch(step, args, cfg.model.vocab_size))
         row = {"step": step + 1, "ms": m["train/step_s"] * 1e3, "tokens": m["train/tokens_per_s"] * m["train/step_s"],
                "tokens_per_s": m["train/tokens_per_s"], "token_ratio": m["train/token_ratio"],
                "micro_batches": int(m["train/micro_batches"]),
-               **{f"{p}_ms": m[f"train/time_{p}_s"] * 1e3 for p in PHASES}}
+               **{f"{p}_ms": m[f"train/time_{p}_s"] * 1e3 for p in PHASES},
+               **({"peak_gib": torch.cuda.max_memory_allocated() / 2**30} if cuda else {})}
         rows.append(row)
         print(f"{row['step']:>4} {row['ms']:>9.1f} {row['tokens']:>8.0f} {row['tokens_per_s']:>9.0f} "
-              f"{row['token_ratio']:>6.2f} {row['micro_batches']:>3} " + " ".join(f"{row[f'{p}_ms']:>13.1f} ms" for p in PHASES),
-              flush=True)
+              f"{row['token_ratio']:>6.2f} {row['micro_batches']:>3} " + " ".join(f"{row[f'{p}_ms']:>13.1f} ms" for p in PHASES)
+              + (f" {row['peak_gib']:6.1f} GiB" if cuda else ""), flush=True)
     later = rows[1:]
     summary = {k: statistics.median(r[k] for r in later) for k in ("ms", "tokens_per_s", *(f"{p}_ms" for p in PHASES))}
     print("median of steps 2..: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.items()))
