@@ -353,12 +353,15 @@ def task_name(cfg: Any) -> str:
 
 def _record_placement(run, ranks: list, workers: list) -> None:
     """Write which Ray node and GPUs each role landed on, and its process id, to placement.json."""
-    placement = {"trainer": ray.get([r.node_id.remote() for r in ranks]),
-                 "rollout": ray.get([w.node_id.remote() for w in workers]),
-                 "gpus": {**{f"trainer-{i}": g for i, g in enumerate(ray.get([r.gpu_ids.remote() for r in ranks]))},
-                          **{f"rollout-{i}": g for i, g in enumerate(ray.get([w.gpu_ids.remote() for w in workers]))}},
-                 "pids": {**{f"trainer-{i}": p for i, p in enumerate(ray.get([r.pid.remote() for r in ranks]))},
-                          **{f"rollout-{i}": p for i, p in enumerate(ray.get([w.pid.remote() for w in workers]))}}}
+    def ask(actors: list, method: str) -> list:
+        return ray.get([getattr(a, method).remote() for a in actors])
+
+    def per_role(method: str) -> dict:
+        return {**{f"trainer-{i}": x for i, x in enumerate(ask(ranks, method))},
+                **{f"rollout-{i}": x for i, x in enumerate(ask(workers, method))}}
+
+    placement = {"trainer": ask(ranks, "node_id"), "rollout": ask(workers, "node_id"),
+                 "gpus": per_role("gpu_ids"), "pids": per_role("pid")}
     (run.path / "placement.json").write_text(json.dumps(placement, indent=2))
     nodes = len(set(placement["trainer"]) | set(placement["rollout"]))
     log.info("placed %d trainer ranks and %d rollout workers on %d node(s)", len(ranks), len(workers), nodes)

@@ -21,6 +21,7 @@ a step without such an episode runs the plain per-sequence path.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections import OrderedDict
@@ -353,12 +354,13 @@ class Trainer:
         """A CPU copy of the full weights, for rollout workers. Under ZeRO-3 the gather is a
         collective: every rank must call this together; ranks whose copy nobody reads pass
         keep=False and get {}."""
+        gathered = contextlib.nullcontext()
         if self.cfg.zero_stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
-                return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if keep else {}
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if keep else {}
+            gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        with gathered:
+            return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if keep else {}
 
     def _index_norm(self, step_tokens: float) -> float | None:
         """Tokens x MSA layers of the step (`step_tokens`, summed over all ranks) over the world
