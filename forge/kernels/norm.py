@@ -42,7 +42,7 @@ def _normed(x, inv, w, X_TY: tl.constexpr, Y_TY: tl.constexpr, IS_INTERPRET: tl.
     return cast_out(cast_out(x * inv, X_TY, IS_INTERPRET).to(tl.float32) * w[None, :], Y_TY, IS_INTERPRET)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _rms_norm_fwd(X, W, Y, rows, D, inv_d, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                   IS_INTERPRET: tl.constexpr):
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -87,7 +87,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _rms_norm_rope_fwd(X, W, COS, SIN, Y, rows, heads, D, R, inv_d, eps, BLOCK_M: tl.constexpr,
                        BLOCK_D: tl.constexpr, IS_INTERPRET: tl.constexpr):
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

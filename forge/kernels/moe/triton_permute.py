@@ -25,7 +25,7 @@ import triton.language as tl
 from forge.kernels.moe.triton_common import cast_out, is_interpret
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def moe_count_kernel(experts_ptr, block_counts_ptr, M, E, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
     idx = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
@@ -35,7 +35,7 @@ def moe_count_kernel(experts_ptr, block_counts_ptr, M, E, BLOCK: tl.constexpr, B
     tl.store(block_counts_ptr + pid * E + cols, tl.sum(onehot, axis=0), mask=cols < E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def moe_scatter_kernel(
     experts_ptr, block_start_ptr, sorted_token_ptr, position_ptr, M, E,
     TOP_K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,

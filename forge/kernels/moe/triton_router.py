@@ -31,7 +31,7 @@ def _scores(logits, cmask, USE_SOFTMAX: tl.constexpr):
     return tl.sigmoid(logits)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def route_fwd_kernel(
     logits_ptr, bias_ptr, tw_ptr, weights_ptr, experts_ptr, load_ptr,
     N, E, stride_ln,
@@ -76,7 +76,7 @@ def route_fwd_kernel(
     tl.atomic_add(load_ptr + cols, load, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def route_bwd_kernel(
     logits_ptr, experts_ptr, dw_ptr, dlogits_ptr,
     N, E, stride_ln, stride_dn,

@@ -158,7 +158,7 @@ def msa_attn_fwd_kernel(
     tl.store(LSE + b * stride_lb + t.to(tl.int64) * stride_lt + heads, lse2 * 0.6931471805599453, mask=h_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "Q0", "TC", "NB", "NBATCH"])
 def msa_attn_fwd_kv_kernel(
     Q, K, V, OP, LP, QS, WORK, scale, T, Q0, TC, NB, NBATCH,
     stride_qb, stride_qt, stride_qh,
@@ -215,7 +215,7 @@ def msa_attn_fwd_kv_kernel(
         tl.store(LP + p_rows, m + tl.math.log2(l_sum), mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Q0", "TC", "TQ"])
 def msa_attn_combine_kernel(
     OP, LP, SEL, O, LSE, Q0, TC, TQ,
     stride_sb, stride_st, stride_sh,
@@ -263,7 +263,7 @@ def msa_attn_combine_kernel(
              mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NB", "NBATCH"])
 def msa_attn_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV, QS, WORK, scale, T, NB, NBATCH,
     stride_qb, stride_qt, stride_qh,

@@ -47,7 +47,7 @@ def insert_block(top_s, top_i, block_score, n, slot, KP: tl.constexpr):
     return top_s, top_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def msa_index_fwd_kernel(
     IQ, IK, SEL, T,
     stride_iqb, stride_iqt, stride_iqh,

@@ -128,7 +128,7 @@ def tile_program(
     return b, h, g, rows, r_ok, t64, q, sel, tl.load(UPTR + u), tl.load(UMID + u), tl.load(UPTR + u + 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NT"])
 def msa_attn_fwd_tile_kernel(
     Q, K, V, SEL, UPTR, UMID, UBLK, O, LSE, scale, T, NT,
     stride_qb, stride_qt, stride_qh,
@@ -200,7 +200,7 @@ def tile_dq_step(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NT"])
 def msa_attn_bwd_dq_tile_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, SEL, UPTR, UMID, UBLK, scale, T, NT,
     stride_qb, stride_qt, stride_qh,

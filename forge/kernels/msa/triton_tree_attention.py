@@ -150,7 +150,7 @@ def _fwd_step(q, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, dense, sel_ptr,
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NUM_N", "stride_sb"])
 def msa_tree_fwd_kernel(
     Q, K, V, SEL, SE, POS, STATS, O, LSE,
     stride_qb, stride_qt, stride_qh,
@@ -223,7 +223,7 @@ def _dkdv_step(Q, DO, LSE_b, DELTA_b, k, v, se, kb, offs_n, offs_m, heads, row_o
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "stride_sb"])
 def msa_tree_bwd_dkdv_kernel(
     Q, K, V, SEL, SE, POS, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qt, stride_qh,
@@ -299,7 +299,7 @@ def _dq_step(q, do, lse, delta, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, 
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NUM_N", "stride_sb"])
 def msa_tree_bwd_dq_kernel(
     Q, K, V, SEL, SE, POS, STATS, DO, LSE, DELTA, DQ,
     stride_qb, stride_qt, stride_qh,

@@ -186,7 +186,7 @@ def _scores(q, iq, k, ik, kept, qk_scale_log2, index_scale_log2, REP_P: tl.const
     return s, z
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NUM_M", "WIDTH"])
 def tree_index_loss_lse_kernel(
     Q, K, IQ, IK, SE, POS, KB, SEL, LSE, LSE_S, IDX, CNT,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -241,7 +241,7 @@ def tree_index_loss_lse_kernel(
     tl.store(LSE_S + (b * HKV + g).to(tl.int64) * T + offs_m, lse_s, mask=offs_m < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NUM_M", "WIDTH"])
 def tree_index_loss_fwd_kernel(
     Q, K, IQ, IK, SE, POS, KB, SEL, W, LSE, LSE_S, LOSS, DIQ, IDX, CNT,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -284,7 +284,7 @@ def tree_index_loss_fwd_kernel(
         tl.store(DIQ + diq_off, diq * (w * grad_scale)[:, None], mask=(offs_m[:, None] < T) & (offs_di[None, :] < DI))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NUM_N", "WIDTH"])
 def tree_index_loss_bwd_dik_kernel(
     Q, K, IQ, IK, SE, POS, KB, SEL, W, LSE, LSE_S, DIK, IDX, CNT,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,

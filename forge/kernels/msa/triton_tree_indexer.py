@@ -78,7 +78,7 @@ def default_blocks(dtype: torch.dtype) -> TreeIndexBlocks:
     return TreeIndexBlocks()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "stride_sb"])
 def msa_tree_index_fwd_kernel(
     IQ, IK, SE, POS, SEL, T,
     stride_iqb, stride_iqt, stride_iqh,

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ", "ROW0", "stride_lh", "stride_ldh"])
 def lse_combine_kernel(
     O, LSE, OD, LSED, ROWS,
     NQ, D, ROW0, stride_on, stride_oh, stride_dn, stride_dh, stride_lh, stride_ldh,

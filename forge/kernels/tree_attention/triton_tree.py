@@ -78,7 +78,7 @@ def _fwd_step(q, k_base, v_base, se_base, n0, offs_m, offs_d, m_i, l_i, acc, str
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NUM_M", "WIDTH"])
 def tree_attention_fwd_kernel(
     Q, K, V, SE, O, LSE, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
     stride_qb, stride_qt, stride_qh,
@@ -158,7 +158,7 @@ def _dkdv_step(q_base, do_base, lse_base, delta_base, h0, m0, k, v, se, offs_n, 
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def tree_attention_bwd_dkdv_kernel(
     Q, K, V, SE, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qt, stride_qh,
@@ -237,7 +237,7 @@ def _dq_step(q, do, lse, delta, k_base, v_base, se_base, n0, offs_m, offs_d, dq,
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NUM_M", "WIDTH"])
 def tree_attention_bwd_dq_kernel(
     Q, K, V, SE, DO, LSE, DELTA, DQ, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
     stride_qb, stride_qt, stride_qh,
