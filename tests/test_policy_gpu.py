@@ -138,7 +138,7 @@ def test_cuda_graph_decoding_of_prompts_prefilled_in_parts(config):
     assert diff <= 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason=(
+_SAMPLER_NOT_EXACT = pytest.mark.xfail(strict=True, reason=(
     "issue 14's 1e-5 contract between sampler and trainer is not met for prompts of different "
     "lengths: 2.91e-5 max (mean 1.9e-6) on an H100 and 3.05e-5 on an H200 (2026-12-07), where "
     "prompts of one length (2,048, benchmarks/model_step.py) gave 1.9e-6. An MSA block choice "
@@ -146,11 +146,17 @@ def test_cuda_graph_decoding_of_prompts_prefilled_in_parts(config):
     "CPU, where one choice of one prompt token differed), and the token's cached keys carry it "
     "to every sampled token; batch-invariant numerics agree to the bit "
     "(tests/test_batch_invariant.py); docs/benchmarks.md"))
-def test_fp32_msa_100m_sampled_logprobs_equal_the_trainers_within_1e_5(monkeypatch):
+
+
+@pytest.mark.parametrize("invariant", [pytest.param(False, marks=_SAMPLER_NOT_EXACT), True],
+                         ids=["default", "batch_invariant"])
+def test_fp32_msa_100m_sampled_logprobs_equal_the_trainers_within_1e_5(monkeypatch, invariant):
     """Issue 14, point 3: in fp32 the logprobs the generator reports (graph decoding, MSA past its
     dense threshold, rows of different lengths) equal what the trainer's `sequence_logprobs`
     computes for the same tokens within 1e-5. fp32 generation keeps the PyTorch norms and rotary
-    embeddings (the trainer's arithmetic)."""
+    embeddings (the trainer's arithmetic). Met with `batch_invariant` numerics (0.0 on an H100,
+    2026-12-07), not yet by the default kernels."""
+    import dataclasses
     import random
 
     import forge.policy.model as model_module
@@ -160,7 +166,7 @@ def test_fp32_msa_100m_sampled_logprobs_equal_the_trainers_within_1e_5(monkeypat
     real = model_module.fused_rms_norm_rope
     monkeypatch.setattr(model_module, "fused_rms_norm_rope", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.msa_100m()).to("cuda").eval()
+    model = Transformer(dataclasses.replace(ModelConfig.msa_100m(), batch_invariant=invariant)).to("cuda").eval()
     rng = random.Random(1)
     # Prompts past dense_below_tokens (1024): decoding runs the sparse MSA path.
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (1100, 1180, 1250, 1300)]
