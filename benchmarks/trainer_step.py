@@ -12,8 +12,14 @@ token ratio, the micro-batches, the phases of `train/time_*` (batch building, pa
 gradients, forward and backward, optimizer) and, on a GPU, the peak memory; the summary is the
 median over the steps after the first (which compiles kernels).
 
+Two switches look for why steps differ: `--same-batch` trains step 1's batch again every step
+(a step that still changes speed then does so because the weights changed, e.g. MSA block
+choices spreading or gathering; `trainer.lr=0` holds the weights too), and `--profile 2,5`
+runs those steps under torch.profiler, prints their busiest kernels and keeps the top ones,
+in ms, in the JSON row.
+
     PYTHONPATH=. python benchmarks/trainer_step.py [--recipe recipes/needle_msa_100m.yaml]
-        [--steps 4] [--out trainer_step.json] [key=value recipe overrides ...]
+        [--steps 4] [--same-batch] [--profile 2,4] [--out trainer_step.json] [key=value overrides ...]
 
 Needs DeepSpeed (the trainer's engine); runs on a GPU if one is visible, else on the CPU
 (shrink the batch there: `--groups 2 --turns 2`).
@@ -34,6 +40,7 @@ from forge.config import RecipeConfig, init_seed, load_recipe, trainer_algorithm
 from forge.middleware.types import Group, Trajectory, Turn
 
 PHASES = ("batch", "scoring", "forward_backward", "optimizer")
+TOP_KERNELS = 12
 
 
 def batch(seed: int, args: argparse.Namespace, vocab: int) -> list[Group]:
@@ -56,6 +63,21 @@ def batch(seed: int, args: argparse.Namespace, vocab: int) -> list[Group]:
     return out
 
 
+def profile_step(trainer, groups: list[Group], cuda: bool) -> tuple[dict, dict[str, float]]:
+    """One step under torch.profiler: its metrics and its TOP_KERNELS busiest device kernels (CPU
+    ops on the CPU), by own time in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        m = trainer.train_step(groups)
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind]
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events.sort(key=own, reverse=True)
+    return m, {e.key[:60]: own(e) / 1e3 for e in events[:TOP_KERNELS]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="recipes/needle_msa_100m.yaml")
@@ -66,11 +88,19 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--response", type=int, default=128)
     parser.add_argument("--observation", default="150-250", help="observation lengths, lo-hi")
+    parser.add_argument("--same-batch", action="store_true", help="train step 1's batch at every step")
+    parser.add_argument("--profile", default="", help="steps to profile, comma-separated (e.g. 2,5)")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step compiles kernels and is left out of the median")
+    try:
+        profiled = {int(x) for x in args.profile.split(",") if x.strip()}
+    except ValueError:
+        parser.error(f"--profile takes step numbers separated by commas, e.g. 2,5; got {args.profile!r}")
+    if not profiled <= set(range(1, args.steps + 1)):
+        parser.error(f"--profile {args.profile}: steps run from 1 to --steps ({args.steps})")
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533"), ("RANK", "0"), ("WORLD_SIZE", "1"),
                        ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
@@ -87,16 +117,24 @@ def main() -> None:
     for step in range(args.steps):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        m = trainer.train_step(batch(step, args, cfg.model.vocab_size))
+        groups = batch(0 if args.same_batch else step, args, cfg.model.vocab_size)
+        if step + 1 in profiled:
+            m, kernels = profile_step(trainer, groups, cuda)
+        else:
+            m, kernels = trainer.train_step(groups), None
         row = {"step": step + 1, "ms": m["train/step_s"] * 1e3, "tokens": m["train/tokens_per_s"] * m["train/step_s"],
                "tokens_per_s": m["train/tokens_per_s"], "token_ratio": m["train/token_ratio"],
                "micro_batches": int(m["train/micro_batches"]),
                **{f"{p}_ms": m[f"train/time_{p}_s"] * 1e3 for p in PHASES},
-               **({"peak_gib": torch.cuda.max_memory_allocated() / 2**30} if cuda else {})}
+               **({"peak_gib": torch.cuda.max_memory_allocated() / 2**30} if cuda else {}),
+               **({"kernels_ms": kernels} if kernels is not None else {})}
         rows.append(row)
         print(f"{row['step']:>4} {row['ms']:>9.1f} {row['tokens']:>8.0f} {row['tokens_per_s']:>9.0f} "
               f"{row['token_ratio']:>6.2f} {row['micro_batches']:>3} " + " ".join(f"{row[f'{p}_ms']:>13.1f} ms" for p in PHASES)
               + (f" {row['peak_gib']:6.1f} GiB" if cuda else ""), flush=True)
+        if kernels is not None:
+            print(f"     busiest {'kernels' if cuda else 'ops'} of step {row['step']}: "
+                  + ", ".join(f"{name} {ms:.1f} ms" for name, ms in kernels.items()), flush=True)
     later = rows[1:]
     summary = {k: statistics.median(r[k] for r in later) for k in ("ms", "tokens_per_s", *(f"{p}_ms" for p in PHASES))}
     print("median of steps 2..: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.items()))
@@ -105,7 +143,7 @@ def main() -> None:
                   "torch": torch.__version__, "recipe": args.recipe, "overrides": args.overrides,
                   "shape": {k: getattr(args, k) for k in ("groups", "group_size", "prompt", "turns", "response",
                                                            "observation")},
-                  "steps": rows, "median_after_first": summary}
+                  "same_batch": args.same_batch, "steps": rows, "median_after_first": summary}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 

@@ -266,7 +266,7 @@ def test_the_trainer_step_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
     out = tmp_path / "trainer_step.json"
     monkeypatch.setattr(sys, "argv", [
         "trainer_step.py", "--recipe", str(root / "recipes/needle_msa_100m.yaml"), "--steps", "2", "--groups", "2",
-        "--group-size", "2", "--turns", "1", "--prompt", "20", "--response", "8", "--observation", "4-6",
+        "--same-batch", "--profile", "2", "--group-size", "2", "--turns", "1", "--prompt", "20", "--response", "8", "--observation", "4-6",
         "--out", str(out), "model.num_layers=3", "model.hidden_size=64", "model.expert_width=32",
         "model.dense_width=64", "trainer.precision=fp32"])
     runpy.run_path(str(root / "benchmarks/trainer_step.py"), run_name="__main__")
@@ -275,3 +275,9 @@ def test_the_trainer_step_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
     for row in result["steps"]:
         assert row["tokens"] == pytest.approx(2 * 2 * (20 + 8 + 5), abs=2)
         assert 0 < sum(row[f"{p}_ms"] for p in ("batch", "scoring", "forward_backward", "optimizer")) <= row["ms"]
+    # --same-batch: step 2 trains step 1's tokens again; --profile 2: step 2 alone names its ops.
+    assert result["same_batch"] and result["steps"][0]["tokens"] == result["steps"][1]["tokens"]
+    assert "kernels_ms" not in result["steps"][0]
+    top = result["steps"][1]["kernels_ms"]
+    assert 0 < len(top) <= 12 and all(ms >= 0 for ms in top.values())
+    assert sum(top.values()) <= result["steps"][1]["ms"]

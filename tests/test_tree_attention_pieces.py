@@ -142,6 +142,41 @@ def test_cost_rule_prefers_triton_for_tiny_runs():
     assert plan.extra.seg.cu_q.numel() > 500 and not plan.pays
 
 
+def test_cudnn_is_offered_only_when_chosen(monkeypatch):
+    """cuDNN builds a plan per new shape (seconds a step when lengths change every step), so the
+    cost rule takes it only with FORGE_CUDNN_ATTENTION=1, even where it would win on tiles."""
+    import forge.kernels.tree_attention.decomposed as decomposed
+
+    monkeypatch.setattr(decomposed, "cudnn_usable", lambda: True)
+    monkeypatch.setattr(decomposed, "cudnn_top_left", lambda: True)
+    se = build_tree(grpo(4096, 512, 8)).subtree_end[None]
+    monkeypatch.delenv("FORGE_CUDNN_ATTENTION", raising=False)
+    default = plan_tree(se)
+    assert default.backend == "flash" and not default.fused and default.pays
+    monkeypatch.setenv("FORGE_CUDNN_ATTENTION", "1")
+    chosen = plan_tree(se)
+    assert chosen.backend == "cudnn" and chosen.cost_pieces < default.cost_pieces
+
+
+def test_padded_training_attention_leaves_cudnn_out(monkeypatch):
+    """The model's causal SDPA (unmerged, padded batches) runs without cuDNN on CUDA unless chosen."""
+    from types import SimpleNamespace
+
+    from forge.policy.model import _without_cudnn
+
+    monkeypatch.delenv("FORGE_CUDNN_ATTENTION", raising=False)
+    cuda_q = SimpleNamespace(is_cuda=True)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with _without_cudnn(cuda_q):
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    monkeypatch.setenv("FORGE_CUDNN_ATTENTION", "1")
+    with _without_cudnn(cuda_q):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with _without_cudnn(torch.zeros(1)):  # the CPU: untouched
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def test_single_key_pieces_match_reference():
     # cuDNN refuses a causal piece of one query and one key; CudnnBackend does those in closed
     # form, and its backward must use the whole row's o and lse like every other piece.

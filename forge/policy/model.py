@@ -17,6 +17,7 @@ implementations, RoPE and RMSNorm always compute in fp32 and cast back.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass, field
@@ -26,12 +27,14 @@ import torch
 from forge.kernels.dtypes import at_least_fp32
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from forge.kernels.msa import MSAConfig, msa_decode
 from forge.kernels.msa.tree import msa_cache_attention, msa_tree
 from forge.kernels.msa.tree_triton import msa_tree_triton
 from forge.kernels.norm import fused_rms_norm, fused_rms_norm_ok, fused_rms_norm_rope, fused_rms_norm_rope_ok
 from forge.kernels.tree_attention import tree_attention
+from forge.kernels.tree_attention.piece_backends import cudnn_chosen
 from forge.policy.config import ModelConfig
 from forge.policy.invariant import Linear, invariant_linear, wide, wide_call
 from forge.policy.moe import MoE, SwiGLU
@@ -223,9 +226,20 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
         b, t = q.shape[:2]
         return tree_attention_triton(q, k, v, torch.full((b, t), t, device=q.device, dtype=torch.int32))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=True, enable_gqa=True)
+    with _without_cudnn(q):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True)
     return out.transpose(1, 2)
+
+
+def _without_cudnn(q: torch.Tensor):
+    """SDPA's backends without cuDNN on CUDA, unless `FORGE_CUDNN_ATTENTION=1`
+    (`piece_backends.cudnn_chosen`). torch puts cuDNN first on Hopper, and cuDNN builds a plan
+    per new (batch, length): padded training batches change shape every step. Flash attention
+    takes causal GQA without one."""
+    if not q.is_cuda or cudnn_chosen():
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _pow2_at_least_16(n: int) -> bool:

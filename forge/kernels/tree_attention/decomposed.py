@@ -28,7 +28,9 @@ gradient of its own log-sum-exp.
 
 Backends (`BACKENDS`, in `piece_backends.py`): `cudnn`, torch's cuDNN fused attention, one call
 per group of consecutive equal-shape pieces on strided views (about twice flash's rate on an
-H100); `flash`, FlashAttention-2 inside ATen, one variable-length call per kind of piece;
+H100 once built; it builds a plan per new shape, so the cost rule offers it only with
+`FORGE_CUDNN_ATTENTION=1`, `piece_backends.cudnn_chosen`); `flash`, FlashAttention-2 inside
+ATen, one variable-length call per kind of piece;
 `reference`, the same two operations in plain PyTorch, so the CPU tests check the
 decomposition in fp64. `plan_tree` holds the cost rule that picks the backend and says when the
 pieces pay against the Triton kernel (many tiny runs waste the libraries' 128-row tiles).
@@ -55,6 +57,7 @@ from forge.kernels.tree_attention.piece_backends import (
     TOP_LEFT,
     PieceBackend,
     Segments,
+    cudnn_chosen,
     cudnn_top_left,
     cudnn_usable,
 )
@@ -226,8 +229,9 @@ def plan_tree(subtree_end: torch.Tensor, *, fused: bool | None = None) -> TreePl
     tiles_fused = _lib_tiles(lq, run_len, True)
     options = []
     for name in SPEEDUP:
-        # Forced fused pieces are priced as cuDNN's even where it is missing (the reference backend runs them).
-        if name == "cudnn" and not cudnn_usable() and not fused:
+        # Forced fused pieces are priced as cuDNN's even where it is missing (the reference backend runs them);
+        # otherwise cuDNN is a candidate only where it is there and chosen (`cudnn_chosen`: its per-shape plans).
+        if name == "cudnn" and not (cudnn_usable() and cudnn_chosen()) and not fused:
             continue
         for plan, tiles in ((split, tiles_split), (fused_plan, tiles_fused)):
             if fused is not None and plan.fused != fused:

@@ -13,6 +13,7 @@ closed form (cuDNN refuses s_q = s_kv = 1).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,6 +53,21 @@ class Segments:
 # Backends whose causal mask is top-left aligned when a piece has more queries than keys (the
 # fused pieces need it); flash attention aligns it bottom-right.
 TOP_LEFT = ("cudnn", "cudnn_expand", "reference")
+
+
+CUDNN_ENV = "FORGE_CUDNN_ATTENTION"
+
+
+def cudnn_chosen() -> bool:
+    """Whether Forge may pick cuDNN's fused attention by itself (`FORGE_CUDNN_ATTENTION=1`; off by
+    default). cuDNN builds an execution plan the first time it meets a shape (batch, query and
+    key lengths, strides), forward and backward separately: tens of milliseconds to about a
+    second each (public reports for torch 2.11 on H100 and B200), against a few milliseconds for
+    a piece's attention. A benchmark that repeats one batch builds them once and never sees it;
+    an RL trainer meets new lengths at almost every step, a few dozen per micro-batch (one call
+    per distinct piece shape). Flash attention's variable-length call and the Triton kernels
+    take any lengths without a plan. Turn it on for work whose shapes repeat."""
+    return os.environ.get(CUDNN_ENV, "0") == "1"
 
 
 def cudnn_usable() -> bool:
