@@ -105,13 +105,25 @@ CASES = {
     "chain-61-bs8-rep3": ("chain61", 6, 2, 8, 3, 0.25, 0, False),
     "chain-61-bs8-own-block-only": ("chain61", 6, 2, 8, 2, 1.0, 0, False),
     "chain-37-dense": ("chain37", 2, 1, 16, 1, 0.25, 0, True),
+    # Blocks of one token: a key tile spans 16 blocks in a chain, and the tile where the second
+    # tree starts spans 40 (positions 32-39 and 0-7): the kernels' bit-mask test (fewer than 32
+    # blocks in a tile) and their slot-by-slot test both run.
+    "wide-bs1-top5": ("wide", 4, 2, 1, 5, 0.25, 0, False),
 }
+
+
+def _wide_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """subtree_end, position [1, T]: a 40-token chain, then a tree whose positions restart at 0."""
+    flat = concat_trees([build_tree([[9] * 40]), build_tree([[8] * 20, [8] * 10 + [6] * 9])])
+    return flat.subtree_end[None], flat.position[None]
 
 
 def run_case(case: str, dtype: torch.dtype, seed: int = 0) -> None:
     layout, hq, hkv, block_size, top_k, empty, dense_below, dense = CASES[case]
     if layout == "tree":
         se, pos = _tree_rows()
+    elif layout == "wide":
+        se, pos = _wide_rows()
     else:
         se, pos = _chain(1, int(layout[len("chain"):]))
     b, t = se.shape
@@ -152,6 +164,7 @@ def test_tree_matches_reference(dtype, nan_outputs):
 
 
 @pytest.mark.parametrize("case", ["tree-dense-below-20", "chain-61-bs8-rep3", "chain-61-bs8-own-block-only",
+                                  "wide-bs1-top5",
                                   "chain-37-dense"])
 def test_variants_match_reference(case, nan_outputs):
     # dense_below; an odd chain whose 16-key tiles span two blocks of 8, with 3 query heads a

@@ -14,7 +14,7 @@ import torch
 from forge.kernels.msa import triton_tree_index_loss as tli
 from forge.kernels.msa.tree import kept_keys, msa_tree
 from forge.kernels.msa.triton_tree_index_loss import msa_tree_index_loss_triton, tile_pairs
-from forge.prefix_tree import build_tree
+from forge.prefix_tree import build_tree, concat_trees
 
 SEQS = [
     list(range(10, 27)) + [1, 2, 3, 4, 5, 6],
@@ -123,6 +123,17 @@ def test_forest_batch_matches_reference(block_size, dense_below, dense):
     sel = _selection(pos, 2, 2, block_size, seed=block_size)
     _compare(_inputs(b, t, seed=3), sel, se, pos, mult.float(), block_size=block_size, dense_below=dense_below,
              dense=dense, scale=0.3)
+
+
+def test_tiles_spanning_many_blocks_match_reference():
+    """Blocks of one token: a 16-key tile spans 16 blocks in a chain, and the tile where the
+    second tree starts spans 40 (positions 32-39 and 0-7), so the kernels' bit-mask test (fewer
+    than 32 blocks in a tile) and their slot-by-slot test both run."""
+    flat = concat_trees([build_tree([[9] * 40]), build_tree([[8] * 20, [8] * 10 + [6] * 9])])
+    se, pos = flat.subtree_end[None], flat.position[None]
+    t = se.shape[1]
+    sel = _selection(pos, 2, 5, 1, seed=5)
+    _compare(_inputs(1, t, seed=5), sel, se, pos, flat.multiplicity[None].float(), block_size=1, scale=0.3)
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,13 @@ none keeps a block (a selected slot or its own block) in the key tile's range of
 [min, max]. The forward and dQ read that range and the largest `subtree_end` of each key tile
 from a small host table (`_key_tile_stats`, O(T) torch work); the dK/dV program reduces its
 own key tile's. Inside a processed pair the per-element mask is
-`visible & (dense_row | block(k) == own block | block(k) == any selected slot)`, the slots
-tested in a static loop over K. Unlike triton_tree.py there is no fully-visible class: every
+`visible & (dense_row | block(k) == own block | block(k) == any selected slot)`. Where the
+key tile's real keys span fewer than 32 blocks (all but the tiles where a packed sequence or a
+sibling branch restarts the positions), each row's kept blocks are first folded into one 32-bit
+word relative to the tile's lowest block, so a key costs one shift and one test instead of a
+comparison per slot (counted in operations, K = 8-16 comparisons and ORs over a 64 x 64 tile
+outweigh its two dots on the tensor cores several times; not yet timed); otherwise the slots
+are tested in a static loop over K. Unlike triton_tree.py there is no fully-visible class: every
 processed pair needs the per-row selection mask anyway. The work is that of the union of the
 tile's kept blocks: near top_k blocks per tile where neighbouring queries agree, as an index
 branch tends to give, but up to every visible block under scattered selections (where the
@@ -104,16 +109,41 @@ def _keeps_range(sel, own, dense, blo, bhi):
 
 
 @triton.jit
-def _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr,
+def _block_bits(sel_ptr, row_ok, own, blo, TOPK: tl.constexpr):
+    # [BLOCK_M] int32: bit i set when the row keeps block blo + i (i < 32), a selected slot or
+    # its own block. Empty slots and padding rows (-1) set nothing. The slots are read again
+    # (cached) rather than kept in registers from _query_rows: the kernels are at 255 registers.
+    rel = own - blo
+    ok = (rel >= 0) & (rel < 32)
+    bits = tl.where(ok, 1 << tl.where(ok, rel, 0), 0)
+    for s in tl.static_range(TOPK):
+        rel = tl.load(sel_ptr + s, mask=row_ok, other=-1) - blo
+        ok = (rel >= 0) & (rel < 32)
+        bits = bits | tl.where(ok, 1 << tl.where(ok, rel, 0), 0)
+    return bits
+
+
+@triton.jit
+def _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr, blo, bhi,
           TOPK: tl.constexpr, IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr):
     # [BLOCK_M, BLOCK_N]: visible (k <= q < subtree_end[k]; padding keys carry subtree_end 0)
-    # and kept (a dense row, the row's own block, or one of its selected blocks).
+    # and kept (a dense row, the row's own block, or one of its selected blocks). [blo, bhi]
+    # holds the blocks of the tile's real keys. When it spans fewer than 32 blocks (nearly every
+    # tile: a tile crosses a block boundary or two, more only where a packed sequence or a
+    # sibling branch starts) each row's kept blocks become one word of bits, and a key's test
+    # is one shift; otherwise each slot is compared with every key. Same mask either way.
     mask = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < se[None, :]) & row_ok[:, None]
     if not IS_DENSE:
-        keep = kb[None, :] == own[:, None]
-        for s in tl.static_range(TOPK):
-            blk = tl.load(sel_ptr + s, mask=row_ok, other=-1)  # [BLOCK_M]
-            keep = keep | (kb[None, :] == blk[:, None])
+        if bhi - blo < 32:
+            bits = _block_bits(sel_ptr, row_ok, own, blo, TOPK)  # [BLOCK_M]
+            rel = kb - blo  # [BLOCK_N]
+            in_range = (rel >= 0) & (rel < 32)
+            keep = (((bits[:, None] >> tl.where(in_range, rel, 0)[None, :]) & 1) != 0) & in_range[None, :]
+        else:
+            keep = kb[None, :] == own[:, None]
+            for s in tl.static_range(TOPK):
+                blk = tl.load(sel_ptr + s, mask=row_ok, other=-1)  # [BLOCK_M]
+                keep = keep | (kb[None, :] == blk[:, None])
         if USE_DENSE_BELOW:
             keep = keep | dense[:, None]
         mask = mask & keep
@@ -121,7 +151,7 @@ def _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr,
 
 
 @triton.jit
-def _fwd_step(q, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, dense, sel_ptr, offs_d, m_i, l_i, acc,
+def _fwd_step(q, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, dense, sel_ptr, blo, bhi, offs_d, m_i, l_i, acc,
               stride_kt, T, D, scale_log2, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr,
               PRECISION: tl.constexpr):
@@ -138,7 +168,8 @@ def _fwd_step(q, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, dense, sel_ptr,
     se = tl.load(SE_b + offs_n, mask=n_ok, other=0)  # [BLOCK_N]
     kb = tl.load(POS_b + offs_n, mask=n_ok, other=0) // BLOCK_SIZE
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-    mask = _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr, TOPK, IS_DENSE, USE_DENSE_BELOW)
+    mask = _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr, blo, bhi, TOPK, IS_DENSE,
+                 USE_DENSE_BELOW)
     s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row that has kept nothing yet keeps -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -185,13 +216,15 @@ def msa_tree_fwd_kernel(
     for j in range(n_hi):
         stats = STATS + (b * NUM_N + j) * 3
         keep = tl.load(stats) > m0
+        blo = tl.load(stats + 1)
+        bhi = tl.load(stats + 2)
         if not IS_DENSE:
-            keep = keep & _keeps_range(sel, own, dense, tl.load(stats + 1), tl.load(stats + 2))
+            keep = keep & _keeps_range(sel, own, dense, blo, bhi)
         if keep:
             m_i, l_i, acc = _fwd_step(q, K + b * stride_kb + g * stride_kh, V + b * stride_kb + g * stride_kh,
                                       SE + b * T, POS + b * T, j * BLOCK_N, offs_m, row_ok, own, dense, sel_ptr,
-                                      offs_d, m_i, l_i, acc, stride_kt, T, D, scale_log2, BLOCK_SIZE, TOPK, BLOCK_N,
-                                      IS_DENSE, USE_DENSE_BELOW, IS_INTERPRET, PRECISION)
+                                      blo, bhi, offs_d, m_i, l_i, acc, stride_kt, T, D, scale_log2, BLOCK_SIZE, TOPK,
+                                      BLOCK_N, IS_DENSE, USE_DENSE_BELOW, IS_INTERPRET, PRECISION)
     # Every real row keeps its own key, so l_i > 0 there; padding rows are masked on store.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     tl.store(O + q_off, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_mask)
@@ -200,9 +233,10 @@ def msa_tree_fwd_kernel(
 
 
 @triton.jit
-def _dkdv_step(Q, DO, LSE_b, DELTA_b, k, v, se, kb, offs_n, offs_m, heads, row_ok, own, dense, sel_ptr, offs_d,
-               dk, dv, q_base, stride_qt, stride_qh, T, D, scale_log2, TOPK: tl.constexpr, IS_DENSE: tl.constexpr,
-               USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_step(Q, DO, LSE_b, DELTA_b, k, v, se, kb, blo, bhi, offs_n, offs_m, heads, row_ok, own, dense, sel_ptr,
+               offs_d, dk, dv, q_base, stride_qt, stride_qh, T, D, scale_log2, TOPK: tl.constexpr,
+               IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr,
+               PRECISION: tl.constexpr):
     q_off = q_base + offs_m[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q_mask = row_ok[:, None] & (offs_d[None, :] < D)
     q = tl.load(Q + q_off, mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
@@ -214,7 +248,8 @@ def _dkdv_step(Q, DO, LSE_b, DELTA_b, k, v, se, kb, offs_n, offs_m, heads, row_o
     lse = tl.load(LSE_b + row_t, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_b + row_t, mask=row_ok, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-    mask = _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr, TOPK, IS_DENSE, USE_DENSE_BELOW)
+    mask = _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr, blo, bhi, TOPK, IS_DENSE,
+                 USE_DENSE_BELOW)
     p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
     dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
@@ -268,15 +303,16 @@ def msa_tree_bwd_dkdv_kernel(
                 SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh,
                 REP, HEADS, TOPK, KP, BLOCK_SIZE, BLOCK_M, IS_DENSE)
             if _keeps_range(sel, own, dense, blo, bhi):
-                dk, dv = _dkdv_step(Q, DO, LSE + b * HQ * T, DELTA + b * HQ * T, k, v, se, kb, offs_n, offs_m, heads,
-                                    row_ok, own, dense, sel_ptr, offs_d, dk, dv, b * stride_qb, stride_qt, stride_qh,
-                                    T, D, scale_log2, TOPK, IS_DENSE, USE_DENSE_BELOW, IS_INTERPRET, PRECISION)
+                dk, dv = _dkdv_step(Q, DO, LSE + b * HQ * T, DELTA + b * HQ * T, k, v, se, kb, blo, bhi, offs_n,
+                                    offs_m, heads, row_ok, own, dense, sel_ptr, offs_d, dk, dv, b * stride_qb,
+                                    stride_qt, stride_qh, T, D, scale_log2, TOPK, IS_DENSE, USE_DENSE_BELOW,
+                                    IS_INTERPRET, PRECISION)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _dq_step(q, do, lse, delta, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, dense, sel_ptr, offs_d, dq,
+def _dq_step(q, do, lse, delta, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, dense, sel_ptr, blo, bhi, offs_d, dq,
              stride_kt, T, D, scale_log2, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
              IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr,
              PRECISION: tl.constexpr):
@@ -292,7 +328,8 @@ def _dq_step(q, do, lse, delta, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, 
     se = tl.load(SE_b + offs_n, mask=n_ok, other=0)  # [BLOCK_N]
     kb = tl.load(POS_b + offs_n, mask=n_ok, other=0) // BLOCK_SIZE
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-    mask = _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr, TOPK, IS_DENSE, USE_DENSE_BELOW)
+    mask = _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr, blo, bhi, TOPK, IS_DENSE,
+                 USE_DENSE_BELOW)
     p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
     ds = p * (dp - delta[:, None])
@@ -336,11 +373,14 @@ def msa_tree_bwd_dq_kernel(
     for j in range(n_hi):
         stats = STATS + (b * NUM_N + j) * 3
         keep = tl.load(stats) > m0
+        blo = tl.load(stats + 1)
+        bhi = tl.load(stats + 2)
         if not IS_DENSE:
-            keep = keep & _keeps_range(sel, own, dense, tl.load(stats + 1), tl.load(stats + 2))
+            keep = keep & _keeps_range(sel, own, dense, blo, bhi)
         if keep:
             dq = _dq_step(q, do, lse, delta, K + b * stride_kb + g * stride_kh, V + b * stride_kb + g * stride_kh,
-                          SE + b * T, POS + b * T, j * BLOCK_N, offs_m, row_ok, own, dense, sel_ptr, offs_d, dq,
+                          SE + b * T, POS + b * T, j * BLOCK_N, offs_m, row_ok, own, dense, sel_ptr, blo, bhi,
+                          offs_d, dq,
                           stride_kt, T, D, scale_log2, BLOCK_SIZE, TOPK, BLOCK_N, IS_DENSE, USE_DENSE_BELOW,
                           IS_INTERPRET, PRECISION)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)

@@ -45,8 +45,9 @@ group) has a smaller union of kept blocks, so fewer key tiles are listed. (b) Th
 computed in the forward, when grad mode is on and iq or ik requires one; the backward only
 scales them by the incoming gradient. The loss is always differentiated in training, and a
 separate backward would recompute the teacher (kernel 2's work) once more. (c) The work lists
-are per pair, not per-tile ranges. Membership in `selected` is tested per element with a static
-loop over the K slots, as suggested.
+are per pair, not per-tile ranges. Membership in `selected` is a bit test against each row's
+kept blocks folded into one 32-bit word where the key tile spans fewer than 32 blocks (nearly
+every tile), and a static loop over the K slots elsewhere.
 
 GPU status: written and tested under the interpreter only. All three kernels compile for sm_90
 (bf16, fp16, fp32; 1 to 8 heads per group) through `triton.compile` on the CPU. In bf16 at 4
@@ -166,12 +167,32 @@ def _key_tile(
 @triton.jit
 def _kept(offs_m, offs_n, own, dense_row, sel_ptr, se, kb, T, TOPK: tl.constexpr):
     # [TOK, BLOCK_N] bool: the query sees the key, and the key's block is the query's own, one
-    # of its selected blocks, or the row is dense. Padded rows and keys are never kept.
+    # of its selected blocks, or the row is dense. Padded rows and keys are never kept. When the
+    # tile's real keys span fewer than 32 blocks [blo, bhi] (nearly every tile), each row's kept
+    # blocks become one word of bits and a key's test is one shift; otherwise each slot is
+    # compared with every key. Same mask either way (triton_tree_attention.py does the same).
     visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < se[None, :])
-    keep = (kb[None, :] == own[:, None]) | dense_row[:, None]
-    for j in tl.static_range(TOPK):
-        blk = tl.load(sel_ptr + j, mask=offs_m < T, other=-1)  # [TOK]
-        keep = keep | (blk[:, None] == kb[None, :])
+    row_ok = offs_m < T
+    blo = tl.min(tl.where(kb >= 0, kb, 2147483647), axis=0)
+    bhi = tl.max(kb, axis=0)
+    if bhi - blo < 32:
+        rel = own - blo  # padded rows: own -2
+        ok = (rel >= 0) & (rel < 32)
+        bits = tl.where(ok, 1 << tl.where(ok, rel, 0), 0)  # [TOK]
+        for j in tl.static_range(TOPK):
+            blk = tl.load(sel_ptr + j, mask=row_ok, other=-1)  # [TOK]
+            rel = blk - blo
+            ok = (rel >= 0) & (rel < 32)
+            bits = bits | tl.where(ok, 1 << tl.where(ok, rel, 0), 0)
+        rel_k = kb - blo  # padded keys: kb -1
+        in_range = (rel_k >= 0) & (rel_k < 32)
+        keep = (((bits[:, None] >> tl.where(in_range, rel_k, 0)[None, :]) & 1) != 0) & in_range[None, :]
+        keep = keep | dense_row[:, None]
+    else:
+        keep = (kb[None, :] == own[:, None]) | dense_row[:, None]
+        for j in tl.static_range(TOPK):
+            blk = tl.load(sel_ptr + j, mask=row_ok, other=-1)  # [TOK]
+            keep = keep | (blk[:, None] == kb[None, :])
     return visible & keep
 
 
