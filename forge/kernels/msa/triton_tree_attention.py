@@ -111,8 +111,8 @@ def _keeps_range(sel, own, dense, blo, bhi):
 @triton.jit
 def _block_bits(sel_ptr, row_ok, own, blo, TOPK: tl.constexpr):
     # [BLOCK_M] int32: bit i set when the row keeps block blo + i (i < 32), a selected slot or
-    # its own block. Empty slots and padding rows (-1) set nothing. The slots are read again
-    # (cached) rather than kept in registers from _query_rows: the kernels are at 255 registers.
+    # its own block. Empty slots and padding rows (-1) set nothing. The slots are read per key
+    # tile (from cache), as the slot loop reads them.
     rel = own - blo
     ok = (rel >= 0) & (rel < 32)
     bits = tl.where(ok, 1 << tl.where(ok, rel, 0), 0)
