@@ -20,8 +20,14 @@ Two parts, one JSON:
   sampler's logprobs (ModelGenerator, graph decoding) against `sequence_logprobs` of the same
   tokens.
 
+`--vary-shapes` drops 0-63 tokens from each sequence's end, anew at every call: a fixed batch
+repeated lets every per-shape cost (a library's execution plan, a compiled kernel) be paid once
+and hidden, where a trainer meets new lengths every step. Throughput is then counted on the
+workload's full token count, about 1% high on these workloads.
+
     PYTHONPATH=. python benchmarks/model_step.py --out model_step.json [--parts speed,exact]
         [--presets msa_100m,msa_100m_dense,msa_100m_invariant] [--workloads grpo,agent,low,issue]
+        [--vary-shapes]
 """
 
 from __future__ import annotations
@@ -83,16 +89,28 @@ def workload(name: str, seed: int = 0) -> list[list[int]]:
     raise ValueError(f"unknown workload {name!r}; use grpo, agent, low or issue")
 
 
-def step(model: Transformer, seqs: list[list[int]], merge: bool, parts: int = 1):
+VARY_TOKENS = 64
+
+
+def varied(seqs: list[list[int]], rng: random.Random) -> list[list[int]]:
+    """`seqs` with 0 to VARY_TOKENS - 1 tokens dropped from the end of each: another step's
+    lengths (an RL trainer meets new ones every step), the shared prefixes unchanged."""
+    return [s[:max(2, len(s) - rng.randrange(VARY_TOKENS))] for s in seqs]
+
+
+def step(model: Transformer, seqs: list[list[int]], merge: bool, parts: int = 1, vary: bool = False):
     """One training step's forward and backward over `seqs`, in `parts` micro-batches of
     consecutive sequences (gradients accumulate, as the trainer's micro-batches do), the loss
-    normalised over the whole batch's tokens."""
-    n = sum(len(s) for s in seqs)
+    normalised over the whole batch's tokens. `vary`: every call trains `varied(seqs)`, so
+    anything built per shape (library plans, compiled kernels) is paid as in training."""
     size = -(-len(seqs) // parts)
+    rng = random.Random(1)
 
     def run() -> None:
-        for i in range(0, len(seqs), size):
-            scores = sequence_scores(model, seqs[i:i + size], merge=merge, with_entropy=True, with_index_loss=True)
+        batch = varied(seqs, rng) if vary else seqs
+        n = sum(len(s) for s in batch)
+        for i in range(0, len(batch), size):
+            scores = sequence_scores(model, batch[i:i + size], merge=merge, with_entropy=True, with_index_loss=True)
             loss = -sum(lp.sum() for lp in scores.logprobs) / n
             if scores.index_loss is not None:
                 loss = loss + scores.index_loss / n
@@ -101,14 +119,15 @@ def step(model: Transformer, seqs: list[list[int]], merge: bool, parts: int = 1)
     return run
 
 
-def _timed_fitting(model: Transformer, seqs: list[list[int]], merge: bool, reps: int) -> tuple[float, int]:
+def _timed_fitting(model: Transformer, seqs: list[list[int]], merge: bool, reps: int,
+                   vary: bool = False) -> tuple[float, int]:
     """(median ms, micro-batches): the whole batch in one pass, or, where that runs out of the
     card's memory, in 2, 4, ... micro-batches, as a trainer with a smaller token budget would."""
     parts = 1
     while True:
         torch.cuda.reset_peak_memory_stats()
         try:
-            return timed(step(model, seqs, merge, parts), reps), parts
+            return timed(step(model, seqs, merge, parts, vary), reps), parts
         except torch.OutOfMemoryError:
             if parts >= len(seqs):
                 raise
@@ -138,7 +157,7 @@ def step_flops(cfg: ModelConfig, active: int, seqs: list[list[int]], merged: boo
     return 6.0 * active * tokens + 3 * 4 * cfg.num_heads * cfg.head_dim * keys
 
 
-def speed(preset_name: str, workloads: list[str], reps: int) -> list[dict]:
+def speed(preset_name: str, workloads: list[str], reps: int, vary: bool = False) -> list[dict]:
     cfg = preset(preset_name)
     torch.manual_seed(0)
     model = Transformer(cfg).cuda().to(torch.bfloat16)
@@ -151,12 +170,13 @@ def speed(preset_name: str, workloads: list[str], reps: int) -> list[dict]:
                "unique_tokens": tree.num_tokens, "token_ratio": tree.token_ratio(),
                # The speed-up's ceiling at equal efficiency: a branch's queries still attend to the
                # whole shared prefix, so attention shrinks less than the token count.
-               "flop_ratio": step_flops(cfg, active, seqs, False) / step_flops(cfg, active, seqs, True)}
+               "flop_ratio": step_flops(cfg, active, seqs, False) / step_flops(cfg, active, seqs, True),
+               "vary_shapes": vary}
         for merge in (True, False):
             key = "merged" if merge else "unmerged"
             torch.cuda.empty_cache()
             try:
-                ms, parts = _timed_fitting(model, seqs, merge, reps)
+                ms, parts = _timed_fitting(model, seqs, merge, reps, vary)
             except torch.OutOfMemoryError:
                 row[f"{key}_ms"] = None
                 row[f"{key}_error"] = "out of memory"
@@ -256,6 +276,8 @@ def main() -> None:
     parser.add_argument("--presets", default="msa_100m,msa_100m_dense")
     parser.add_argument("--workloads", default="issue,grpo,agent,low")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--vary-shapes", action="store_true",
+                        help="drop 0-63 tokens from each sequence's end, anew at every call (RL's changing lengths)")
     parser.add_argument("--sample-rows", type=int, default=8)
     parser.add_argument("--sample-prompt", type=int, default=2048)
     parser.add_argument("--sample-tokens", type=int, default=96)
@@ -268,7 +290,7 @@ def main() -> None:
         if "exact" in parts:
             result["exact"].append(exact(name, args.sample_rows, args.sample_prompt, args.sample_tokens))
         if "speed" in parts:
-            result["speed"] += speed(name, args.workloads.split(","), args.reps)
+            result["speed"] += speed(name, args.workloads.split(","), args.reps, args.vary_shapes)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
