@@ -109,10 +109,10 @@ def _keeps_range(sel, own, dense, blo, bhi):
 
 
 @triton.jit
-def _block_bits(sel_ptr, row_ok, own, blo, TOPK: tl.constexpr):
-    # [BLOCK_M] int32: bit i set when the row keeps block blo + i (i < 32), a selected slot or
-    # its own block. Empty slots and padding rows (-1) set nothing. The slots are read per key
-    # tile (from cache), as the slot loop reads them.
+def kept_block_bits(sel_ptr, row_ok, own, blo, TOPK: tl.constexpr):
+    # [rows] int32: bit i set when the row keeps block blo + i (i < 32), a selected slot or its
+    # own block. Empty slots and padding rows (own < 0) set nothing. The slots are read per key
+    # tile (from cache), as the slot loop reads them. Shared with triton_tree_index_loss.py.
     rel = own - blo
     ok = (rel >= 0) & (rel < 32)
     bits = tl.where(ok, 1 << tl.where(ok, rel, 0), 0)
@@ -121,6 +121,15 @@ def _block_bits(sel_ptr, row_ok, own, blo, TOPK: tl.constexpr):
         ok = (rel >= 0) & (rel < 32)
         bits = bits | tl.where(ok, 1 << tl.where(ok, rel, 0), 0)
     return bits
+
+
+@triton.jit
+def keep_by_bits(bits, kb, blo):
+    # [rows, keys]: whether each key's block (kb, blocks [blo, blo + 32) only) is set in the
+    # row's bit word from `kept_block_bits`.
+    rel = kb - blo
+    in_range = (rel >= 0) & (rel < 32)
+    return (((bits[:, None] >> tl.where(in_range, rel, 0)[None, :]) & 1) != 0) & in_range[None, :]
 
 
 @triton.jit
@@ -135,10 +144,7 @@ def _kept(offs_m, offs_n, row_ok, se, kb, own, dense, sel_ptr, blo, bhi,
     mask = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < se[None, :]) & row_ok[:, None]
     if not IS_DENSE:
         if bhi - blo < 32:
-            bits = _block_bits(sel_ptr, row_ok, own, blo, TOPK)  # [BLOCK_M]
-            rel = kb - blo  # [BLOCK_N]
-            in_range = (rel >= 0) & (rel < 32)
-            keep = (((bits[:, None] >> tl.where(in_range, rel, 0)[None, :]) & 1) != 0) & in_range[None, :]
+            keep = keep_by_bits(kept_block_bits(sel_ptr, row_ok, own, blo, TOPK), kb, blo)
         else:
             keep = kb[None, :] == own[:, None]
             for s in tl.static_range(TOPK):

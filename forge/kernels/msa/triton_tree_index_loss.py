@@ -73,6 +73,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from forge.kernels.msa.triton_tree_attention import keep_by_bits, kept_block_bits
 from forge.kernels.precision import dot_precision
 
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -176,18 +177,8 @@ def _kept(offs_m, offs_n, own, dense_row, sel_ptr, se, kb, T, TOPK: tl.constexpr
     blo = tl.min(tl.where(kb >= 0, kb, 2147483647), axis=0)
     bhi = tl.max(kb, axis=0)
     if bhi - blo < 32:
-        rel = own - blo  # padded rows: own -2
-        ok = (rel >= 0) & (rel < 32)
-        bits = tl.where(ok, 1 << tl.where(ok, rel, 0), 0)  # [TOK]
-        for j in tl.static_range(TOPK):
-            blk = tl.load(sel_ptr + j, mask=row_ok, other=-1)  # [TOK]
-            rel = blk - blo
-            ok = (rel >= 0) & (rel < 32)
-            bits = bits | tl.where(ok, 1 << tl.where(ok, rel, 0), 0)
-        rel_k = kb - blo  # padded keys: kb -1
-        in_range = (rel_k >= 0) & (rel_k < 32)
-        keep = (((bits[:, None] >> tl.where(in_range, rel_k, 0)[None, :]) & 1) != 0) & in_range[None, :]
-        keep = keep | dense_row[:, None]
+        # Padded rows (own -2) and keys (kb -1) fall outside every word.
+        keep = keep_by_bits(kept_block_bits(sel_ptr, row_ok, own, blo, TOPK), kb, blo) | dense_row[:, None]
     else:
         keep = (kb[None, :] == own[:, None]) | dense_row[:, None]
         for j in tl.static_range(TOPK):
