@@ -105,16 +105,19 @@ CASES = {
     "chain-61-bs8-rep3": ("chain61", 6, 2, 8, 3, 0.25, 0, False),
     "chain-61-bs8-own-block-only": ("chain61", 6, 2, 8, 2, 1.0, 0, False),
     "chain-37-dense": ("chain37", 2, 1, 16, 1, 0.25, 0, True),
-    # Blocks of one token: a key tile spans 16 blocks in a chain, and the tile where the second
-    # tree starts spans 40 (positions 32-39 and 0-7): the kernels' bit-mask test (fewer than 32
-    # blocks in a tile) and their slot-by-slot test both run.
+    # Blocks of one token, so a 16-key tile spans 16 blocks in a chain; where a packed sequence
+    # starts, one tile spans exactly 32 (the bit-word test's last bit) and one 44 (the
+    # slot-by-slot test): see _wide_rows.
     "wide-bs1-top5": ("wide", 4, 2, 1, 5, 0.25, 0, False),
 }
 
 
 def _wide_rows() -> tuple[torch.Tensor, torch.Tensor]:
-    """subtree_end, position [1, T]: a 40-token chain, then a tree whose positions restart at 0."""
-    flat = concat_trees([build_tree([[9] * 40]), build_tree([[8] * 20, [8] * 10 + [6] * 9])])
+    """subtree_end, position [1, T]: chains of 8, 32 and 44 tokens, then a tree. The tile of
+    flat keys 32-47 holds positions 24-31 and 0-7 (blocks 0-31 at block_size 1: bit 31 of the
+    word), the tile 80-95 positions 40-43 and 0-11 (44 blocks: the slot loop)."""
+    flat = concat_trees([build_tree([[9] * 8]), build_tree([[7] * 32]), build_tree([[5] * 44]),
+                         build_tree([[8] * 20, [8] * 10 + [6] * 9])])
     return flat.subtree_end[None], flat.position[None]
 
 

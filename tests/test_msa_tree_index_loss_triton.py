@@ -126,10 +126,11 @@ def test_forest_batch_matches_reference(block_size, dense_below, dense):
 
 
 def test_tiles_spanning_many_blocks_match_reference():
-    """Blocks of one token: a 16-key tile spans 16 blocks in a chain, and the tile where the
-    second tree starts spans 40 (positions 32-39 and 0-7), so the kernels' bit-mask test (fewer
-    than 32 blocks in a tile) and their slot-by-slot test both run."""
-    flat = concat_trees([build_tree([[9] * 40]), build_tree([[8] * 20, [8] * 10 + [6] * 9])])
+    """Blocks of one token: a 16-key tile spans 16 blocks in a chain; where a packed sequence
+    starts, the tile of flat keys 32-47 spans blocks 0-31 (the bit-word test's last bit) and the
+    tile 80-95 spans 44 (the slot-by-slot test)."""
+    flat = concat_trees([build_tree([[9] * 8]), build_tree([[7] * 32]), build_tree([[5] * 44]),
+                         build_tree([[8] * 20, [8] * 10 + [6] * 9])])
     se, pos = flat.subtree_end[None], flat.position[None]
     t = se.shape[1]
     sel = _selection(pos, 2, 5, 1, seed=5)
