@@ -194,8 +194,13 @@ def _scores(q, iq, k, ik, kept, qk_scale_log2, index_scale_log2, REP_P: tl.const
     # index [TOK, BLOCK_N], unmasked (finite, so that 0 * it stays 0).
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2  # [REP_P * TOK, BLOCK_N]
     s = tl.where(kept[None, :, :], tl.reshape(s, [REP_P, TOK, BLOCK_N]), float("-inf"))
-    z = tl.dot(iq, tl.trans(ik), input_precision=PRECISION) * index_scale_log2  # [TOK, BLOCK_N]
-    return s, z
+    return s, _index_scores(iq, ik, index_scale_log2, PRECISION)
+
+
+@triton.jit
+def _index_scores(iq, ik, index_scale_log2, PRECISION: tl.constexpr):
+    # The student's log2-domain scores [TOK, BLOCK_N], unmasked.
+    return tl.dot(iq, tl.trans(ik), input_precision=PRECISION) * index_scale_log2
 
 
 @triton.jit(do_not_specialize=["T", "NUM_M", "WIDTH"])
@@ -237,7 +242,7 @@ def tree_index_loss_lse_kernel(
             l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(s - m_safe[:, :, None]), axis=2)
             m_h = m_new
         else:
-            z = tl.dot(iq, tl.trans(ik), input_precision=PRECISION) * index_scale_log2  # [TOK, BLOCK_N]
+            z = _index_scores(iq, ik, index_scale_log2, PRECISION)  # [TOK, BLOCK_N]
         z = tl.where(kept, z, float("-inf"))
         m_new = tl.maximum(m_s, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
