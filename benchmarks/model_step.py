@@ -17,8 +17,10 @@ Two parts, one JSON:
   forward plus backward) over the step time, against 989 TFLOP/s.
 - `exact`: on the `issue` batch, fp32 merged against unmerged (max |logprob diff|, largest
   relative gradient difference over parameters), bf16 merged and unmerged against fp32, and the
-  sampler's logprobs (ModelGenerator, graph decoding) against `sequence_logprobs` of the same
-  tokens.
+  sampler's logprobs (ModelGenerator, graph decoding) against `sequence_scores` of the same
+  tokens. `--replay` imposes recorded choices (routing replay, forge.policy.choices): each
+  sequence's, as a forward of it alone made them, on merged and unmerged; the sampler's on the
+  trained pass of its tokens.
 
 `--vary-shapes` drops 0-63 tokens from each sequence's end, anew at every call: a fixed batch
 repeated lets every per-shape cost (a library's execution plan, a compiled kernel) be paid once
@@ -44,7 +46,7 @@ from forge.policy.config import ModelConfig
 from forge.policy.model import Transformer, count_parameters
 from forge.prefix_tree import build_tree
 from forge.prefix_tree.fallback import MergeConfig, should_merge
-from forge.trainer.logprobs import sequence_logprobs, sequence_scores
+from forge.trainer.logprobs import sequence_scores
 
 H100_BF16_DENSE = 989e12
 
@@ -213,9 +215,9 @@ def _grads(model: Transformer) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _scores(model: Transformer, seqs: list[list[int]], merge: bool):
+def _scores(model: Transformer, seqs: list[list[int]], merge: bool, choices=None):
     model.zero_grad(set_to_none=True)
-    scores = sequence_scores(model, seqs, merge=merge, with_index_loss=True)
+    scores = sequence_scores(model, seqs, merge=merge, with_index_loss=True, choices=choices)
     n = sum(len(s) for s in seqs)
     # A loss that weights every token differently, so that the gradient sees every logprob.
     loss = sum((lp * torch.linspace(0.5, 1.5, lp.numel(), device=lp.device)).sum() for lp in scores.logprobs) / n
@@ -225,49 +227,70 @@ def _scores(model: Transformer, seqs: list[list[int]], merge: bool):
     return torch.cat([lp.detach().double() for lp in scores.logprobs]), _grads(model)
 
 
-def exact(preset_name: str, sample_rows: int, sample_prompt: int, sample_tokens: int) -> dict:
+def recorded(model: Transformer, seqs: list[list[int]]) -> list:
+    """Each sequence's choices as a forward of it alone makes them: what a sampler that ran it
+    would report (routing replay, forge.policy.choices)."""
+    from forge.policy.choices import ChoiceRecorder
+
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            rec = ChoiceRecorder()
+            model(torch.tensor([s], device="cuda"), record=rec)
+            out.append(rec.choices().rows(0).to("cpu"))
+    return out
+
+
+def exact(preset_name: str, sample_rows: int, sample_prompt: int, sample_tokens: int, replay: bool = False) -> dict:
     cfg = preset(preset_name)
     seqs = workload("issue")
     torch.manual_seed(0)
     model = Transformer(cfg).cuda().float()
-    lp_m, g_m = _scores(model, seqs, True)
-    lp_u, g_u = _scores(model, seqs, False)
+    # With replay, both layouts impose the choices each sequence made alone in fp32.
+    choices = recorded(model, seqs) if replay else None
+    lp_m, g_m = _scores(model, seqs, True, choices)
+    lp_u, g_u = _scores(model, seqs, False, choices)
     rel = {n: float((g_m[n] - g_u[n]).norm() / g_u[n].norm().clamp_min(1e-30)) for n in g_u}
     worst = max(rel, key=rel.get)
-    out = {"preset": preset_name, "fp32_logprob_max_abs_diff": float((lp_m - lp_u).abs().max()),
+    out = {"preset": preset_name, "replay": replay, "fp32_logprob_max_abs_diff": float((lp_m - lp_u).abs().max()),
            "fp32_logprob_mean_abs_diff": float((lp_m - lp_u).abs().mean()),
            "fp32_grad_max_rel_diff": rel[worst], "fp32_grad_worst_param": worst}
     model16 = Transformer(cfg).cuda()
     model16.load_state_dict(model.state_dict())
     model16.to(torch.bfloat16)
     for merge, key in ((True, "merged"), (False, "unmerged")):
-        lp16, g16 = _scores(model16, seqs, merge)
+        lp16, g16 = _scores(model16, seqs, merge, choices)
         out[f"bf16_{key}_logprob_max_abs_to_fp32"] = float((lp16 - lp_u).abs().max())
         out[f"bf16_{key}_logprob_mean_abs_to_fp32"] = float((lp16 - lp_u).abs().mean())
         out[f"bf16_{key}_grad_rel_to_fp32"] = max(
             float((g16[n] - g_u[n]).norm() / g_u[n].norm().clamp_min(1e-30)) for n in g_u if n in g16)
-    out.update(sampled_vs_trained(model, sample_rows, sample_prompt, sample_tokens, "fp32"))
-    out.update(sampled_vs_trained(model16, sample_rows, sample_prompt, sample_tokens, "bf16"))
+    out.update(sampled_vs_trained(model, sample_rows, sample_prompt, sample_tokens, "fp32", replay))
+    out.update(sampled_vs_trained(model16, sample_rows, sample_prompt, sample_tokens, "bf16", replay))
     print(json.dumps(out, indent=1), flush=True)
     return out
 
 
-def sampled_vs_trained(model: Transformer, rows: int, prompt: int, new: int, tag: str) -> dict:
+def sampled_vs_trained(model: Transformer, rows: int, prompt: int, new: int, tag: str, replay: bool = False) -> dict:
     from forge.policy.generation import ModelGenerator
     from forge.policy.sampling import SamplingParams
     from forge.policy.tokenizer import ByteTokenizer
 
     rng = random.Random(1)
     prompts = [_tokens(rng, prompt) for _ in range(rows)]
-    gen = ModelGenerator(model, ByteTokenizer(), seed=0, decode="graph")
+    gen = ModelGenerator(model, ByteTokenizer(), seed=0, decode="graph", record_choices=replay)
     done = gen.generate(prompts, SamplingParams(max_new_tokens=new, temperature=1.0))
-    with torch.no_grad():
-        trained = sequence_logprobs(model, [p + c.token_ids for p, c in zip(prompts, done)], merge=False)
-    diffs = torch.cat([(t[len(p) - 1:].double().cpu() - torch.tensor(c.logprobs, dtype=torch.float64)).abs()
-                       for p, c, t in zip(prompts, done, trained)])
-    return {f"{tag}_sampled_vs_trained_tokens": int(diffs.numel()),
-            f"{tag}_sampled_vs_trained_max_abs": float(diffs.max()),
-            f"{tag}_sampled_vs_trained_mean_abs": float(diffs.mean())}
+    seqs = [p + c.token_ids for p, c in zip(prompts, done)]
+    choices = [c.choices for c in done] if replay else None
+    out = {}
+    for merge, key in ((False, ""), (True, "_merged")):
+        with torch.no_grad():
+            trained = sequence_scores(model, seqs, merge=merge, choices=choices).logprobs
+        diffs = torch.cat([(t[len(p) - 1:].double().cpu() - torch.tensor(c.logprobs, dtype=torch.float64)).abs()
+                           for p, c, t in zip(prompts, done, trained)])
+        out.update({f"{tag}_sampled_vs_trained{key}_tokens": int(diffs.numel()),
+                    f"{tag}_sampled_vs_trained{key}_max_abs": float(diffs.max()),
+                    f"{tag}_sampled_vs_trained{key}_mean_abs": float(diffs.mean())})
+    return out
 
 
 def main() -> None:
@@ -281,6 +304,8 @@ def main() -> None:
     parser.add_argument("--sample-rows", type=int, default=8)
     parser.add_argument("--sample-prompt", type=int, default=2048)
     parser.add_argument("--sample-tokens", type=int, default=96)
+    parser.add_argument("--replay", action="store_true",
+                        help="exact: impose recorded choices (routing replay) on merged, unmerged and trained passes")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -288,7 +313,8 @@ def main() -> None:
               "torch": torch.__version__, "speed": [], "exact": []}
     for name in args.presets.split(","):
         if "exact" in parts:
-            result["exact"].append(exact(name, args.sample_rows, args.sample_prompt, args.sample_tokens))
+            result["exact"].append(exact(name, args.sample_rows, args.sample_prompt, args.sample_tokens,
+                                         args.replay))
         if "speed" in parts:
             result["speed"] += speed(name, args.workloads.split(","), args.reps, args.vary_shapes)
     if args.out:

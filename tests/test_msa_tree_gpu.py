@@ -91,25 +91,35 @@ _NOT_EXACT = pytest.mark.xfail(strict=True, reason=(
     "unmerged (dense tree attention vs causal, different tile groupings); docs/benchmarks.md"))
 
 
-@pytest.mark.parametrize("invariant", [pytest.param(False, marks=_NOT_EXACT), True],
-                         ids=["default", "batch_invariant"])
-def test_gpu_msa_100m_merged_equals_unmerged_in_fp32(invariant):
+@pytest.mark.parametrize("numerics", [pytest.param("default", marks=_NOT_EXACT), "replay", "batch_invariant"])
+def test_gpu_msa_100m_merged_equals_unmerged_in_fp32(numerics):
     """Issue 14's contract on its batch (benchmarks/model_step.py's `issue` workload, same seed):
     met with `batch_invariant` numerics (on an H100, 2026-12-07: logprobs equal to the bit, worst
-    gradient 4.0e-6 relative), not yet by the default kernels."""
+    gradient 4.0e-6 relative) and with routing replay (both layouts impose the choices each
+    sequence made alone, forge.policy.choices), not by the default kernels choosing alone."""
     import dataclasses
 
+    from forge.policy.choices import ChoiceRecorder
     from forge.policy.config import ModelConfig
     from forge.policy.model import Transformer
     from forge.trainer.logprobs import sequence_scores
 
     seqs = _groups(2, 8, 3000, 100, 600, seed=0)
     torch.manual_seed(0)
+    invariant = numerics == "batch_invariant"
     model = Transformer(dataclasses.replace(ModelConfig.msa_100m(), batch_invariant=invariant)).cuda().float()
+    choices = None
+    if numerics == "replay":
+        choices = []
+        with torch.no_grad():
+            for s in seqs:
+                rec = ChoiceRecorder()
+                model(torch.tensor([s], device="cuda"), record=rec)
+                choices.append(rec.choices().rows(0).cpu())
 
     def run(merge: bool):
         model.zero_grad(set_to_none=True)
-        scores = sequence_scores(model, seqs, merge=merge, with_index_loss=True)
+        scores = sequence_scores(model, seqs, merge=merge, with_index_loss=True, choices=choices)
         n = sum(map(len, seqs))
         loss = sum((lp * torch.linspace(0.5, 1.5, lp.numel(), device="cuda")).sum() for lp in scores.logprobs) / n
         (loss + scores.index_loss / n).backward()

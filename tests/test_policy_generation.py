@@ -50,9 +50,9 @@ def test_group_prompt_is_prefilled_once(model, monkeypatch):
     calls = []
     original = model.forward_cached
 
-    def counting(ids, *args):
+    def counting(ids, *args, **kwargs):
         calls.append(tuple(ids.shape))
-        return original(ids, *args)
+        return original(ids, *args, **kwargs)
 
     monkeypatch.setattr(model, "forward_cached", counting)
     ModelGenerator(model, seed=0).generate([[1, 2, 3]] * 4 + [[4, 5]], SamplingParams(max_new_tokens=3))

@@ -148,34 +148,40 @@ _SAMPLER_NOT_EXACT = pytest.mark.xfail(strict=True, reason=(
     "(tests/test_batch_invariant.py); docs/benchmarks.md"))
 
 
-@pytest.mark.parametrize("invariant", [pytest.param(False, marks=_SAMPLER_NOT_EXACT), True],
-                         ids=["default", "batch_invariant"])
-def test_fp32_msa_100m_sampled_logprobs_equal_the_trainers_within_1e_5(monkeypatch, invariant):
+@pytest.mark.parametrize("numerics", [pytest.param("default", marks=_SAMPLER_NOT_EXACT), "replay", "batch_invariant"])
+def test_fp32_msa_100m_sampled_logprobs_equal_the_trainers_within_1e_5(monkeypatch, numerics):
     """Issue 14, point 3: in fp32 the logprobs the generator reports (graph decoding, MSA past its
     dense threshold, rows of different lengths) equal what the trainer's `sequence_logprobs`
     computes for the same tokens within 1e-5. fp32 generation keeps the PyTorch norms and rotary
     embeddings (the trainer's arithmetic). Met with `batch_invariant` numerics (0.0 on an H100,
-    2026-12-07), not yet by the default kernels."""
+    2026-12-07) and with routing replay (the generator records every token's experts and blocks,
+    the trainer imposes them, merged and unmerged), not by the default kernels choosing alone."""
     import dataclasses
     import random
 
     import forge.policy.model as model_module
-    from forge.trainer.logprobs import sequence_logprobs
+    from forge.trainer.logprobs import sequence_scores
 
     calls = []
     real = model_module.fused_rms_norm_rope
     monkeypatch.setattr(model_module, "fused_rms_norm_rope", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
+    invariant, replay = numerics == "batch_invariant", numerics == "replay"
     model = Transformer(dataclasses.replace(ModelConfig.msa_100m(), batch_invariant=invariant)).to("cuda").eval()
     rng = random.Random(1)
     # Prompts past dense_below_tokens (1024): decoding runs the sparse MSA path.
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (1100, 1180, 1250, 1300)]
-    done = ModelGenerator(model, seed=0, decode="graph").generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=48))
+    gen = ModelGenerator(model, seed=0, decode="graph", record_choices=replay)
+    done = gen.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=48))
     assert not calls, "fp32 generation took the one-kernel norm + rotary embedding"
-    with torch.no_grad():
-        trained = sequence_logprobs(model, [p + c.token_ids for p, c in zip(prompts, done)], merge=False)
-    diffs = torch.cat([(t[len(p) - 1:].double().cpu() - torch.tensor(c.logprobs, dtype=torch.float64)).abs()
-                       for p, c, t in zip(prompts, done, trained)])
-    print(f"fp32 sampled vs trained |dlogprob| max {diffs.max():.2e} mean {diffs.mean():.2e} over {diffs.numel()} tokens")
-    assert diffs.numel() == 4 * 48
-    assert float(diffs.max()) <= 1e-5
+    seqs = [p + c.token_ids for p, c in zip(prompts, done)]
+    for merge in (False, True):
+        with torch.no_grad():
+            trained = sequence_scores(model, seqs, merge=merge,
+                                      choices=[c.choices for c in done] if replay else None).logprobs
+        diffs = torch.cat([(t[len(p) - 1:].double().cpu() - torch.tensor(c.logprobs, dtype=torch.float64)).abs()
+                           for p, c, t in zip(prompts, done, trained)])
+        print(f"fp32 sampled vs trained (merge={merge}) |dlogprob| max {diffs.max():.2e} mean {diffs.mean():.2e} "
+              f"over {diffs.numel()} tokens")
+        assert diffs.numel() == 4 * 48
+        assert float(diffs.max()) <= 1e-5

@@ -48,7 +48,7 @@ def test_second_turn_reuses_the_first_and_samples_the_same(msa, decode, monkeypa
     turn2 = [p + c.token_ids + list(range(100, 100 + 3 * i + 2)) for i, (p, c) in enumerate(zip(turn1, first))]
     widths = []
     real = model.forward_cached
-    monkeypatch.setattr(model, "forward_cached", lambda ids, *rest: widths.append(ids.shape[1]) or real(ids, *rest))
+    monkeypatch.setattr(model, "forward_cached", lambda ids, *rest, **kw: widths.append(ids.shape[1]) or real(ids, *rest, **kw))
     second = cached.generate(turn2, SamplingParams(temperature=1.0, max_new_tokens=10))
     # The prefill ran only the new tokens: at most the longest answer plus one sampled token.
     assert widths[0] <= 3 * 2 + 2 + 1 < min(len(p) for p in turn2)

@@ -36,6 +36,7 @@ from typing import Iterator, Literal, Sequence, get_args
 
 import torch
 
+from forge.policy.choices import ChoiceRecorder, Choices, concat, unknown
 from forge.policy.model import KVCache, Transformer
 from forge.policy.prefix_cache import CachedPrefix, PrefixCache
 from forge.policy.sampling import Completion, SamplingParams
@@ -97,6 +98,7 @@ class ModelGenerator:
         policy_version: int = 0,
         decode: DecodeMode = "auto",
         prefix_cache_tokens: int = 0,
+        record_choices: bool = False,
     ) -> None:
         if decode not in get_args(DecodeMode):
             raise ValueError(f"decode must be one of {', '.join(get_args(DecodeMode))}, got {decode!r}")
@@ -114,6 +116,9 @@ class ModelGenerator:
             raise ValueError(f"decode='graph' needs the model on a CUDA device, it is on {device}; use 'auto'")
         self.decode = decode
         """How decoding steps run: see the module docstring."""
+        self.record_choices = record_choices
+        """Report every token's MoE experts and MSA blocks in `Completion.choices` (routing
+        replay, forge.policy.choices), for the trainer to impose."""
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         """Keys of recent sequences, so a conversation's next turn prefills only its new tokens
         (forge.policy.prefix_cache); None unless `prefix_cache_tokens` > 0."""
@@ -157,8 +162,8 @@ class ModelGenerator:
         unique_index: dict[tuple[int, ...], int] = {}
         owner = [unique_index.setdefault(tuple(p), len(unique_index)) for p in rows]
         with self._eval(), torch.no_grad():
-            cache, valid, last = self._prefill([list(p) for p in unique_index])
-        return Prefilled(rows, owner, cache, valid, last, self.policy_version)
+            cache, valid, last, choices = self._prefill([list(p) for p in unique_index])
+        return Prefilled(rows, owner, cache, valid, last, self.policy_version, choices)
 
     def generate_prefilled(self, parts: Sequence[Prefilled], params: SamplingParams) -> list[Completion]:
         """Sample one continuation for every prompt of `parts` (in order) in one decoding call.
@@ -178,9 +183,10 @@ class ModelGenerator:
         finally:
             self.model.train(was_training)
 
-    def _prefill(self, unique: list[list[int]]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+    def _prefill(self, unique: list[list[int]]) -> tuple[KVCache, torch.Tensor, torch.Tensor, list[Choices] | None]:
         """Run the unique prompts once, after whatever prefix of each the prefix cache holds.
-        Returns their cache, key validity [U, W] and the logits after each prompt's last token [U, V].
+        Returns their cache, key validity [U, W], the logits after each prompt's last token [U, V]
+        and, when recording, each prompt's choices ([len] leading; cached ones from the cache).
 
         Layout of the W = P + S dense slots: row r's cached prefix (p_r tokens) ends at slot P =
         max p_r and its new tokens end at slot W, each left-padded; a row's positions count from
@@ -209,11 +215,19 @@ class ModelGenerator:
                 _restore(cache, row, entry, n, big_p)
         cache.length = big_p
         valid = valid.to(device)
-        logits = self.model.forward_cached(ids.to(device), positions.to(device), cache, valid)  # [U, S, V]
-        return cache, valid, logits[:, -1]
+        rec = ChoiceRecorder() if self.record_choices else None
+        logits = self.model.forward_cached(ids.to(device), positions.to(device), cache, valid, record=rec)  # [U, S, V]
+        choices = None
+        if rec is not None:
+            new = rec.choices()  # [U, S, ...], left-padded
+            choices = []
+            for row, ((entry, n), prompt) in enumerate(zip(hits, unique)):
+                mine = new.rows((row, slice(big_s - (len(prompt) - n), big_s)))
+                choices.append(concat([entry.choices.rows(slice(0, n)).to(device), mine]) if entry is not None else mine)
+        return cache, valid, logits[:, -1], choices
 
     def _keep(self, prompts: list[list[int]], done: list[Completion], cache: KVCache, valid: torch.Tensor,
-              width: int, fed: int) -> None:
+              width: int, fed: int, choices: list[Choices] | None = None) -> None:
         """Put every row's prompt and its fed-back sampled tokens, with their keys, in the prefix cache.
         valid: [B, width] prefill key validity per row; fed: decoding steps that ran."""
         cols = valid.cpu()
@@ -231,7 +245,8 @@ class ModelGenerator:
                     k.append(cache.k[i][r][:, dense_cols].transpose(0, 1).contiguous())
                     v.append(cache.v[i][r][:, dense_cols].transpose(0, 1).contiguous())
                     ik.append(None)
-            self.prefix_cache.store(tokens, k, v, ik)
+            self.prefix_cache.store(tokens, k, v, ik,
+                                    None if choices is None else choices[r].rows(slice(0, len(tokens))))
 
     def _generate(self, parts: list[Prefilled], params: SamplingParams) -> list[Completion]:
         prompts = [p for part in parts for p in part.prompts]
@@ -247,7 +262,8 @@ class ModelGenerator:
         mode = self._mode(params)
         static = None if mode == "eager" else _StaticDecode(
             self.model, cache, valid, next_position, width + params.max_new_tokens, graph=mode == "graph",
-            min_position=min(map(len, prompts)))
+            min_position=min(map(len, prompts)), record=self.record_choices)
+        fed_choices: list[Choices] = []  # [B, 1, ...] per decoding step: the choices of the token fed
         check_every = GRAPH_DONE_CHECK_EVERY if mode == "graph" else 1
         invariant = self.model.config.batch_invariant
         for step in range(params.max_new_tokens):
@@ -261,11 +277,20 @@ class ModelGenerator:
                 break
             if static is not None:
                 logits = static.step(tokens)
+                if static.choices is not None:
+                    fed_choices.append(static.choices)
                 continue
             valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
-            logits = self.model.forward_cached(tokens[:, None], next_position[:, None], cache, valid)[:, -1]
+            rec = ChoiceRecorder() if self.record_choices else None
+            logits = self.model.forward_cached(tokens[:, None], next_position[:, None], cache, valid,
+                                               record=rec)[:, -1]
+            if rec is not None:
+                fed_choices.append(rec.choices())
             next_position = next_position + 1
         done_list = self._completions(torch.stack(tokens_out, 1), torch.stack(logprobs_out, 1), params)
+        row_choices = None
+        if self.record_choices:
+            row_choices = self._row_choices(parts, fed_choices, done_list)
         if top_out:
             values = torch.stack([v for v, _ in top_out], 1).tolist()  # [B, steps, k]
             ids = torch.stack([i for _, i in top_out], 1).tolist()
@@ -273,8 +298,28 @@ class ModelGenerator:
                 n = len(completion.token_ids)
                 completion.extra["top_logprobs"] = [list(zip(ids[row][j], values[row][j])) for j in range(n)]
         if self.prefix_cache is not None:
-            self._keep(prompts, done_list, cache, valid[:, :width], width, len(tokens_out) - 1)
+            self._keep(prompts, done_list, cache, valid[:, :width], width, len(tokens_out) - 1, row_choices)
         return done_list
+
+    def _row_choices(self, parts: list[Prefilled], fed: list[Choices], done: list[Completion]) -> list[Choices]:
+        """Each row's choices over prompt + completion (set on `done`'s completions, on the CPU):
+        the prompt's from the prefill, then those of each sampled token the decoding fed back
+        (the last sampled token, if it never ran, unknown)."""
+        prompt = [part.choices[o] for part in parts for o in part.owner]
+        sampled = concat(fed, dim=1).to("cpu") if fed else None  # [B, len(fed), ...], one copy
+        rows = []
+        for r, completion in enumerate(done):
+            n = len(completion.token_ids)
+            ran = min(n, len(fed))
+            pieces = [prompt[r].to("cpu")]
+            if ran:
+                pieces.append(sampled.rows((r, slice(0, ran))))
+            if n > ran:
+                pieces.append(unknown(self.model.config, 1, n - ran).rows(0))
+            mine = concat(pieces)
+            completion.choices = mine
+            rows.append(mine)
+        return rows
 
     def _mode(self, params: SamplingParams) -> str:
         """The decoding mode of one call: "auto" becomes "graph" on CUDA for calls long enough to
@@ -314,6 +359,8 @@ class Prefilled:
     last: torch.Tensor
     """[U, V] the logits after each unique prompt's last token."""
     policy_version: int
+    choices: list[Choices] | None = None
+    """Per unique prompt, its tokens' choices ([len] leading) when the generator records them."""
 
 
 def _join(parts: list[Prefilled], max_new_tokens: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
@@ -353,7 +400,7 @@ class _StaticDecode:
     after a first eager step, which also compiles and warms every kernel the graph records."""
 
     def __init__(self, model: Transformer, cache: KVCache, valid: torch.Tensor, next_position: torch.Tensor,
-                 capacity: int, *, graph: bool, min_position: int = 0) -> None:
+                 capacity: int, *, graph: bool, min_position: int = 0, record: bool = False) -> None:
         b, width = valid.shape
         self.min_position = min_position
         """No row decodes below this position (known on the host: positions only grow)."""
@@ -368,10 +415,18 @@ class _StaticDecode:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.steps = 0
+        self.record = ChoiceRecorder() if record else None
+        """The step's choices as the model writes them (the graph's buffers once captured)."""
+        self.choices: Choices | None = None
+        """The last step's choices, [B, 1, ...], copied out (when recording)."""
 
     def _forward(self) -> torch.Tensor:
         return self.model.forward_decode(self.ids, self.position, self.slot, self.valid, self.cache,
-                                         min_position=self.min_position)[:, -1]
+                                         min_position=self.min_position, record=self.record)[:, -1]
+
+    def _read(self) -> None:
+        if self.record is not None:
+            self.choices = self.record.choices()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed the sampled tokens [B]; the logits [B, V] for the next ones (valid until the next step)."""
@@ -383,15 +438,19 @@ class _StaticDecode:
         self.ids.copy_(tokens[:, None])
         if self.graph is not None:
             self.graph.replay()
+            self._read()
             return self.logits
         if not self.use_graph:
-            return self._forward()
+            logits = self._forward()
+            self._read()
+            return logits
         # Warm up on a side stream as torch asks before a capture, then capture the same step.
         # The step is idempotent (it rewrites the same cache slots), and the capture runs nothing.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             first = self._forward()
+            self._read()  # before the capture takes the recorder's entries over
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):

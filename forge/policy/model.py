@@ -30,11 +30,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from forge.kernels.msa import MSAConfig, msa_decode
-from forge.kernels.msa.tree import msa_cache_attention, msa_tree
-from forge.kernels.msa.tree_triton import msa_tree_triton
+from forge.kernels.msa.tree import msa_cache_attention, msa_tree, select_blocks_tree, select_cache_blocks
+from forge.kernels.msa.tree_triton import msa_tree_triton, select_blocks_tree_triton
 from forge.kernels.norm import fused_rms_norm, fused_rms_norm_ok, fused_rms_norm_rope, fused_rms_norm_rope_ok
 from forge.kernels.tree_attention import tree_attention
 from forge.kernels.tree_attention.piece_backends import cudnn_chosen
+from forge.policy.choices import ChoiceRecorder, Choices, check_choices
 from forge.policy.config import ModelConfig
 from forge.policy.invariant import Linear, invariant_linear, wide, wide_call
 from forge.policy.moe import MoE, SwiGLU
@@ -212,6 +213,12 @@ class _Pass:
     generating: bool = False
     """A KV-cached pass of generation: norms and rotary embeddings may take the one-kernel forms
     (forge.kernels.norm) on a GPU without gradients."""
+    impose: Choices | None = None
+    """Choices to impose on the pass's tokens (routing replay, forge.policy.choices)."""
+    impose_unknown_sparse: bool = True
+    """Some imposed token at or past msa.dense_below_tokens is unknown: MSA layers select too."""
+    record: ChoiceRecorder | None = None
+    """Where the pass writes the choices it made."""
 
 
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -272,6 +279,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.num_heads * c.head_dim if per_layer else c.head_dim, c.rms_eps)
             self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim if per_layer else c.head_dim, c.rms_eps)
         self.msa: MSAConfig | None = c.msa if c.is_msa_layer(layer) else None
+        self.msa_slot = sum(c.is_msa_layer(i) for i in range(layer))
+        """This layer's index among the MSA layers (its slot in a `Choices.blocks` record)."""
         if self.msa is not None:
             di = self.msa.index_dim
             self.iq_proj = Linear(c.hidden_size, c.num_kv_heads * di, bias=False)
@@ -369,7 +378,17 @@ class Attention(nn.Module):
                   scale=scale, token_weight=p.token_weight)
         # On CUDA one set of Triton kernels serves chains and trees, so that a token's blocks are
         # selected bitwise alike merged or unmerged (forge.kernels.msa.tree_triton).
-        msa = msa_tree_triton if self._triton_ok(q) else functools.partial(msa_tree, n_blocks=p.msa_blocks)
+        triton = self._triton_ok(q)
+        msa = msa_tree_triton if triton else functools.partial(msa_tree, n_blocks=p.msa_blocks)
+
+        def select() -> torch.Tensor:
+            if triton:
+                return select_blocks_tree_triton(iq, ik, subtree_end, p.position, block_size=m.block_size,
+                                                 top_k=m.top_k)
+            return select_blocks_tree(iq.detach(), ik.detach(), subtree_end, p.position, block_size=m.block_size,
+                                      top_k=m.top_k)
+
+        kw["selected"] = self._replayed_blocks(p, select)
         loss = None
         if p.msa_all_dense:
             # Every row keeps every visible key: the dense kernels compute it faster.
@@ -382,6 +401,38 @@ class Attention(nn.Module):
                               **kw)
             p.index_losses.append(loss)
         return out
+
+    def _replayed_blocks(self, p: _Pass, select) -> torch.Tensor | None:
+        """The blocks to attend to when the pass imposes or records choices, else None (the
+        kernels select): imposed blocks where the token's record is known, `select()`'s
+        elsewhere. Records what the rows attended to, rows that attend densely as unknown (-1)."""
+        imposed = None if p.impose is None or p.impose.blocks is None else p.impose.blocks[:, :, self.msa_slot]
+        selected = None
+        if not p.msa_all_dense:
+            if imposed is not None and not p.impose_unknown_sparse:
+                # Unknown tokens are dense rows or padding here: their own block keeps their
+                # softmax non-empty, and nothing depends on what else they keep.
+                own = torch.full_like(imposed, -1, dtype=torch.int32)
+                own[..., -1] = (p.position // self.msa.block_size)[:, :, None]
+                selected = torch.where(imposed[..., -1:] >= 0, imposed.to(torch.int32), own).contiguous()
+            elif imposed is not None or p.record is not None:
+                selected = select()
+                if imposed is not None:
+                    selected = torch.where(imposed[..., -1:] >= 0, imposed.to(torch.int32), selected).contiguous()
+        if p.record is not None:
+            self._record_blocks(p, selected, p.position)
+        return selected
+
+    def _record_blocks(self, p: _Pass, selected: torch.Tensor | None, position: torch.Tensor) -> None:
+        """Write this layer's kept blocks [B, T, Hkv, K] (None: every row dense) to p.record,
+        rows at positions below msa.dense_below_tokens (or all, in the dense warm-up) as unknown."""
+        m = self.msa
+        b, t = position.shape
+        if selected is None or p.msa_dense:
+            rec = torch.full((b, t, self.num_kv_heads, m.top_k), -1, dtype=torch.int32, device=position.device)
+        else:
+            rec = torch.where((position < m.dense_below_tokens)[:, :, None, None], -1, selected.to(torch.int32))
+        p.record.blocks[self.msa_slot] = rec
 
     def _msa_cached(self, q, k, v, iq, ik, p: _Pass, cache: tuple) -> torch.Tensor:
         """MSA of new tokens against a position-indexed cache, after writing their keys at their positions."""
@@ -407,9 +458,13 @@ class Attention(nn.Module):
         if length == 0 and t > 1 and (self._triton_ok(q) or self._interpreted_ok(q)):
             return self._msa_prefill(q, k, v, iq, ik, p)
         s = p.last_position + 1
+        selected = None
+        if p.record is not None:
+            selected = select_cache_blocks(iq, ik_cache[:, :s], p.position, block_size=m.block_size, top_k=m.top_k)
+            self._record_blocks(p, selected, p.position)
         return msa_cache_attention(q, iq, k_cache[:, :s], v_cache[:, :s], ik_cache[:, :s], p.position,
                                    block_size=m.block_size, top_k=m.top_k, dense_below=m.dense_below_tokens,
-                                   dense=p.msa_dense, scale=self.head_dim**-0.5)
+                                   dense=p.msa_dense, scale=self.head_dim**-0.5, selected=selected)
 
     def _msa_prefill(self, q, k, v, iq, ik, p: _Pass) -> torch.Tensor:
         """A prefill from an empty cache through the trainer's kernels (`msa_tree_triton`): each
@@ -419,8 +474,14 @@ class Attention(nn.Module):
         index = torch.arange(t, device=q.device)
         valid = p.new_valid if p.new_valid is not None else torch.ones_like(p.position, dtype=torch.bool)
         subtree_end = torch.where(valid, torch.full_like(p.position, t), index + 1)
+        selected = None
+        if p.record is not None:
+            selected = select_blocks_tree_triton(iq, ik, subtree_end, p.position, block_size=m.block_size,
+                                                 top_k=m.top_k)
+            self._record_blocks(p, selected, p.position)
         out, _ = msa_tree_triton(q, k, v, iq, ik, subtree_end, p.position, block_size=m.block_size, top_k=m.top_k,
-                                 dense_below=m.dense_below_tokens, dense=p.msa_dense, scale=self.head_dim**-0.5)
+                                 dense_below=m.dense_below_tokens, dense=p.msa_dense, scale=self.head_dim**-0.5,
+                                 selected=selected)
         return out
 
     def _paged_decode(self, q, iq, k_cache, v_cache, ik_cache, p: _Pass) -> torch.Tensor:
@@ -432,17 +493,26 @@ class Attention(nn.Module):
         def paged(x: torch.Tensor) -> torch.Tensor:
             return x.view(b * pages, m.block_size, *x.shape[2:])
 
-        return msa_decode(q, iq, paged(k_cache), paged(v_cache), paged(ik_cache), page_table,
-                          p.position[:, 0] + 1, top_k=m.top_k, scale=self.head_dim**-0.5)
+        from forge.kernels.msa.triton_decode import decode_with_selection
+
+        out, selected = decode_with_selection(q, iq, paged(k_cache), paged(v_cache), paged(ik_cache), page_table,
+                                              p.position[:, 0] + 1, top_k=m.top_k, scale=self.head_dim**-0.5)
+        if p.record is not None:
+            self._record_blocks(p, selected, p.position)
+        return out
 
     def _msa_decode_static(self, q, iq, k_cache, v_cache, ik_cache, p: _Pass) -> torch.Tensor:
         """One new token per row, keys already written, with no host read: `msa_decode` for every
         row, and where a row is below `dense_below_tokens`, dense attention over the first slots."""
         m = self.msa
         if not (self._triton_ok(q) or self._interpreted_ok(q)):
+            selected = None
+            if p.record is not None:
+                selected = select_cache_blocks(iq, ik_cache, p.position, block_size=m.block_size, top_k=m.top_k)
+                self._record_blocks(p, selected, p.position)
             return msa_cache_attention(q, iq, k_cache, v_cache, ik_cache, p.position, block_size=m.block_size,
                                        top_k=m.top_k, dense_below=m.dense_below_tokens,
-                                       scale=self.head_dim**-0.5)
+                                       scale=self.head_dim**-0.5, selected=selected)
         out = self._paged_decode(q, iq, k_cache, v_cache, ik_cache, p)
         n = min(m.dense_below_tokens, k_cache.shape[1])
         if n == 0 or p.first_position >= m.dense_below_tokens:
@@ -476,7 +546,9 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x, p.generating), p, cache)
         h = self.mlp_norm(x, p.generating)
         if isinstance(self.mlp, MoE):
-            return x + self.mlp(h, p.token_weight, generating=p.generating)
+            imposed = None if p.impose is None or p.impose.experts is None else p.impose.experts[:, :, self.mlp.moe_slot]
+            return x + self.mlp(h, p.token_weight, generating=p.generating, imposed=imposed,
+                                record=None if p.record is None else p.record.experts)
         return x + self.mlp(h)
 
 
@@ -493,6 +565,9 @@ class Transformer(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        for i, block in enumerate(self.layers):
+            if isinstance(block.mlp, MoE):
+                block.mlp.moe_slot = sum(config.is_moe_layer(j) for j in range(i))
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.msa.enabled:
@@ -557,6 +632,8 @@ class Transformer(nn.Module):
         subtree_end: torch.Tensor | None = None,
         token_weight: torch.Tensor | None = None,
         return_index_loss: bool = False,
+        choices: Choices | None = None,
+        record: ChoiceRecorder | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] in float32 (float64 for an fp64 model).
 
@@ -568,6 +645,9 @@ class Transformer(nn.Module):
         return_index_loss: also return the MSA index-branch KL (forge.kernels.msa.tree), summed
         over MSA layers and over tokens weighted by token_weight, averaged over KV groups; a
         scalar (0 without MSA layers) that trains only the index projections.
+        choices: routing replay (forge.policy.choices): each token's recorded MoE experts and MSA
+        blocks, [B, T, ...] as `Choices` documents, imposed where known. record: a
+        `ChoiceRecorder` that receives the choices this pass made.
         """
         b, t = input_ids.shape
         plain = position_ids is None and subtree_end is None
@@ -576,7 +656,9 @@ class Transformer(nn.Module):
                 raise ValueError("subtree_end needs position_ids (each token's depth in the prefix tree)")
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         p = self._pass(position_ids, subtree_end=subtree_end, token_weight=token_weight, plain_causal=plain,
-                       with_index_loss=return_index_loss and self.config.msa.enabled)
+                       with_index_loss=return_index_loss and self.config.msa.enabled, record=record)
+        if choices is not None:
+            self._impose(p, choices, token_weight)
         h = self.embed(input_ids)
         for layer in self.layers:
             h = layer(h, p)
@@ -586,8 +668,21 @@ class Transformer(nn.Module):
         zero = torch.zeros((), device=logits.device, dtype=logits.dtype)
         return logits, sum(p.index_losses, zero)
 
+    def _impose(self, p: _Pass, choices: Choices, token_weight: torch.Tensor | None) -> None:
+        """Check `choices` against the pass (one host read) and hand them to its layers."""
+        check_choices(self.config, choices, tuple(p.position.shape))
+        p.impose = choices.to(p.position.device)
+        blocks = p.impose.blocks
+        if blocks is not None:
+            # Does any token that would attend sparsely (and is not padding) lack a record?
+            unknown = (blocks[..., -1] < 0).any(dim=(2, 3)) & (p.position >= self.config.msa.dense_below_tokens)
+            if token_weight is not None:
+                unknown &= token_weight != 0
+            p.impose_unknown_sparse = bool(unknown.any())
+
     def forward_cached(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache, key_valid: torch.Tensor
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache, key_valid: torch.Tensor,
+        record: ChoiceRecorder | None = None,
     ) -> torch.Tensor:
         """Run T new tokens per row against a KV cache and append their keys and values.
 
@@ -595,7 +690,8 @@ class Transformer(nn.Module):
         padding slots. Each new token sees the valid slots up to and including its own; a
         padding token also sees itself, so no row of the softmax is empty. MSA layers see the
         positions up to the token's own (their cache is indexed by position). Returns logits
-        [B, T, V] float32 and advances cache.length by T.
+        [B, T, V] float32 and advances cache.length by T. `record` receives the pass's choices
+        (forge.policy.choices), padding tokens included.
         """
         b, t = input_ids.shape
         total = cache.length + t
@@ -607,7 +703,7 @@ class Transformer(nn.Module):
         mask = (key_valid[:, None, :] & causal) | (slots[None, :] == query_slot[:, None])  # [B, T, S']
         new_valid = key_valid[:, cache.length :]
         p = self._pass(position_ids, generating=True, cache_mask=mask[:, None], new_valid=new_valid,
-                       new_all_valid=not self.config.msa.enabled or bool(new_valid.all()))
+                       new_all_valid=not self.config.msa.enabled or bool(new_valid.all()), record=record)
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, p, (cache.k[i], cache.v[i], cache.ik[i] if cache.ik else None, cache.length))
@@ -616,7 +712,7 @@ class Transformer(nn.Module):
 
     def forward_decode(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor, slot_valid: torch.Tensor,
-        cache: KVCache, *, min_position: int = 0,
+        cache: KVCache, *, min_position: int = 0, record: ChoiceRecorder | None = None,
     ) -> torch.Tensor:
         """One new token per row with fixed shapes and no host synchronisation: the decoding step
         that `ModelGenerator` captures in a CUDA graph. Computes what `forward_cached` does.
@@ -628,7 +724,8 @@ class Transformer(nn.Module):
         MSA dense warm-up to be over (`msa_warming_up()`, which the caller checks once: reading
         the step counter here would synchronise). `min_position`: a lower bound of position_ids that
         the caller knows on the host; at or past `msa.dense_below_tokens`, MSA layers skip the dense
-        branch that rows below that position need.
+        branch that rows below that position need. `record` receives the step's choices (under a
+        CUDA graph, in the graph's own buffers).
         """
         b, t = input_ids.shape
         if t != 1 or slot.shape != (1,) or slot_valid.shape[0] != b:
@@ -636,7 +733,7 @@ class Transformer(nn.Module):
                              f"slot_valid); got ids {list(input_ids.shape)}, slot {list(slot.shape)}, "
                              f"slot_valid {list(slot_valid.shape)}")
         p = self._pass(position_ids, static=True, generating=True, cache_mask=slot_valid[:, None, None, :],
-                       decode_slot=slot, first_position=min_position)
+                       decode_slot=slot, first_position=min_position, record=record)
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, p, (cache.k[i], cache.v[i], cache.ik[i] if cache.ik else None, None))

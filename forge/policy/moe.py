@@ -24,7 +24,7 @@ from forge.kernels.dtypes import at_least_fp32
 import torch.nn.functional as F
 from torch import nn
 
-from forge.kernels.moe import moe_experts, moe_experts_all, moe_experts_naive, route, route_naive
+from forge.kernels.moe import moe_experts, moe_experts_all, moe_experts_naive, route, route_given, route_naive
 from forge.kernels.moe.all_experts import ALL_EXPERTS_MAX_PAIRS
 from forge.policy.config import ModelConfig
 from forge.policy.invariant import Linear, wide, wide_call
@@ -77,6 +77,8 @@ class MoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(e, f, h))
         self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32))
         self.register_buffer("load", torch.zeros(e, dtype=torch.float32), persistent=False)
+        self.moe_slot = 0
+        """This layer's index among the MoE layers (its slot in a `Choices.experts` record); set by the model."""
         width = config.num_shared_experts * config.expert_width
         self.shared = SwiGLU(h, width) if width else None
 
@@ -85,10 +87,14 @@ class MoE(nn.Module):
         return self.router.shape[0]
 
     def forward(
-        self, x: torch.Tensor, token_weight: torch.Tensor | None = None, *, generating: bool = False
+        self, x: torch.Tensor, token_weight: torch.Tensor | None = None, *, generating: bool = False,
+        imposed: torch.Tensor | None = None, record: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [B, T, H], token_weight [B, T] or None -> [B, T, H]. `generating` (a KV-cached pass)
-        lets a CUDA decoding step run every expert on its few tokens (kernels/moe/all_experts.py)."""
+        lets a CUDA decoding step run every expert on its few tokens (kernels/moe/all_experts.py).
+        Routing replay (forge.policy.choices): `imposed` [B, T, top_k] experts replace the
+        router's choice where a token's first slot is >= 0 (weights: this router's scores of
+        them); `record` gets the experts used, [B, T, top_k], under key `self.moe_slot`."""
         b, t, h = x.shape
         flat = x.reshape(b * t, h)  # [N, H]
         # The router runs in fp32: in bf16, near-tied scores flip the top-k choice between the
@@ -101,6 +107,13 @@ class MoE(nn.Module):
             logits, self.expert_bias, self.top_k, score_func=self.score_func,
             renormalize=self.renormalize, token_weight=tw,
         )
+        if imposed is not None:
+            given = imposed.reshape(b * t, self.top_k).long()
+            given = torch.where(given[:, :1] >= 0, given, experts)
+            weights, experts, load = route_given(logits, given, score_func=self.score_func,
+                                                 renormalize=self.renormalize, token_weight=tw)
+        if record is not None:
+            record[self.moe_slot] = experts.view(b, t, self.top_k)
         # Count only the tokens a step trains on: no-grad forwards in training mode (the
         # trainer's old-policy logprobs, a reference pass) would otherwise count them again.
         if self.training and torch.is_grad_enabled():

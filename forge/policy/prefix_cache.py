@@ -19,15 +19,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from forge.policy.choices import Choices
+
 
 @dataclass
 class CachedPrefix:
-    """One kept sequence: per layer, k and v [n, Hkv, D] and, for MSA layers, ik [n, Di]."""
+    """One kept sequence: per layer, k and v [n, Hkv, D] and, for MSA layers, ik [n, Di]; the
+    tokens' recorded choices [n, ...] when the generator records them (forge.policy.choices)."""
 
     tokens: np.ndarray
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     ik: list[torch.Tensor | None]
+    choices: Choices | None = None
 
 
 class PrefixCache:
@@ -82,7 +86,7 @@ class PrefixCache:
         return self._entries[keys[best]], n
 
     def store(self, tokens: list[int], k: list[torch.Tensor], v: list[torch.Tensor],
-              ik: list[torch.Tensor | None]) -> None:
+              ik: list[torch.Tensor | None], choices: Choices | None = None) -> None:
         """Keep `tokens` with their keys (each [n, ...] for n = len(tokens)); evicts to the budget."""
         n = len(tokens)
         if n == 0 or n > self.budget_tokens:
@@ -91,7 +95,7 @@ class PrefixCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        self._entries[key] = CachedPrefix(np.asarray(tokens, dtype=np.int64), k, v, ik)
+        self._entries[key] = CachedPrefix(np.asarray(tokens, dtype=np.int64), k, v, ik, choices)
         self._matrix = None
         self.tokens += n
         while self.tokens > self.budget_tokens:

@@ -7,7 +7,10 @@ local model's generator and a remote inference server are interchangeable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+if TYPE_CHECKING:  # torch stays out of the rollout side's imports
+    from forge.policy.choices import Choices
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class Completion:
     policy_version: int = 0
     """Version of the weights that sampled these tokens."""
     extra: dict = field(default_factory=dict)
+    choices: Choices | None = None
+    """Routing replay (forge.policy.choices): the MoE experts and MSA blocks of every token of
+    prompt + completion as the sampler ran them ([len(prompt) + len(token_ids)] leading; the
+    last sampled token, never run, unknown). Only from a generator that records them."""
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):

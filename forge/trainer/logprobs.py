@@ -20,6 +20,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from forge.policy.choices import Choices
 from forge.prefix_tree import FlatTree, TokenSeq, build_tree, pack_groups
 from forge.prefix_tree.trie import as_token_list
 
@@ -99,15 +100,62 @@ def _row_scores(logits: torch.Tensor, with_entropy: bool,
     return lse, ent.float() if invariant and ent.dtype != torch.float64 else ent
 
 
+class _Keyed:
+    """Sequences with per-token choices (routing replay) as merge keys: each distinct (token id,
+    choices) pair gets its own id, so that the prefix tree merges tokens only where both agree,
+    and each flat token of a tree gets the choices of the sequences through it."""
+
+    def __init__(self, seqs: list[list[int]], choices: Sequence[Choices]) -> None:
+        if len(choices) != len(seqs):
+            raise ValueError(f"choices must give one record per sequence: {len(choices)} for {len(seqs)} sequences")
+        ids: dict[tuple, int] = {}
+        self.keyed: list[list[int]] = []
+        for i, (s, c) in enumerate(zip(seqs, choices)):
+            keys = c.token_keys()
+            if len(keys) != len(s):
+                raise ValueError(f"sequence {i} has {len(s)} tokens but its choices {len(keys)}; record the "
+                                 "choices of every token of the sequence (prompt included)")
+            self.keyed.append([ids.setdefault(pair, len(ids)) for pair in zip(s, keys)])
+        token_of = [0] * len(ids)
+        for (tok, _), i in ids.items():
+            token_of[i] = tok
+        self.token_of = torch.tensor(token_of, dtype=torch.long)
+        self.choices = list(choices)
+
+    def flat(self, tree: FlatTree, seq_ids: Sequence[int]) -> Choices:
+        """The choices of the tree's flat tokens, [1, N, ...], from the sequences `seq_ids`."""
+        first = self.choices[seq_ids[0]]
+        n = tree.num_tokens
+
+        def gather(name: str) -> torch.Tensor | None:
+            proto = getattr(first, name)
+            if proto is None:
+                return None
+            out = proto.new_empty((n, *proto.shape[1:]))
+            for j, i in enumerate(seq_ids):
+                out[tree.seq_index[j]] = getattr(self.choices[i], name)
+            return out[None]
+
+        return Choices(gather("experts"), gather("blocks"))
+
+
 def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, with_index_loss: bool,
-            temperature: float = 1.0) -> SequenceScores:
+            temperature: float = 1.0, keyed: _Keyed | None = None,
+            seq_ids: Sequence[int] | None = None) -> SequenceScores:
+    """`seqs` scored over `tree`; with `keyed`, the tree is over keyed ids (`_Keyed.keyed`) of
+    the sequences `seq_ids` (default all), whose choices the forward imposes."""
     dev = _device(model)
+    kw = {"return_index_loss": True} if with_index_loss else {}
+    token_ids = tree.token_ids
+    if keyed is not None:
+        token_ids = keyed.token_of[tree.token_ids]
+        kw["choices"] = keyed.flat(tree, range(len(seqs)) if seq_ids is None else seq_ids)
     out = model(
-        tree.token_ids[None].to(dev),
+        token_ids[None].to(dev),
         position_ids=tree.position[None].to(dev),
         subtree_end=tree.subtree_end[None].to(dev),
         token_weight=tree.multiplicity[None].to(dev, torch.float32),
-        **({"return_index_loss": True} if with_index_loss else {}),
+        **kw,
     )
     logits, index_loss = out if with_index_loss else (out, None)
     logits = _tempered(logits[0], temperature)  # [N, V]
@@ -145,8 +193,24 @@ def _length_batches(lengths: list[int], waste: float = PAD_WASTE) -> list[list[i
     return batches
 
 
+def _padded_choices(choices: Sequence[Choices], width: int) -> Choices:
+    """Per-sequence records stacked into [B, width, ...], unknown (-1) past each sequence's end."""
+
+    def stack(name: str) -> torch.Tensor | None:
+        parts = [getattr(c, name) for c in choices]
+        if parts[0] is None:
+            return None
+        out = parts[0].new_full((len(parts), width, *parts[0].shape[1:]), -1)
+        for row, x in enumerate(parts):
+            out[row, : x.shape[0]] = x
+        return out
+
+    return Choices(stack("experts"), stack("blocks"))
+
+
 def _unmerged(model, seqs: list[list[int]], with_entropy: bool, with_index_loss: bool,
-              padded: bool | None = None, temperature: float = 1.0) -> SequenceScores:
+              padded: bool | None = None, temperature: float = 1.0,
+              choices: Sequence[Choices] | None = None) -> SequenceScores:
     """Each sequence as if alone: one forward per sequence, or (`padded`, the default on CUDA,
     where a small model's forwards are bound by kernel launches) sequences of similar length
     right-padded into one causal batch. Padding comes after every real token, so causal
@@ -167,6 +231,8 @@ def _unmerged(model, seqs: list[list[int]], with_entropy: bool, with_index_loss:
             weight[row, : len(seqs[i])] = 1.0
         ids = ids.to(dev)
         kw = {"token_weight": weight.to(dev)} if len(batch) > 1 else {}
+        if choices is not None:
+            kw["choices"] = _padded_choices([choices[i] for i in batch], width)
         if with_index_loss:
             logits, part = model(ids, return_index_loss=True, **kw)
             index_loss = part if index_loss is None else index_loss + part
@@ -193,6 +259,7 @@ def sequence_scores(
     with_index_loss: bool = False,
     padded: bool | None = None,
     temperature: float = 1.0,
+    choices: Sequence[Choices] | None = None,
 ) -> SequenceScores:
     """Logprobs (and entropies) of every sequence's tokens after the first; see sequence_logprobs.
 
@@ -206,20 +273,30 @@ def sequence_scores(
     (default: on CUDA) instead of one forward each; the results are the same up to rounding.
     temperature: score log_softmax(logits / temperature), the distribution a sampler at that
     temperature drew from (entropies too); 1 leaves the logits as they are.
+    choices: routing replay (forge.policy.choices): per sequence, a `Choices` with leading dim
+    [len] (every token's, the prompt's included), imposed on the forward; tokens then merge only
+    where their ids and their choices agree. `tree` must be None with it.
     """
     seqs = [as_token_list(s) for s in sequences]
     if not seqs:
         return SequenceScores([], [] if with_entropy else None)
     if not merge:
-        return _unmerged(model, seqs, with_entropy, with_index_loss, padded, temperature)
+        return _unmerged(model, seqs, with_entropy, with_index_loss, padded, temperature, choices)
+    keyed = None
+    if choices is not None:
+        if tree is not None:
+            raise ValueError("pass either a prebuilt tree or choices: a tree with choices is built over their keys")
+        keyed = _Keyed(seqs, choices)
+    merge_seqs = seqs if keyed is None else keyed.keyed
     if token_budget is None:
-        return _merged(model, seqs, tree if tree is not None else build_tree(seqs), with_entropy, with_index_loss,
-                       temperature)
+        return _merged(model, seqs, tree if tree is not None else build_tree(merge_seqs), with_entropy,
+                       with_index_loss, temperature, keyed)
     logprobs: list = [None] * len(seqs)
     entropies: list | None = [None] * len(seqs) if with_entropy else None
     index_loss = None
-    for pack in pack_groups([seqs], token_budget):
-        part = _merged(model, [seqs[i] for i in pack.seq_ids], pack.tree, with_entropy, with_index_loss, temperature)
+    for pack in pack_groups([merge_seqs], token_budget):
+        part = _merged(model, [seqs[i] for i in pack.seq_ids], pack.tree, with_entropy, with_index_loss, temperature,
+                       keyed, pack.seq_ids)
         if part.index_loss is not None:
             index_loss = part.index_loss if index_loss is None else index_loss + part.index_loss
         for j, i in enumerate(pack.seq_ids):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from forge.kernels.moe.all_experts import moe_experts_all
-from forge.kernels.moe.naive import ScoreFunc, moe_experts_naive, route_naive
+from forge.kernels.moe.naive import ScoreFunc, moe_experts_naive, route_given, route_naive
 
 
 def route(
@@ -51,4 +51,4 @@ def moe_experts(
     return moe_experts_naive(x, weights, experts, w_gate, w_up, w_down)
 
 
-__all__ = ["ScoreFunc", "moe_experts", "moe_experts_all", "moe_experts_naive", "route", "route_naive"]
+__all__ = ["ScoreFunc", "moe_experts", "moe_experts_all", "moe_experts_naive", "route", "route_given", "route_naive"]

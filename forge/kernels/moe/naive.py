@@ -52,13 +52,37 @@ def route_naive(
     scores = router_scores(logits, score_func)  # [N, E]
     # The bias only steers the choice; it must never reach the weights or get a gradient.
     experts = torch.topk(scores.detach() + bias.float(), top_k, dim=-1).indices  # [N, k]
+    return _weigh(scores, experts, renormalize, token_weight)
+
+
+def route_given(
+    logits: torch.Tensor,
+    experts: torch.Tensor,
+    *,
+    score_func: ScoreFunc = "sigmoid",
+    renormalize: bool = True,
+    token_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`route_naive` with the experts given instead of chosen (routing replay: the trainer
+    imposes what the sampler chose). logits [N, E]; experts [N, k] integer, each in [0, E) (the
+    caller checks: a check here would read the device back once per layer).
+    The weights are this router's own scores of the given experts, so its gradient is the one
+    `route_naive` would give had it chosen them. Returns weights, experts (int64), load."""
+    return _weigh(router_scores(logits, score_func), experts.long(), renormalize, token_weight)
+
+
+def _weigh(scores: torch.Tensor, experts: torch.Tensor, renormalize: bool,
+           token_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing weights [N, k] of the chosen experts and the load [E] they add."""
+    n, e = scores.shape
+    top_k = experts.shape[1]
     weights = scores.gather(1, experts)  # [N, k]
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if token_weight is None:
-        token_weight = torch.ones(n, device=logits.device)
+        token_weight = torch.ones(n, device=scores.device)
     tw = token_weight.detach().float()[:, None].expand(n, top_k)  # [N, k]
-    load = torch.zeros(e, device=logits.device, dtype=torch.float32)
+    load = torch.zeros(e, device=scores.device, dtype=torch.float32)
     load.index_add_(0, experts.reshape(-1), tw.reshape(-1))
     return weights, experts, load
 

@@ -44,6 +44,44 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def select_tree_blocks(
+    iq: torch.Tensor,
+    ik: torch.Tensor,
+    visible: torch.Tensor,
+    key_block: torch.Tensor,
+    own_block: torch.Tensor,
+    *,
+    top_k: int,
+    n_blocks: int,
+) -> torch.Tensor:
+    """Kept blocks `[B, C, Hkv, top_k]` int32 in the Triton indexer's layout: the `top_k - 1` best
+    other visible blocks (-1 where fewer exist), then the own block last.
+
+    iq: [B, C, Hkv, Di]; ik: [B, S, Di]; visible: [B, C, S] bool; key_block: [B, S] long;
+    own_block: [B, C] long; n_blocks: more than any block index. A block scores the max over its
+    visible keys; equal scores rank the lower block first.
+    """
+    b, c, hkv, _ = iq.shape
+    s = ik.shape[1]
+    sel = torch.full((b, hkv, c, top_k), -1, dtype=torch.long, device=iq.device)
+    n_other = min(top_k - 1, n_blocks)
+    if n_other > 0:
+        ct = _compute_dtype(iq)
+        scores = torch.einsum("bcgd,bsd->bgcs", iq.to(ct), ik.to(ct))  # [B, Hkv, C, S]
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        index = key_block[:, None, None, :].expand(b, hkv, c, s)
+        blocks = torch.full((b, hkv, c, n_blocks), float("-inf"), dtype=ct, device=iq.device)
+        blocks = blocks.scatter_reduce(-1, index, scores, reduce="amax")  # [B, Hkv, C, NB]
+        own = own_block[:, None, :, None].expand(b, hkv, c, 1)
+        others = blocks.scatter(-1, own, float("-inf"))
+        # A stable descending sort ranks equal scores by the lower block index, as naive.py does.
+        chosen = torch.sort(others, dim=-1, descending=True, stable=True).indices[..., :n_other]
+        valid = torch.gather(others, -1, chosen) > float("-inf")
+        sel[..., :n_other] = torch.where(valid, chosen, -1)
+    sel[..., -1] = own_block[:, None, :]
+    return sel.permute(0, 2, 1, 3).to(torch.int32)
+
+
 def kept_keys(
     iq: torch.Tensor,
     ik: torch.Tensor,
@@ -61,31 +99,19 @@ def kept_keys(
     iq: [B, C, Hkv, Di] index queries of C queries; ik: [B, S, Di] index keys of S keys;
     visible: [B, C, S] bool; key_block: [B, S] long, each key's block; own_block: [B, C] long;
     dense_rows: [B, C] bool, rows that keep every visible key. `selected` [B, C, Hkv, K] (block
-    indices, -1 for empty slots, any order) replaces the selection, e.g. the Triton indexer's.
-    `n_blocks` (more than any block index) spares reading the maximum back from the device.
+    indices, -1 for empty slots, any order) replaces the selection (`select_tree_blocks`), e.g.
+    the Triton indexer's or a recorded one. `n_blocks` (more than any block index) spares reading
+    the maximum back from the device.
     """
     b, c, hkv, _ = iq.shape
     s = ik.shape[1]
     if n_blocks is None:
         n_blocks = max(int(key_block.max()) + 1 if s else 1, int(own_block.max()) + 1 if c else 1)
+    if selected is None:
+        selected = select_tree_blocks(iq, ik, visible, key_block, own_block, top_k=top_k, n_blocks=n_blocks)
     kept_blocks = torch.zeros(b, hkv, c, n_blocks + 1, dtype=torch.bool, device=iq.device)
-    if selected is not None:
-        sel = selected.long().permute(0, 2, 1, 3)  # [B, Hkv, C, K]
-        kept_blocks.scatter_(-1, torch.where(sel < 0, n_blocks, sel), True)
-    elif top_k > 1:
-        ct = _compute_dtype(iq)
-        scores = torch.einsum("bcgd,bsd->bgcs", iq.to(ct), ik.to(ct))  # [B, Hkv, C, S]
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))
-        index = key_block[:, None, None, :].expand(b, hkv, c, s)
-        blocks = torch.full((b, hkv, c, n_blocks), float("-inf"), dtype=ct, device=iq.device)
-        blocks = blocks.scatter_reduce(-1, index, scores, reduce="amax")  # [B, Hkv, C, NB]
-        own = own_block[:, None, :, None].expand(b, hkv, c, 1)
-        others = blocks.scatter(-1, own, float("-inf"))
-        n_other = min(top_k - 1, n_blocks)
-        # A stable descending sort ranks equal scores by the lower block index, as naive.py does.
-        chosen = torch.sort(others, dim=-1, descending=True, stable=True).indices[..., :n_other]
-        valid = torch.gather(others, -1, chosen) > float("-inf")
-        kept_blocks.scatter_(-1, torch.where(valid, chosen, n_blocks), True)
+    sel = selected.long().permute(0, 2, 1, 3)  # [B, Hkv, C, K]
+    kept_blocks.scatter_(-1, torch.where(sel < 0, n_blocks, sel), True)
     kept_blocks.scatter_(-1, own_block[:, None, :, None].expand(b, hkv, c, 1), True)
     kept = torch.gather(kept_blocks[..., :n_blocks], -1, key_block[:, None, None, :].expand(b, hkv, c, s))
     kept = kept | dense_rows[:, None, :, None]
@@ -218,6 +244,24 @@ def msa_tree(
     return (torch.cat(outs, dim=1) if with_attention else None), total
 
 
+def select_blocks_tree(
+    iq: torch.Tensor, ik: torch.Tensor, subtree_end: torch.Tensor, position: torch.Tensor, *, block_size: int,
+    top_k: int, chunk: int = 256,
+) -> torch.Tensor:
+    """The blocks `msa_tree` keeps over a flattened prefix tree, `[B, T, Hkv, top_k]` int32 in the
+    layout of `select_tree_blocks` (and of the Triton indexer); arguments as in `msa_tree`."""
+    t = iq.shape[1]
+    n_blocks = int(position.max()) // block_size + 1 if t else 1
+    keys = torch.arange(t, device=iq.device)
+    parts = []
+    for t0 in range(0, t, chunk):
+        rows = keys[t0 : t0 + chunk]
+        visible = (keys[None, None, :] <= rows[None, :, None]) & (rows[None, :, None] < subtree_end[:, None, :])
+        parts.append(select_tree_blocks(iq[:, t0 : t0 + chunk], ik, visible, position // block_size,
+                                        position[:, t0 : t0 + chunk] // block_size, top_k=top_k, n_blocks=n_blocks))
+    return torch.cat(parts, dim=1) if parts else torch.empty(*iq.shape[:3], top_k, dtype=torch.int32)
+
+
 def msa_tree_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor,
     subtree_end: torch.Tensor, position: torch.Tensor, *, block_size: int = 128, top_k: int = 16,
@@ -241,6 +285,29 @@ def msa_tree_index_loss(
     return loss
 
 
+def _cache_chunks(position: torch.Tensor, s: int, block_size: int, chunk: int):
+    """(c0, positions [B, C'], visible [B, C', S], key_block [B, S]) of each chunk of queries
+    over a position-indexed cache of S slots."""
+    slots = torch.arange(s, device=position.device)
+    key_block = (slots // block_size).expand(position.shape[0], s)
+    for c0 in range(0, position.shape[1], chunk):
+        pos = position[:, c0 : c0 + chunk]
+        yield c0, pos, slots[None, None, :] <= pos[:, :, None], key_block
+
+
+def select_cache_blocks(
+    iq: torch.Tensor, ik_cache: torch.Tensor, position: torch.Tensor, *, block_size: int, top_k: int,
+    chunk: int = 128,
+) -> torch.Tensor:
+    """The blocks `msa_cache_attention` keeps, `[B, C, Hkv, top_k]` int32 (`select_tree_blocks`'
+    layout); arguments as there."""
+    n_blocks = -(-ik_cache.shape[1] // block_size)
+    parts = [select_tree_blocks(iq[:, c0 : c0 + chunk], ik_cache, visible, key_block, pos // block_size,
+                                top_k=top_k, n_blocks=n_blocks)
+             for c0, pos, visible, key_block in _cache_chunks(position, ik_cache.shape[1], block_size, chunk)]
+    return torch.cat(parts, dim=1)
+
+
 def msa_cache_attention(
     q: torch.Tensor,
     iq: torch.Tensor,
@@ -255,24 +322,23 @@ def msa_cache_attention(
     dense: bool = False,
     scale: float | None = None,
     chunk: int = 128,
+    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSA of new queries over a position-indexed cache (slot j of a row holds position j).
 
     q: [B, C, Hq, D]; iq: [B, C, Hkv, Di]; k_cache, v_cache: [B, S, Hkv, D]; ik_cache: [B, S, Di];
     position: [B, C], each query's position; its keys (slots 0..position) must be written. The
-    selection is the causal one of naive.py: a query sees slots up to its position. Runs in
-    chunks of `chunk` queries. Returns [B, C, Hq, D].
+    selection is the causal one of naive.py: a query sees slots up to its position; `selected`
+    [B, C, Hkv, K] (`select_cache_blocks`) imposes one. Runs in chunks of `chunk` queries.
+    Returns [B, C, Hq, D].
     """
-    b, c = q.shape[:2]
     s = k_cache.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    slots = torch.arange(s, device=q.device)
-    key_block = (slots // block_size).expand(b, s)
+    n_blocks = -(-s // block_size)
     outs = []
-    for c0 in range(0, c, chunk):
-        pos = position[:, c0 : c0 + chunk]
-        visible = slots[None, None, :] <= pos[:, :, None]  # [B, C', S]
+    for c0, pos, visible, key_block in _cache_chunks(position, s, block_size, chunk):
         kept = kept_keys(iq[:, c0 : c0 + chunk], ik_cache, visible, key_block, pos // block_size,
-                         (pos < dense_below) | dense, top_k=top_k)
+                         (pos < dense_below) | dense, top_k=top_k, n_blocks=n_blocks,
+                         selected=None if selected is None else selected[:, c0 : c0 + chunk])
         outs.append(_attend(q[:, c0 : c0 + chunk], k_cache, v_cache, kept, scale)[0])
     return torch.cat(outs, dim=1)

@@ -69,3 +69,17 @@ def msa_tree_triton(
                                           block_size=block_size, dense_below=dense_below, dense=dense, scale=scale,
                                           main_lse=lse)
     return out, loss
+
+
+def select_blocks_tree_triton(
+    iq: torch.Tensor, ik: torch.Tensor, subtree_end: torch.Tensor, position: torch.Tensor, *, block_size: int,
+    top_k: int,
+) -> torch.Tensor:
+    """The selection `msa_tree_triton` makes, `[B, T, Hkv, top_k]` int32 (own block last, -1
+    empty): for callers that record or replace it (forge.policy.choices) and then pass it back as
+    `selected`. Imported lazily, as the kernels are."""
+    from forge.kernels.msa.triton_tree_indexer import select_blocks_tree_triton as select
+
+    with torch.no_grad():
+        return select(iq.detach(), ik.detach(), subtree_end.to(torch.int32).contiguous(),
+                      position.to(torch.int32).contiguous(), block_size=block_size, top_k=top_k)
