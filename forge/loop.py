@@ -47,7 +47,7 @@ class SyncingGenerator:
     until `pin` fixes the version it samples with."""
 
     def __init__(self, model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32",
-                 prefix_cache_tokens: int = 0) -> None:
+                 prefix_cache_tokens: int = 0, record_choices: bool = False) -> None:
         self.store = store
         model = Transformer(model_cfg)
         if torch.cuda.is_available():
@@ -56,7 +56,7 @@ class SyncingGenerator:
             # logprobs and the trainer's differ as little as the two code paths allow.
             model = model.cuda().to(torch.bfloat16 if precision == "bf16" else torch.float32)
         self.inner = ModelGenerator(model, ByteTokenizer(), seed=seed, policy_version=-1,
-                                    prefix_cache_tokens=prefix_cache_tokens)
+                                    prefix_cache_tokens=prefix_cache_tokens, record_choices=record_choices)
         self.sync_s = 0.0
         self.pinned = False
         """Whether `pin` fixed the version: then `generate` no longer pulls newer weights."""
@@ -84,8 +84,8 @@ class SyncingGenerator:
 
 
 def _make_generator(model_cfg: ModelConfig, store: Any, seed: int, precision: str = "fp32",
-                    prefix_cache_tokens: int = 0) -> SyncingGenerator:
-    return SyncingGenerator(model_cfg, store, seed, precision, prefix_cache_tokens)
+                    prefix_cache_tokens: int = 0, record_choices: bool = False) -> SyncingGenerator:
+    return SyncingGenerator(model_cfg, store, seed, precision, prefix_cache_tokens, record_choices)
 
 
 MAX_WORKER_DEATHS_IN_A_ROW = 3
@@ -335,7 +335,8 @@ def _start_rollouts(cfg: Any, store: Any, state: DriverState, ledger: Ledger) ->
         n = next(started)
         name = f"rollout-{i}" if n < cfg.rollout.num_workers else f"rollout-{i}-{n}"
         return remote.options(name=name).remote(cfg.env, cfg.rollout, partial(_make_generator, cfg.model, store, seeds[i],
-                                                           cfg.trainer.precision, cfg.rollout.prefix_cache_tokens),
+                                                           cfg.trainer.precision, cfg.rollout.prefix_cache_tokens,
+                                                           cfg.rollout.routing_replay),
                              agent_cfg=cfg.agent)
 
     workers = [start_worker(i) for i in range(cfg.rollout.num_workers)]

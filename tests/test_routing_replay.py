@@ -230,3 +230,74 @@ def test_generator_without_recording_reports_no_choices():
     m = model(torch.float64).eval()
     done = ModelGenerator(m, seed=0).generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))
     assert done[0].choices is None
+
+
+# Transport: packed records, Arrow, the rollout, the trainer's batch
+
+
+def test_pack_unpack_round_trip_and_unknown_tail():
+    from forge.policy.choices import pack, unpack
+
+    m = model()
+    seq = batch()[0][1]
+    c = _own(m, seq)
+    e, b = pack(c)
+    back = unpack(m.config, e, b, len(seq) + 3)
+    assert torch.equal(back.experts[: len(seq)].long(), c.experts.long())
+    assert torch.equal(back.blocks[: len(seq)].long(), c.blocks.long())
+    assert bool((back.experts[len(seq):] == -1).all()) and bool((back.blocks[len(seq):] == -1).all())
+    empty = unpack(m.config, b"", b"", 4)
+    assert bool((empty.experts == -1).all()) and bool((empty.blocks == -1).all())
+    with pytest.raises(ValueError, match="do not fit"):
+        unpack(m.config, e, b, len(seq) - 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        unpack(m.config, e[:-2], b, len(seq))
+
+
+def test_records_cross_arrow_and_old_files_read_without_them(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from forge.middleware.arrow import TRAJECTORY_SCHEMA, from_record_batch, read_parquet, to_record_batch
+    from forge.middleware.types import Group, Trajectory, Turn
+
+    traj = Trajectory("t", "g", [1, 2, 3], [Turn([4, 5], [-0.5, -0.25], 0)], choice_experts=b"\x01\x00\x02\x00",
+                      choice_blocks=b"\xff\xff")
+    plain = Trajectory("t", "g", [1, 2, 3], [Turn([6], [-1.0], 0)])
+    groups = [Group("t", "g", [traj, plain])]
+    (back,) = from_record_batch(to_record_batch(groups))
+    assert back.trajectories[0].choice_experts == traj.choice_experts
+    assert back.trajectories[0].choice_blocks == traj.choice_blocks
+    assert back.trajectories[1].choice_experts == b"" and back.trajectories[1].choice_blocks == b""
+    table = pa.Table.from_batches([to_record_batch(groups)], schema=TRAJECTORY_SCHEMA)
+    old = table.drop(["choice_experts", "choice_blocks"]).replace_schema_metadata(
+        {b"forge.schema": b"trajectory", b"forge.schema_version": b"2"})
+    pq.write_table(old, tmp_path / "v2.parquet")
+    (read,) = read_parquet(tmp_path / "v2.parquet")
+    assert [t.choice_experts for t in read.trajectories] == [b"", b""]
+
+
+def test_a_turn_keeps_the_record_of_the_call_that_ran_the_whole_trajectory():
+    from forge.agent_side.episode import Episode, apply_turn
+    from forge.middleware.types import Trajectory
+    from forge.policy.choices import pack
+    from forge.policy.sampling import Completion
+    from forge.policy.tokenizer import ByteTokenizer
+
+    class Env:
+        def step(self, text):
+            return "ok", 0.0, False, False, {}
+
+    m = model()
+    prompt = [256, 10, 11, 12]
+    ep = Episode(env=Env(), traj=Trajectory("t", "g", list(prompt)))
+    ep.context = list(prompt)
+    ep.traj.timings = {"generate": 0.0, "env": 0.0, "total": 0.0}
+    c = _own(m, prompt + [5, 6])
+    apply_turn(ep, Completion([5, 6], [-1.0, -1.0], choices=c), ByteTokenizer(), timeout_s=5)
+    assert (ep.traj.choice_experts, ep.traj.choice_blocks) == pack(c)
+    # A context rewritten in place (not the trajectory's tokens): its record is not the trajectory's.
+    ep.context[1] = 99
+    c2 = _own(m, ep.context + [7])
+    apply_turn(ep, Completion([7], [-1.0], choices=c2), ByteTokenizer(), timeout_s=5)
+    assert (ep.traj.choice_experts, ep.traj.choice_blocks) == pack(c)

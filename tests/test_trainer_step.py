@@ -281,3 +281,45 @@ def test_the_trainer_step_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
     top = result["steps"][1]["kernels_ms"]
     assert 0 < len(top) <= 12 and all(ms >= 0 for ms in top.values())
     assert sum(top.values()) <= result["steps"][1]["ms"]
+
+
+@pytest.mark.parametrize("carried", [True, False], ids=["replayed", "not_carried"])
+def test_the_trainer_imposes_the_sampler_s_recorded_choices(carried):
+    """Routing replay through the batch: trajectories carry a record of other choices than the
+    trainer's own router makes (a perturbed router's), and sampler logprobs computed under them.
+    The trainer imposes the record (the prefix tree keyed on it): its logprobs equal the
+    sampler's; without the record they do not."""
+    from forge.policy.choices import ChoiceRecorder, pack
+    from forge.policy.model import Transformer
+    from forge.trainer.logprobs import sequence_scores
+
+    trainer = make_trainer(micro_batch_tokens=40)
+    model = Transformer(ModelConfig.tiny())
+    model.load_state_dict(trainer.weights())
+    other = Transformer(ModelConfig.tiny())
+    other.load_state_dict(trainer.weights())
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "router" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 3 * p.std())
+    groups = groups_of(4)
+    for group in groups:
+        for traj in group.trajectories:
+            ids = traj.token_ids
+            rec = ChoiceRecorder()
+            with torch.no_grad():
+                other(torch.tensor([ids]), record=rec)
+                record = rec.choices().rows(0)
+                lps = sequence_scores(model, [ids], choices=[record]).logprobs[0]
+            pos = len(traj.prompt_ids) - 1
+            for turn in traj.turns:
+                turn.logprobs = lps[pos : pos + len(turn.sampled_ids)].tolist()
+                pos += len(turn.sampled_ids) + len(turn.observation_ids)
+            if carried:
+                traj.choice_experts, traj.choice_blocks = pack(record)
+    metrics = trainer.train_step(groups)
+    assert metrics["train/micro_batches"] > 1
+    if carried:
+        assert metrics["mismatch/logprob_abs_max"] <= 1e-6
+    else:
+        assert metrics["mismatch/logprob_abs_max"] > 1e-3

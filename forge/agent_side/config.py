@@ -96,6 +96,10 @@ class RolloutConfig:
     """An episode whose context would pass this ends truncated (status ok, no more turns)."""
     prefix_cache_tokens: int = 0
     """Tokens of recent conversations whose keys each generator keeps, so a turn prefills only what is new; 0: off."""
+    routing_replay: bool = False
+    """Record every token's MoE experts and MSA blocks where it is sampled, and have the trainer
+    impose them (forge.policy.choices; docs/policy.md, "Routing replay"): the trainer then scores
+    what the sampler computed, merged or not. About 330 bytes a token for msa_100m."""
     context: ContextConfig = field(default_factory=ContextConfig)
     """Context management: the compact action and the env-side context policies (docs/context.md); off by default."""
 

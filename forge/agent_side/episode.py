@@ -121,6 +121,13 @@ def apply_turn(ep: Episode, completion: Completion, tokenizer: Tokenizer, *, tim
         sampled_ids=list(completion.token_ids), logprobs=list(completion.logprobs),
         policy_version=completion.policy_version, finish_reason=completion.finish_reason,
     )
+    if completion.choices is not None and ep.context == ep.traj.token_ids:
+        # Routing replay: the call ran exactly the trajectory so far, so its record (prompt and
+        # sampled tokens) is the trajectory's. A context rewritten in place is not what the
+        # trainer runs: its tokens keep the last record that was, the rest stay unknown.
+        from forge.policy.choices import pack
+
+        ep.traj.choice_experts, ep.traj.choice_blocks = pack(completion.choices)
     ep.traj.turns.append(turn)
     ep.context.extend(turn.sampled_ids)
     number = ep.turn_count

@@ -8,7 +8,9 @@ bit for bit. Record batches travel through Ray's object store without copies (Ar
 are shared memory there).
 
 Version 2 added `segment` (the context segment of the episode, `Trajectory.segment`); files of
-version 1 lack it and read back with segment 0 for every row, which is what they held.
+version 1 lack it and read back with segment 0 for every row, which is what they held. Version 3
+added `choice_experts` and `choice_blocks` (routing replay's records, forge.policy.choices);
+older files read back without records (every token unknown).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pyarrow.parquet as pq
 
 from forge.middleware.types import Group, Trajectory, Turn
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TRAJECTORY_SCHEMA = pa.schema(
     [
@@ -42,11 +44,13 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("timings", pa.map_(pa.string(), pa.float64()), nullable=False),
         pa.field("error_counts", pa.map_(pa.string(), pa.int64()), nullable=False),
         pa.field("segment", pa.int32(), nullable=False),
+        pa.field("choice_experts", pa.binary(), nullable=False),
+        pa.field("choice_blocks", pa.binary(), nullable=False),
     ],
     metadata={"forge.schema": "trajectory", "forge.schema_version": str(SCHEMA_VERSION)},
 )
 
-ADDED_IN = {"segment": 2}
+ADDED_IN = {"segment": 2, "choice_experts": 3, "choice_blocks": 3}
 """Columns added after version 1, by the schema version that added them; older files lack them."""
 
 
@@ -72,6 +76,8 @@ def to_record_batch(groups: Sequence[Group]) -> pa.RecordBatch:
             rows["timings"].append(list(traj.timings.items()))
             rows["error_counts"].append(list(traj.error_counts.items()))
             rows["segment"].append(traj.segment)
+            rows["choice_experts"].append(traj.choice_experts)
+            rows["choice_blocks"].append(traj.choice_blocks)
     return pa.RecordBatch.from_pydict(rows, schema=TRAJECTORY_SCHEMA)
 
 
@@ -146,7 +152,8 @@ def _trajectory(cols: dict[str, list], i: int) -> Trajectory:
         task_id=cols["task_id"][i], group_id=cols["group_id"][i], prompt_ids=ids[:prompt_len], turns=turns,
         reward=cols["reward"][i], status=cols["status"][i], failure_reason=cols["failure_reason"][i],
         terminated=cols["terminated"][i], timings=dict(cols["timings"][i]), error_counts=dict(cols["error_counts"][i]),
-        segment=segment,
+        segment=segment, choice_experts=cols["choice_experts"][i] if "choice_experts" in cols else b"",
+        choice_blocks=cols["choice_blocks"][i] if "choice_blocks" in cols else b"",
     )
 
 

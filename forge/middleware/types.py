@@ -69,6 +69,12 @@ class Trajectory:
     first or only one. An episode that compacted its context, or whose context was rewritten,
     goes on as segments 1, 2, ..., each a sequence of its own, stored right after the one before
     it in its group, with the episode's reward."""
+    choice_experts: bytes = b""
+    """Routing replay (forge.policy.choices, `rollout.routing_replay`): the sampler's MoE experts
+    for the first tokens of `token_ids`, as `choices.pack` writes them; b"" when not recorded.
+    Tokens past the record (the last sampled one, an observation no turn followed) are unknown."""
+    choice_blocks: bytes = b""
+    """The same for the MSA layers' kept blocks."""
 
     @property
     def token_ids(self) -> list[int]:

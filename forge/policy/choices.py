@@ -123,3 +123,41 @@ class ChoiceRecorder:
             return torch.stack([d[i].to(dtype) for i in sorted(d)], dim=2) if d else None
 
         return Choices(stack(self.experts, torch.int16), stack(self.blocks, torch.int32))
+
+
+def pack(choices: Choices) -> tuple[bytes, bytes]:
+    """A [T]-led record as (experts, blocks) bytes for transport (`Trajectory.choice_experts`,
+    `choice_blocks`): int16 each, little-endian, token-major; b"" for a kind the model lacks."""
+
+    def raw(x: torch.Tensor | None, what: str) -> bytes:
+        if x is None:
+            return b""
+        x = x.detach().to("cpu")
+        if x.numel() and int(x.max()) > torch.iinfo(torch.int16).max:
+            raise ValueError(f"choices.{what} holds {int(x.max())}, past int16; positions this long need a wider "
+                             "record format")
+        return x.to(torch.int16).contiguous().numpy().astype("<i2").tobytes()
+
+    return raw(choices.experts, "experts"), raw(choices.blocks, "blocks")
+
+
+def unpack(config, experts: bytes, blocks: bytes, length: int) -> Choices:
+    """`pack`'s bytes back as a [length]-led record for a model of `config`; tokens past the
+    packed ones (and every token, for empty bytes) unknown. Raises ValueError naming the fix when
+    the bytes do not fit the model."""
+    out = unknown(config, 1, length)
+    out = out.rows(0)
+    for name, data in (("experts", experts), ("blocks", blocks)):
+        target = getattr(out, name)
+        if not data:
+            continue
+        if target is None:
+            raise ValueError(f"the record holds {name} but the model has no such layers; train the model that sampled")
+        per_token = target[0].numel() if length else 0
+        values = torch.frombuffer(bytearray(data), dtype=torch.int16)
+        if per_token == 0 or values.numel() % per_token or values.numel() // per_token > length:
+            raise ValueError(f"the record's {name} ({values.numel()} values) do not fit {length} tokens of this "
+                             f"model ({per_token} per token); train the model config that sampled")
+        n = values.numel() // per_token
+        target[:n] = values.view(n, *target.shape[1:]).to(target.dtype)
+    return out

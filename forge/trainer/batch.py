@@ -44,6 +44,9 @@ class RLBatch:
     """Oldest weights any turn of the batch was sampled with."""
     episode_index: list[int]
     """Per sequence, its episode's index in the batch (0, 1, ...): segments of one episode share it."""
+    choices: list[tuple[bytes, bytes]] | None = None
+    """Per sequence, the sampler's packed routing-replay record (`Trajectory.choice_experts`,
+    `choice_blocks`); None when no trajectory of the batch carries one."""
 
     @property
     def num_loss_tokens(self) -> int:
@@ -71,7 +74,7 @@ def make_batch(groups: list[Group], advantage: str, weighting: str = "episode") 
         raise ValueError("make_batch got no groups")
     if weighting not in SEGMENT_WEIGHTINGS:
         raise ValueError(f"segment weighting {weighting!r} is not one of {', '.join(SEGMENT_WEIGHTINGS)}")
-    sequences, masks, sampler, episode_index = [], [], [], []
+    sequences, masks, sampler, episode_index, choices = [], [], [], [], []
     n_episodes = 0
     for group in groups:
         for segments in group.episodes:
@@ -89,6 +92,7 @@ def make_batch(groups: list[Group], advantage: str, weighting: str = "episode") 
                 masks.append(list_tensor(traj.loss_mask[1:], torch.float64))
                 sampler.append(list_tensor(traj.sampling_logprobs[1:], torch.float64))
                 episode_index.append(n_episodes)
+                choices.append((traj.choice_experts, traj.choice_blocks))
             n_episodes += 1
     rewards = [g.rewards for g in groups]
     if weighting == "episode":
@@ -100,6 +104,7 @@ def make_batch(groups: list[Group], advantage: str, weighting: str = "episode") 
         rewards=torch.tensor([r for rs in rewards for r in rs], dtype=torch.float64),
         group_sizes=[len(g.trajectories) for g in groups],
         min_policy_version=min(g.min_policy_version for g in groups), episode_index=episode_index,
+        choices=choices if any(e or b for e, b in choices) else None,
     )
 
 

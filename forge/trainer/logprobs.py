@@ -100,58 +100,66 @@ def _row_scores(logits: torch.Tensor, with_entropy: bool,
     return lse, ent.float() if invariant and ent.dtype != torch.float64 else ent
 
 
-class _Keyed:
-    """Sequences with per-token choices (routing replay) as merge keys: each distinct (token id,
-    choices) pair gets its own id, so that the prefix tree merges tokens only where both agree,
-    and each flat token of a tree gets the choices of the sequences through it."""
+def _keyed(seqs: list[list[int]], choices: Sequence[Choices]) -> tuple[list[list[int]], torch.Tensor]:
+    """Each distinct (token id, choices) pair of the sequences as one id, so that a prefix tree
+    over them merges tokens only where both agree: (the sequences in those ids, the token id of
+    each)."""
+    if len(choices) != len(seqs):
+        raise ValueError(f"choices must give one record per sequence: {len(choices)} for {len(seqs)} sequences")
+    ids: dict[tuple, int] = {}
+    keyed = []
+    for i, (s, c) in enumerate(zip(seqs, choices)):
+        keys = c.token_keys()
+        if len(keys) != len(s):
+            raise ValueError(f"sequence {i} has {len(s)} tokens but its choices {len(keys)}; record the "
+                             "choices of every token of the sequence (prompt included)")
+        keyed.append([ids.setdefault(pair, len(ids)) for pair in zip(s, keys)])
+    token_of = [0] * len(ids)
+    for (tok, _), i in ids.items():
+        token_of[i] = tok
+    return keyed, torch.tensor(token_of, dtype=torch.long)
 
-    def __init__(self, seqs: list[list[int]], choices: Sequence[Choices]) -> None:
-        if len(choices) != len(seqs):
-            raise ValueError(f"choices must give one record per sequence: {len(choices)} for {len(seqs)} sequences")
-        ids: dict[tuple, int] = {}
-        self.keyed: list[list[int]] = []
-        for i, (s, c) in enumerate(zip(seqs, choices)):
-            keys = c.token_keys()
-            if len(keys) != len(s):
-                raise ValueError(f"sequence {i} has {len(s)} tokens but its choices {len(keys)}; record the "
-                                 "choices of every token of the sequence (prompt included)")
-            self.keyed.append([ids.setdefault(pair, len(ids)) for pair in zip(s, keys)])
-        token_of = [0] * len(ids)
-        for (tok, _), i in ids.items():
-            token_of[i] = tok
-        self.token_of = torch.tensor(token_of, dtype=torch.long)
-        self.choices = list(choices)
 
-    def flat(self, tree: FlatTree, seq_ids: Sequence[int]) -> Choices:
-        """The choices of the tree's flat tokens, [1, N, ...], from the sequences `seq_ids`."""
-        first = self.choices[seq_ids[0]]
-        n = tree.num_tokens
+def replay_tree(sequences: Sequence[TokenSeq], choices: Sequence[Choices]) -> FlatTree:
+    """`build_tree` for routing replay: tokens merge only where their ids and their recorded
+    choices (forge.policy.choices, one [len]-led record per sequence) agree. Pass it with the
+    same choices to `sequence_scores`."""
+    keyed, token_of = _keyed([as_token_list(s) for s in sequences], choices)
+    return _real_ids(build_tree(keyed), token_of)
 
-        def gather(name: str) -> torch.Tensor | None:
-            proto = getattr(first, name)
-            if proto is None:
-                return None
-            out = proto.new_empty((n, *proto.shape[1:]))
-            for j, i in enumerate(seq_ids):
-                out[tree.seq_index[j]] = getattr(self.choices[i], name)
-            return out[None]
 
-        return Choices(gather("experts"), gather("blocks"))
+def _real_ids(tree: FlatTree, token_of: torch.Tensor) -> FlatTree:
+    tree.token_ids = token_of[tree.token_ids]
+    return tree
+
+
+def _flat_choices(tree: FlatTree, choices: Sequence[Choices]) -> Choices:
+    """The choices of the tree's flat tokens, [1, N, ...], from its sequences' records (in the
+    order of `tree.seq_index`)."""
+    n = tree.num_tokens
+
+    def gather(name: str) -> torch.Tensor | None:
+        proto = getattr(choices[0], name)
+        if proto is None:
+            return None
+        out = proto.new_empty((n, *proto.shape[1:]))
+        for index, c in zip(tree.seq_index, choices):
+            out[index] = getattr(c, name)
+        return out[None]
+
+    return Choices(gather("experts"), gather("blocks"))
 
 
 def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, with_index_loss: bool,
-            temperature: float = 1.0, keyed: _Keyed | None = None,
-            seq_ids: Sequence[int] | None = None) -> SequenceScores:
-    """`seqs` scored over `tree`; with `keyed`, the tree is over keyed ids (`_Keyed.keyed`) of
-    the sequences `seq_ids` (default all), whose choices the forward imposes."""
+            temperature: float = 1.0, choices: Sequence[Choices] | None = None) -> SequenceScores:
+    """`seqs` scored over `tree`; with `choices` (one record per sequence, the tree a
+    `replay_tree` of them), the forward imposes them."""
     dev = _device(model)
     kw = {"return_index_loss": True} if with_index_loss else {}
-    token_ids = tree.token_ids
-    if keyed is not None:
-        token_ids = keyed.token_of[tree.token_ids]
-        kw["choices"] = keyed.flat(tree, range(len(seqs)) if seq_ids is None else seq_ids)
+    if choices is not None:
+        kw["choices"] = _flat_choices(tree, choices)
     out = model(
-        token_ids[None].to(dev),
+        tree.token_ids[None].to(dev),
         position_ids=tree.position[None].to(dev),
         subtree_end=tree.subtree_end[None].to(dev),
         token_weight=tree.multiplicity[None].to(dev, torch.float32),
@@ -275,28 +283,26 @@ def sequence_scores(
     temperature drew from (entropies too); 1 leaves the logits as they are.
     choices: routing replay (forge.policy.choices): per sequence, a `Choices` with leading dim
     [len] (every token's, the prompt's included), imposed on the forward; tokens then merge only
-    where their ids and their choices agree. `tree` must be None with it.
+    where their ids and their choices agree (a `tree` given with them must be their
+    `replay_tree`).
     """
     seqs = [as_token_list(s) for s in sequences]
     if not seqs:
         return SequenceScores([], [] if with_entropy else None)
     if not merge:
         return _unmerged(model, seqs, with_entropy, with_index_loss, padded, temperature, choices)
-    keyed = None
-    if choices is not None:
-        if tree is not None:
-            raise ValueError("pass either a prebuilt tree or choices: a tree with choices is built over their keys")
-        keyed = _Keyed(seqs, choices)
-    merge_seqs = seqs if keyed is None else keyed.keyed
     if token_budget is None:
-        return _merged(model, seqs, tree if tree is not None else build_tree(merge_seqs), with_entropy,
-                       with_index_loss, temperature, keyed)
+        if tree is None:
+            tree = build_tree(seqs) if choices is None else replay_tree(seqs, choices)
+        return _merged(model, seqs, tree, with_entropy, with_index_loss, temperature, choices)
+    merge_seqs, token_of = (seqs, None) if choices is None else _keyed(seqs, choices)
     logprobs: list = [None] * len(seqs)
     entropies: list | None = [None] * len(seqs) if with_entropy else None
     index_loss = None
     for pack in pack_groups([merge_seqs], token_budget):
-        part = _merged(model, [seqs[i] for i in pack.seq_ids], pack.tree, with_entropy, with_index_loss, temperature,
-                       keyed, pack.seq_ids)
+        tree = pack.tree if token_of is None else _real_ids(pack.tree, token_of)
+        part = _merged(model, [seqs[i] for i in pack.seq_ids], tree, with_entropy, with_index_loss, temperature,
+                       None if choices is None else [choices[i] for i in pack.seq_ids])
         if part.index_loss is not None:
             index_loss = part.index_loss if index_loss is None else index_loss + part.index_loss
         for j, i in enumerate(pack.seq_ids):

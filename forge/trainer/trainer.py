@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from forge.middleware.types import Group
+from forge.policy.choices import Choices, unpack
 from forge.policy.config import ModelConfig
 from forge.policy.model import Transformer, advance_msa_step
 from forge.policy.moe import update_expert_bias
@@ -39,7 +40,7 @@ from forge.prefix_tree.fallback import should_merge
 from forge.trainer.batch import RLBatch, make_batch, micro_batches
 from forge.trainer.config import AlgorithmConfig, TrainerConfig
 from forge.trainer.engine import all_reduce_max, all_reduce_sum, init_process_group, make_engine
-from forge.trainer.logprobs import sequence_scores
+from forge.trainer.logprobs import replay_tree, sequence_scores
 from forge.trainer.losses import DEFAULT_REDUCTION, LOSSES, episode_weights
 from forge.trainer.mismatch import is_weights, mismatch_stats
 
@@ -55,6 +56,8 @@ class _MicroBatch:
     """Its prefix tree, built once and reused by every pass of the step."""
     tokens: int
     """Tokens the forward pass computes: unique ones when merged, all otherwise."""
+    choices: list[Choices] | None = None
+    """Routing replay: each sequence's recorded choices, imposed on every pass (the tree keyed on them)."""
 
 
 class _PhaseClock:
@@ -173,7 +176,7 @@ class Trainer:
             idx = mb.idx
             scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, with_entropy=True, tree=mb.tree,
                                      with_index_loss=index_norm is not None, padded=self._padded,
-                                     temperature=self._temperature)
+                                     temperature=self._temperature, choices=mb.choices)
             masks = [batch.masks[j].to(dev, scores.logprobs[0].dtype) for j in idx]
             if not separate:
                 for j, lp in zip(idx, scores.logprobs):
@@ -279,7 +282,7 @@ class Trainer:
         index_norm = self._index_norm(counts[1])
         for i, mb in enumerate(mbs):
             scores = sequence_scores(self.model, mb.seqs, merge=mb.merge, tree=mb.tree, padded=self._padded,
-                                     with_index_loss=index_norm is not None)
+                                     with_index_loss=index_norm is not None, choices=mb.choices)
             lps = scores.logprobs
             loss = -sum((lp * batch.masks[j].to(dev, lp.dtype)).sum() for j, lp in zip(mb.idx, lps)) / tokens * self.world_size
             if index_norm is not None:
@@ -394,9 +397,14 @@ class Trainer:
         plans = []
         for idx in micro_batches(batch, self.cfg.micro_batch_tokens):
             seqs = [batch.sequences[j] for j in idx]
-            tree = build_tree(seqs)
+            choices = None
+            if batch.choices is not None:
+                cfg = self.model.config
+                choices = [unpack(cfg, *batch.choices[j], len(batch.sequences[j])) for j in idx]
+            tree = build_tree(seqs) if choices is None else replay_tree(seqs, choices)
             merge = should_merge(tree, self.cfg.merge)
-            plans.append(_MicroBatch(idx, seqs, merge, tree, tree.num_tokens if merge else sum(len(s) for s in seqs)))
+            plans.append(_MicroBatch(idx, seqs, merge, tree, tree.num_tokens if merge else sum(len(s) for s in seqs),
+                                     choices))
         return plans
 
     @torch.no_grad()
@@ -407,7 +415,7 @@ class Trainer:
         model.eval()
         for mb in mbs:
             scores = sequence_scores(model, mb.seqs, merge=mb.merge, tree=mb.tree, padded=self._padded,
-                                     temperature=self._temperature)
+                                     temperature=self._temperature, choices=mb.choices)
             for j, lp in zip(mb.idx, scores.logprobs):
                 out[j] = lp.detach()
         model.train(was_training)
