@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -46,21 +47,22 @@ class Choices:
         """The tokens `index` selects along the leading dims, e.g. `[0]`, `(rows, cols)`, or a slice."""
         return Choices(*(None if x is None else x[index] for x in (self.experts, self.blocks)))
 
-    def token_keys(self) -> list[tuple[int, ...]]:
+    def token_keys(self) -> list[bytes]:
         """One key per token of a [T]-led record (prefix-tree keys: tokens merge only where their
-        choices agree): a tuple of its experts and blocks, each layer's compared as sets."""
+        choices agree): the bytes of its experts and blocks, each layer's sorted, so that the
+        same sets in another order are the same key. About 0.1 s for 150K tokens."""
         parts = []
         if self.experts is not None:
-            experts = torch.sort(self.experts.long(), dim=-1).values
+            experts = torch.sort(self.experts.to(torch.int16), dim=-1).values
             parts.append(experts.reshape(experts.shape[0], -1))
         if self.blocks is not None:
-            b = self.blocks.long()
+            b = self.blocks.to(torch.int16)
             others = torch.sort(b[..., :-1], dim=-1).values
             parts.append(torch.cat([others, b[..., -1:]], dim=-1).reshape(b.shape[0], -1))
         if not parts:
             return []
-        flat = torch.cat(parts, dim=1).cpu()
-        return list(map(tuple, flat.tolist()))
+        flat = np.ascontiguousarray(torch.cat(parts, dim=1).cpu().numpy())
+        return flat.view(np.dtype((np.void, flat.shape[1] * flat.itemsize)))[:, 0].tolist()
 
 
 def concat(parts: list[Choices], dim: int = 0) -> Choices:
