@@ -577,7 +577,7 @@ def test_gpu_bf16_generation_through_msa_decode_within_bf16_noise(monkeypatch):
     from forge.policy.generation import ModelGenerator
     from forge.policy.sampling import SamplingParams
 
-    decodes = _counting(monkeypatch, "msa_decode")
+    decodes = _counting(monkeypatch, "msa_decode_with_selection")
     reference = gpu_model()
     model = copy_to_gpu_bf16(reference)
     g = torch.Generator().manual_seed(4)

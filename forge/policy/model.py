@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from forge.kernels.msa import MSAConfig, msa_decode
+from forge.kernels.msa import MSAConfig, msa_decode_with_selection
 from forge.kernels.msa.tree import msa_cache_attention, msa_tree, select_blocks_tree, select_cache_blocks
 from forge.kernels.msa.tree_triton import msa_tree_triton, select_blocks_tree_triton
 from forge.kernels.norm import fused_rms_norm, fused_rms_norm_ok, fused_rms_norm_rope, fused_rms_norm_rope_ok
@@ -493,10 +493,8 @@ class Attention(nn.Module):
         def paged(x: torch.Tensor) -> torch.Tensor:
             return x.view(b * pages, m.block_size, *x.shape[2:])
 
-        from forge.kernels.msa.triton_decode import decode_with_selection
-
-        out, selected = decode_with_selection(q, iq, paged(k_cache), paged(v_cache), paged(ik_cache), page_table,
-                                              p.position[:, 0] + 1, top_k=m.top_k, scale=self.head_dim**-0.5)
+        out, selected = msa_decode_with_selection(q, iq, paged(k_cache), paged(v_cache), paged(ik_cache), page_table,
+                                                  p.position[:, 0] + 1, top_k=m.top_k, scale=self.head_dim**-0.5)
         if p.record is not None:
             self._record_blocks(p, selected, p.position)
         return out
@@ -669,7 +667,7 @@ class Transformer(nn.Module):
         return logits, sum(p.index_losses, zero)
 
     def _impose(self, p: _Pass, choices: Choices, token_weight: torch.Tensor | None) -> None:
-        """Check `choices` against the pass (one host read) and hand them to its layers."""
+        """Check `choices` against the pass (three host reads) and hand them to its layers."""
         check_choices(self.config, choices, tuple(p.position.shape))
         p.impose = choices.to(p.position.device)
         blocks = p.impose.blocks

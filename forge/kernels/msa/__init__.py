@@ -99,9 +99,19 @@ def msa_decode(
     ik_cache: [n_pages, block_size, Di]; page_table: [B, max_pages] (logical block -> page);
     kv_len: [B] cached tokens per sequence, the Tn new ones included and already written.
     """
-    from forge.kernels.msa.triton_decode import msa_decode as decode
+    return msa_decode_with_selection(q, iq, k_cache, v_cache, ik_cache, page_table, kv_len, top_k=top_k,
+                                     scale=scale)[0]
 
-    return decode(q, iq, k_cache, v_cache, ik_cache, page_table, kv_len, top_k=top_k, scale=scale)
+
+def msa_decode_with_selection(
+    q: torch.Tensor, iq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    ik_cache: torch.Tensor, page_table: torch.Tensor, kv_len: torch.Tensor, *,
+    top_k: int = 16, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`msa_decode`'s output and the blocks it kept, [B, Tn, Hkv, top_k] int32 (own block last)."""
+    from forge.kernels.msa.triton_decode import decode_with_selection
+
+    return decode_with_selection(q, iq, k_cache, v_cache, ik_cache, page_table, kv_len, top_k=top_k, scale=scale)
 
 
 __all__ = [
@@ -109,6 +119,7 @@ __all__ = [
     "msa_attention",
     "msa_attention_naive",
     "msa_decode",
+    "msa_decode_with_selection",
     "msa_index_loss",
     "msa_index_loss_naive",
     "msa_tree_attention",
