@@ -223,7 +223,13 @@ class ModelGenerator:
             choices = []
             for row, ((entry, n), prompt) in enumerate(zip(hits, unique)):
                 mine = new.rows((row, slice(big_s - (len(prompt) - n), big_s)))
-                choices.append(concat([entry.choices.rows(slice(0, n)).to(device), mine]) if entry is not None else mine)
+                if entry is None:
+                    choices.append(mine)
+                    continue
+                # An entry kept without a record (none can be, within one generator) is unknown.
+                cached = (entry.choices.rows(slice(0, n)) if entry.choices is not None
+                          else unknown(self.model.config, 1, n).rows(0))
+                choices.append(concat([cached.to(device), mine]))
         return cache, valid, logits[:, -1], choices
 
     def _keep(self, prompts: list[list[int]], done: list[Completion], cache: KVCache, valid: torch.Tensor,
@@ -305,13 +311,14 @@ class ModelGenerator:
         """Each row's choices over prompt + completion (set on `done`'s completions, on the CPU):
         the prompt's from the prefill, then those of each sampled token the decoding fed back
         (the last sampled token, if it never ran, unknown)."""
-        prompt = [part.choices[o] for part in parts for o in part.owner]
+        on_cpu = [[c.to("cpu") for c in part.choices] for part in parts]  # one copy per unique prompt
+        prompt = [on_cpu[i][o] for i, part in enumerate(parts) for o in part.owner]
         sampled = concat(fed, dim=1).to("cpu") if fed else None  # [B, len(fed), ...], one copy
         rows = []
         for r, completion in enumerate(done):
             n = len(completion.token_ids)
             ran = min(n, len(fed))
-            pieces = [prompt[r].to("cpu")]
+            pieces = [prompt[r]]
             if ran:
                 pieces.append(sampled.rows((r, slice(0, ran))))
             if n > ran:
