@@ -115,7 +115,7 @@ def test_gpu_msa_100m_merged_equals_unmerged_in_fp32(numerics):
             for s in seqs:
                 rec = ChoiceRecorder()
                 model(torch.tensor([s], device="cuda"), record=rec)
-                choices.append(rec.choices().rows(0).cpu())
+                choices.append(rec.choices().rows(0).to("cpu"))
 
     def run(merge: bool):
         model.zero_grad(set_to_none=True)
