@@ -41,9 +41,10 @@ def only_run(out: Path) -> Path:
 def test_stop_midway_and_resume_loses_no_step(tmp_path):
     out = tmp_path / "runs"
     # Evaluation samples at the rollout temperature and also runs greedily (eval.greedy_too);
-    # generators keep the conversations' keys between turns (rollout.prefix_cache_tokens).
+    # generators keep the conversations' keys between turns (rollout.prefix_cache_tokens) and
+    # record each token's experts for the trainer to impose (rollout.routing_replay).
     args = ("train", str(RECIPE), f"run.output_dir={out}", "train.steps=4", "eval.temperature=1.0",
-            "eval.greedy_too=true", "rollout.prefix_cache_tokens=4096")
+            "eval.greedy_too=true", "rollout.prefix_cache_tokens=4096", "rollout.routing_replay=true")
     proc = forge(*args, cwd=tmp_path, wait=False)
     deadline = time.time() + 400
     run = None
@@ -86,6 +87,20 @@ def test_stop_midway_and_resume_loses_no_step(tmp_path):
     assert f"from {stopped_at}" in log
     assert (run / "config.yaml").is_file() and list((run / "wandb").glob("offline-run-*"))
     assert len(list((run / "rollouts").glob("step-*.parquet"))) >= 4
+    # The kept rollouts carry the sampler's records, which the trainer imposed: known from the
+    # prompt through every token the generator ran (the last sampled token and a closing
+    # observation may never have run).
+    from forge.middleware.arrow import read_parquet
+    from forge.policy.choices import unpack
+    from forge.policy.config import ModelConfig
+    from forge.config import load_recipe
+
+    model_cfg = load_recipe(RECIPE).model
+    for group in read_parquet(sorted((run / "rollouts").glob("step-*.parquet"))[-1]):
+        for traj in group.trajectories:
+            rec = unpack(model_cfg, traj.choice_experts, traj.choice_blocks, len(traj.token_ids))
+            known = int((rec.experts[:, 0, 0] >= 0).sum())
+            assert len(traj.prompt_ids) + len(traj.turns[0].sampled_ids) - 1 <= known <= len(traj.token_ids)
 
     # Every group scheduled before or after the kill has one fate: nothing lost, nothing twice.
     ledger = forge("inspect", str(run), "--ledger", cwd=tmp_path)
