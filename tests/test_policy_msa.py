@@ -330,11 +330,17 @@ def test_fixed_shape_decoding_step_equals_the_eager_one_across_the_dense_thresho
     assert (40 in dense_calls) == (min(lengths) < 40)
 
 
-def test_prefill_through_the_tree_kernels_equals_each_row_alone():
-    """A prefill from an empty cache runs msa_tree_triton (Triton's interpreter here) over the
-    left-padded batch, padding tokens as roots of their own: each row's logits equal the plain
-    forward of its tokens alone (the CPU reference path)."""
+def test_prefill_through_the_tree_kernels_equals_each_row_alone(monkeypatch):
+    """A prefill from an empty cache runs msa_tree_triton in MSA layers and the tree-attention
+    kernel in dense ones (Triton's interpreter here; on a GPU this keeps masked GQA attention off
+    cuDNN's per-shape plans) over the left-padded batch, padding tokens as roots of their own:
+    each row's logits equal the plain forward of its tokens alone (the CPU reference path)."""
+    import forge.kernels.tree_attention.triton_tree as triton_tree
     from forge.policy.model import KVCache
+
+    dense_calls = []
+    real = triton_tree.tree_attention_triton
+    monkeypatch.setattr(triton_tree, "tree_attention_triton", lambda *a, **kw: dense_calls.append(1) or real(*a, **kw))
 
     cfg = msa_config(block_size=16, top_k=2, index_dim=16, dense_below_tokens=20)
     torch.manual_seed(0)
@@ -351,6 +357,7 @@ def test_prefill_through_the_tree_kernels_equals_each_row_alone():
     cache = KVCache.allocate(m.config, len(rows), width, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         logits = m.forward_cached(ids, position, cache, valid)
+        assert len(dense_calls) == 1  # the one dense layer's prefill
         for i, r in enumerate(rows):
             torch.testing.assert_close(logits[i, width - len(r):], m(r[None])[0], rtol=0, atol=1e-4)
 

@@ -354,9 +354,31 @@ class Attention(nn.Module):
             return out.transpose(1, 2)
         k_cache[:, :, length : length + t] = k.transpose(1, 2)
         v_cache[:, :, length : length + t] = v.transpose(1, 2)
+        if length == 0 and t > 1 and self._dense_prefill_ok(q):
+            return self._tree_prefill(q, k, v, p)
         q, k, v = self._wide(q, k_cache[:, :, : length + t], v_cache[:, :, : length + t])  # k, v [B, Hkv, S', D]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=p.cache_mask, enable_gqa=True)
         return out.transpose(1, 2)
+
+    def _dense_prefill_ok(self, q: torch.Tensor) -> bool:
+        """Whether a prefill from an empty cache takes the tree-attention kernel (`_tree_prefill`):
+        on CUDA, or under Triton's CPU interpreter in fp32 (tests), never with batch-invariant
+        numerics."""
+        if self.invariant or not _pow2_at_least_16(self.head_dim):
+            return False
+        if q.is_cuda:
+            return q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        return _interpreting() and q.dtype == torch.float32
+
+    def _tree_prefill(self, q, k, v, p: _Pass) -> torch.Tensor:
+        """Dense attention of a left-padded prefill from an empty cache through the trainer's
+        tree-attention kernel: each padding token a root of its own, seen by nothing else, so a
+        real token attends as in its unpadded sequence. SDPA with a mask and GQA has only cuDNN
+        as a fused kernel, which builds an execution plan for every new (batch, length), and
+        rollouts bring new lengths at every call."""
+        from forge.kernels.tree_attention.triton_tree import tree_attention_triton
+
+        return tree_attention_triton(q, k, v, _padded_forest(p), scale=self.head_dim**-0.5)
 
     def _triton_ok(self, q: torch.Tensor) -> bool:
         return (not self.invariant and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -470,10 +492,8 @@ class Attention(nn.Module):
         """A prefill from an empty cache through the trainer's kernels (`msa_tree_triton`): each
         left-padded row is a forest whose padding tokens are roots of their own, seen by nothing
         else, so a real token attends exactly as in its unpadded sequence."""
-        m, t = self.msa, q.shape[1]
-        index = torch.arange(t, device=q.device)
-        valid = p.new_valid if p.new_valid is not None else torch.ones_like(p.position, dtype=torch.bool)
-        subtree_end = torch.where(valid, torch.full_like(p.position, t), index + 1)
+        m = self.msa
+        subtree_end = _padded_forest(p)
         selected = None
         if p.record is not None:
             selected = select_blocks_tree_triton(iq, ik, subtree_end, p.position, block_size=m.block_size,
@@ -521,6 +541,15 @@ class Attention(nn.Module):
             q.transpose(1, 2), k_cache[:, :n].transpose(1, 2), v_cache[:, :n].transpose(1, 2),
             attn_mask=visible[:, None, None, :], enable_gqa=True).transpose(1, 2)
         return torch.where((p.position < m.dense_below_tokens)[:, :, None, None], dense, out)
+
+
+def _padded_forest(p: _Pass) -> torch.Tensor:
+    """subtree_end [B, T] of a left-padded prefill as a forest: real tokens seen by every later
+    token of their row, each padding token only by itself."""
+    t = p.position.shape[1]
+    index = torch.arange(t, device=p.position.device)
+    valid = p.new_valid if p.new_valid is not None else torch.ones_like(p.position, dtype=torch.bool)
+    return torch.where(valid, torch.full_like(p.position, t), index + 1)
 
 
 def _interpreting() -> bool:
