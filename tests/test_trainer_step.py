@@ -321,5 +321,7 @@ def test_the_trainer_imposes_the_sampler_s_recorded_choices(carried):
     assert metrics["train/micro_batches"] > 1
     if carried:
         assert metrics["mismatch/logprob_abs_max"] <= 1e-6
+        assert metrics["replay/known_fraction"] == 1.0  # the records cover every token here
     else:
         assert metrics["mismatch/logprob_abs_max"] > 1e-3
+        assert "replay/known_fraction" not in metrics

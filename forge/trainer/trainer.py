@@ -114,6 +114,8 @@ class Trainer:
         """Policy version: the number of optimizer steps taken."""
         self.last_router_loads: dict[str, list[float]] = {}
         self.last_mismatch = torch.zeros(0, dtype=torch.float64)
+        self.replay_known = [0, 0]
+        """Tokens of the last planned batch whose routing-replay record was known, and all its tokens."""
         self._snapshots: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         """Published versions' weights (algorithm.mismatch_weights 'sampling')."""
         self._scratch: Transformer | None = None
@@ -248,6 +250,10 @@ class Trainer:
             metrics["train/index_loss"] = acc["index_loss"]
         for stats in router:
             metrics.update(stats.metrics())
+        if batch.choices is not None:
+            # This rank's tokens whose sampler record was imposed (the rest chose for themselves:
+            # the last sampled token, an observation no turn read, a context rewritten in place).
+            metrics["replay/known_fraction"] = self.replay_known[0] / max(self.replay_known[1], 1)
         metrics["train/tokens_per_s"] = sum(len(s) for s in batch.sequences) / metrics["train/step_s"]
         # Where the step's time went: building the batch and its micro-batches, the passes
         # without gradients (old logprobs where a separate pass is needed, the reference), the
@@ -393,14 +399,20 @@ class Trainer:
         return None if self.cfg.merge.pad_unmerged else False
 
     def _plan(self, batch: RLBatch) -> list[_MicroBatch]:
-        """Micro-batches, each merged only where its token ratio pays for it (should_merge)."""
+        """Micro-batches, each merged only where its token ratio pays for it (should_merge).
+        With routing-replay records, counts the tokens they cover (`replay_known`)."""
         plans = []
+        self.replay_known = [0, 0]
         for idx in micro_batches(batch, self.cfg.micro_batch_tokens):
             seqs = [batch.sequences[j] for j in idx]
             choices = None
             if batch.choices is not None:
                 cfg = self.model.config
                 choices = [unpack(cfg, *batch.choices[j], len(batch.sequences[j])) for j in idx]
+                for c in choices:
+                    known = c.experts[:, 0, 0] >= 0 if c.experts is not None else c.blocks[:, 0, 0, -1] >= 0
+                    self.replay_known[0] += int(known.sum())
+                    self.replay_known[1] += known.numel()
             tree = build_tree(seqs) if choices is None else replay_tree(seqs, choices)
             merge = should_merge(tree, self.cfg.merge)
             plans.append(_MicroBatch(idx, seqs, merge, tree, tree.num_tokens if merge else sum(len(s) for s in seqs),
