@@ -325,3 +325,27 @@ def test_the_trainer_imposes_the_sampler_s_recorded_choices(carried):
     else:
         assert metrics["mismatch/logprob_abs_max"] > 1e-3
         assert "replay/known_fraction" not in metrics
+
+
+def test_the_reference_policy_routes_on_its_own_under_replay(monkeypatch):
+    """With routing-replay records in the batch and a KL penalty, the reference pass does not
+    impose the sampler's records (they are the policy's choices, not the reference's)."""
+    from forge.policy.choices import ChoiceRecorder, pack
+    from forge.trainer import trainer as trainer_module
+
+    trainer = make_trainer(kl_coef=0.1)
+    groups = groups_of(4)
+    for group in groups:
+        for traj in group.trajectories:
+            rec = ChoiceRecorder()
+            with torch.no_grad():
+                trainer.model(torch.tensor([traj.token_ids]), record=rec)
+            traj.choice_experts, traj.choice_blocks = pack(rec.choices().rows(0))
+    seen = []
+    real = trainer_module.sequence_scores
+    monkeypatch.setattr(trainer_module, "sequence_scores",
+                        lambda model, *a, **kw: seen.append((model is trainer.reference, kw.get("choices") is not None))
+                        or real(model, *a, **kw))
+    trainer.train_step(groups)
+    assert (True, False) in seen and (True, True) not in seen  # the reference: never imposed
+    assert (False, True) in seen  # the policy: imposed

@@ -153,7 +153,8 @@ class Trainer:
         if self.algo.is_correction != "none":
             is_w, is_sums = is_weights(self.algo.is_correction, self.algo.is_level, self.algo.is_threshold, old,
                                        batch.sampler_logprobs, batch.masks)
-        ref = self._scores(self.reference, batch, mbs) if self.reference is not None else None
+        # The reference policy routes as it would on its own: the sampler's records are the policy's.
+        ref = self._scores(self.reference, batch, mbs, replay=False) if self.reference is not None else None
         clock.mark("scoring")
         # Every rank scales its loss by its part of the step's global sequences or loss tokens,
         # times the world size, since DeepSpeed averages gradients over ranks: the step then
@@ -420,14 +421,15 @@ class Trainer:
         return plans
 
     @torch.no_grad()
-    def _scores(self, model: Transformer | None, batch: RLBatch, mbs: list[_MicroBatch]) -> list[torch.Tensor]:
+    def _scores(self, model: Transformer | None, batch: RLBatch, mbs: list[_MicroBatch],
+                replay: bool = True) -> list[torch.Tensor]:
         assert model is not None
         out: list[torch.Tensor] = [torch.empty(0)] * len(batch.sequences)
         was_training = model.training
         model.eval()
         for mb in mbs:
             scores = sequence_scores(model, mb.seqs, merge=mb.merge, tree=mb.tree, padded=self._padded,
-                                     temperature=self._temperature, choices=mb.choices)
+                                     temperature=self._temperature, choices=mb.choices if replay else None)
             for j, lp in zip(mb.idx, scores.logprobs):
                 out[j] = lp.detach()
         model.train(was_training)
