@@ -301,3 +301,17 @@ def test_a_turn_keeps_the_record_of_the_call_that_ran_the_whole_trajectory():
     c2 = _own(m, ep.context + [7])
     apply_turn(ep, Completion([7], [-1.0], choices=c2), ByteTokenizer(), timeout_s=5)
     assert (ep.traj.choice_experts, ep.traj.choice_blocks) == pack(c)
+
+
+def test_a_model_without_moe_or_msa_takes_empty_records():
+    from forge.policy.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ModelConfig.tiny(), num_experts=0, dense_layers=3)
+    m = Transformer(cfg).double()
+    seqs, _ = batch()
+    empty = [Choices(None, None)] * len(seqs)
+    plain = sequence_scores(m, seqs).logprobs
+    for merge in (True, False):
+        for a, b in zip(sequence_scores(m, seqs, merge=merge, choices=empty).logprobs, plain):
+            assert (a - b).abs().max() < 1e-10

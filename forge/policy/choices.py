@@ -50,7 +50,8 @@ class Choices:
     def token_keys(self) -> list[bytes]:
         """One key per token of a [T]-led record (prefix-tree keys: tokens merge only where their
         choices agree): the bytes of its experts and blocks, each layer's sorted, so that the
-        same sets in another order are the same key. About 0.1 s for 150K tokens."""
+        same sets in another order are the same key (0.26 s for 150K tokens of msa_100m on
+        a 2-core CPU). A record of neither kind (no MoE or MSA layers) has no keys."""
         parts = []
         if self.experts is not None:
             experts = torch.sort(self.experts.to(torch.int16), dim=-1).values
@@ -75,10 +76,15 @@ def concat(parts: list[Choices], dim: int = 0) -> Choices:
     return Choices(cat("experts"), cat("blocks"))
 
 
+def _layer_counts(config) -> tuple[int, int]:
+    """(MoE layers, MSA layers) of a model config."""
+    layers = range(config.num_layers)
+    return sum(map(config.is_moe_layer, layers)), sum(map(config.is_msa_layer, layers))
+
+
 def unknown(config, batch: int, length: int, device=None) -> Choices:
     """A record that imposes nothing: every token unknown."""
-    n_moe = sum(config.is_moe_layer(i) for i in range(config.num_layers))
-    n_msa = sum(config.is_msa_layer(i) for i in range(config.num_layers))
+    n_moe, n_msa = _layer_counts(config)
     experts = torch.full((batch, length, n_moe, config.top_k), -1, dtype=torch.int16, device=device) if n_moe else None
     blocks = (torch.full((batch, length, n_msa, config.num_kv_heads, config.msa.top_k), -1, dtype=torch.int32,
                          device=device) if n_msa else None)
@@ -88,8 +94,7 @@ def unknown(config, batch: int, length: int, device=None) -> Choices:
 def check_choices(config, choices: Choices, shape: tuple[int, int]) -> None:
     """Raise a ValueError naming the fix unless `choices` fits a [B, T] batch of this model."""
     b, t = shape
-    n_moe = sum(config.is_moe_layer(i) for i in range(config.num_layers))
-    n_msa = sum(config.is_msa_layer(i) for i in range(config.num_layers))
+    n_moe, n_msa = _layer_counts(config)
     want = {"experts": (b, t, n_moe, config.top_k) if n_moe else None,
             "blocks": (b, t, n_msa, config.num_kv_heads, config.msa.top_k) if n_msa else None}
     for name, shape_wanted in want.items():

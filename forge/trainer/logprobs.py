@@ -109,7 +109,7 @@ def _keyed(seqs: list[list[int]], choices: Sequence[Choices]) -> tuple[list[list
     ids: dict[tuple, int] = {}
     keyed = []
     for i, (s, c) in enumerate(zip(seqs, choices)):
-        keys = c.token_keys()
+        keys = c.token_keys() if c.experts is not None or c.blocks is not None else [b""] * len(s)
         if len(keys) != len(s):
             raise ValueError(f"sequence {i} has {len(s)} tokens but its choices {len(keys)}; record the "
                              "choices of every token of the sequence (prompt included)")
