@@ -159,10 +159,12 @@ def test_bad_choices_name_the_fix():
         m(ids, choices=Choices(c.experts, c.blocks[:, :, :, :1]))
     with pytest.raises(ValueError, match="lie in"):
         m(ids, choices=Choices(c.experts + 100, c.blocks))
-    with pytest.raises(ValueError, match="one record per sequence"):
-        sequence_scores(m, [ids[0].tolist()], choices=[])
-    with pytest.raises(ValueError, match="tokens but its choices"):
-        sequence_scores(m, [ids[0].tolist()], choices=[c.rows((0, slice(0, 3)))])
+    for merge in (True, False):
+        with pytest.raises(ValueError, match="one record per sequence"):
+            sequence_scores(m, [ids[0].tolist()], choices=[], merge=merge)
+    for merge in (True, False):
+        with pytest.raises(ValueError, match="tokens but its choices"):
+            sequence_scores(m, [ids[0].tolist()], choices=[c.rows((0, slice(0, 3)))], merge=merge)
 
 
 # The generator records

@@ -100,19 +100,26 @@ def _row_scores(logits: torch.Tensor, with_entropy: bool,
     return lse, ent.float() if invariant and ent.dtype != torch.float64 else ent
 
 
+def _check_records(seqs: list[list[int]], choices: Sequence[Choices]) -> None:
+    """One record per sequence, each as long as its sequence; else a ValueError naming the fix."""
+    if len(choices) != len(seqs):
+        raise ValueError(f"choices must give one record per sequence: {len(choices)} for {len(seqs)} sequences")
+    for i, (s, c) in enumerate(zip(seqs, choices)):
+        n = next((x.shape[0] for x in (c.experts, c.blocks) if x is not None), len(s))
+        if n != len(s):
+            raise ValueError(f"sequence {i} has {len(s)} tokens but its choices {n}; record the choices of every "
+                             "token of the sequence (prompt included)")
+
+
 def _keyed(seqs: list[list[int]], choices: Sequence[Choices]) -> tuple[list[list[int]], torch.Tensor]:
     """Each distinct (token id, choices) pair of the sequences as one id, so that a prefix tree
     over them merges tokens only where both agree: (the sequences in those ids, the token id of
     each)."""
-    if len(choices) != len(seqs):
-        raise ValueError(f"choices must give one record per sequence: {len(choices)} for {len(seqs)} sequences")
+    _check_records(seqs, choices)
     ids: dict[tuple, int] = {}
     keyed = []
-    for i, (s, c) in enumerate(zip(seqs, choices)):
+    for s, c in zip(seqs, choices):
         keys = c.token_keys() if c.experts is not None or c.blocks is not None else [b""] * len(s)
-        if len(keys) != len(s):
-            raise ValueError(f"sequence {i} has {len(s)} tokens but its choices {len(keys)}; record the "
-                             "choices of every token of the sequence (prompt included)")
         keyed.append([ids.setdefault(pair, len(ids)) for pair in zip(s, keys)])
     token_of = [0] * len(ids)
     for (tok, _), i in ids.items():
@@ -289,6 +296,8 @@ def sequence_scores(
     seqs = [as_token_list(s) for s in sequences]
     if not seqs:
         return SequenceScores([], [] if with_entropy else None)
+    if choices is not None:
+        _check_records(seqs, choices)
     if not merge:
         return _unmerged(model, seqs, with_entropy, with_index_loss, padded, temperature, choices)
     if token_budget is None:
