@@ -43,6 +43,7 @@ import random
 import torch
 from _timing import timed
 
+from forge.policy.choices import record_alone
 from forge.policy.config import ModelConfig
 from forge.policy.model import Transformer, count_parameters
 from forge.prefix_tree import build_tree
@@ -228,20 +229,6 @@ def _scores(model: Transformer, seqs: list[list[int]], merge: bool, choices=None
     return torch.cat([lp.detach().double() for lp in scores.logprobs]), _grads(model)
 
 
-def recorded(model: Transformer, seqs: list[list[int]]) -> list:
-    """Each sequence's choices as a forward of it alone makes them: what a sampler that ran it
-    would report (routing replay, forge.policy.choices)."""
-    from forge.policy.choices import ChoiceRecorder
-
-    out = []
-    with torch.no_grad():
-        for s in seqs:
-            rec = ChoiceRecorder()
-            model(torch.tensor([s], device=next(model.parameters()).device), record=rec)
-            out.append(rec.choices().rows(0).to("cpu"))
-    return out
-
-
 def exact(preset_name: str, sample_rows: int, sample_prompt: int, sample_tokens: int, replay: bool = False,
           parts: tuple[str, ...] = ("fp32", "bf16", "sampled")) -> dict:
     cfg = preset(preset_name)
@@ -249,7 +236,7 @@ def exact(preset_name: str, sample_rows: int, sample_prompt: int, sample_tokens:
     torch.manual_seed(0)
     model = Transformer(cfg).cuda().float()
     # With replay, both layouts impose the choices each sequence made alone in fp32.
-    choices = recorded(model, seqs) if replay else None
+    choices = record_alone(model, seqs) if replay else None
     lp_m, g_m = _scores(model, seqs, True, choices)
     lp_u, g_u = _scores(model, seqs, False, choices)
     rel = {n: float((g_m[n] - g_u[n]).norm() / g_u[n].norm().clamp_min(1e-30)) for n in g_u}

@@ -67,7 +67,7 @@ def test_recorded_choices_make_merged_equal_unmerged():
     g = random.Random(5)
     prompt = [g.randrange(200) for _ in range(20)]
     seqs = [prompt + [g.randrange(200) for _ in range(g.randint(3, 9))] for _ in range(4)]
-    choices = model_step.recorded(model, seqs)
+    choices = model_step.record_alone(model, seqs)
     assert len(choices) == 4 and choices[0].blocks.shape[0] == len(seqs[0])
     lp_m, g_m = model_step._scores(model, seqs, True, choices)
     lp_u, g_u = model_step._scores(model, seqs, False, choices)

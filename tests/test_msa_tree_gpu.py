@@ -100,7 +100,7 @@ def test_gpu_msa_100m_merged_equals_unmerged_in_fp32(numerics):
     4.9e-6), not by the default kernels choosing alone."""
     import dataclasses
 
-    from forge.policy.choices import ChoiceRecorder
+    from forge.policy.choices import record_alone
     from forge.policy.config import ModelConfig
     from forge.policy.model import Transformer
     from forge.trainer.logprobs import sequence_scores
@@ -109,14 +109,7 @@ def test_gpu_msa_100m_merged_equals_unmerged_in_fp32(numerics):
     torch.manual_seed(0)
     invariant = numerics == "batch_invariant"
     model = Transformer(dataclasses.replace(ModelConfig.msa_100m(), batch_invariant=invariant)).cuda().float()
-    choices = None
-    if numerics == "replay":
-        choices = []
-        with torch.no_grad():
-            for s in seqs:
-                rec = ChoiceRecorder()
-                model(torch.tensor([s], device="cuda"), record=rec)
-                choices.append(rec.choices().rows(0).to("cpu"))
+    choices = record_alone(model, seqs) if numerics == "replay" else None
 
     def run(merge: bool):
         model.zero_grad(set_to_none=True)

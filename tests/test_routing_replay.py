@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from forge.kernels.moe import route_given, route_naive
-from forge.policy.choices import ChoiceRecorder, Choices, unknown
+from forge.policy.choices import ChoiceRecorder, Choices, record_alone, unknown
 from forge.policy.generation import ModelGenerator
 from forge.policy.model import Transformer
 from forge.policy.sampling import SamplingParams
@@ -171,8 +171,7 @@ def test_bad_choices_name_the_fix():
 
 
 def _own(m: Transformer, seq: list[int]) -> Choices:
-    with torch.no_grad():
-        return record(m, torch.tensor([seq])).rows(0)
+    return record_alone(m, [seq])[0]
 
 
 def _assert_same_choices(got: Choices, want: Choices, ran: int) -> None:

@@ -289,7 +289,7 @@ def test_the_trainer_imposes_the_sampler_s_recorded_choices(carried):
     trainer's own router makes (a perturbed router's), and sampler logprobs computed under them.
     The trainer imposes the record (the prefix tree keyed on it): its logprobs equal the
     sampler's; without the record they do not."""
-    from forge.policy.choices import ChoiceRecorder, pack
+    from forge.policy.choices import pack, record_alone
     from forge.policy.model import Transformer
     from forge.trainer.logprobs import sequence_scores
 
@@ -306,10 +306,8 @@ def test_the_trainer_imposes_the_sampler_s_recorded_choices(carried):
     for group in groups:
         for traj in group.trajectories:
             ids = traj.token_ids
-            rec = ChoiceRecorder()
+            (record,) = record_alone(other, [ids])
             with torch.no_grad():
-                other(torch.tensor([ids]), record=rec)
-                record = rec.choices().rows(0)
                 lps = sequence_scores(model, [ids], choices=[record]).logprobs[0]
             pos = len(traj.prompt_ids) - 1
             for turn in traj.turns:
@@ -330,17 +328,14 @@ def test_the_trainer_imposes_the_sampler_s_recorded_choices(carried):
 def test_the_reference_policy_routes_on_its_own_under_replay(monkeypatch):
     """With routing-replay records in the batch and a KL penalty, the reference pass does not
     impose the sampler's records (they are the policy's choices, not the reference's)."""
-    from forge.policy.choices import ChoiceRecorder, pack
+    from forge.policy.choices import pack, record_alone
     from forge.trainer import trainer as trainer_module
 
     trainer = make_trainer(kl_coef=0.1)
     groups = groups_of(4)
     for group in groups:
         for traj in group.trajectories:
-            rec = ChoiceRecorder()
-            with torch.no_grad():
-                trainer.model(torch.tensor([traj.token_ids]), record=rec)
-            traj.choice_experts, traj.choice_blocks = pack(rec.choices().rows(0))
+            traj.choice_experts, traj.choice_blocks = pack(record_alone(trainer.model, [traj.token_ids])[0])
     seen = []
     real = trainer_module.sequence_scores
     monkeypatch.setattr(trainer_module, "sequence_scores",

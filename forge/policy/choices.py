@@ -132,6 +132,19 @@ class ChoiceRecorder:
         return Choices(stack(self.experts, torch.int16), stack(self.blocks, torch.int32))
 
 
+def record_alone(model, sequences) -> list[Choices]:
+    """Each sequence's record as a forward of it alone makes it ([len]-led, on the CPU): what a
+    sampler that ran the sequence by itself would report. `model`: a forge.policy.Transformer."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for seq in sequences:
+            rec = ChoiceRecorder()
+            model(torch.as_tensor(seq, device=device)[None], record=rec)
+            out.append(rec.choices().rows(0).to("cpu"))
+    return out
+
+
 def pack(choices: Choices) -> tuple[bytes, bytes]:
     """A [T]-led record as (experts, blocks) bytes for transport (`Trajectory.choice_experts`,
     `choice_blocks`): int16 each, little-endian, token-major; b"" for a kind the model lacks."""

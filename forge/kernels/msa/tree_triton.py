@@ -48,14 +48,12 @@ def msa_tree_triton(
     """
     from forge.kernels.msa.triton_tree_attention import msa_tree_sparse_attention_triton
     from forge.kernels.msa.triton_tree_index_loss import msa_tree_index_loss_triton
-    from forge.kernels.msa.triton_tree_indexer import select_blocks_tree_triton
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     se = subtree_end.to(torch.int32).contiguous()
     pos = position.to(torch.int32).contiguous()
     if selected is None:
-        with torch.no_grad():
-            selected = select_blocks_tree_triton(iq.detach(), ik.detach(), se, pos, block_size=block_size, top_k=top_k)
+        selected = select_blocks_tree_triton(iq, ik, se, pos, block_size=block_size, top_k=top_k)
     out = lse = None
     if with_attention:
         # The attention's log-sum-exps over the kept keys are the index loss's teacher statistics:
