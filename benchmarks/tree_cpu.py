@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from _timing import cpu_name, timed_ms
 from invariant import groups, preset
 
 import forge.policy.model as policy_model
@@ -34,26 +32,6 @@ from forge.kernels.tree_attention import tree_attention, tree_attention_naive
 from forge.policy.model import Transformer
 from forge.prefix_tree import build_tree
 from forge.trainer.logprobs import sequence_scores
-
-
-def timed_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -44,6 +44,22 @@ def test_tree_matches_brute_force(seed):
     check_tree(seqs, build_tree(seqs))
 
 
+def test_conversation_chain_matches_brute_force():
+    """An agent's calls: each sequence is the conversation so far, so every one is a prefix of
+    the next and the trie is one chain; each sequence's index is one range of it."""
+    rng = random.Random(0)
+    conv, seqs = [rng.randrange(5) for _ in range(7)], []
+    for _ in range(6):
+        conv = conv + [rng.randrange(5) for _ in range(rng.randrange(0, 4))]
+        seqs.append(conv[:] + [rng.randrange(5) for _ in range(3)])
+        conv = seqs[-1]
+    seqs.append(seqs[2][:])
+    tree = build_tree(seqs)
+    check_tree(seqs, tree)
+    assert tree.num_tokens == len(seqs[-2])
+    assert all(torch.equal(ix, torch.arange(len(s))) for s, ix in zip(seqs, tree.seq_index))
+
+
 def test_tensor_input_and_hand_example():
     seqs = [torch.tensor([1, 2, 3, 4]), [1, 2, 5], [1, 2], [1, 2, 5], [7, 8]]
     t = build_tree(seqs)

@@ -16,7 +16,8 @@ from forge.policy.choices import ChoiceRecorder, Choices, record_alone, unknown
 from forge.policy.generation import ModelGenerator
 from forge.policy.model import Transformer
 from forge.policy.sampling import SamplingParams
-from forge.trainer.logprobs import sequence_scores
+from forge.prefix_tree import build_tree
+from forge.trainer.logprobs import _keyed, _real_ids, replay_tree, sequence_scores
 from tests.test_policy_msa import batch, model, rel
 
 
@@ -149,6 +150,43 @@ def test_tokens_merge_only_where_choices_agree():
     for a, b in zip(out.logprobs, alone):
         assert (a - b).abs().max() < 1e-10
     assert (alone[0] - alone[1]).abs().max() > 0
+
+
+def _tree_fields(tree):
+    return [tree.token_ids, tree.position, tree.subtree_end, tree.multiplicity, *tree.seq_index]
+
+
+def _keyed_tree(seqs, choices):
+    keyed, token_of = _keyed(seqs, choices)
+    return _real_ids(build_tree(keyed), token_of)
+
+
+@pytest.mark.parametrize("case", ["agree", "reordered", "differ_in_prompt", "differ_at_branch"])
+def test_replay_tree_is_the_keyed_tree(case):
+    """replay_tree's two ways (the plain tree where records agree on shared tokens, else keyed
+    on (token, choices)) give the tree keyed on every token's choices, whatever the records."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 50, (9,), generator=g).tolist()
+    seqs = [prompt + torch.randint(0, 50, (n,), generator=g).tolist() for n in (4, 0, 6, 6)]
+    seqs.append(seqs[2][:])  # a duplicate
+    seqs.append(seqs[2][:12])  # a prefix of it, and the prompt's conversation goes on:
+    seqs.append(seqs[2] + [7, 8])
+    tree = build_tree(seqs)
+    experts = torch.randint(0, 8, (tree.num_tokens, 2, 2), generator=g, dtype=torch.int16)
+    blocks = torch.randint(-1, 5, (tree.num_tokens, 1, 2, 3), generator=g, dtype=torch.int16)
+    choices = [Choices(experts[ix].clone(), blocks[ix].clone()) for ix in tree.seq_index]
+    if case == "reordered":  # the same sets in another order: still one key, so still merged
+        choices[3] = Choices(choices[3].experts.flip(-1), choices[3].blocks)
+    if case == "differ_in_prompt":  # this sequence leaves the others at token 5
+        choices[4].blocks[5, 0, 1, 0] += 1
+    if case == "differ_at_branch":  # the last token the duplicate shares with the others
+        choices[4].experts[len(seqs[4]) - 1, 1, 0] += 1
+    got = replay_tree(seqs, choices)
+    want = _keyed_tree(seqs, choices)
+    assert all(torch.equal(a, b) for a, b in zip(_tree_fields(got), _tree_fields(want)))
+    unique = {"agree": tree.num_tokens, "reordered": tree.num_tokens,
+              "differ_in_prompt": tree.num_tokens + len(seqs[4]) - 5, "differ_at_branch": tree.num_tokens + 1}
+    assert got.num_tokens == unique[case]
 
 
 def test_bad_choices_name_the_fix():

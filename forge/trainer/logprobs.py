@@ -111,11 +111,49 @@ def _check_records(seqs: list[list[int]], choices: Sequence[Choices]) -> None:
                              "token of the sequence (prompt included)")
 
 
+def _runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
+    """A sequence's flat index as runs of consecutive flat positions: (flat start, flat end,
+    offset in the sequence). A sequence is a few runs of its tree (one per branch it takes)."""
+    cuts = ((index[1:] - index[:-1]) != 1).nonzero().flatten().add(1).tolist()
+    bounds = [0, *cuts, index.numel()]
+    starts = index[bounds[:-1]].tolist()
+    return [(a, a + (hi - lo), lo) for a, lo, hi in zip(starts, bounds[:-1], bounds[1:])]
+
+
+def _records_agree(tree: FlatTree, choices: Sequence[Choices]) -> bool:
+    """Whether the records are equal, element for element, wherever sequences share a token of
+    `tree` (the plain tree of their ids). Then merging on (token, choices) merges exactly what
+    merging on tokens does, and the plain tree is the keyed one. The usual case: a generator
+    prefills a group's prompt once, so its samples carry one record of it."""
+    runs = [_runs(ix) for ix in tree.seq_index]
+    for name in ("experts", "blocks"):
+        records = [getattr(c, name) for c in choices]
+        if records[0] is None:
+            continue
+        flat = [r.reshape(r.shape[0], -1) for r in records]
+        width = {f.shape[1] for f in flat}
+        if len(width) > 1:
+            return False
+        # Every sequence starts at the root, so the tokens of the sequences before it that lie
+        # on its path are a prefix of it: compare that prefix with their record, and write the
+        # rest as the first record of those tokens. Runs are slices: memory is compared and
+        # copied, not indexed.
+        ref = flat[0].new_empty((tree.num_tokens, width.pop()))
+        seen = torch.zeros(tree.num_tokens, dtype=torch.bool)
+        for rs, f in zip(runs, flat):
+            for a, b, o in rs:
+                shared = int(seen[a:b].sum())
+                if shared and not torch.equal(ref[a:a + shared], f[o:o + shared]):
+                    return False
+                ref[a + shared:b] = f[o + shared:o + b - a]
+                seen[a + shared:b] = True
+    return True
+
+
 def _keyed(seqs: list[list[int]], choices: Sequence[Choices]) -> tuple[list[list[int]], torch.Tensor]:
     """Each distinct (token id, choices) pair of the sequences as one id, so that a prefix tree
     over them merges tokens only where both agree: (the sequences in those ids, the token id of
     each)."""
-    _check_records(seqs, choices)
     ids: dict[tuple, int] = {}
     keyed = []
     for s, c in zip(seqs, choices):
@@ -127,12 +165,26 @@ def _keyed(seqs: list[list[int]], choices: Sequence[Choices]) -> tuple[list[list
     return keyed, torch.tensor(token_of, dtype=torch.long)
 
 
+def _replay_merge(seqs: list[list[int]], choices: Sequence[Choices]) -> tuple[list[list[int]], torch.Tensor | None,
+                                                                              FlatTree | None]:
+    """What to build the prefix tree over under routing replay: (sequences, token ids, tree).
+    Where the records agree on every shared token, the sequences themselves (ids None) and
+    their plain tree, which is then the keyed one: a build and a comparison, about a tenth of
+    the keyed build's time on 147K tokens (benchmarks/host_prep.py). Otherwise `_keyed`'s ids
+    and no tree."""
+    _check_records(seqs, choices)
+    tree = build_tree(seqs)
+    if _records_agree(tree, choices):
+        return seqs, None, tree
+    return (*_keyed(seqs, choices), None)
+
+
 def replay_tree(sequences: Sequence[TokenSeq], choices: Sequence[Choices]) -> FlatTree:
     """`build_tree` for routing replay: tokens merge only where their ids and their recorded
     choices (forge.policy.choices, one [len]-led record per sequence) agree. Pass it with the
     same choices to `sequence_scores`."""
-    keyed, token_of = _keyed([as_token_list(s) for s in sequences], choices)
-    return _real_ids(build_tree(keyed), token_of)
+    keyed, token_of, tree = _replay_merge([as_token_list(s) for s in sequences], choices)
+    return tree if tree is not None else _real_ids(build_tree(keyed), token_of)
 
 
 def _real_ids(tree: FlatTree, token_of: torch.Tensor) -> FlatTree:
@@ -165,8 +217,9 @@ def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, wi
     kw = {"return_index_loss": True} if with_index_loss else {}
     if choices is not None:
         kw["choices"] = _flat_choices(tree, choices)
+    token_ids = tree.token_ids.to(dev)
     out = model(
-        tree.token_ids[None].to(dev),
+        token_ids[None],
         position_ids=tree.position[None].to(dev),
         subtree_end=tree.subtree_end[None].to(dev),
         token_weight=tree.multiplicity[None].to(dev, torch.float32),
@@ -181,7 +234,9 @@ def _merged(model, seqs: list[list[int]], tree: FlatTree, with_entropy: bool, wi
     lse, ent = _row_scores(logits, with_entropy, invariant)  # [N]
     # A branch point's row appears once per child label it predicts.
     rows = torch.cat([ix[:-1] for ix in tree.seq_index]).to(dev)  # [sum len - 1]
-    labels = torch.cat([torch.as_tensor(s[1:], dtype=torch.long) for s in seqs]).to(dev)
+    # Each row's label is the token after it in its sequence, read from the tree on the device:
+    # converting the sequences' lists again took 27 ms for 300K tokens on the host.
+    labels = token_ids[torch.cat([ix[1:] for ix in tree.seq_index]).to(dev)]
     flat_lp = _token_logprobs(logits, rows, labels, lse[rows], invariant)
     sizes = [len(s) - 1 for s in seqs]
     entropies = list(ent[rows].split(sizes)) if ent is not None else None
@@ -304,7 +359,7 @@ def sequence_scores(
         if tree is None:
             tree = build_tree(seqs) if choices is None else replay_tree(seqs, choices)
         return _merged(model, seqs, tree, with_entropy, with_index_loss, temperature, choices)
-    merge_seqs, token_of = (seqs, None) if choices is None else _keyed(seqs, choices)
+    merge_seqs, token_of, _ = (seqs, None, None) if choices is None else _replay_merge(seqs, choices)
     logprobs: list = [None] * len(seqs)
     entropies: list | None = [None] * len(seqs) if with_entropy else None
     index_loss = None
