@@ -211,3 +211,46 @@ def test_a_part_prefilled_under_old_weights_is_prefilled_again(model):
         gen.prefill([])
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         gen.prefill([[1], []])
+
+
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("heads", [(4, 2), (8, 2), (2, 2)])
+def test_folded_masked_gqa_equals_sdpa_with_gqa(t, heads):
+    """Cached attention with a mask, query heads folded into rows of their group (the CUDA path,
+    which the memory-efficient kernel takes), equals SDPA's own GQA call."""
+    from forge.policy.model import _masked_gqa
+
+    hq, hkv = heads
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(3, hq, t, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, hkv, 11, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(3, 1, t, 11, generator=g) < 0.6
+    mask[..., 0] = True  # no empty row
+    want = _masked_gqa(q, k, v, mask, fold=False)
+    got = _masked_gqa(q, k, v, mask, fold=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    if t == 1:  # decoding's [B, 1, 1, S] mask
+        torch.testing.assert_close(_masked_gqa(q, k, v, mask[:, :, :1], fold=True), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_generation_with_folded_cache_attention_is_the_forward(model, monkeypatch, decode):
+    """The generator with the fold forced (as on CUDA): prefills after a cached prefix and
+    decoding steps give the plain forward's logprobs."""
+    import forge.policy.model as policy_model
+
+    plain = policy_model._masked_gqa
+    calls = []
+
+    def folded(q, k, v, mask, fold=None):
+        calls.append(q.shape[2])
+        return plain(q, k, v, mask, fold=True)
+
+    monkeypatch.setattr(policy_model, "_masked_gqa", folded)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (4, 9, 9)]
+    done = ModelGenerator(model, seed=2, decode=decode).generate(prompts, SamplingParams(max_new_tokens=6))
+    assert calls
+    for prompt, c in zip(prompts, done):
+        torch.testing.assert_close(torch.tensor(c.logprobs), _forward_logprobs(model, prompt, c.token_ids),
+                                   rtol=0, atol=1e-5)

@@ -249,6 +249,32 @@ def _without_cudnn(q: torch.Tensor):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def _masked_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                fold: bool | None = None) -> torch.Tensor:
+    """Masked GQA attention over a KV cache: q [B, Hq, T, D], k, v [B, Hkv, S, D], mask
+    [B, 1, T, S] bool (True = attend) -> [B, Hq, T, D].
+
+    SDPA takes a mask with GQA only in cuDNN (a plan per new shape: every prefill after a
+    cached prefix brings one) or its math kernel (the [B, Hq, T, S] scores in memory). Folded
+    (`fold`, the default on CUDA unless `FORGE_CUDNN_ATTENTION=1`), the query heads of a group
+    become rows of one head, [B, Hkv, rep x T, D], with the mask repeated per row: plain masked
+    attention, which the memory-efficient kernel takes for any shape (cuDNN left out, as in
+    training), reading each group's keys and values once. The same attention either way."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if fold is None:
+        fold = q.is_cuda and not cudnn_chosen()
+    if not fold:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hq != hkv)
+    rep = hq // hkv
+    # Head h = g * rep + r of query row i becomes row r * T + i of group g.
+    rows = q.reshape(b, hkv, rep * t, d)
+    mask = mask.expand(b, 1, t, -1)
+    with _without_cudnn(q):
+        out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask.repeat(1, 1, rep, 1) if rep > 1 else mask)
+    return out.reshape(b, hq, t, d)
+
+
 def _pow2_at_least_16(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
@@ -350,15 +376,13 @@ class Attention(nn.Module):
             k_cache.index_copy_(2, p.decode_slot, k.transpose(1, 2))
             v_cache.index_copy_(2, p.decode_slot, v.transpose(1, 2))
             q, k, v = self._wide(q, k_cache, v_cache)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=p.cache_mask, enable_gqa=True)
-            return out.transpose(1, 2)
+            return _masked_gqa(q.transpose(1, 2), k, v, p.cache_mask).transpose(1, 2)
         k_cache[:, :, length : length + t] = k.transpose(1, 2)
         v_cache[:, :, length : length + t] = v.transpose(1, 2)
         if length == 0 and t > 1 and self._dense_prefill_ok(q):
             return self._tree_prefill(q, k, v, p)
         q, k, v = self._wide(q, k_cache[:, :, : length + t], v_cache[:, :, : length + t])  # k, v [B, Hkv, S', D]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=p.cache_mask, enable_gqa=True)
-        return out.transpose(1, 2)
+        return _masked_gqa(q.transpose(1, 2), k, v, p.cache_mask).transpose(1, 2)
 
     def _dense_prefill_ok(self, q: torch.Tensor) -> bool:
         """Whether a prefill from an empty cache takes the tree-attention kernel (`_tree_prefill`):
