@@ -13,7 +13,8 @@ import torch
 
 from forge.kernels.msa import triton_tree_index_loss as tli
 from forge.kernels.msa.tree import kept_keys, msa_tree
-from forge.kernels.msa.triton_tree_index_loss import msa_tree_index_loss_triton, tile_pairs
+from forge.kernels.msa.triton_tree_attention import tile_pairs
+from forge.kernels.msa.triton_tree_index_loss import msa_tree_index_loss_triton
 from forge.prefix_tree import build_tree, concat_trees
 
 SEQS = [

@@ -14,44 +14,49 @@ adds nothing, as in `tree.kept_keys` (which ANDs with visibility).
 
 Loop orders, no atomics, every element written by one program:
 - forward and dQ are query-outer: a program owns a tile of queries and walks the key tiles
-  from 0 to the tile's last query (no later key is visible);
-- dK/dV is key-outer: a program owns a key tile and walks the query tiles that can see it,
-  from the tile's first key to the largest `subtree_end` of its keys (a key's subtree is the
+  listed for it, in increasing order;
+- dK/dV is key-outer: a program owns a key tile and walks the query tiles listed for it (all
+  lie in [the tile's first key, the largest `subtree_end` of its keys): a key's subtree is the
   contiguous range [k, subtree_end[k])), as in tree_attention/triton_tree.py. dQ gets its own
   query-outer pass instead of atomics, so the backward is deterministic.
 delta = rowsum(dO * O) is computed on the host in fp32, as in triton_tree.py.
 
-Skips, per (query tile, key tile), before any dot: the pair is skipped when no query of the
-tile sees a key of the tile (the key tile starts after the last query, or its largest
-`subtree_end` is at or before the first query), or when no row of the query tile is dense and
-none keeps a block (a selected slot or its own block) in the key tile's range of blocks
-[min, max]. The forward and dQ read that range and the largest `subtree_end` of each key tile
-from a small host table (`_key_tile_stats`, O(T) torch work); the dK/dV program reduces its
-own key tile's. Inside a processed pair the per-element mask is
+Work lists, built before the launches (`tile_pairs`, torch on the device, no host sync; the
+index loss builds its own the same way): a (query tile, key tile) pair is listed for a KV group
+when some query of the tile may see a key of the tile (the key tile starts at or before the
+last query, and its largest `subtree_end` is past the first query) and some row of the tile is
+dense or keeps a block (a selected slot or its own block) in the key tile's range of blocks.
+`compact_pairs` turns the pair matrix into per-tile lists in both orders, so the loops run
+over listed tiles with no test or branch inside: the first version tested each pair in the
+loop, which keeps Triton from pipelining the loads (the same change made the dense tree
+kernel 2.4x faster, commit 9b98edb; not yet timed here). Each order's lists take
+B * Hkv * NUM_M * NUM_N int32: about 10 MB at 25K tokens, 4 groups and 16-token query tiles,
+quadratic in the tokens (as the index loss's, which is computed beside it in training).
+
+Inside a listed pair the per-element mask is
 `visible & (dense_row | block(k) == own block | block(k) == any selected slot)`. Where the
 key tile's real keys span fewer than 32 blocks (all but the tiles where a packed sequence or a
 sibling branch restarts the positions), each row's kept blocks are first folded into one 32-bit
-word relative to the tile's lowest block, so a key costs one shift and one test instead of a
-comparison per slot (counted in operations, K = 8-16 comparisons and ORs over a 64 x 64 tile
-outweigh its two dots on the tensor cores several times; not yet timed); otherwise the slots
-are tested in a static loop over K. Unlike triton_tree.py there is no fully-visible class: every
-processed pair needs the per-row selection mask anyway. The work is that of the union of the
-tile's kept blocks: near top_k blocks per tile where neighbouring queries agree, as an index
-branch tends to give, but up to every visible block under scattered selections (where the
-chain's KV-outer kernels in triton_attention.py do less).
+word relative to the tile's lowest block (a small host table of each key tile's block range,
+`_key_tile_blocks`), so a key costs one shift and one test instead of a comparison per slot
+(counted in operations, K = 8-16 comparisons and ORs over a 64 x 64 tile outweigh its two
+dots on the tensor cores several times; not yet timed); otherwise the slots are tested in a
+static loop over K. Unlike triton_tree.py there is no fully-visible class: every listed pair
+needs the per-row selection mask anyway. The work is that of the union of the tile's kept
+blocks: near top_k blocks per tile where neighbouring queries agree, as an index branch tends
+to give, but up to every visible block under scattered selections (where the chain's KV-outer
+kernels in triton_attention.py do less).
 
 GQA: one program handles every query head of a KV group (rows are BLOCK_M // heads tokens
 times the group's heads, padded to a power of two). The selection is per (token, group), so
-the skip decision and the mask are the same for all heads of a group: one decision and one
-K/V tile load serve them all, the dK/dV program sums the heads inside its dots (no loop over
-heads, no atomics), and a tile of fewer tokens has a smaller union of kept blocks, so more
-pairs are skipped than with one head per program.
+the lists and the mask are the same for all heads of a group: one list entry and one K/V
+tile load serve them all, the dK/dV program sums the heads inside its dots (no loop over
+heads, no atomics), and a tile of fewer tokens has a smaller union of kept blocks, so fewer
+pairs are listed than with one head per program.
 
 Departures from the chain kernels (triton_attention.py, triton_tile.py): those walk the kept
 blocks of each query; in a tree a position block is not a contiguous range of flat keys, so
-these kernels walk flat key tiles and test block membership per key instead. The skip is a
-branch inside the loop (the query tile's blocks are tested against the key tile's range):
-cheaper to build than per-tile work lists, at the price of some software pipelining.
+these kernels walk flat key tiles and test block membership per key instead.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -75,12 +81,11 @@ _empty = torch.empty
 
 @triton.jit
 def _query_rows(SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh,
-                REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, IS_DENSE: tl.constexpr):
+                REP: tl.constexpr, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                IS_DENSE: tl.constexpr):
     """The rows of a query tile from token m0: TOK = BLOCK_M // HEADS tokens of each of the
     group's heads. Returns each row's token, head and validity, its own block (-1 on a padding
-    row), whether it is dense, a pointer to its selection row, and its kept slots [BLOCK_M, KP]
-    (-1 where empty or padding)."""
+    row), whether it is dense, and a pointer to its selection row."""
     TOK: tl.constexpr = BLOCK_M // HEADS
     rows = tl.arange(0, BLOCK_M)
     hr = rows // TOK
@@ -94,18 +99,7 @@ def _query_rows(SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride
     else:
         dense = row_ok & (pos < DENSE_BELOW)
     sel_ptr = SEL + b * stride_sb + offs_m.to(tl.int64) * stride_st + g * stride_sh  # [BLOCK_M]
-    slot = tl.arange(0, KP)
-    sel = tl.load(sel_ptr[:, None] + slot[None, :], mask=row_ok[:, None] & (slot[None, :] < TOPK),
-                  other=-1)  # [BLOCK_M, KP]
-    return offs_m, heads, row_ok, own, dense, sel_ptr, sel
-
-
-@triton.jit
-def _keeps_range(sel, own, dense, blo, bhi):
-    # Whether some row is dense or keeps a block (a slot or its own) in [blo, bhi]: a scalar.
-    row_hit = ((own >= blo) & (own <= bhi)) | dense  # [BLOCK_M]
-    hit = ((sel >= blo) & (sel <= bhi)) | row_hit[:, None]  # [BLOCK_M, KP]
-    return tl.max(hit.to(tl.int32)) > 0
+    return offs_m, heads, row_ok, own, dense, sel_ptr
 
 
 @triton.jit
@@ -187,27 +181,28 @@ def _fwd_step(q, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, dense, sel_ptr,
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["T", "NUM_N", "stride_sb"])
+@triton.jit(do_not_specialize=["T", "NUM_M", "NUM_N", "stride_sb"])
 def msa_tree_fwd_kernel(
-    Q, K, V, SEL, SE, POS, STATS, O, LSE,
+    Q, K, V, SEL, SE, POS, STATS, BY_Q, N_BY_Q, O, LSE,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_sb, stride_st, stride_sh,
-    T, HQ, HKV, D, NUM_N, DENSE_BELOW, scale_log2,
-    REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    T, HQ, HKV, D, NUM_M, NUM_N, DENSE_BELOW, scale_log2,
+    REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # A program owns TOK tokens of every query head of one KV group (BLOCK_M rows).
+    # A program owns TOK tokens of every query head of one KV group (BLOCK_M rows) and walks the
+    # key tiles its list names (`tile_pairs`): no test or branch per tile inside the loop.
     TOK: tl.constexpr = BLOCK_M // HEADS
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     g = pid_bg % HKV
     m0 = pid_m * TOK
-    offs_m, heads, row_ok, own, dense, sel_ptr, sel = _query_rows(
-        SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh,
-        REP, HEADS, TOPK, KP, BLOCK_SIZE, BLOCK_M, IS_DENSE)
+    offs_m, heads, row_ok, own, dense, sel_ptr = _query_rows(
+        SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh, REP, HEADS, BLOCK_SIZE, BLOCK_M,
+        IS_DENSE)
     offs_d = tl.arange(0, BLOCK_D)
     q_off = b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q_mask = row_ok[:, None] & (offs_d[None, :] < D)
@@ -217,20 +212,15 @@ def msa_tree_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Key tiles up to the one holding the tile's last query; later keys are never visible.
-    n_hi = (tl.minimum(m0 + TOK, T) - 1) // BLOCK_N + 1
-    for j in range(n_hi):
-        stats = STATS + (b * NUM_N + j) * 3
-        keep = tl.load(stats) > m0
-        blo = tl.load(stats + 1)
-        bhi = tl.load(stats + 2)
-        if not IS_DENSE:
-            keep = keep & _keeps_range(sel, own, dense, blo, bhi)
-        if keep:
-            m_i, l_i, acc = _fwd_step(q, K + b * stride_kb + g * stride_kh, V + b * stride_kb + g * stride_kh,
-                                      SE + b * T, POS + b * T, j * BLOCK_N, offs_m, row_ok, own, dense, sel_ptr,
-                                      blo, bhi, offs_d, m_i, l_i, acc, stride_kt, T, D, scale_log2, BLOCK_SIZE, TOPK,
-                                      BLOCK_N, IS_DENSE, USE_DENSE_BELOW, IS_INTERPRET, PRECISION)
+    row = pid_bg.to(tl.int64) * NUM_M + pid_m  # this tile's list in BY_Q [B, HKV, NUM_M, NUM_N]
+    for i in range(tl.load(N_BY_Q + row)):
+        j = tl.load(BY_Q + row * NUM_N + i)
+        stats = STATS + (b * NUM_N + j) * 2
+        m_i, l_i, acc = _fwd_step(q, K + b * stride_kb + g * stride_kh, V + b * stride_kb + g * stride_kh,
+                                  SE + b * T, POS + b * T, j * BLOCK_N, offs_m, row_ok, own, dense, sel_ptr,
+                                  tl.load(stats), tl.load(stats + 1), offs_d, m_i, l_i, acc, stride_kt, T, D,
+                                  scale_log2, BLOCK_SIZE, TOPK, BLOCK_N, IS_DENSE, USE_DENSE_BELOW, IS_INTERPRET,
+                                  PRECISION)
     # Every real row keeps its own key, so l_i > 0 there; padding rows are masked on store.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     tl.store(O + q_off, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_mask)
@@ -264,19 +254,20 @@ def _dkdv_step(Q, DO, LSE_b, DELTA_b, k, v, se, kb, blo, bhi, offs_n, offs_m, he
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["T", "stride_sb"])
+@triton.jit(do_not_specialize=["T", "NUM_M", "NUM_N", "stride_sb"])
 def msa_tree_bwd_dkdv_kernel(
-    Q, K, V, SEL, SE, POS, DO, LSE, DELTA, DK, DV,
+    Q, K, V, SEL, SE, POS, BY_K, N_BY_K, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_sb, stride_st, stride_sh,
-    T, HQ, HKV, D, DENSE_BELOW, scale, scale_log2,
-    REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    T, HQ, HKV, D, NUM_M, NUM_N, DENSE_BELOW, scale, scale_log2,
+    REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # A program owns BLOCK_N keys of one KV group; each query step holds TOK tokens of every
-    # query head of the group, so dK and dV sum over the heads inside the dots.
+    # A program owns BLOCK_N keys of one KV group and walks the query tiles its list names; each
+    # holds TOK tokens of every query head of the group, so dK and dV sum over the heads inside
+    # the dots.
     TOK: tl.constexpr = BLOCK_M // HEADS
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -300,19 +291,16 @@ def msa_tree_bwd_dkdv_kernel(
     bhi = tl.max(kb, axis=0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Queries that see this tile lie in [n0, largest subtree_end): the union of its keys' subtrees.
-    for m0 in range((n0 // TOK) * TOK, tl.max(se, axis=0), TOK):
-        # Some key at or before the step's last query has its subtree past the step's first.
-        m_last = tl.minimum(m0 + TOK, T) - 1
-        if tl.max(tl.where(offs_n <= m_last, se, 0), axis=0) > m0:
-            offs_m, heads, row_ok, own, dense, sel_ptr, sel = _query_rows(
-                SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh,
-                REP, HEADS, TOPK, KP, BLOCK_SIZE, BLOCK_M, IS_DENSE)
-            if _keeps_range(sel, own, dense, blo, bhi):
-                dk, dv = _dkdv_step(Q, DO, LSE + b * HQ * T, DELTA + b * HQ * T, k, v, se, kb, blo, bhi, offs_n,
-                                    offs_m, heads, row_ok, own, dense, sel_ptr, offs_d, dk, dv, b * stride_qb,
-                                    stride_qt, stride_qh, T, D, scale_log2, TOPK, IS_DENSE, USE_DENSE_BELOW,
-                                    IS_INTERPRET, PRECISION)
+    row = pid_bg.to(tl.int64) * NUM_N + pid_n  # this tile's list in BY_K [B, HKV, NUM_N, NUM_M]
+    for i in range(tl.load(N_BY_K + row)):
+        m0 = tl.load(BY_K + row * NUM_M + i) * TOK
+        offs_m, heads, row_ok, own, dense, sel_ptr = _query_rows(
+            SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh, REP, HEADS, BLOCK_SIZE, BLOCK_M,
+            IS_DENSE)
+        dk, dv = _dkdv_step(Q, DO, LSE + b * HQ * T, DELTA + b * HQ * T, k, v, se, kb, blo, bhi, offs_n,
+                            offs_m, heads, row_ok, own, dense, sel_ptr, offs_d, dk, dv, b * stride_qb,
+                            stride_qt, stride_qh, T, D, scale_log2, TOPK, IS_DENSE, USE_DENSE_BELOW,
+                            IS_INTERPRET, PRECISION)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -342,27 +330,27 @@ def _dq_step(q, do, lse, delta, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, 
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
-@triton.jit(do_not_specialize=["T", "NUM_N", "stride_sb"])
+@triton.jit(do_not_specialize=["T", "NUM_M", "NUM_N", "stride_sb"])
 def msa_tree_bwd_dq_kernel(
-    Q, K, V, SEL, SE, POS, STATS, DO, LSE, DELTA, DQ,
+    Q, K, V, SEL, SE, POS, STATS, BY_Q, N_BY_Q, DO, LSE, DELTA, DQ,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_sb, stride_st, stride_sh,
-    T, HQ, HKV, D, NUM_N, DENSE_BELOW, scale, scale_log2,
-    REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    T, HQ, HKV, D, NUM_M, NUM_N, DENSE_BELOW, scale, scale_log2,
+    REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Rows and key-tile walk as in the forward.
+    # Rows and key-tile lists as in the forward.
     TOK: tl.constexpr = BLOCK_M // HEADS
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     g = pid_bg % HKV
     m0 = pid_m * TOK
-    offs_m, heads, row_ok, own, dense, sel_ptr, sel = _query_rows(
-        SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh,
-        REP, HEADS, TOPK, KP, BLOCK_SIZE, BLOCK_M, IS_DENSE)
+    offs_m, heads, row_ok, own, dense, sel_ptr = _query_rows(
+        SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh, REP, HEADS, BLOCK_SIZE, BLOCK_M,
+        IS_DENSE)
     offs_d = tl.arange(0, BLOCK_D)
     q_off = b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q_mask = row_ok[:, None] & (offs_d[None, :] < D)
@@ -375,20 +363,14 @@ def msa_tree_bwd_dq_kernel(
     lse = tl.load(LSE + row_t, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row_t, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_hi = (tl.minimum(m0 + TOK, T) - 1) // BLOCK_N + 1
-    for j in range(n_hi):
-        stats = STATS + (b * NUM_N + j) * 3
-        keep = tl.load(stats) > m0
-        blo = tl.load(stats + 1)
-        bhi = tl.load(stats + 2)
-        if not IS_DENSE:
-            keep = keep & _keeps_range(sel, own, dense, blo, bhi)
-        if keep:
-            dq = _dq_step(q, do, lse, delta, K + b * stride_kb + g * stride_kh, V + b * stride_kb + g * stride_kh,
-                          SE + b * T, POS + b * T, j * BLOCK_N, offs_m, row_ok, own, dense, sel_ptr, blo, bhi,
-                          offs_d, dq,
-                          stride_kt, T, D, scale_log2, BLOCK_SIZE, TOPK, BLOCK_N, IS_DENSE, USE_DENSE_BELOW,
-                          IS_INTERPRET, PRECISION)
+    row = pid_bg.to(tl.int64) * NUM_M + pid_m
+    for i in range(tl.load(N_BY_Q + row)):
+        j = tl.load(BY_Q + row * NUM_N + i)
+        stats = STATS + (b * NUM_N + j) * 2
+        dq = _dq_step(q, do, lse, delta, K + b * stride_kb + g * stride_kh, V + b * stride_kb + g * stride_kh,
+                      SE + b * T, POS + b * T, j * BLOCK_N, offs_m, row_ok, own, dense, sel_ptr,
+                      tl.load(stats), tl.load(stats + 1), offs_d, dq, stride_kt, T, D, scale_log2, BLOCK_SIZE,
+                      TOPK, BLOCK_N, IS_DENSE, USE_DENSE_BELOW, IS_INTERPRET, PRECISION)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -409,7 +391,7 @@ class MSATreeBlocks:
     reports about 250 registers for every kernel: spills of 250-450 bytes with 4 warps, none
     with 8. A compile-time count only: not yet timed on an H100."""
     num_stages: int = 2
-    """Software-pipelining depth of the inner loops (the in-loop skip limits what it buys)."""
+    """Software-pipelining depth of the inner loops over listed tiles."""
 
 
 def default_blocks() -> MSATreeBlocks:
@@ -423,12 +405,10 @@ def default_blocks() -> MSATreeBlocks:
     return MSATreeBlocks()
 
 
-def _key_tile_stats(se: torch.Tensor, position: torch.Tensor, block_size: int, block_n: int) -> torch.Tensor:
-    """Per key tile of block_n keys: (largest subtree_end, smallest block, largest block), [B, NUM_N, 3] int32.
-
-    Padding keys past T count as subtree_end 0 and do not widen the block range.
-    """
-    b, t = se.shape
+def _key_tile_blocks(position: torch.Tensor, block_size: int, block_n: int) -> torch.Tensor:
+    """Per key tile of block_n keys: (smallest block, largest block), [B, NUM_N, 2] int32, the
+    range a tile's bit words are relative to. Padding keys past T do not widen it."""
+    b, t = position.shape
     num_n = triton.cdiv(t, block_n)
     pad = num_n * block_n - t
     kb = position // block_size
@@ -436,8 +416,59 @@ def _key_tile_stats(se: torch.Tensor, position: torch.Tensor, block_size: int, b
     def tiles(x: torch.Tensor, value: int) -> torch.Tensor:
         return torch.nn.functional.pad(x, (0, pad), value=value).view(b, num_n, block_n)
 
-    stats = torch.stack([tiles(se, 0).amax(-1), tiles(kb, _INT32_MAX).amin(-1), tiles(kb, -1).amax(-1)], -1)
-    return stats.to(torch.int32).contiguous()
+    return torch.stack([tiles(kb, _INT32_MAX).amin(-1), tiles(kb, -1).amax(-1)], -1).to(torch.int32).contiguous()
+
+
+def tile_pairs(
+    subtree_end: torch.Tensor, key_block: torch.Tensor, position: torch.Tensor, selected: torch.Tensor, *,
+    n_blocks: int, dense_below: int, dense: bool, block_m: int, block_n: int,
+) -> torch.Tensor:
+    """Which (query tile, key tile) pairs can hold a kept (query, key): `[B, Hkv, NUM_M, NUM_N]` bool.
+
+    subtree_end, key_block, position: [B, T]; selected: [B, T, Hkv, K] (-1 empty). Blocks are
+    clamped into [0, n_blocks - 1] (n_blocks = ceil(T / block_size), as position <= flat index):
+    a monotone clamp keeps every meeting of a range and a set, so the test stays conservative
+    without reading the largest position back from the device.
+    """
+    b, t = subtree_end.shape
+    hkv, top_k = selected.shape[2], selected.shape[3]
+    dev = subtree_end.device
+    num_m, num_n = triton.cdiv(t, block_m), triton.cdiv(t, block_n)
+    pad_m, pad_n = num_m * block_m - t, num_n * block_n - t
+    # Padded keys get subtree_end 0: never visible.
+    se_max = F.pad(subtree_end, (0, pad_n)).view(b, num_n, block_n).amax(-1)  # [B, NUM_N]
+    m0 = torch.arange(num_m, device=dev) * block_m
+    m_last = (m0 + block_m).clamp(max=t) - 1
+    n0 = torch.arange(num_n, device=dev) * block_n
+    # [B, NUM_M, NUM_N]: some key of the tile is at or before the tile's last query and sees past its first.
+    visible = (n0[None, None, :] <= m_last[None, :, None]) & (se_max[:, None, :] > m0[None, :, None])
+    if dense:
+        return visible[:, None].expand(b, hkv, num_m, num_n)
+    nb = n_blocks
+    kb = key_block.long().clamp(0, nb - 1)
+    lo = F.pad(kb, (0, pad_n), value=nb).view(b, num_n, block_n).amin(-1)  # [B, NUM_N]
+    hi = F.pad(kb, (0, pad_n), value=0).view(b, num_n, block_n).amax(-1)
+    # Union of the kept blocks of each (query tile, group); bucket nb collects empty slots and padding.
+    sel = torch.where(selected < 0, nb, selected.long().clamp(max=nb - 1))
+    sel = F.pad(sel, (0, 0, 0, 0, 0, pad_m), value=nb).view(b, num_m, block_m, hkv, top_k)
+    sel = sel.permute(0, 1, 3, 2, 4).reshape(b, num_m, hkv, block_m * top_k)
+    own = F.pad(kb, (0, pad_m), value=nb).view(b, num_m, 1, block_m).expand(b, num_m, hkv, block_m)
+    union = torch.zeros(b, num_m, hkv, nb + 1, dtype=torch.bool, device=dev)
+    union.scatter_(-1, sel, True).scatter_(-1, own, True)
+    # below[x]: kept blocks < x; a key tile's range [lo, hi] meets the union iff below[hi + 1] > below[lo].
+    below = F.pad(union[..., :nb].cumsum(-1, dtype=torch.int32), (1, 0))  # [B, NUM_M, HKV, NB + 1]
+    at = lambda x: x[:, None, None, :].expand(b, num_m, hkv, num_n)  # noqa: E731
+    meets = below.gather(-1, at(hi + 1)) > below.gather(-1, at(lo))  # [B, NUM_M, HKV, NUM_N]
+    dense_tile = F.pad(position < dense_below, (0, pad_m)).view(b, num_m, block_m).any(-1)  # [B, NUM_M]
+    pairs = visible[:, :, None, :] & (meets | dense_tile[:, :, None, None])
+    return pairs.permute(0, 2, 1, 3)
+
+
+def compact_pairs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `mask [..., N]`: the listed indices first, in order ([..., N] int32), and their count."""
+    # A stable sort on "not listed" puts the listed indices first, in increasing order.
+    idx = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
+    return idx, mask.sum(-1, dtype=torch.int32).contiguous()
 
 
 @dataclass(frozen=True)
@@ -456,7 +487,7 @@ class _Launch:
         heads = triton.next_power_of_2(rep)
         block_m = max(self.blocks.block_m, heads)
         consts = dict(
-            REP=rep, HEADS=heads, TOPK=top_k, KP=triton.next_power_of_2(max(top_k, 1)), BLOCK_SIZE=self.block_size,
+            REP=rep, HEADS=heads, TOPK=top_k, BLOCK_SIZE=self.block_size,
             BLOCK_M=block_m, BLOCK_N=self.blocks.block_n, BLOCK_D=triton.next_power_of_2(max(q.shape[3], 16)),
             IS_DENSE=self.dense, USE_DENSE_BELOW=self.dense_below > 0 and not self.dense,
             IS_INTERPRET=_interpret(), PRECISION=dot_precision(q.dtype),
@@ -464,24 +495,32 @@ class _Launch:
         )
         return consts, block_m // heads
 
+    def pairs(self, sel: torch.Tensor, se: torch.Tensor, pos: torch.Tensor, tok: int) -> torch.Tensor:
+        """`tile_pairs` for these kernels' tiles: [B, Hkv, NUM_M, NUM_N] bool."""
+        t = se.shape[1]
+        return tile_pairs(se, torch.div(pos, self.block_size, rounding_mode="floor"), pos, sel,
+                          n_blocks=triton.cdiv(t, self.block_size), dense_below=self.dense_below, dense=self.dense,
+                          block_m=tok, block_n=self.blocks.block_n)
 
-def _fwd(q, k, v, sel, se, pos, stats, cfg: _Launch):
+
+def _fwd(q, k, v, sel, se, pos, blocks, pairs, cfg: _Launch):
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     o = _empty_like(q)
     lse = _empty(b, hq, t, device=q.device, dtype=torch.float32)
     consts, tok = cfg.constexprs(q, k, sel.shape[-1])
+    by_q, n_by_q = compact_pairs(pairs)
     msa_tree_fwd_kernel[(triton.cdiv(t, tok), b * hkv)](
-        q, k, v, sel, se, pos, stats, o, lse,
+        q, k, v, sel, se, pos, blocks, by_q, n_by_q, o, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         sel.stride(0), sel.stride(1), sel.stride(2),
-        t, hq, hkv, d, stats.shape[1], cfg.dense_below, cfg.scale * _LOG2E, **consts,
+        t, hq, hkv, d, pairs.shape[2], pairs.shape[3], cfg.dense_below, cfg.scale * _LOG2E, **consts,
     )
-    return o, lse
+    return o, lse, by_q, n_by_q
 
 
-def _bwd(q, k, v, sel, se, pos, stats, o, lse, do, cfg: _Launch):
+def _bwd(q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse, do, cfg: _Launch):
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     do = do.contiguous()
@@ -491,13 +530,15 @@ def _bwd(q, k, v, sel, se, pos, stats, o, lse, do, cfg: _Launch):
     consts, tok = cfg.constexprs(q, k, sel.shape[-1])
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                sel.stride(0), sel.stride(1), sel.stride(2))
-    msa_tree_bwd_dkdv_kernel[(triton.cdiv(t, cfg.blocks.block_n), b * hkv)](
-        q, k, v, sel, se, pos, do, lse, delta, dk, dv, *strides,
-        t, hq, hkv, d, cfg.dense_below, cfg.scale, cfg.scale * _LOG2E, **consts,
+    num_m, num_n = pairs.shape[2], pairs.shape[3]
+    by_k, n_by_k = compact_pairs(pairs.transpose(-1, -2))
+    msa_tree_bwd_dkdv_kernel[(num_n, b * hkv)](
+        q, k, v, sel, se, pos, by_k, n_by_k, do, lse, delta, dk, dv, *strides,
+        t, hq, hkv, d, num_m, num_n, cfg.dense_below, cfg.scale, cfg.scale * _LOG2E, **consts,
     )
-    msa_tree_bwd_dq_kernel[(triton.cdiv(t, tok), b * hkv)](
-        q, k, v, sel, se, pos, stats, do, lse, delta, dq, *strides,
-        t, hq, hkv, d, stats.shape[1], cfg.dense_below, cfg.scale, cfg.scale * _LOG2E, **consts,
+    msa_tree_bwd_dq_kernel[(num_m, b * hkv)](
+        q, k, v, sel, se, pos, blocks, by_q, n_by_q, do, lse, delta, dq, *strides,
+        t, hq, hkv, d, num_m, num_n, cfg.dense_below, cfg.scale, cfg.scale * _LOG2E, **consts,
     )
     return dq, dk, dv
 
@@ -511,9 +552,10 @@ class MSATreeAttentionFunction(torch.autograd.Function):
         sel = selected.to(torch.int32).contiguous()
         se = subtree_end.to(torch.int32).contiguous()
         pos = position.to(torch.int32).contiguous()
-        stats = _key_tile_stats(se, pos, cfg.block_size, cfg.blocks.block_n)
-        o, lse2 = _fwd(q, k, v, sel, se, pos, stats, cfg)
-        ctx.save_for_backward(q, k, v, sel, se, pos, stats, o, lse2)
+        blocks = _key_tile_blocks(pos, cfg.block_size, cfg.blocks.block_n)
+        pairs = cfg.pairs(sel, se, pos, cfg.constexprs(q, k, sel.shape[-1])[1])
+        o, lse2, by_q, n_by_q = _fwd(q, k, v, sel, se, pos, blocks, pairs, cfg)
+        ctx.save_for_backward(q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse2)
         ctx.cfg = cfg
         # The kernels keep the log-sum-exp in log2 units; callers get the natural log.
         lse = lse2 * _LN2
@@ -522,8 +564,8 @@ class MSATreeAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        q, k, v, sel, se, pos, stats, o, lse2 = ctx.saved_tensors
-        dq, dk, dv = _bwd(q, k, v, sel, se, pos, stats, o, lse2, do, ctx.cfg)
+        q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse2 = ctx.saved_tensors
+        dq, dk, dv = _bwd(q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse2, do, ctx.cfg)
         return dq, dk, dv, None, None, None, None
 
 

@@ -68,12 +68,11 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from forge.kernels.msa.triton_tree_attention import keep_by_bits, kept_block_bits
+from forge.kernels.msa.triton_tree_attention import compact_pairs, keep_by_bits, kept_block_bits, tile_pairs
 from forge.kernels.precision import dot_precision
 
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -341,58 +340,6 @@ def _tiles() -> dict:
     return dict(INTERPRET_TILES if IS_INTERPRET else TILES)
 
 
-def tile_pairs(
-    subtree_end: torch.Tensor, key_block: torch.Tensor, position: torch.Tensor, selected: torch.Tensor, *,
-    n_blocks: int, dense_below: int, dense: bool, block_m: int, block_n: int,
-) -> torch.Tensor:
-    """Which (query tile, key tile) pairs can hold a kept (query, key): `[B, Hkv, NUM_M, NUM_N]` bool.
-
-    subtree_end, key_block, position: [B, T]; selected: [B, T, Hkv, K] (-1 empty). Blocks are
-    clamped into [0, n_blocks - 1] (n_blocks = ceil(T / block_size), as position <= flat index):
-    a monotone clamp keeps every meeting of a range and a set, so the test stays conservative
-    without reading the largest position back from the device.
-    """
-    b, t = subtree_end.shape
-    hkv, top_k = selected.shape[2], selected.shape[3]
-    dev = subtree_end.device
-    num_m, num_n = triton.cdiv(t, block_m), triton.cdiv(t, block_n)
-    pad_m, pad_n = num_m * block_m - t, num_n * block_n - t
-    # Padded keys get subtree_end 0: never visible.
-    se_max = F.pad(subtree_end, (0, pad_n)).view(b, num_n, block_n).amax(-1)  # [B, NUM_N]
-    m0 = torch.arange(num_m, device=dev) * block_m
-    m_last = (m0 + block_m).clamp(max=t) - 1
-    n0 = torch.arange(num_n, device=dev) * block_n
-    # [B, NUM_M, NUM_N]: some key of the tile is at or before the tile's last query and sees past its first.
-    visible = (n0[None, None, :] <= m_last[None, :, None]) & (se_max[:, None, :] > m0[None, :, None])
-    if dense:
-        return visible[:, None].expand(b, hkv, num_m, num_n)
-    nb = n_blocks
-    kb = key_block.long().clamp(0, nb - 1)
-    lo = F.pad(kb, (0, pad_n), value=nb).view(b, num_n, block_n).amin(-1)  # [B, NUM_N]
-    hi = F.pad(kb, (0, pad_n), value=0).view(b, num_n, block_n).amax(-1)
-    # Union of the kept blocks of each (query tile, group); bucket nb collects empty slots and padding.
-    sel = torch.where(selected < 0, nb, selected.long().clamp(max=nb - 1))
-    sel = F.pad(sel, (0, 0, 0, 0, 0, pad_m), value=nb).view(b, num_m, block_m, hkv, top_k)
-    sel = sel.permute(0, 1, 3, 2, 4).reshape(b, num_m, hkv, block_m * top_k)
-    own = F.pad(kb, (0, pad_m), value=nb).view(b, num_m, 1, block_m).expand(b, num_m, hkv, block_m)
-    union = torch.zeros(b, num_m, hkv, nb + 1, dtype=torch.bool, device=dev)
-    union.scatter_(-1, sel, True).scatter_(-1, own, True)
-    # below[x]: kept blocks < x; a key tile's range [lo, hi] meets the union iff below[hi + 1] > below[lo].
-    below = F.pad(union[..., :nb].cumsum(-1, dtype=torch.int32), (1, 0))  # [B, NUM_M, HKV, NB + 1]
-    at = lambda x: x[:, None, None, :].expand(b, num_m, hkv, num_n)  # noqa: E731
-    meets = below.gather(-1, at(hi + 1)) > below.gather(-1, at(lo))  # [B, NUM_M, HKV, NUM_N]
-    dense_tile = F.pad(position < dense_below, (0, pad_m)).view(b, num_m, block_m).any(-1)  # [B, NUM_M]
-    pairs = visible[:, :, None, :] & (meets | dense_tile[:, :, None, None])
-    return pairs.permute(0, 2, 1, 3)
-
-
-def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of `mask [..., N]`: the listed indices first, in order ([..., N] int32), and their count."""
-    # A stable sort on "not listed" puts the listed indices first, in increasing order.
-    idx = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
-    return idx, mask.sum(-1, dtype=torch.int32).contiguous()
-
-
 def _forward(q, k, iq, ik, selected, se, pos, w, block_size: int, dense_below: int, dense: bool, scale: float,
              need_diq: bool, need_dik: bool, main_lse: torch.Tensor | None = None):
     """The loss (fp32 scalar) and, where asked, d loss / d iq [B, T, Hkv, Di] and d ik [B, T, Di] in fp32.
@@ -407,7 +354,7 @@ def _forward(q, k, iq, ik, selected, se, pos, w, block_size: int, dense_below: i
     key_block = torch.div(pos, block_size, rounding_mode="floor").to(torch.int32).contiguous()
     pairs = tile_pairs(se, key_block, pos, selected, n_blocks=triton.cdiv(t, block_size), dense_below=dense_below,
                        dense=dense, block_m=tok, block_n=block_n)
-    by_query, n_by_query = _compact(pairs)  # [B, HKV, NUM_M, NUM_N], [B, HKV, NUM_M]
+    by_query, n_by_query = compact_pairs(pairs)  # [B, HKV, NUM_M, NUM_N], [B, HKV, NUM_M]
     num_m, num_n = pairs.shape[2], pairs.shape[3]
     any32 = torch.float32 in (q.dtype, iq.dtype)
     consts = dict(
@@ -443,7 +390,7 @@ def _forward(q, k, iq, ik, selected, se, pos, w, block_size: int, dense_below: i
     loss = (rows * w[:, None, :]).sum() / hkv
     dik = None
     if need_dik:
-        by_key, n_by_key = _compact(pairs.transpose(-1, -2))  # [B, HKV, NUM_N, NUM_M], [B, HKV, NUM_N]
+        by_key, n_by_key = compact_pairs(pairs.transpose(-1, -2))  # [B, HKV, NUM_N, NUM_M], [B, HKV, NUM_N]
         parts = _empty(b, hkv, t, di, device=q.device, dtype=torch.float32)
         tree_index_loss_bwd_dik_kernel[(num_n, b * hkv)](
             *tensors, w, lse, lse_s, parts, by_key, n_by_key, *strides,
