@@ -23,6 +23,7 @@ Two parts, one JSON:
   trained pass of its tokens. `--exact-parts fp32` leaves out the bf16 and sampler comparisons (the
   three together ran past 150 s with `--replay` on an H100).
 
+`--merged-only` times the merged step alone (an A/B of one change against another commit).
 `--vary-shapes` drops 0-63 tokens from each sequence's end, anew at every call: a fixed batch
 repeated lets every per-shape cost (a library's execution plan, a compiled kernel) be paid once
 and hidden, where a trainer meets new lengths every step. Throughput is then counted on the
@@ -161,7 +162,8 @@ def step_flops(cfg: ModelConfig, active: int, seqs: list[list[int]], merged: boo
     return 6.0 * active * tokens + 3 * 4 * cfg.num_heads * cfg.head_dim * keys
 
 
-def speed(preset_name: str, workloads: list[str], reps: int, vary: bool = False) -> list[dict]:
+def speed(preset_name: str, workloads: list[str], reps: int, vary: bool = False,
+          layouts: tuple[bool, ...] = (True, False)) -> list[dict]:
     cfg = preset(preset_name)
     torch.manual_seed(0)
     model = Transformer(cfg).cuda().to(torch.bfloat16)
@@ -176,7 +178,7 @@ def speed(preset_name: str, workloads: list[str], reps: int, vary: bool = False)
                # whole shared prefix, so attention shrinks less than the token count.
                "flop_ratio": step_flops(cfg, active, seqs, False) / step_flops(cfg, active, seqs, True),
                "vary_shapes": vary}
-        for merge in (True, False):
+        for merge in layouts:
             key = "merged" if merge else "unmerged"
             torch.cuda.empty_cache()
             try:
@@ -298,6 +300,8 @@ def main() -> None:
                         help="exact: impose recorded choices (routing replay) on merged, unmerged and trained passes")
     parser.add_argument("--exact-parts", default="fp32,bf16,sampled",
                         help="exact: which comparisons (fp32 merged vs unmerged always runs; bf16, sampled)")
+    parser.add_argument("--merged-only", action="store_true",
+                        help="speed: time the merged step alone (A/B runs of one change; no speed-up)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -308,7 +312,8 @@ def main() -> None:
             result["exact"].append(exact(name, args.sample_rows, args.sample_prompt, args.sample_tokens,
                                          args.replay, tuple(args.exact_parts.split(","))))
         if "speed" in parts:
-            result["speed"] += speed(name, args.workloads.split(","), args.reps, args.vary_shapes)
+            result["speed"] += speed(name, args.workloads.split(","), args.reps, args.vary_shapes,
+                                     (True,) if args.merged_only else (True, False))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
