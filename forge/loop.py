@@ -323,6 +323,8 @@ class _FixedLagSchedule:
 
 
 def _start_rollouts(cfg: Any, store: Any, state: DriverState, ledger: Ledger) -> _Rollouts:
+    for warning in cfg.rollout.warnings():
+        log.warning(warning)
     remote = ray.remote(num_cpus=cfg.rollout.actor_num_cpus, num_gpus=cfg.rollout.actor_num_gpus,
                         resources=cfg.rollout.actor_resources or None)(RolloutActor)
     seeds = [cfg.run.seed * 1000 + i + 7919 * state.step for i in range(cfg.rollout.num_workers)]

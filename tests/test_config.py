@@ -204,6 +204,15 @@ def test_negative_prefix_cache_budget_names_the_key():
         load_recipe(root / "recipes" / "quickstart.yaml", ["rollout.prefix_cache_tokens=-3"])
 
 
+def test_routing_replay_without_the_prefix_cache_warns_with_the_fix():
+    root = Path(__file__).resolve().parents[1]
+    quiet = load_recipe(root / "recipes" / "quickstart.yaml", ["rollout.routing_replay=true",
+                                                                "rollout.prefix_cache_tokens=4096"])
+    assert quiet.rollout.warnings() == []
+    (warning,) = load_recipe(root / "recipes" / "quickstart.yaml", ["rollout.routing_replay=true"]).rollout.warnings()
+    assert "set rollout.prefix_cache_tokens" in warning
+
+
 def test_warm_start_cosine_schedule_anneals_from_lr_to_near_zero():
     from forge.trainer.config import WarmStartConfig
 

@@ -108,6 +108,16 @@ class RolloutConfig:
             raise ValueError(f"rollout.prefix_cache_tokens must be >= 0 (0 turns the cache off), "
                              f"got {self.prefix_cache_tokens}")
 
+    def warnings(self) -> list[str]:
+        """Settings that run but lose something, each with its fix (the driver logs them)."""
+        out = []
+        if self.routing_replay and not self.prefix_cache_tokens:
+            out.append("rollout.routing_replay is on without rollout.prefix_cache_tokens: each turn prefills the "
+                       "conversation again and records its choices anew, so earlier turns' tokens carry choices "
+                       "they were not sampled under, and a group's samples may record their prompt differently "
+                       "(the trainer then merges less); set rollout.prefix_cache_tokens (e.g. 1048576)")
+        return out
+
     def sampling_params(self, stop_token_ids: tuple[int, ...]) -> SamplingParams:
         """The generator's settings for one turn, stopping at the given ids."""
         return SamplingParams(
