@@ -26,7 +26,9 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from forge.kernels.moe.triton_experts import moe_experts_triton  # noqa: E402
 from forge.kernels.moe.triton_router import route_triton  # noqa: E402
-from forge.kernels.msa.tree_triton import msa_tree_triton  # noqa: E402
+from forge.kernels.msa.tree_triton import msa_tree_triton, select_blocks_tree_triton  # noqa: E402
+from forge.kernels.msa.triton_tree_attention import msa_tree_sparse_attention_triton  # noqa: E402
+from forge.kernels.msa.triton_tree_index_loss import msa_tree_index_loss_triton  # noqa: E402
 from forge.kernels.norm import fused_rms_norm  # noqa: E402
 from forge.kernels.tree_attention.triton_tree import tree_attention_triton  # noqa: E402
 from forge.prefix_tree import build_tree  # noqa: E402
@@ -81,6 +83,13 @@ def _step(t: int, seed: int) -> None:
     q, k, v, iq, ik = mk(1, t, hq, d), mk(1, t, hkv, d), mk(1, t, hkv, d), mk(1, t, hkv, di), mk(1, t, di)
     out, loss = msa_tree_triton(q, k, v, iq, ik, se, pos, block_size=16, top_k=2, dense_below=16,
                                 with_index_loss=True)
+    # The index loss's own d ik kernel, which the fused backward above replaces, also compiles once.
+    with torch.no_grad():
+        lse = msa_tree_sparse_attention_triton(q, k, v, select_blocks_tree_triton(iq, ik, se, pos, block_size=16, top_k=2),
+                                               se, pos, block_size=16, dense_below=16, return_lse=True)[1]
+    loss = loss + msa_tree_index_loss_triton(q.detach(), k.detach(), iq, ik,
+                                             select_blocks_tree_triton(iq, ik, se, pos, block_size=16, top_k=2), se,
+                                             pos, block_size=16, dense_below=16, main_lse=lse)
     dense = tree_attention_triton(q, k, v, se)
     x = fused_rms_norm(mk(t, hidden).detach(), torch.ones(hidden), 1e-6).requires_grad_()
     weights, chosen, _ = route_triton(x @ mk(hidden, experts).detach(), torch.zeros(experts), 2)

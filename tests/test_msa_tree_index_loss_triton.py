@@ -308,3 +308,71 @@ def test_gpu_target_size_matches_reference():
     for dtype, rtol, grad_rtol in ((torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-4, 2e-2)):
         _compare((q, k, iq, ik), sel, se, pos, mult.float(), dtype=dtype, rtol=rtol, grad_rtol=grad_rtol,
                  block_size=64, dense_below=256)
+
+
+@pytest.mark.parametrize("case", ["fp32", "dense-below", "dense", "bf16"])
+def test_one_node_equals_attention_and_loss_apart(case):
+    """Attention and index loss as one autograd node (the dK/dV kernel gives d ik) against the
+    two functions called apart (the loss's own d ik kernel): outputs, loss and every gradient."""
+    _, se, pos, mult = _forest_batch()
+    b, t = se.shape
+    sel = _selection(pos, 2, 2, 8, seed=3)
+    q, k, iq, ik = _inputs(b, t, seed=9)
+    kw = dict(block_size=8, dense_below=10 if case == "dense-below" else 0, dense=case == "dense", scale=0.3)
+    _one_node_against_apart((q, k, iq, ik), sel, se, pos, mult.float(), torch.bfloat16 if case == "bf16" else
+                            torch.float32, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_one_node_equals_attention_and_loss_apart_at_target_size(dtype):
+    """The same at H100 sizes: a 6144-token tree, D = Di = 64, 8/2 heads, blocks of 64, top 8."""
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 1000, (2048,)).tolist()
+    tree = build_tree([prompt + torch.randint(1000, 2000, (1024,)).tolist() for _ in range(4)])
+    inputs = tuple(x.cuda() for x in _inputs(1, tree.num_tokens, 8, 2, 64, 64, seed=12))
+    sel = _selection(tree.position[None], 2, 8, 64, seed=13).cuda()
+    se, pos, mult = (x[None].cuda() for x in (tree.subtree_end, tree.position, tree.multiplicity))
+    _one_node_against_apart(inputs, sel, se, pos, mult.float(), dtype, block_size=64, dense_below=256)
+
+
+def _one_node_against_apart(inputs, sel, se, pos, w, dtype, **kw):
+    from forge.kernels.msa.triton_tree_attention import msa_tree_sparse_attention_triton
+    from forge.kernels.msa.triton_tree_index_loss import msa_tree_attention_index_loss_triton
+
+    q, k, iq, ik = inputs
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(2), dtype=k.dtype).to(k.device)
+    weight = torch.linspace(-1, 1, q.numel(), device=q.device).view(q.shape)
+    results = []
+    for fused in (True, False):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v, iq, ik)]
+        if fused:
+            got = msa_tree_attention_index_loss_triton(*xs, sel, se, pos, token_weight=w, **kw)
+            assert got is not None, "the fused node applies to 16-token query steps"
+            out, lse, loss = got
+        else:
+            out, lse = msa_tree_sparse_attention_triton(*xs[:3], sel, se, pos, return_lse=True, **kw)
+            loss = msa_tree_index_loss_triton(xs[0].detach(), xs[1].detach(), xs[3], xs[4], sel, se, pos,
+                                              token_weight=w, main_lse=lse, **kw)
+        grads = torch.autograd.grad((out.float() * weight).sum() + loss, xs)
+        results.append((out, lse, loss, *grads))
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for name, a, e in zip(("out", "lse", "loss", "d q", "d k", "d v", "d iq", "d ik"), *results):
+        _assert_close(a.double(), e.double(), rtol, name)
+
+
+def test_one_node_declines_where_it_does_not_apply():
+    """No gradient wanted for ik, or query steps under 16 tokens (4 heads a group in the
+    interpreter's 32-row tiles): the caller is told to call the two functions."""
+    from forge.kernels.msa.triton_tree_index_loss import msa_tree_attention_index_loss_triton
+
+    se, pos = _chain(1, 24)
+    sel = _selection(pos, 2, 2, 8)
+    q, k, iq, ik = (x.float() for x in _inputs(1, 24))
+    kw = dict(block_size=8)
+    assert msa_tree_attention_index_loss_triton(q, k, k, iq, ik, sel, se, pos, **kw) is None  # no grad asked
+    q4, k4, iq4, ik4 = (x.float() for x in _inputs(1, 24, hq=8, hkv=2))
+    ik4.requires_grad_()
+    assert msa_tree_attention_index_loss_triton(q4, k4, k4, iq4, ik4, sel, se, pos, **kw) is None
+    ik.requires_grad_()
+    assert msa_tree_attention_index_loss_triton(q, k, k, iq, ik, sel, se, pos, **kw) is not None

@@ -11,7 +11,9 @@ and keys give bitwise the same selections merged or unmerged. Three kernels fami
   forward and backward (dK, dV key-outer; dQ query-outer), skipping tiles no row keeps;
 - `triton_tree_index_loss.msa_tree_index_loss_triton`: the index branch's KL to the main
   branch's attention over the kept keys, with its gradients to iq and ik; with the attention
-  in the same call it reads the attention's log-sum-exps instead of computing them again.
+  in the same call it reads the attention's log-sum-exps instead of computing them again, and
+  in training both run as one autograd node whose dK/dV kernel also gives d ik
+  (`msa_tree_attention_index_loss_triton`).
 
 `tree.py` stays the reference; tests/test_msa_tree_*_triton.py compare against it.
 """
@@ -47,13 +49,22 @@ def msa_tree_triton(
     int32 imposes a selection (else the indexer's). CUDA tensors (or Triton's interpreter).
     """
     from forge.kernels.msa.triton_tree_attention import msa_tree_sparse_attention_triton
-    from forge.kernels.msa.triton_tree_index_loss import msa_tree_index_loss_triton
+    from forge.kernels.msa.triton_tree_index_loss import (msa_tree_attention_index_loss_triton,
+                                                          msa_tree_index_loss_triton)
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     se = subtree_end.to(torch.int32).contiguous()
     pos = position.to(torch.int32).contiguous()
     if selected is None:
         selected = select_blocks_tree_triton(iq, ik, se, pos, block_size=block_size, top_k=top_k)
+    if with_attention and with_index_loss:
+        # One autograd node where it applies: the attention's backward then gives the index
+        # keys' gradient too (triton_tree_index_loss.TreeAttentionIndexLossFunction).
+        fused = msa_tree_attention_index_loss_triton(
+            q, k, k if v is None else v, iq, ik, selected, se, pos, token_weight=token_weight, block_size=block_size,
+            dense_below=dense_below, dense=dense, scale=scale)
+        if fused is not None:
+            return fused[0], fused[2]
     out = lse = None
     if with_attention:
         # The attention's log-sum-exps over the kept keys are the index loss's teacher statistics:

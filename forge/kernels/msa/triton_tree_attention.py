@@ -251,23 +251,49 @@ def _dkdv_step(Q, DO, LSE_b, DELTA_b, k, v, se, kb, blo, bhi, offs_n, offs_m, he
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-    return dk, dv
+    return dk, dv, p, mask
+
+
+@triton.jit
+def _dik_step(IQ_b, LSE_S_bg, W_b, ik, p, mask, m0, dik, T, DI, stride_iqt, index_scale_log2,
+              REP: tl.constexpr, HEADS: tl.constexpr, TOK: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_DI: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    # The index loss's gradient to this key tile's index keys from the TOK tokens from m0 (what
+    # triton_tree_index_loss's d ik kernel computes), from the attention probabilities `p` of
+    # the step: the teacher is their mean over the group's heads (rows h * TOK + i).
+    offs_t = m0 + tl.arange(0, TOK)
+    t_ok = offs_t < T
+    offs_di = tl.arange(0, BLOCK_DI)
+    iq = tl.load(IQ_b + offs_t[:, None].to(tl.int64) * stride_iqt + offs_di[None, :],
+                 mask=t_ok[:, None] & (offs_di[None, :] < DI), other=0.0)  # [TOK, BLOCK_DI]
+    if IS_INTERPRET:
+        iq = iq.to(tl.float32)
+    lse_s = tl.load(LSE_S_bg + offs_t, mask=t_ok, other=0.0)  # the student's, log2 domain
+    w = tl.load(W_b + offs_t, mask=t_ok, other=0.0)
+    teacher = tl.sum(tl.reshape(p, [HEADS, TOK, BLOCK_N]), axis=0) / REP  # [TOK, BLOCK_N]
+    kept = tl.max(tl.reshape(mask.to(tl.int32), [HEADS, TOK, BLOCK_N]), axis=0) > 0
+    z = tl.dot(iq, tl.trans(ik), input_precision=PRECISION) * index_scale_log2  # [TOK, BLOCK_N]
+    dz = (tl.exp2(tl.where(kept, z - lse_s[:, None], float("-inf"))) - teacher) * w[:, None]
+    return dik + tl.dot(tl.trans(dz).to(iq.dtype), iq, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DI]
 
 
 @triton.jit(do_not_specialize=["T", "NUM_M", "NUM_N", "stride_sb"])
 def msa_tree_bwd_dkdv_kernel(
-    Q, K, V, SEL, SE, POS, BY_K, N_BY_K, DO, LSE, DELTA, DK, DV,
+    Q, K, V, SEL, SE, POS, BY_K, N_BY_K, DO, LSE, DELTA, DK, DV, IQ, IK, LSE_S, W, DIK,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_sb, stride_st, stride_sh,
-    T, HQ, HKV, D, NUM_M, NUM_N, DENSE_BELOW, scale, scale_log2,
+    stride_iqb, stride_iqt, stride_iqh, stride_ikb, stride_ikt,
+    T, HQ, HKV, D, DI, NUM_M, NUM_N, DENSE_BELOW, scale, scale_log2, index_scale_log2,
     REP: tl.constexpr, HEADS: tl.constexpr, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_DENSE: tl.constexpr, USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_DIK: tl.constexpr, BLOCK_DI: tl.constexpr,
 ):
     # A program owns BLOCK_N keys of one KV group and walks the query tiles its list names; each
     # holds TOK tokens of every query head of the group, so dK and dV sum over the heads inside
-    # the dots.
+    # the dots. WITH_DIK: also the index loss's gradient to the tile's index keys (one partial
+    # per group, DIK [B, HKV, T, DI] fp32, unscaled), from the same probabilities.
     TOK: tl.constexpr = BLOCK_M // HEADS
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -291,18 +317,32 @@ def msa_tree_bwd_dkdv_kernel(
     bhi = tl.max(kb, axis=0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    offs_di = tl.arange(0, BLOCK_DI)
+    if WITH_DIK:
+        ik = tl.load(IK + b * stride_ikb + offs_n[:, None].to(tl.int64) * stride_ikt + offs_di[None, :],
+                     mask=n_ok[:, None] & (offs_di[None, :] < DI), other=0.0)  # [BLOCK_N, BLOCK_DI]
+        if IS_INTERPRET:
+            ik = ik.to(tl.float32)
+    dik = tl.zeros([BLOCK_N, BLOCK_DI], dtype=tl.float32)
     row = pid_bg.to(tl.int64) * NUM_N + pid_n  # this tile's list in BY_K [B, HKV, NUM_N, NUM_M]
     for i in range(tl.load(N_BY_K + row)):
         m0 = tl.load(BY_K + row * NUM_M + i) * TOK
         offs_m, heads, row_ok, own, dense, sel_ptr = _query_rows(
             SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh, REP, HEADS, BLOCK_SIZE, BLOCK_M,
             IS_DENSE)
-        dk, dv = _dkdv_step(Q, DO, LSE + b * HQ * T, DELTA + b * HQ * T, k, v, se, kb, blo, bhi, offs_n,
-                            offs_m, heads, row_ok, own, dense, sel_ptr, offs_d, dk, dv, b * stride_qb,
-                            stride_qt, stride_qh, T, D, scale_log2, TOPK, IS_DENSE, USE_DENSE_BELOW,
+        dk, dv, p, mask = _dkdv_step(Q, DO, LSE + b * HQ * T, DELTA + b * HQ * T, k, v, se, kb, blo, bhi, offs_n,
+                                     offs_m, heads, row_ok, own, dense, sel_ptr, offs_d, dk, dv, b * stride_qb,
+                                     stride_qt, stride_qh, T, D, scale_log2, TOPK, IS_DENSE, USE_DENSE_BELOW,
+                                     IS_INTERPRET, PRECISION)
+        if WITH_DIK:
+            dik = _dik_step(IQ + b * stride_iqb + g * stride_iqh, LSE_S + pid_bg.to(tl.int64) * T, W + b * T, ik, p,
+                            mask, m0, dik, T, DI, stride_iqt, index_scale_log2, REP, HEADS, TOK, BLOCK_N, BLOCK_DI,
                             IS_INTERPRET, PRECISION)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if WITH_DIK:
+        dik_off = (pid_bg.to(tl.int64) * T + offs_n[:, None]) * DI + offs_di[None, :]
+        tl.store(DIK + dik_off, dik, mask=n_ok[:, None] & (offs_di[None, :] < DI))
 
 
 @triton.jit
@@ -520,7 +560,29 @@ def _fwd(q, k, v, sel, se, pos, blocks, pairs, cfg: _Launch):
     return o, lse, by_q, n_by_q
 
 
-def _bwd(q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse, do, cfg: _Launch):
+@dataclass
+class IndexGrad:
+    """What the dK/dV kernel needs to also give the index loss's gradient to the index keys
+    (`fused_index_grad`): iq [B, T, Hkv, Di] and ik [B, T, Di], the student's log-sum-exps
+    [B, Hkv, T] (log2 domain, fp32), the token weights [B, T] fp32 and the index scale (log2)."""
+
+    iq: torch.Tensor
+    ik: torch.Tensor
+    lse_s: torch.Tensor
+    w: torch.Tensor
+    index_scale_log2: float
+
+
+def fused_index_grad(q: torch.Tensor, k: torch.Tensor, cfg: "_Launch") -> bool:
+    """Whether the dK/dV kernel can take the index keys' gradient: its query steps must hold at
+    least 16 tokens (a tensor-core product's smallest side)."""
+    return cfg.constexprs(q, k, 1)[1] >= 16
+
+
+def bwd(q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse, do, cfg: _Launch,
+         index: IndexGrad | None = None):
+    """dq, dk, dv and, given `index`, the index keys' gradient partials [B, Hkv, T, Di] fp32
+    (unscaled: sum over groups, times d ik's factor)."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     do = do.contiguous()
@@ -532,15 +594,46 @@ def _bwd(q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse, do, cfg: _L
                sel.stride(0), sel.stride(1), sel.stride(2))
     num_m, num_n = pairs.shape[2], pairs.shape[3]
     by_k, n_by_k = compact_pairs(pairs.transpose(-1, -2))
+    if index is None:
+        di, dik, iq, ik, lse_s, w = 16, dk, q, k, lse, lse  # unread
+        iq_strides, index_scale_log2 = (0, 0, 0, 0, 0), 1.0
+    else:
+        iq, ik, lse_s, w = index.iq, index.ik, index.lse_s, index.w
+        di = iq.shape[3]
+        dik = _empty(b, hkv, t, di, device=q.device, dtype=torch.float32)
+        iq_strides = (iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1))
+        index_scale_log2 = index.index_scale_log2
     msa_tree_bwd_dkdv_kernel[(num_n, b * hkv)](
-        q, k, v, sel, se, pos, by_k, n_by_k, do, lse, delta, dk, dv, *strides,
-        t, hq, hkv, d, num_m, num_n, cfg.dense_below, cfg.scale, cfg.scale * _LOG2E, **consts,
+        q, k, v, sel, se, pos, by_k, n_by_k, do, lse, delta, dk, dv, iq, ik, lse_s, w, dik, *strides,
+        *iq_strides, t, hq, hkv, d, di, num_m, num_n, cfg.dense_below, cfg.scale, cfg.scale * _LOG2E,
+        index_scale_log2, WITH_DIK=index is not None, BLOCK_DI=triton.next_power_of_2(max(di, 16)),
+        # With index inputs in fp32 every product of the kernel is IEEE fp32, as in the index loss.
+        **dict(consts, PRECISION=dot_precision(torch.float32 if torch.float32 in (q.dtype, iq.dtype) else q.dtype)),
     )
     msa_tree_bwd_dq_kernel[(num_m, b * hkv)](
         q, k, v, sel, se, pos, blocks, by_q, n_by_q, do, lse, delta, dq, *strides,
         t, hq, hkv, d, num_m, num_n, cfg.dense_below, cfg.scale, cfg.scale * _LOG2E, **consts,
     )
-    return dq, dk, dv
+    return dq, dk, dv, (None if index is None else dik)
+
+
+def launch(block_size: int, dense_below: int, dense: bool, scale: float | None, head_dim: int) -> _Launch:
+    """The kernels' launch settings for these arguments (scale None: head_dim ** -0.5)."""
+    return _Launch(block_size, int(dense_below), bool(dense), float(head_dim**-0.5 if scale is None else scale),
+                   default_blocks())
+
+
+def attention_forward(q, k, v, selected, subtree_end, position, cfg: _Launch) -> tuple[torch.Tensor, ...]:
+    """The forward's launch and what its backward needs: (q, k, v, sel, se, pos, blocks, pairs,
+    by_q, n_by_q, out, lse2), contiguous, indices int32, lse2 [B, Hq, T] in the log2 domain."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    sel = selected.to(torch.int32).contiguous()
+    se = subtree_end.to(torch.int32).contiguous()
+    pos = position.to(torch.int32).contiguous()
+    blocks = _key_tile_blocks(pos, cfg.block_size, cfg.blocks.block_n)
+    pairs = cfg.pairs(sel, se, pos, cfg.constexprs(q, k, sel.shape[-1])[1])
+    o, lse2, by_q, n_by_q = _fwd(q, k, v, sel, se, pos, blocks, pairs, cfg)
+    return q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse2
 
 
 class MSATreeAttentionFunction(torch.autograd.Function):
@@ -548,14 +641,9 @@ class MSATreeAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, selected, subtree_end, position, cfg: _Launch):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        sel = selected.to(torch.int32).contiguous()
-        se = subtree_end.to(torch.int32).contiguous()
-        pos = position.to(torch.int32).contiguous()
-        blocks = _key_tile_blocks(pos, cfg.block_size, cfg.blocks.block_n)
-        pairs = cfg.pairs(sel, se, pos, cfg.constexprs(q, k, sel.shape[-1])[1])
-        o, lse2, by_q, n_by_q = _fwd(q, k, v, sel, se, pos, blocks, pairs, cfg)
-        ctx.save_for_backward(q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse2)
+        saved = attention_forward(q, k, v, selected, subtree_end, position, cfg)
+        ctx.save_for_backward(*saved)
+        o, lse2 = saved[-2:]
         ctx.cfg = cfg
         # The kernels keep the log-sum-exp in log2 units; callers get the natural log.
         lse = lse2 * _LN2
@@ -565,11 +653,11 @@ class MSATreeAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse2 = ctx.saved_tensors
-        dq, dk, dv = _bwd(q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse2, do, ctx.cfg)
+        dq, dk, dv, _ = bwd(q, k, v, sel, se, pos, blocks, pairs, by_q, n_by_q, o, lse2, do, ctx.cfg)
         return dq, dk, dv, None, None, None, None
 
 
-def _check(q, k, v, selected, subtree_end, position, block_size) -> None:
+def check(q, k, v, selected, subtree_end, position, block_size) -> None:
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q must be [B, T, Hq, D] and k, v [B, T, Hkv, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     b, t, hq, d = q.shape
@@ -624,12 +712,11 @@ def msa_tree_sparse_attention_triton(
     [B, Hq, T] fp32 (natural log, of the scaled scores over the kept keys; not differentiable).
     `scale` defaults to D^-0.5.
     """
-    _check(q, k, v, selected, subtree_end, position, block_size)
+    check(q, k, v, selected, subtree_end, position, block_size)
     b, t, hq, d = q.shape
     if t == 0:
         out, lse = q.new_zeros(q.shape), torch.zeros(b, hq, 0, dtype=torch.float32, device=q.device)
     else:
-        cfg = _Launch(block_size, int(dense_below), bool(dense), float(d**-0.5 if scale is None else scale),
-                      default_blocks())
-        out, lse = MSATreeAttentionFunction.apply(q, k, v, selected, subtree_end, position, cfg)
+        out, lse = MSATreeAttentionFunction.apply(q, k, v, selected, subtree_end, position,
+                                                  launch(block_size, dense_below, dense, scale, d))
     return (out, lse) if return_lse else out

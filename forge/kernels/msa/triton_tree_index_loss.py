@@ -27,7 +27,11 @@ Loop orders. Three kernels, no atomics: the result is the same bits on every run
    and student probabilities from those statistics, each row's KL and d iq (a sum over keys).
 3. `tree_index_loss_bwd_dik_kernel`, key-outer, one program per (BLOCK_N keys, batch row, group):
    d ik (a sum over queries) over the listed query tiles, from the statistics of kernel 1.
-   Each group writes its own partial; the host adds the groups.
+   Each group writes its own partial; the host adds the groups. In training, where the model
+   calls attention and loss together (`msa_tree_attention_index_loss_triton`, one autograd
+   node), the attention's dK/dV kernel computes this instead, from the probabilities it forms
+   for its own gradients (their mean over the group's heads is the teacher), and d ik moves
+   from the forward to the backward.
 
 Which tile pairs run (`tile_pairs`, torch on the inputs' device, no device sync): a key tile is
 listed for a query tile when some row of the tile can see it (the key tile starts at or before
@@ -72,6 +76,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from forge.kernels.msa import triton_tree_attention as tta
 from forge.kernels.msa.triton_tree_attention import compact_pairs, keep_by_bits, kept_block_bits, tile_pairs
 from forge.kernels.precision import dot_precision
 
@@ -341,9 +346,13 @@ def _tiles() -> dict:
 
 
 def _forward(q, k, iq, ik, selected, se, pos, w, block_size: int, dense_below: int, dense: bool, scale: float,
-             need_diq: bool, need_dik: bool, main_lse: torch.Tensor | None = None):
-    """The loss (fp32 scalar) and, where asked, d loss / d iq [B, T, Hkv, Di] and d ik [B, T, Di] in fp32.
-    `main_lse` [B, Hq, T]: the main branch's log-sum-exp (natural log) over the kept keys, if known."""
+             need_diq: bool, need_dik: bool, main_lse: torch.Tensor | None = None,
+             main_lse_log2: torch.Tensor | None = None):
+    """(the loss (fp32 scalar), d loss / d iq [B, T, Hkv, Di] fp32 or None, d loss / d ik
+    [B, T, Di] fp32 or None, the student's log-sum-exps [B, Hkv, T] (log2 domain)), the
+    gradients where asked. `main_lse` [B, Hq, T]: the main branch's log-sum-exp (natural log)
+    over the kept keys, if known; `main_lse_log2` the same in the log2 domain (the attention
+    kernels' own)."""
     b, t, hq, d = q.shape
     hkv, di = iq.shape[2], iq.shape[3]
     top_k = selected.shape[3]
@@ -371,14 +380,19 @@ def _forward(q, k, iq, ik, selected, se, pos, w, block_size: int, dense_below: i
     qk_scale_log2, index_scale_log2 = scale * _LOG2E, di**-0.5 * _LOG2E
     grad_scale = di**-0.5 / hkv
     # The kernels take log-sum-exps in the log2 domain of the scaled scores.
-    lse = (_empty(b, hq, t, device=q.device, dtype=torch.float32) if main_lse is None
-           else (main_lse.float() * _LOG2E).contiguous())
+    if main_lse_log2 is not None:
+        lse = main_lse_log2.contiguous()
+    elif main_lse is not None:
+        lse = (main_lse.float() * _LOG2E).contiguous()
+    else:
+        lse = _empty(b, hq, t, device=q.device, dtype=torch.float32)
+    known = main_lse is not None or main_lse_log2 is not None
     lse_s = _empty(b, hkv, t, device=q.device, dtype=torch.float32)
     grid_m = (num_m, b * hkv)
     tree_index_loss_lse_kernel[grid_m](
         *tensors, lse, lse_s, by_query, n_by_query, *strides,
         t, hq, hkv, d, di, num_m, num_n, dense_below, qk_scale_log2, index_scale_log2, **consts,
-        WITH_MAIN=main_lse is None,
+        WITH_MAIN=not known,
     )
     rows = _empty(b, hkv, t, device=q.device, dtype=torch.float32)
     diq = _empty(b, t, hkv, di, device=q.device, dtype=torch.float32) if need_diq else rows
@@ -397,15 +411,15 @@ def _forward(q, k, iq, ik, selected, se, pos, w, block_size: int, dense_below: i
             t, hq, hkv, d, di, num_n, num_m, dense_below, qk_scale_log2, index_scale_log2, grad_scale, **consts,
         )
         dik = parts.sum(1)
-    return loss, (diq if need_diq else None), dik
+    return loss, (diq if need_diq else None), dik, lse_s
 
 
 class TreeIndexLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, iq, ik, selected, se, pos, w, block_size, dense_below, dense, scale, need_diq, need_dik,
                 main_lse):
-        loss, diq, dik = _forward(q, k, iq, ik, selected, se, pos, w, block_size, dense_below, dense, scale,
-                                  need_diq, need_dik, main_lse)
+        loss, diq, dik, _ = _forward(q, k, iq, ik, selected, se, pos, w, block_size, dense_below, dense, scale,
+                                     need_diq, need_dik, main_lse)
         ctx.save_for_backward(diq, dik)
         ctx.dtypes = (iq.dtype, ik.dtype)
         return loss
@@ -418,6 +432,71 @@ class TreeIndexLossFunction(torch.autograd.Function):
         dik = None if dik is None else (dik * grad).to(ctx.dtypes[1])
         return None, None, diq, dik, None, None, None, None, None, None, None, None, None, None, None
 
+
+
+FUSED_BACKWARD = True
+"""Whether `msa_tree_attention_index_loss_triton` runs at all (False: it declines, and
+msa_tree_triton calls the attention and the loss apart). For A/B timing: compiled for sm_90 on
+the CPU (benchmarks/kernel_resources.py) the fused dK/dV kernel uses 255 registers and spills
+400 bytes on msa_100m (24 on msa_1b) where the unfused one spilled none; the loss's d ik
+kernel, which it replaces, is gone."""
+
+class TreeAttentionIndexLossFunction(torch.autograd.Function):
+    """The sparse tree attention and the index loss as one autograd node, so that the
+    backward's dK/dV kernel also gives the index keys' gradient: it forms the attention's
+    probabilities of every (query tile, key tile) pair anyway, and their mean over the group's
+    heads is the teacher. That replaces the index loss's own key-outer kernel (d ik), which
+    formed the main scores once more. Forward: the attention, then the loss's first two
+    kernels (the student's statistics; the loss and d iq), reading the attention's
+    log-sum-exps. Returns (out, lse (natural log), loss)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, iq, ik, selected, se, pos, w, cfg, need_diq: bool):
+        saved = tta.attention_forward(q, k, v, selected, se, pos, cfg)
+        q, k, v, sel, se, pos = saved[:6]
+        lse2 = saved[-1]
+        iq, ik = iq.contiguous(), ik.contiguous()
+        loss, diq, _, lse_s = _forward(q, k, iq, ik, sel, se, pos, w, cfg.block_size, cfg.dense_below, cfg.dense,
+                                       cfg.scale, need_diq, False, main_lse_log2=lse2)
+        ctx.save_for_backward(*saved, iq, ik, lse_s, w, diq)
+        ctx.cfg = cfg
+        lse = lse2 * _LN2.value
+        ctx.mark_non_differentiable(lse)
+        return saved[-2], lse, loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlse, dloss):
+        *saved, iq, ik, lse_s, w, diq = ctx.saved_tensors
+        di = iq.shape[3]
+        index = tta.IndexGrad(iq, ik, lse_s, w, di**-0.5 * _LOG2E)
+        dq, dk, dv, parts = tta.bwd(*saved, dout, ctx.cfg, index)
+        # The d ik kernel's factor: d student logit = token_weight / Hkv * (student - teacher).
+        dik = (parts.sum(1) * (dloss * (di**-0.5 / iq.shape[2]))).to(ik.dtype)
+        diq = None if diq is None or not ctx.needs_input_grad[3] else (diq * dloss).to(iq.dtype)
+        return dq, dk, dv, diq, dik, None, None, None, None, None, None
+
+
+def msa_tree_attention_index_loss_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor, selected: torch.Tensor,
+    subtree_end: torch.Tensor, position: torch.Tensor, *, token_weight: torch.Tensor | None = None,
+    block_size: int, dense_below: int = 0, dense: bool = False, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`msa_tree_sparse_attention_triton(..., return_lse=True)` and `msa_tree_index_loss_triton`
+    of the same inputs (the loss reading the attention's statistics) in one autograd node:
+    (out, lse, loss), or None where the fused backward does not apply (no gradient wanted for
+    ik, or query steps of fewer than 16 tokens: then call the two). Same results; the backward
+    forms the main scores four times where the two separately form them five."""
+    b, t, hq, d = q.shape
+    cfg = tta.launch(block_size, dense_below, dense, scale, d)
+    if (not FUSED_BACKWARD or t == 0 or not (torch.is_grad_enabled() and ik.requires_grad)
+            or not tta.fused_index_grad(q, k, cfg)):
+        return None
+    _check(q, k, iq, ik, selected, subtree_end, position, token_weight, block_size)
+    tta.check(q, k, v, selected, subtree_end, position, block_size)
+    w = (torch.ones(b, t, device=q.device) if token_weight is None else token_weight).float().contiguous()
+    return TreeAttentionIndexLossFunction.apply(q, k, v, iq, ik, selected, subtree_end, position, w, cfg,
+                                                iq.requires_grad)
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
