@@ -251,18 +251,22 @@ def _dkdv_step(Q, DO, LSE_b, DELTA_b, k, v, se, kb, blo, bhi, offs_n, offs_m, he
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-    return dk, dv, p, mask
+    return dk, dv, p
 
 
 @triton.jit
-def _dik_step(IQ_b, LSE_S_bg, W_b, ik, p, mask, m0, dik, T, DI, stride_iqt, index_scale_log2,
+def _dik_step(IQ_b, LSE_S_bg, W_b, SEL, POS, b, g, ik, p, se, kb, blo, bhi, offs_n, m0, dik, T, DI, stride_iqt,
+              stride_sb, stride_st, stride_sh, DENSE_BELOW, index_scale_log2,
               REP: tl.constexpr, HEADS: tl.constexpr, TOK: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_DI: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_DI: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, IS_DENSE: tl.constexpr,
+              USE_DENSE_BELOW: tl.constexpr, IS_INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     # The index loss's gradient to this key tile's index keys from the TOK tokens from m0 (what
     # triton_tree_index_loss's d ik kernel computes), from the attention probabilities `p` of
-    # the step: the teacher is their mean over the group's heads (rows h * TOK + i).
-    offs_t = m0 + tl.arange(0, TOK)
-    t_ok = offs_t < T
+    # the step: the teacher is their mean over the group's heads (rows h * TOK + i). The kept
+    # mask is formed again for the TOK tokens (cheaper to hold than the rows' mask).
+    offs_t, _, t_ok, own, dense, sel_ptr = _query_rows(
+        SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh, 1, 1, BLOCK_SIZE, TOK, IS_DENSE)
+    kept = _kept(offs_t, offs_n, t_ok, se, kb, own, dense, sel_ptr, blo, bhi, TOPK, IS_DENSE, USE_DENSE_BELOW)
     offs_di = tl.arange(0, BLOCK_DI)
     iq = tl.load(IQ_b + offs_t[:, None].to(tl.int64) * stride_iqt + offs_di[None, :],
                  mask=t_ok[:, None] & (offs_di[None, :] < DI), other=0.0)  # [TOK, BLOCK_DI]
@@ -271,7 +275,6 @@ def _dik_step(IQ_b, LSE_S_bg, W_b, ik, p, mask, m0, dik, T, DI, stride_iqt, inde
     lse_s = tl.load(LSE_S_bg + offs_t, mask=t_ok, other=0.0)  # the student's, log2 domain
     w = tl.load(W_b + offs_t, mask=t_ok, other=0.0)
     teacher = tl.sum(tl.reshape(p, [HEADS, TOK, BLOCK_N]), axis=0) / REP  # [TOK, BLOCK_N]
-    kept = tl.max(tl.reshape(mask.to(tl.int32), [HEADS, TOK, BLOCK_N]), axis=0) > 0
     z = tl.dot(iq, tl.trans(ik), input_precision=PRECISION) * index_scale_log2  # [TOK, BLOCK_N]
     dz = (tl.exp2(tl.where(kept, z - lse_s[:, None], float("-inf"))) - teacher) * w[:, None]
     return dik + tl.dot(tl.trans(dz).to(iq.dtype), iq, input_precision=PRECISION)  # [BLOCK_N, BLOCK_DI]
@@ -330,14 +333,15 @@ def msa_tree_bwd_dkdv_kernel(
         offs_m, heads, row_ok, own, dense, sel_ptr = _query_rows(
             SEL, POS, b, g, m0, T, DENSE_BELOW, stride_sb, stride_st, stride_sh, REP, HEADS, BLOCK_SIZE, BLOCK_M,
             IS_DENSE)
-        dk, dv, p, mask = _dkdv_step(Q, DO, LSE + b * HQ * T, DELTA + b * HQ * T, k, v, se, kb, blo, bhi, offs_n,
+        dk, dv, p = _dkdv_step(Q, DO, LSE + b * HQ * T, DELTA + b * HQ * T, k, v, se, kb, blo, bhi, offs_n,
                                      offs_m, heads, row_ok, own, dense, sel_ptr, offs_d, dk, dv, b * stride_qb,
                                      stride_qt, stride_qh, T, D, scale_log2, TOPK, IS_DENSE, USE_DENSE_BELOW,
                                      IS_INTERPRET, PRECISION)
         if WITH_DIK:
-            dik = _dik_step(IQ + b * stride_iqb + g * stride_iqh, LSE_S + pid_bg.to(tl.int64) * T, W + b * T, ik, p,
-                            mask, m0, dik, T, DI, stride_iqt, index_scale_log2, REP, HEADS, TOK, BLOCK_N, BLOCK_DI,
-                            IS_INTERPRET, PRECISION)
+            dik = _dik_step(IQ + b * stride_iqb + g * stride_iqh, LSE_S + pid_bg.to(tl.int64) * T, W + b * T, SEL, POS,
+                            b, g, ik, p, se, kb, blo, bhi, offs_n, m0, dik, T, DI, stride_iqt, stride_sb, stride_st,
+                            stride_sh, DENSE_BELOW, index_scale_log2, REP, HEADS, TOK, BLOCK_N, BLOCK_DI, BLOCK_SIZE,
+                            TOPK, IS_DENSE, USE_DENSE_BELOW, IS_INTERPRET, PRECISION)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
     if WITH_DIK:

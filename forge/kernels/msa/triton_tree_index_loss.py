@@ -438,7 +438,7 @@ FUSED_BACKWARD = True
 """Whether `msa_tree_attention_index_loss_triton` runs at all (False: it declines, and
 msa_tree_triton calls the attention and the loss apart). For A/B timing: compiled for sm_90 on
 the CPU (benchmarks/kernel_resources.py) the fused dK/dV kernel uses 255 registers and spills
-400 bytes on msa_100m (24 on msa_1b) where the unfused one spilled none; the loss's d ik
+96 bytes on msa_100m (104 on msa_1b) where the unfused one spilled none; the loss's d ik
 kernel, which it replaces, is gone."""
 
 class TreeAttentionIndexLossFunction(torch.autograd.Function):
