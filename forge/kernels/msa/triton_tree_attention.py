@@ -183,7 +183,7 @@ def _fwd_step(q, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, dense, sel_ptr,
 
 @triton.jit(do_not_specialize=["T", "NUM_M", "NUM_N", "stride_sb"])
 def msa_tree_fwd_kernel(
-    Q, K, V, SEL, SE, POS, STATS, BY_Q, N_BY_Q, O, LSE,
+    Q, K, V, SEL, SE, POS, KEY_BLOCKS, BY_Q, N_BY_Q, O, LSE,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_sb, stride_st, stride_sh,
@@ -215,10 +215,10 @@ def msa_tree_fwd_kernel(
     row = pid_bg.to(tl.int64) * NUM_M + pid_m  # this tile's list in BY_Q [B, HKV, NUM_M, NUM_N]
     for i in range(tl.load(N_BY_Q + row)):
         j = tl.load(BY_Q + row * NUM_N + i)
-        stats = STATS + (b * NUM_N + j) * 2
+        span = KEY_BLOCKS + (b * NUM_N + j) * 2  # the key tile's (lowest, highest) block
         m_i, l_i, acc = _fwd_step(q, K + b * stride_kb + g * stride_kh, V + b * stride_kb + g * stride_kh,
                                   SE + b * T, POS + b * T, j * BLOCK_N, offs_m, row_ok, own, dense, sel_ptr,
-                                  tl.load(stats), tl.load(stats + 1), offs_d, m_i, l_i, acc, stride_kt, T, D,
+                                  tl.load(span), tl.load(span + 1), offs_d, m_i, l_i, acc, stride_kt, T, D,
                                   scale_log2, BLOCK_SIZE, TOPK, BLOCK_N, IS_DENSE, USE_DENSE_BELOW, IS_INTERPRET,
                                   PRECISION)
     # Every real row keeps its own key, so l_i > 0 there; padding rows are masked on store.
@@ -376,7 +376,7 @@ def _dq_step(q, do, lse, delta, K_b, V_b, SE_b, POS_b, n0, offs_m, row_ok, own, 
 
 @triton.jit(do_not_specialize=["T", "NUM_M", "NUM_N", "stride_sb"])
 def msa_tree_bwd_dq_kernel(
-    Q, K, V, SEL, SE, POS, STATS, BY_Q, N_BY_Q, DO, LSE, DELTA, DQ,
+    Q, K, V, SEL, SE, POS, KEY_BLOCKS, BY_Q, N_BY_Q, DO, LSE, DELTA, DQ,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_sb, stride_st, stride_sh,
@@ -410,10 +410,10 @@ def msa_tree_bwd_dq_kernel(
     row = pid_bg.to(tl.int64) * NUM_M + pid_m
     for i in range(tl.load(N_BY_Q + row)):
         j = tl.load(BY_Q + row * NUM_N + i)
-        stats = STATS + (b * NUM_N + j) * 2
+        span = KEY_BLOCKS + (b * NUM_N + j) * 2  # the key tile's (lowest, highest) block
         dq = _dq_step(q, do, lse, delta, K + b * stride_kb + g * stride_kh, V + b * stride_kb + g * stride_kh,
                       SE + b * T, POS + b * T, j * BLOCK_N, offs_m, row_ok, own, dense, sel_ptr,
-                      tl.load(stats), tl.load(stats + 1), offs_d, dq, stride_kt, T, D, scale_log2, BLOCK_SIZE,
+                      tl.load(span), tl.load(span + 1), offs_d, dq, stride_kt, T, D, scale_log2, BLOCK_SIZE,
                       TOPK, BLOCK_N, IS_DENSE, USE_DENSE_BELOW, IS_INTERPRET, PRECISION)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
