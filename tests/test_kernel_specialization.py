@@ -26,9 +26,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from forge.kernels.moe.triton_experts import moe_experts_triton  # noqa: E402
 from forge.kernels.moe.triton_router import route_triton  # noqa: E402
-from forge.kernels.msa.tree_triton import msa_tree_triton, select_blocks_tree_triton  # noqa: E402
-from forge.kernels.msa.triton_tree_attention import msa_tree_sparse_attention_triton  # noqa: E402
-from forge.kernels.msa.triton_tree_index_loss import msa_tree_index_loss_triton  # noqa: E402
+from forge.kernels.msa import triton_tree_index_loss  # noqa: E402
+from forge.kernels.msa.tree_triton import msa_tree_triton  # noqa: E402
 from forge.kernels.norm import fused_rms_norm  # noqa: E402
 from forge.kernels.tree_attention.triton_tree import tree_attention_triton  # noqa: E402
 from forge.prefix_tree import build_tree  # noqa: E402
@@ -83,13 +82,6 @@ def _step(t: int, seed: int) -> None:
     q, k, v, iq, ik = mk(1, t, hq, d), mk(1, t, hkv, d), mk(1, t, hkv, d), mk(1, t, hkv, di), mk(1, t, di)
     out, loss = msa_tree_triton(q, k, v, iq, ik, se, pos, block_size=16, top_k=2, dense_below=16,
                                 with_index_loss=True)
-    # The index loss's own d ik kernel, which the fused backward above replaces, also compiles once.
-    with torch.no_grad():
-        lse = msa_tree_sparse_attention_triton(q, k, v, select_blocks_tree_triton(iq, ik, se, pos, block_size=16, top_k=2),
-                                               se, pos, block_size=16, dense_below=16, return_lse=True)[1]
-    loss = loss + msa_tree_index_loss_triton(q.detach(), k.detach(), iq, ik,
-                                             select_blocks_tree_triton(iq, ik, se, pos, block_size=16, top_k=2), se,
-                                             pos, block_size=16, dense_below=16, main_lse=lse)
     dense = tree_attention_triton(q, k, v, se)
     x = fused_rms_norm(mk(t, hidden).detach(), torch.ones(hidden), 1e-6).requires_grad_()
     weights, chosen, _ = route_triton(x @ mk(hidden, experts).detach(), torch.zeros(experts), 2)
@@ -98,12 +90,17 @@ def _step(t: int, seed: int) -> None:
     (out.sum() + loss + dense.sum() + y.sum()).backward()
 
 
-def test_trainer_kernels_compile_once_across_token_counts(launches):
+def test_trainer_kernels_compile_once_across_token_counts(launches, monkeypatch):
+    # Both ways the MSA backward runs: attention and index loss as one node (the dK/dV kernel
+    # gives d ik), and apart (the index loss's own d ik kernel); the later sizes alternate.
+    _step(37, seed=0)
+    monkeypatch.setattr(triton_tree_index_loss, "FUSED_BACKWARD", False)
     _step(37, seed=0)
     first = {name: set(keys) for name, keys in launches.items()}
     # Sizes of every residue class the JIT tells apart: divisible by 16 or not, and sizes whose
     # derived counts (tiles, blocks, work-list widths) fall on either side too.
     for i, t in enumerate((48, 53, 64, 80)):
+        monkeypatch.setattr(triton_tree_index_loss, "FUSED_BACKWARD", i % 2 == 1)
         _step(t, seed=i + 1)
     for name in ("msa_tree_index_fwd_kernel", "msa_tree_fwd_kernel", "msa_tree_bwd_dq_kernel",
                  "msa_tree_bwd_dkdv_kernel", "tree_index_loss_fwd_kernel", "tree_index_loss_bwd_dik_kernel",
