@@ -161,7 +161,7 @@ def _keyed_tree(seqs, choices):
     return _real_ids(build_tree(keyed), token_of)
 
 
-@pytest.mark.parametrize("case", ["agree", "reordered", "differ_in_prompt", "differ_at_branch"])
+@pytest.mark.parametrize("case", ["agree", "reordered", "differ_in_prompt", "differ_at_branch", "no_blocks"])
 def test_replay_tree_is_the_keyed_tree(case):
     """replay_tree's two ways (the plain tree where records agree on shared tokens, else keyed
     on (token, choices)) give the tree keyed on every token's choices, whatever the records."""
@@ -181,11 +181,14 @@ def test_replay_tree_is_the_keyed_tree(case):
         choices[4].blocks[5, 0, 1, 0] += 1
     if case == "differ_at_branch":  # the last token the duplicate shares with the others
         choices[4].experts[len(seqs[4]) - 1, 1, 0] += 1
+    if case == "no_blocks":  # a record of another kind shares no token with the others
+        choices[4] = Choices(choices[4].experts, None)
     got = replay_tree(seqs, choices)
     want = _keyed_tree(seqs, choices)
     assert all(torch.equal(a, b) for a, b in zip(_tree_fields(got), _tree_fields(want)))
     unique = {"agree": tree.num_tokens, "reordered": tree.num_tokens,
-              "differ_in_prompt": tree.num_tokens + len(seqs[4]) - 5, "differ_at_branch": tree.num_tokens + 1}
+              "differ_in_prompt": tree.num_tokens + len(seqs[4]) - 5, "differ_at_branch": tree.num_tokens + 1,
+              "no_blocks": tree.num_tokens + len(seqs[4])}
     assert got.num_tokens == unique[case]
 
 

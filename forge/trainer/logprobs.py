@@ -128,8 +128,10 @@ def _records_agree(tree: FlatTree, choices: Sequence[Choices]) -> bool:
     runs = [_runs(ix) for ix in tree.seq_index]
     for name in ("experts", "blocks"):
         records = [getattr(c, name) for c in choices]
-        if records[0] is None:
+        if all(r is None for r in records):
             continue
+        if any(r is None for r in records):
+            return False  # some sequences carry this kind and some do not: the keyed build decides
         flat = [r.reshape(r.shape[0], -1) for r in records]
         width = {f.shape[1] for f in flat}
         if len(width) > 1:
