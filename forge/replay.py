@@ -52,20 +52,28 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             torch.save(weights, path)
 
-    if args.save_initial:
-        save(args.save_initial)
-    for step, path in enumerate(files, start=1):
-        groups = read_parquet(path)
-        if len(groups) % world:
-            print(f"forge.replay: error: {path.name} holds {len(groups)} groups, not a multiple of {world} ranks",
-                  file=sys.stderr)
-            return 2
-        metrics = trainer.train_step(groups[rank::world])
-        if rank == 0:
-            print(json.dumps({"step": step, **metrics}), flush=True)
-    if args.save:
-        save(args.save)
-    return 0
+    try:
+        if args.save_initial:
+            save(args.save_initial)
+        for step, path in enumerate(files, start=1):
+            groups = read_parquet(path)
+            if len(groups) % world:
+                print(f"forge.replay: error: {path.name} holds {len(groups)} groups, not a multiple of {world} "
+                      "ranks", file=sys.stderr)
+                return 2
+            metrics = trainer.train_step(groups[rank::world])
+            if rank == 0:
+                print(json.dumps({"step": step, **metrics}), flush=True)
+        if args.save:
+            save(args.save)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank leaves while another still talks to it
+        return 0
+    finally:
+        # Exiting with the process group alive let a rank abort at exit ("terminate called
+        # without an active exception", exit -6) once in a CI run after both steps had finished.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
