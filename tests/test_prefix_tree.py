@@ -164,3 +164,20 @@ def test_list_tensor_equals_torch_tensor():
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
     with pytest.raises(ValueError, match="torch.long or torch.float64"):
         list_tensor([1], torch.int32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sizes_and_ids_without_trees_match_the_packs(seed):
+    """`trie_size` is the built trie's size; `pack_ids` gives `pack_groups`' ids, with groups
+    that fit and groups split over the budget."""
+    from forge.prefix_tree import pack_ids, trie_size
+
+    rng = random.Random(seed)
+    groups = [random_group(rng, rng.randrange(1, 6)) for _ in range(6)]
+    for g in groups:
+        assert trie_size(g) == build_tree(g).num_tokens
+    longest = max(len(s) for g in groups for s in g)
+    for budget in (max(build_tree(g).num_tokens for g in groups) + 2, longest + 1):  # the second splits groups
+        assert pack_ids(groups, budget) == [p.seq_ids for p in pack_groups(groups, budget)]
+    with pytest.raises(ValueError, match="sequence 3 is empty"):
+        pack_ids([[[1], [2]], [[3], []]], 10)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from forge.prefix_tree.trie import FlatTree, TokenSeq, as_token_list, build_tree
+from forge.prefix_tree.trie import FlatTree, TokenSeq, _common_prefix, as_token_list, build_tree
 
 
 @dataclass
@@ -90,15 +90,39 @@ def _split_group(seqs: list[list[int]], ids: list[int], budget: int) -> list[tup
     return chunks
 
 
+def trie_size(seqs: list[list[int]]) -> int:
+    """Tokens of the trie over `seqs` (its distinct prefixes) without building it: in
+    lexicographic order each sequence adds its length minus its common prefix with the one
+    before (`build_tree(seqs).num_tokens`)."""
+    total, prev = 0, None
+    for s in sorted(seqs):
+        total += len(s) - (0 if prev is None else _common_prefix(prev, s))
+        prev = s
+    return total
+
+
+def pack_ids(groups: Sequence[Sequence[TokenSeq]], token_budget: int) -> list[list[int]]:
+    """The sequence ids of `pack_groups`' packs, without building their trees: what a caller
+    that builds its own trees (the trainer, per micro-batch) needs."""
+    return [[i for _, _, ids in b for i in ids] for b in _bins(groups, token_budget)]
+
+
 def pack_groups(groups: Sequence[Sequence[TokenSeq]], token_budget: int) -> list[Pack]:
     """Merge each group into a tree and pack the trees into micro-batches of <= token_budget.
 
     Sequence ids are global: group 0's sequences are 0..n0-1, group 1's follow, and so on.
     Every sequence appears in exactly one pack.
     """
+    return [Pack(concat_trees([build_tree(seqs) for _, seqs, _ in b]), [i for _, _, ids in b for i in ids])
+            for b in _bins(groups, token_budget)]
+
+
+def _bins(groups: Sequence[Sequence[TokenSeq]], token_budget: int) -> list[list[tuple[int, list[list[int]], list[int]]]]:
+    """The packs as bins of (trie size, sequences, global ids) items: each group one item, or
+    its `_split_group` chunks where its trie passes the budget; first-fit decreasing."""
     if token_budget < 1:
         raise ValueError(f"token_budget must be a positive number of tokens; got {token_budget}")
-    items: list[tuple[FlatTree, list[int]]] = []
+    items: list[tuple[int, list[list[int]], list[int]]] = []
     next_id = 0
     for group in groups:
         seqs = [as_token_list(s) for s in group]
@@ -106,18 +130,21 @@ def pack_groups(groups: Sequence[Sequence[TokenSeq]], token_budget: int) -> list
         next_id += len(seqs)
         if not seqs:
             continue
-        tree = build_tree(seqs)
-        if tree.num_tokens <= token_budget:
-            items.append((tree, ids))
+        for i, s in zip(ids, seqs):
+            if not s:
+                raise ValueError(f"sequence {i} is empty; drop empty sequences before merging")
+        size = trie_size(seqs)
+        if size <= token_budget:
+            items.append((size, seqs, ids))
             continue
         for sub, sub_ids in _split_group(seqs, ids, token_budget):
-            items.append((build_tree(sub), sub_ids))
+            items.append((trie_size(sub), sub, sub_ids))
     # First-fit decreasing over tree sizes.
-    items.sort(key=lambda it: -it[0].num_tokens)
-    bins: list[list[tuple[FlatTree, list[int]]]] = []
+    items.sort(key=lambda it: -it[0])
+    bins: list[list[tuple[int, list[list[int]], list[int]]]] = []
     room: list[int] = []
     for item in items:
-        n = item[0].num_tokens
+        n = item[0]
         for b, free in enumerate(room):
             if n <= free:
                 bins[b].append(item)
@@ -126,4 +153,4 @@ def pack_groups(groups: Sequence[Sequence[TokenSeq]], token_budget: int) -> list
         else:
             bins.append([item])
             room.append(token_budget - n)
-    return [Pack(concat_trees([t for t, _ in b]), [i for _, ids in b for i in ids]) for b in bins]
+    return bins

@@ -2,7 +2,7 @@
 
 Per sequence the loss works on the tokens after the first (the ones a logprob exists for):
 the loss mask, the sampler's logprobs and the advantage are all aligned to that. Micro-batches
-are formed by `forge.prefix_tree.pack_groups` under a budget of unique tokens, so the shared
+are formed as `forge.prefix_tree.pack_groups` forms them (`pack_ids`) under a budget of unique tokens, so the shared
 prompt of a group is paid once per micro-batch, never split from its samples unless the group
 alone is over the budget.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from forge.middleware.types import Group
-from forge.prefix_tree import pack_groups
+from forge.prefix_tree import pack_ids
 from forge.prefix_tree.trie import list_tensor
 from forge.trainer.advantages import group_advantages
 
@@ -114,5 +114,5 @@ def micro_batches(batch: RLBatch, token_budget: int) -> list[list[int]]:
     for size in batch.group_sizes:
         starts.append(starts[-1] + size)
     groups = [batch.sequences[a:b] for a, b in zip(starts, starts[1:])]
-    return [pack.seq_ids for pack in pack_groups(groups, token_budget)]
+    return pack_ids(groups, token_budget)
 
