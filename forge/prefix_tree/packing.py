@@ -72,12 +72,7 @@ def _split_group(seqs: list[list[int]], ids: list[int], budget: int) -> list[tup
                 f"sequence {ids[i]} has {len(s)} tokens, more than the token budget {budget}; "
                 "raise the micro-batch token budget or truncate the sequence"
             )
-        lcp = 0
-        if prev is not None:
-            n = min(len(prev), len(s))
-            while lcp < n and prev[lcp] == s[lcp]:
-                lcp += 1
-        add = len(s) - lcp
+        add = len(s) - (0 if prev is None else _common_prefix(prev, s))
         if chunks and size + add <= budget:
             chunks[-1][0].append(s)
             chunks[-1][1].append(ids[i])
